@@ -1,0 +1,232 @@
+//! Proxy keys: who may call orproxy, and under which name their usage is recorded.
+//!
+//! Keys are held only as SHA-256 digests and compared in constant time, so neither memory
+//! dumps nor response timing reveal them.
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{AuthConfig, Diagnostic};
+use crate::table::Env;
+
+/// The configured proxy keys; empty means auth is off.
+#[derive(Debug, Default, Clone)]
+pub struct Auth {
+    keys: Vec<ProxyKey>,
+    /// `auth.allow_open`: auth-off mode may listen on a non-loopback address.
+    pub allow_open: bool,
+}
+
+#[derive(Debug, Clone)]
+struct ProxyKey {
+    name: String,
+    digest: [u8; 32],
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Neither `Authorization: Bearer` nor `x-api-key` was sent.
+    #[error("missing proxy key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    Missing,
+    /// A key was sent and matches none.
+    #[error("invalid proxy key")]
+    Invalid,
+}
+
+impl Auth {
+    /// Resolves `auth.keys` from the environment; every problem is reported.
+    pub fn from_config(
+        file: &str,
+        cfg: &AuthConfig,
+        env: &dyn Env,
+    ) -> Result<Auth, Vec<Diagnostic>> {
+        let mut keys = Vec::new();
+        let mut errors = Vec::new();
+        for spanned in &cfg.keys {
+            let key = &spanned.value;
+            let at = spanned.referenced;
+            let mut fail = |msg: String| {
+                errors.push(Diagnostic::at(
+                    file,
+                    at,
+                    format!("auth key `{}`: {msg}", key.name),
+                ))
+            };
+            if keys.iter().any(|k: &ProxyKey| k.name == key.name) {
+                fail("name used twice".into());
+                continue;
+            }
+            let digest = match (&key.key_env, &key.key_sha256) {
+                (Some(var), None) => match env.var(var) {
+                    Some(secret) => Sha256::digest(secret.as_bytes()).into(),
+                    None => {
+                        fail(format!("environment variable {var} is not set"));
+                        continue;
+                    }
+                },
+                (None, Some(hex)) => match parse_hex32(hex) {
+                    Some(digest) => digest,
+                    None => {
+                        fail("key_sha256 must be 64 hexadecimal digits".into());
+                        continue;
+                    }
+                },
+                _ => {
+                    fail("set exactly one of key_env or key_sha256".into());
+                    continue;
+                }
+            };
+            keys.push(ProxyKey {
+                name: key.name.clone(),
+                digest,
+            });
+        }
+        if errors.is_empty() {
+            Ok(Auth {
+                keys,
+                allow_open: cfg.allow_open,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// True when no keys are configured.
+    pub fn is_open(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Checks the request's key; returns the key's name (`None` in open mode).
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+        if self.keys.is_empty() {
+            return Ok(None);
+        }
+        let presented = presented_key(headers).ok_or(AuthError::Missing)?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        // Compare with every key, without an early exit, so timing says nothing about which matched.
+        let mut found = None;
+        for key in &self.keys {
+            if bool::from(key.digest.ct_eq(&digest)) {
+                found = Some(key.name.as_str());
+            }
+        }
+        found.map(Some).ok_or(AuthError::Invalid)
+    }
+}
+
+/// The key sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let (scheme, key) = value.trim().split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| key.trim())
+            .filter(|k| !k.is_empty());
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    struct OneVar;
+
+    impl Env for OneVar {
+        fn var(&self, name: &str) -> Option<String> {
+            (name == "TEAM_A_KEY").then(|| "sk-team-a".to_owned())
+        }
+    }
+
+    fn auth(yaml: &str) -> Result<Auth, Vec<Diagnostic>> {
+        let cfg = parse("c.yaml", yaml).unwrap();
+        Auth::from_config("c.yaml", &cfg.auth, &OneVar)
+    }
+
+    fn headers(name: &'static str, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn keys_from_env_and_digest_both_work() {
+        // sha256("sk-team-b")
+        let digest = hex_of(&Sha256::digest(b"sk-team-b"));
+        let auth = auth(&format!(
+            "auth:\n  keys:\n    - {{ name: a, key_env: TEAM_A_KEY }}\n    - {{ name: b, key_sha256: \"{digest}\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            auth.authenticate(&headers("authorization", "Bearer sk-team-a")),
+            Ok(Some("a"))
+        );
+        assert_eq!(
+            auth.authenticate(&headers("x-api-key", "sk-team-b")),
+            Ok(Some("b"))
+        );
+        assert_eq!(
+            auth.authenticate(&headers("authorization", "bearer  sk-team-b ")),
+            Ok(Some("b"))
+        );
+        assert_eq!(
+            auth.authenticate(&headers("authorization", "Bearer nope")),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            auth.authenticate(&headers("authorization", "Basic sk-team-a")),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            auth.authenticate(&HeaderMap::new()),
+            Err(AuthError::Missing)
+        );
+    }
+
+    #[test]
+    fn open_mode_lets_everyone_in() {
+        let auth = auth("").unwrap();
+        assert!(auth.is_open());
+        assert_eq!(auth.authenticate(&HeaderMap::new()), Ok(None));
+    }
+
+    #[test]
+    fn bad_key_entries_are_located() {
+        let errs = auth("auth:\n  keys:\n    - { name: a, key_env: UNSET }\n    - { name: b, key_sha256: xyz }\n    - { name: c }\n").unwrap_err();
+        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 3);
+        assert!(
+            text[0].starts_with("c.yaml:3:7: auth key `a`: environment variable UNSET"),
+            "{text:?}"
+        );
+        assert!(text[1].contains("64 hexadecimal digits"), "{text:?}");
+        assert!(text[2].contains("exactly one of"), "{text:?}");
+    }
+
+    fn hex_of(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

@@ -1,0 +1,270 @@
+//! Every way a request can fail, and the one place that turns a failure into an HTTP answer.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use orproxy_plugin::{BodyError, Failure, PrepareError};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::selector::SelectorError;
+
+/// Which limit an upstream exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutKind {
+    /// `limits.connect_timeout`.
+    Connect,
+    /// `limits.first_byte_timeout`.
+    FirstByte,
+    /// `limits.idle_timeout`.
+    Idle,
+    /// `limits.total_timeout`.
+    Total,
+}
+
+impl TimeoutKind {
+    /// The config key of the limit, used as the error code.
+    pub fn key(self) -> &'static str {
+        match self {
+            TimeoutKind::Connect => "connect_timeout",
+            TimeoutKind::FirstByte => "first_byte_timeout",
+            TimeoutKind::Idle => "idle_timeout",
+            TimeoutKind::Total => "total_timeout",
+        }
+    }
+
+    fn explain(self) -> &'static str {
+        match self {
+            TimeoutKind::Connect => "could not connect to the upstream",
+            TimeoutKind::FirstByte => "the upstream did not start answering",
+            TimeoutKind::Idle => "the upstream went silent",
+            TimeoutKind::Total => "the request did not complete",
+        }
+    }
+}
+
+/// An upstream's own error answer, relayed as it came (status, body, rate-limit headers).
+#[derive(Debug, Clone)]
+pub struct UpstreamAnswer {
+    /// The upstream's status.
+    pub status: StatusCode,
+    /// The headers worth relaying (`Content-Type`, `Retry-After`, `X-RateLimit-*`).
+    pub headers: HeaderMap,
+    /// The upstream's body.
+    pub body: Bytes,
+}
+
+impl UpstreamAnswer {
+    /// An OpenAI-shaped answer for an upstream error that arrived inside a 200 (a stream's
+    /// error event before content, or an error body): the client sees the error's own status.
+    pub fn from_failure(failure: &Failure) -> Self {
+        let status = StatusCode::from_u16(failure.status)
+            .ok()
+            .filter(|s| s.is_client_error() || s.is_server_error())
+            .unwrap_or(StatusCode::BAD_GATEWAY);
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let body = json!({"error": {"message": failure.message, "type": "upstream_error", "param": null, "code": failure.status}});
+        UpstreamAnswer {
+            status,
+            headers,
+            body: Bytes::from(body.to_string()),
+        }
+    }
+}
+
+/// A request failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// 401.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// 400: the body is not a usable JSON object.
+    #[error("{0}")]
+    BadBody(#[from] BodyError),
+    /// 400: no `model` and no `--force-model`.
+    #[error("the request has no `model`")]
+    MissingModel,
+    /// 400.
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
+    /// 413.
+    #[error("request body is larger than limits.max_body_bytes ({limit} bytes)")]
+    BodyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// 400: the body could not be read from the client.
+    #[error("could not read the request body: {0}")]
+    ClientBody(String),
+    /// 404.
+    #[error("unknown backend `{name}`; known backends: {known}")]
+    UnknownBackend {
+        /// The name in the selector.
+        name: String,
+        /// Configured backends, comma-separated.
+        known: String,
+    },
+    /// 500: the plugin could not build the request (a configuration problem).
+    #[error("backend `{backend}` cannot send this request: {source}")]
+    Prepare {
+        /// The backend.
+        backend: String,
+        /// Why.
+        #[source]
+        source: PrepareError,
+    },
+    /// 502: no connection, a reset, or an unreadable answer.
+    #[error("backend `{backend}` failed: {reason}")]
+    Unreachable {
+        /// The backend.
+        backend: String,
+        /// What happened, without secrets.
+        reason: String,
+    },
+    /// 504.
+    #[error("backend `{backend}`: {} within limits.{} ({})", .kind.explain(), .kind.key(), fmt_duration(*.limit))]
+    Timeout {
+        /// The backend.
+        backend: String,
+        /// Which limit.
+        kind: TimeoutKind,
+        /// Its value.
+        limit: Duration,
+    },
+    /// The upstream answered with an error: relayed with its own status.
+    #[error("backend `{backend}` answered {}", .answer.status)]
+    Upstream {
+        /// The backend.
+        backend: String,
+        /// The answer.
+        answer: UpstreamAnswer,
+    },
+    /// 503: the daemon is shutting down.
+    #[error("orproxy is shutting down")]
+    ShuttingDown,
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+impl ProxyError {
+    /// The status sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Auth(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::BadBody(_)
+            | ProxyError::MissingModel
+            | ProxyError::Selector(_)
+            | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UnknownBackend { .. } => StatusCode::NOT_FOUND,
+            ProxyError::Prepare { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream { answer, .. } => answer.status,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The OpenAI error `code` (also the low-cardinality kind used in logs).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::Auth(AuthError::Missing) => "missing_api_key",
+            ProxyError::Auth(AuthError::Invalid) => "invalid_api_key",
+            ProxyError::BadBody(_) => "invalid_json",
+            ProxyError::MissingModel => "missing_model",
+            ProxyError::Selector(_) => "invalid_model",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::ClientBody(_) => "invalid_body",
+            ProxyError::UnknownBackend { .. } => "unknown_backend",
+            ProxyError::Prepare { .. } => "backend_misconfigured",
+            ProxyError::Unreachable { .. } => "upstream_unreachable",
+            ProxyError::Timeout { kind, .. } => kind.key(),
+            ProxyError::Upstream { .. } => "upstream_error",
+            ProxyError::ShuttingDown => "shutting_down",
+        }
+    }
+
+    fn error_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            400..=499 => "invalid_request_error",
+            500 => "server_error",
+            _ => "upstream_error",
+        }
+    }
+
+    /// The OpenAI-shaped JSON body.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(
+            json!({"error": {"message": self.to_string(), "type": self.error_type(), "param": null, "code": self.code()}})
+                .to_string(),
+        )
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        if let ProxyError::Upstream { answer, .. } = self {
+            let mut response = Response::new(axum::body::Body::from(answer.body));
+            *response.status_mut() = answer.status;
+            *response.headers_mut() = answer.headers;
+            return response;
+        }
+        let mut response = (self.status(), self.body()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if matches!(self, ProxyError::ShuttingDown) {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_openai_shaped() {
+        let err = ProxyError::Timeout {
+            backend: "openrouter".into(),
+            kind: TimeoutKind::FirstByte,
+            limit: Duration::from_millis(1500),
+        };
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();
+        assert_eq!(v["error"]["code"], "first_byte_timeout");
+        assert_eq!(v["error"]["type"], "upstream_error");
+        assert_eq!(
+            v["error"]["message"],
+            "backend `openrouter`: the upstream did not start answering within limits.first_byte_timeout (1500ms)"
+        );
+    }
+
+    #[test]
+    fn upstream_answers_keep_their_status_body_and_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        let err = ProxyError::Upstream {
+            backend: "openrouter".into(),
+            answer: UpstreamAnswer {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                headers,
+                body: Bytes::from_static(b"{\"error\":{}}"),
+            },
+        };
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[RETRY_AFTER], "3");
+    }
+}

@@ -1,0 +1,40 @@
+//! orproxy: a routing daemon for LLM traffic.
+//!
+//! Clients speak the OpenAI API to it; for each request it picks the backend and model, relays
+//! the answer (streamed or not) and records the call.
+//!
+//! # Layout
+//!
+//! Read [`pipeline`] first: it is the path of every request, and names the module of each step.
+//!
+//! - [`daemon`]: startup, validation before binding, exit codes. [`cli`]: the flags.
+//! - [`config`]: `config.yaml` as written. [`table`]: the validated routing table snapshot.
+//! - [`server`]: listeners, routers, graceful shutdown. [`admin`]: the admin listener.
+//! - [`pipeline`] → [`auth`] → [`route`] ([`selector`]) → [`dispatch`] ([`upstream`]) →
+//!   [`relay`] (streams) → [`record`].
+//! - [`error`]: every failure and its single mapping to HTTP.
+//! - [`models`]: `GET /v1/models`.
+//!
+//! **Invariant:** plugins (`orproxy-plugin`, `orproxy-backends`) never do I/O; this crate does
+//! all of it.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dispatch;
+pub mod error;
+pub mod logging;
+pub mod models;
+pub mod pipeline;
+pub mod record;
+pub mod relay;
+pub mod route;
+pub mod selector;
+pub mod server;
+pub mod table;
+pub mod upstream;

@@ -1,0 +1,128 @@
+//! The request pipeline, in the order every chat completion goes through it:
+//!
+//! ```text
+//! accept ─► authenticate ─► read body ─► route ─► dispatch ─► relay ─► record
+//!  (axum)     auth.rs        (limits)    route.rs  dispatch.rs  relay.rs  record.rs
+//! ```
+//!
+//! The routing table is loaded once at accept and the request finishes on that snapshot, even
+//! if a reload swaps it meanwhile. Failures before dispatch are `rejected`; the one mapping of
+//! errors to HTTP is [`ProxyError`]'s `IntoResponse`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use orproxy_plugin::JsonObject;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::dispatch::{self, Exchange, forwarded_headers, outcome_of};
+use crate::error::ProxyError;
+use crate::record::{Outcome, Record};
+use crate::relay;
+use crate::route;
+use crate::table::RoutingTable;
+
+/// orproxy's id of the request, on every response.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-orproxy-request-id");
+/// The `backend:model` that served (or was last tried), on every response.
+pub const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-orproxy-route");
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let table = app.table.load_full();
+    let mut record = Record::new(app.ids.next(), started);
+    let request_id = HeaderValue::try_from(record.id.as_str()).ok();
+
+    let response = match admit(&table, headers, body, &mut record).await {
+        Err(error) => {
+            let status = error.status().as_u16();
+            record.error = Some(error.to_string());
+            record.finish(status, Outcome::Rejected);
+            error.into_response()
+        }
+        Ok(exchange) if exchange.stream => {
+            relay::stream(Arc::clone(&app), table, exchange, record).await
+        }
+        Ok(mut exchange) => match dispatch::json(&app, &table, &mut exchange, &mut record).await {
+            Ok(response) => {
+                record.first_byte = Some(Instant::now());
+                let status = response.status().as_u16();
+                let route = record.route.clone();
+                record.finish(status, Outcome::Ok);
+                with_route(response, route.as_deref())
+            }
+            Err(error) => {
+                let status = error.status().as_u16();
+                let route = record.route.clone();
+                record.error.get_or_insert_with(|| error.to_string());
+                record.finish(status, outcome_of(&error));
+                with_route(error.into_response(), route.as_deref())
+            }
+        },
+    };
+    stamp(response, request_id)
+}
+
+/// Authenticates, reads and parses the body, and routes: everything before the first upstream byte.
+async fn admit(
+    table: &RoutingTable,
+    headers: HeaderMap,
+    body: Body,
+    record: &mut Record,
+) -> Result<Exchange, ProxyError> {
+    record.key = table.auth.authenticate(&headers)?.map(str::to_owned);
+    let bytes = read_body(body, table.limits.max_body_bytes).await?;
+    let body = JsonObject::parse(&bytes)?;
+    let stream = body.get_bool("stream")?.unwrap_or(false);
+    record.stream = stream;
+    record.model_requested = body.get_str("model")?;
+    let route = route::resolve(table, &body)?;
+    record.route = route.targets.first().map(route::Target::label);
+    Ok(Exchange {
+        body,
+        stream,
+        route,
+        forward: forwarded_headers(&headers),
+        client_headers: headers,
+        deadline: record.started + table.limits.total_timeout,
+    })
+}
+
+/// Reads the request body, refusing more than `limit` bytes (before buffering them).
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(e) => Err(ProxyError::ClientBody(e.to_string())),
+    }
+}
+
+fn with_route(mut response: Response, route: Option<&str>) -> Response {
+    if let Some(value) = route.and_then(|r| HeaderValue::try_from(r).ok()) {
+        response.headers_mut().insert(ROUTE_HEADER, value);
+    }
+    response
+}
+
+/// Adds the request id, and a route header where none was decided.
+pub fn stamp(mut response: Response, request_id: Option<HeaderValue>) -> Response {
+    let headers = response.headers_mut();
+    if let Some(id) = request_id {
+        headers.insert(REQUEST_ID_HEADER, id);
+    }
+    if !headers.contains_key(ROUTE_HEADER) {
+        headers.insert(ROUTE_HEADER, HeaderValue::from_static("none"));
+    }
+    response
+}

@@ -1,0 +1,75 @@
+//! Any OpenAI-compatible server: vLLM, Ollama, llama.cpp, LM Studio, or OpenAI itself.
+
+use orproxy_plugin::openai::{self, join_url};
+use orproxy_plugin::{Backend, Call, PrepareError, Prepared};
+
+/// The plugin name.
+pub const KIND: &str = "openai";
+/// OpenAI's own API, used when `base_url` is not set.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// An OpenAI-compatible backend; the key is optional (local servers rarely want one).
+#[derive(Debug)]
+pub struct OpenAi {
+    chat_url: String,
+    models_url: String,
+}
+
+impl OpenAi {
+    /// A backend at `base_url` (default [`DEFAULT_BASE_URL`]).
+    pub fn new(base_url: Option<String>) -> Self {
+        let base = base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
+        OpenAi {
+            chat_url: join_url(base, "chat/completions"),
+            models_url: join_url(base, "models"),
+        }
+    }
+}
+
+impl Backend for OpenAi {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn prepare(&self, call: &Call<'_>) -> Result<Prepared, PrepareError> {
+        Ok(Prepared::Http(openai::json_post(
+            self.chat_url.clone(),
+            call,
+        )?))
+    }
+
+    fn list_models(&self, api_key: Option<&str>) -> Option<Prepared> {
+        openai::get(self.models_url.clone(), api_key)
+            .ok()
+            .map(Prepared::Http)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orproxy_plugin::{Identity, JsonObject};
+
+    #[test]
+    fn keyless_requests_go_to_the_configured_server() {
+        let body = JsonObject::parse(br#"{"model":"llama3","messages":[]}"#).unwrap();
+        let call = Call {
+            request_id: "r1",
+            body: &body,
+            model: "llama3",
+            stream: false,
+            api_key: None,
+            identity: Identity::default(),
+            headers: &[],
+        };
+        let Prepared::Http(req) = OpenAi::new(Some("http://127.0.0.1:11434/v1/".into()))
+            .prepare(&call)
+            .unwrap()
+        else {
+            panic!("openai answers over HTTP");
+        };
+        assert_eq!(req.url, "http://127.0.0.1:11434/v1/chat/completions");
+        assert!(req.headers.get("authorization").is_none());
+        assert!(req.headers.get("http-referer").is_none());
+    }
+}

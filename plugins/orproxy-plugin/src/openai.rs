@@ -1,0 +1,454 @@
+//! The OpenAI wire format: the default mapping of every [`Backend`](crate::Backend) phase.
+//!
+//! Answers are relayed unchanged; these functions only read what the daemon needs (usage,
+//! served model, errors) and skip the rest without building a tree.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
+
+use crate::backend::{
+    Call, EventKind, MapError, MappedEvent, MappedResponse, ModelInfo, Output, PrepareError, Price,
+    StreamMapper, UpstreamRequest,
+};
+use crate::failure::Failure;
+use crate::sse::SseEvent;
+use crate::usage::{Usage, usd_to_nanos};
+
+/// Builds a JSON POST to `url` with the call's body, bearer key, identity and extra headers.
+pub fn json_post(url: String, call: &Call<'_>) -> Result<UpstreamRequest, PrepareError> {
+    let mut headers = HeaderMap::with_capacity(8 + call.headers.len());
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        ACCEPT,
+        HeaderValue::from_static(if call.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
+    );
+    if let Some(key) = call.api_key {
+        headers.insert(AUTHORIZATION, bearer(key)?);
+    }
+    if let Some(ua) = call.identity.user_agent {
+        headers.insert(USER_AGENT, header_value(ua, "User-Agent")?);
+    }
+    for (name, value) in call.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    Ok(UpstreamRequest {
+        method: Method::POST,
+        url,
+        headers,
+        body: call.body.to_bytes(),
+    })
+}
+
+/// Builds a GET with an optional bearer key.
+pub fn get(url: String, api_key: Option<&str>) -> Result<UpstreamRequest, PrepareError> {
+    let mut headers = HeaderMap::new();
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    if let Some(key) = api_key {
+        headers.insert(AUTHORIZATION, bearer(key)?);
+    }
+    Ok(UpstreamRequest {
+        method: Method::GET,
+        url,
+        headers,
+        body: Bytes::new(),
+    })
+}
+
+/// `Bearer <key>`, marked sensitive so that it never shows in debug output.
+pub fn bearer(key: &str) -> Result<HeaderValue, PrepareError> {
+    let mut value = HeaderValue::try_from(format!("Bearer {key}"))
+        .map_err(|_| PrepareError::InvalidHeader("Authorization"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// A header value from text, naming the header on failure.
+pub fn header_value(text: &str, name: &'static str) -> Result<HeaderValue, PrepareError> {
+    HeaderValue::try_from(text).map_err(|_| PrepareError::InvalidHeader(name))
+}
+
+/// Inserts `name: value` when `value` is set.
+pub fn insert_opt(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    value: Option<&str>,
+    label: &'static str,
+) -> Result<(), PrepareError> {
+    if let Some(value) = value {
+        headers.insert(name, header_value(value, label)?);
+    }
+    Ok(())
+}
+
+/// Joins a base URL and a path without doubling or dropping the slash.
+pub fn join_url(base: &str, path: &str) -> String {
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
+}
+
+#[derive(Deserialize)]
+struct ResponseView<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+    #[serde(default)]
+    choices: Option<IgnoredAny>,
+}
+
+/// Reads usage, served model and a 200-with-error from a chat completion.
+pub fn map_response(body: &Bytes) -> MappedResponse {
+    let Ok(view) = serde_json::from_slice::<ResponseView<'_>>(body) else {
+        return MappedResponse::default();
+    };
+    let failure = match (view.error, &view.choices) {
+        (Some(err), None) if err.get() != "null" => Some(Failure::from_error_object(err)),
+        _ => None,
+    };
+    MappedResponse {
+        body: None,
+        usage: view.usage.and_then(Usage::from_openai_json),
+        model: view.model.map(Cow::into_owned),
+        failure,
+    }
+}
+
+/// Classifies OpenAI chat-completion chunks; relays every event unchanged.
+#[derive(Debug, Default)]
+pub struct ChunkMapper {
+    content_seen: bool,
+    complete: bool,
+    model: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+    #[serde(default)]
+    finish_reason: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+    #[serde(default)]
+    function_call: Option<IgnoredAny>,
+}
+
+impl DeltaView<'_> {
+    fn has_content(&self) -> bool {
+        let text = |s: &Option<Cow<'_, str>>| s.as_deref().is_some_and(|s| !s.is_empty());
+        text(&self.content)
+            || text(&self.reasoning)
+            || text(&self.reasoning_content)
+            || text(&self.refusal)
+            || self.tool_calls.is_some()
+            || self.function_call.is_some()
+    }
+}
+
+impl ChunkMapper {
+    /// Classifies one event's data payload.
+    fn classify(&mut self, data: &[u8]) -> (EventKind, Option<Usage>) {
+        if data == b"[DONE]" {
+            return (EventKind::Done, None);
+        }
+        // Once content flows, only usage and error chunks matter: skip parsing everything else.
+        if self.content_seen && !has_non_null_field(data, b"\"usage\":") && !has_field(data) {
+            if has_non_null_field(data, b"\"finish_reason\":") {
+                self.complete = true;
+            }
+            return (EventKind::Content, None);
+        }
+        let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(data) else {
+            return (EventKind::Unknown, None);
+        };
+        if self.model.is_none() {
+            self.model = chunk.model.map(Cow::into_owned);
+        }
+        if let Some(err) = chunk.error.filter(|e| e.get() != "null") {
+            return (EventKind::Failed(Failure::from_error_object(err)), None);
+        }
+        let usage = chunk.usage.and_then(Usage::from_openai_json);
+        let finished = chunk
+            .choices
+            .iter()
+            .flatten()
+            .any(|c| c.finish_reason.is_some());
+        self.complete |= finished || usage.is_some();
+        let content = finished
+            || chunk
+                .choices
+                .iter()
+                .flatten()
+                .any(|c| c.delta.as_ref().is_some_and(DeltaView::has_content));
+        let kind = if content {
+            self.content_seen = true;
+            EventKind::Content
+        } else if usage.is_some() {
+            EventKind::Usage
+        } else {
+            EventKind::Preamble
+        };
+        (kind, usage)
+    }
+}
+
+/// A top-level `"error":` key (quotes inside content are escaped, so they never match).
+fn has_field(data: &[u8]) -> bool {
+    memchr::memmem::find(data, b"\"error\":").is_some()
+}
+
+/// `"usage":` followed by something other than `null` (OpenAI sends `"usage":null` on every chunk).
+fn has_non_null_field(data: &[u8], key: &[u8]) -> bool {
+    memchr::memmem::find_iter(data, key).any(|at| {
+        let rest = &data[at + key.len()..];
+        let value = rest.iter().position(|b| !b.is_ascii_whitespace());
+        value.is_some_and(|i| rest[i] != b'n')
+    })
+}
+
+impl StreamMapper for ChunkMapper {
+    fn map(&mut self, event: SseEvent) -> MappedEvent {
+        let (kind, usage) = if event.is_comment() {
+            (EventKind::KeepAlive, None)
+        } else {
+            match event.data() {
+                Some(data) => self.classify(&data),
+                None => (EventKind::Unknown, None),
+            }
+        };
+        MappedEvent {
+            kind,
+            usage,
+            out: Output::One(event.raw().clone()),
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    fn served_model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelList<'a> {
+    #[serde(borrow)]
+    data: Vec<ModelEntry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry<'a> {
+    id: String,
+    #[serde(default, borrow)]
+    pricing: Option<WirePricing<'a>>,
+}
+
+#[derive(Deserialize)]
+struct WirePricing<'a> {
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    completion: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    request: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    input_cache_read: Option<&'a RawValue>,
+}
+
+/// Reads an OpenAI (or OpenRouter, with `pricing` in USD per token) model list.
+pub fn map_models(body: &[u8]) -> Result<Vec<ModelInfo>, MapError> {
+    let list: ModelList<'_> = serde_json::from_slice(body).map_err(|e| MapError(e.to_string()))?;
+    Ok(list
+        .data
+        .into_iter()
+        .map(|m| ModelInfo {
+            price: m.pricing.and_then(|p| {
+                let per_mtok =
+                    |raw: Option<&RawValue>| raw.and_then(|r| per_token_to_per_mtok(r.get()));
+                Some(Price {
+                    prompt_per_mtok: per_mtok(p.prompt)?,
+                    completion_per_mtok: per_mtok(p.completion)?,
+                    cached_prompt_per_mtok: per_mtok(p.input_cache_read),
+                    request: p.request.and_then(|r| usd_to_nanos(r.get())).unwrap_or(0),
+                })
+            }),
+            id: m.id,
+        })
+        .collect())
+}
+
+/// USD per token (decimal text, possibly quoted) to nano-dollars per million tokens, exactly.
+pub fn per_token_to_per_mtok(text: &str) -> Option<i64> {
+    let text = text.trim().trim_matches('"');
+    let scaled = match text.find(['e', 'E']) {
+        Some(at) => {
+            let exp: i32 = text[at + 1..].parse().ok()?;
+            format!("{}e{}", &text[..at], exp.checked_add(6)?)
+        }
+        None => format!("{text}e6"),
+    };
+    usd_to_nanos(&scaled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_all(stream: &[&str]) -> Vec<EventKind> {
+        let mut mapper = ChunkMapper::default();
+        stream
+            .iter()
+            .map(|s| mapper.map(SseEvent::new(Bytes::from(s.to_string()))).kind)
+            .collect()
+    }
+
+    #[test]
+    fn openrouter_stream_is_classified() {
+        let kinds = map_all(&[
+            ": OPENROUTER PROCESSING\n\n",
+            "data: {\"id\":\"gen-1\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"gen-1\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"gen-1\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"id\":\"gen-1\",\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"cost\":0.000837}}\n\n",
+            "data: [DONE]\n\n",
+        ]);
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::KeepAlive,
+                EventKind::Preamble,
+                EventKind::Content,
+                EventKind::Content,
+                EventKind::Usage,
+                EventKind::Done
+            ]
+        );
+    }
+
+    #[test]
+    fn usage_and_model_are_extracted() {
+        let mut mapper = ChunkMapper::default();
+        let ev = mapper.map(SseEvent::new(Bytes::from_static(
+            b"data: {\"model\":\"openai/gpt-5-mini-2025-08-07\",\"choices\":[],\"usage\":{\"prompt_tokens\":254,\"completion_tokens\":5,\"cost\":0.000837}}\n\n",
+        )));
+        let usage = ev.usage.unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (254, 5));
+        assert_eq!(usage.cost_nanos, Some(837_000));
+        assert_eq!(mapper.served_model(), Some("openai/gpt-5-mini-2025-08-07"));
+        assert!(matches!(ev.out, Output::One(_)));
+    }
+
+    #[test]
+    fn midstream_errors_are_failures_even_with_choices() {
+        let kinds = map_all(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"id\":\"gen-1\",\"error\":{\"code\":400,\"message\":\"Token limit reached\"},\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":{\"prompt_tokens\":43,\"completion_tokens\":10,\"cost\":0}}\n\n",
+        ]);
+        assert!(matches!(&kinds[1], EventKind::Failed(f) if f.status == 400));
+    }
+
+    #[test]
+    fn openai_null_usage_on_every_chunk_is_not_usage() {
+        let kinds = map_all(&[
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n",
+        ]);
+        assert_eq!(
+            kinds,
+            vec![EventKind::Content, EventKind::Content, EventKind::Usage]
+        );
+    }
+
+    #[test]
+    fn tool_calls_and_reasoning_count_as_content() {
+        let kinds = map_all(&[
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"f\"}}]}}]}\n\n",
+        ]);
+        assert_eq!(kinds, vec![EventKind::Content]);
+        let kinds = map_all(&["data: {\"choices\":[{\"delta\":{\"reasoning\":\"hmm\"}}]}\n\n"]);
+        assert_eq!(kinds, vec![EventKind::Content]);
+    }
+
+    #[test]
+    fn malformed_data_is_unknown() {
+        assert_eq!(map_all(&["data: {not json\n\n"]), vec![EventKind::Unknown]);
+    }
+
+    #[test]
+    fn responses_reveal_usage_model_and_hidden_errors() {
+        let ok = map_response(&Bytes::from_static(
+            br#"{"id":"gen-1","model":"m-served","choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"cost":1.5e-06}}"#,
+        ));
+        assert_eq!(ok.model.as_deref(), Some("m-served"));
+        assert_eq!(ok.usage.unwrap().cost_nanos, Some(1500));
+        assert!(ok.failure.is_none());
+        let hidden = map_response(&Bytes::from_static(
+            br#"{"error":{"code":502,"message":"Provider returned error"},"user_id":"u"}"#,
+        ));
+        assert_eq!(hidden.failure.unwrap().status, 502);
+    }
+
+    #[test]
+    fn model_lists_read_prices_exactly() {
+        let models = map_models(
+            br#"{"data":[{"id":"openai/gpt-4","pricing":{"prompt":"0.00003","completion":"0.00006","request":"0"}},{"id":"plain"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(models[0].price.unwrap().prompt_per_mtok, 30_000_000_000);
+        assert_eq!(models[0].price.unwrap().completion_per_mtok, 60_000_000_000);
+        assert_eq!(models[1].price, None);
+        assert_eq!(per_token_to_per_mtok("\"0.000000075\""), Some(75_000_000));
+        assert_eq!(per_token_to_per_mtok("7.5e-8"), Some(75_000_000));
+    }
+
+    #[test]
+    fn urls_join_cleanly() {
+        assert_eq!(
+            join_url("http://h/api/v1/", "/chat/completions"),
+            "http://h/api/v1/chat/completions"
+        );
+        assert_eq!(join_url("http://h/v1", "models"), "http://h/v1/models");
+    }
+}
