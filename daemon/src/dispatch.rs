@@ -72,9 +72,21 @@ pub fn prepare(
         })
 }
 
-/// Maps an attempt that produced no answer to the client-facing error.
-pub fn attempt_error(backend: &str, table: &RoutingTable, error: AttemptError) -> ProxyError {
+/// Maps an attempt that produced no answer to the client-facing error. A timeout that fired
+/// at the request's `deadline` is reported as the total timeout, whatever timer noticed it.
+pub fn attempt_error(
+    backend: &str,
+    table: &RoutingTable,
+    error: AttemptError,
+    deadline: Instant,
+) -> ProxyError {
     let limits = &table.limits;
+    let error = match error {
+        AttemptError::Timeout(_) if Instant::now() >= deadline => {
+            AttemptError::Timeout(TimeoutKind::Total)
+        }
+        other => other,
+    };
     match error {
         AttemptError::Connect(reason) | AttemptError::Broken(reason) => ProxyError::Unreachable {
             backend: backend.to_owned(),
@@ -173,7 +185,7 @@ pub async fn json(
         let (response, body) = match result {
             Ok(answer) => answer,
             Err(error) => {
-                let error = attempt_error(&backend.name, table, error);
+                let error = attempt_error(&backend.name, table, error, exchange.deadline);
                 record.attempt(&label, error.code());
                 last_error = Some(error);
                 if more {
@@ -206,7 +218,7 @@ pub async fn json(
         }
         last_error = Some(ProxyError::Upstream {
             backend: backend.name.clone(),
-            answer,
+            answer: Box::new(answer),
         });
         if !(more && failure.kind.is_retryable()) {
             break;

@@ -140,8 +140,8 @@ pub enum ProxyError {
     Upstream {
         /// The backend.
         backend: String,
-        /// The answer.
-        answer: UpstreamAnswer,
+        /// The answer (boxed: it is large and errors travel by value).
+        answer: Box<UpstreamAnswer>,
     },
     /// 503: the daemon is shutting down.
     #[error("orproxy is shutting down")]
@@ -215,9 +215,10 @@ impl ProxyError {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         if let ProxyError::Upstream { answer, .. } = self {
-            let mut response = Response::new(axum::body::Body::from(answer.body));
-            *response.status_mut() = answer.status;
-            *response.headers_mut() = answer.headers;
+            let UpstreamAnswer { status, headers, body } = *answer;
+            let mut response = Response::new(axum::body::Body::from(body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
             return response;
         }
         let mut response = (self.status(), self.body()).into_response();
@@ -257,11 +258,11 @@ mod tests {
         headers.insert(RETRY_AFTER, HeaderValue::from_static("3"));
         let err = ProxyError::Upstream {
             backend: "openrouter".into(),
-            answer: UpstreamAnswer {
+            answer: Box::new(UpstreamAnswer {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 headers,
                 body: Bytes::from_static(b"{\"error\":{}}"),
-            },
+            }),
         };
         let response = err.into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);

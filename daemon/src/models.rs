@@ -23,14 +23,17 @@ const TTL: Duration = Duration::from_secs(300);
 /// How long one backend may take to list its models.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A backend's model list and when it was fetched.
+type Cached = (Instant, Arc<Vec<ModelInfo>>);
+
 /// Cached model lists per backend.
 #[derive(Default)]
 pub struct ModelCatalog {
-    cache: Mutex<HashMap<String, (Instant, Arc<Vec<ModelInfo>>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl ModelCatalog {
-    fn cached(&self, backend: &str) -> Option<(Instant, Arc<Vec<ModelInfo>>)> {
+    fn cached(&self, backend: &str) -> Option<Cached> {
         let cache = self
             .cache
             .lock()

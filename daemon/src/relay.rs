@@ -272,7 +272,7 @@ impl Relay {
             Err(end) => return Ok(end),
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
-                let error = attempt_error(&backend.name, &table, error);
+                let error = attempt_error(&backend.name, &table, error, self.exchange.deadline);
                 self.record.attempt(label, error.code());
                 return Ok(AttemptEnd::Retry(error, true));
             }
@@ -406,7 +406,7 @@ impl Relay {
                 let retryable = failure.kind.is_retryable();
                 let error = ProxyError::Upstream {
                     backend: backend.to_owned(),
-                    answer: crate::error::UpstreamAnswer::from_failure(&failure),
+                    answer: Box::new(crate::error::UpstreamAnswer::from_failure(&failure)),
                 };
                 return Ok(Some(AttemptEnd::Retry(error, retryable)));
             }
@@ -435,7 +435,7 @@ impl Relay {
         error: AttemptError,
         stream: &StreamState,
     ) -> Result<AttemptEnd, ProxyError> {
-        let error = attempt_error(backend, table, error);
+        let error = attempt_error(backend, table, error, self.exchange.deadline);
         self.record.attempt(label, error.code());
         if !self.content_started {
             return Ok(AttemptEnd::Retry(error, true));
@@ -461,7 +461,8 @@ impl Relay {
         let body = match self.wait(collect, tick).await {
             Err(end) => return Ok(end),
             Ok(Err(error)) => {
-                let error = attempt_error(&backend.name, &self.table, error);
+                let error =
+                    attempt_error(&backend.name, &self.table, error, self.exchange.deadline);
                 self.record.attempt(label, error.code());
                 return Ok(AttemptEnd::Retry(error, true));
             }
@@ -504,7 +505,7 @@ impl Relay {
         Ok(AttemptEnd::Retry(
             ProxyError::Upstream {
                 backend: backend.name.clone(),
-                answer,
+                answer: Box::new(answer),
             },
             retryable,
         ))

@@ -584,11 +584,8 @@ backends:
         assert_eq!(mock.title, Some(DEFAULT_TITLE));
         let local = table.backend("local").unwrap().identity.resolve(&client);
         assert_eq!(local.user_agent, Some("OpenAI/Python 1.0"));
-        let bare = table
-            .backend("local")
-            .unwrap()
-            .identity
-            .resolve(&HeaderMap::new());
+        let empty = HeaderMap::new();
+        let bare = table.backend("local").unwrap().identity.resolve(&empty);
         assert_eq!(bare.user_agent, Some(USER_AGENT));
     }
 }

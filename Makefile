@@ -1,0 +1,40 @@
+# The one test command (README.md, .ci/run): lint, unit and end-to-end tests, the official SDKs
+# against the real binary, and the README quick start itself.
+
+CARGO ?= cargo
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+
+.PHONY: test lint build rust-tests sdk-tests quickstart venv bench clean
+
+test: lint rust-tests sdk-tests quickstart
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+build:
+	$(CARGO) build --workspace --locked
+
+rust-tests: build
+	$(CARGO) test --workspace --locked
+
+$(PY): tests/python/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+	touch $(PY)
+
+venv: $(PY)
+
+sdk-tests: build $(PY)
+	$(PY) -m pytest -q tests/python
+
+quickstart: build
+	tests/quickstart.sh
+
+bench:
+	$(CARGO) run --release --locked -p orproxy-testkit --bin orproxy-bench
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

@@ -1,0 +1,251 @@
+//! Non-streamed chat completions, models, flags.
+
+use orproxy_testkit::{FAKE_API_KEY, FakeOpenRouter};
+use serde_json::{Value, json};
+
+use crate::harness::{Daemon, Options, chat, client, daemon_for};
+
+#[tokio::test]
+async fn with_no_config_and_no_key_the_mock_answers() {
+    let daemon = Daemon::start(Options::default());
+    assert!(
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains("serving the built-in mock backend"))
+    );
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("mock", "ping pong", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-orproxy-route"], "mock:mock");
+    let id = response.headers()["x-orproxy-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "ping pong");
+    assert!(body["usage"]["cost"].as_f64().unwrap() > 0.0);
+    let log = daemon.request_log(&id);
+    assert_eq!(log["outcome"], "ok");
+    assert_eq!(log["status"], 200);
+}
+
+#[tokio::test]
+async fn openrouter_requests_pass_through_untouched_with_key_and_attribution() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(
+        &fake.base_url(),
+        "identity:\n  referer: { mode: override, override_value: \"https://example.org\" }\n  title: { mode: override, override_value: \"MyApp\" }\n",
+    );
+    let body = json!({
+        "model": "openai/gpt-4o",
+        "messages": [{"role": "user", "content": "hello world"}],
+        "provider": {"order": ["openai"], "allow_fallbacks": false},
+        "transforms": ["middle-out"],
+        "reasoning": {"effort": "low"},
+        "x_custom_field": {"nested": [1, 2.50, "three"]},
+    });
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .header("authorization", "Bearer client-key-that-must-not-leak")
+        .header("user-agent", "OpenAI/Python 3.54.0")
+        .header("x-session-id", "sess-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-orproxy-route"],
+        "openrouter:openai/gpt-4o"
+    );
+    let id = response.headers()["x-orproxy-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "echo: hello world"
+    );
+    assert!(answer["id"].as_str().unwrap().starts_with("gen-"));
+
+    let received = fake.requests().pop().unwrap();
+    assert_eq!(received.path, "/api/v1/chat/completions");
+    assert_eq!(
+        received.json(),
+        body,
+        "every body field reaches the upstream unchanged"
+    );
+    assert_eq!(
+        received.header("authorization"),
+        Some(format!("Bearer {FAKE_API_KEY}").as_str())
+    );
+    assert_eq!(received.header("user-agent"), Some("OpenAI/Python 3.54.0"));
+    assert_eq!(received.header("http-referer"), Some("https://example.org"));
+    assert_eq!(received.header("x-title"), Some("MyApp"));
+    assert_eq!(received.header("x-openrouter-title"), Some("MyApp"));
+    assert_eq!(received.header("x-session-id"), Some("sess-1"));
+
+    let log = daemon.request_log(&id);
+    let billed = fake.billing().pop().unwrap();
+    assert_eq!(log["tokens_in"], billed.prompt_tokens);
+    assert_eq!(log["tokens_out"], billed.completion_tokens);
+    assert_eq!(
+        log["cost_nanos"].as_i64(),
+        orproxy_plugin::usage::usd_to_nanos(&billed.cost)
+    );
+    assert!(
+        !daemon
+            .logs()
+            .join("\n")
+            .contains("client-key-that-must-not-leak")
+    );
+    assert!(!daemon.logs().join("\n").contains(FAKE_API_KEY));
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let http = client();
+    for _ in 0..5 {
+        let response = http
+            .post(daemon.url("/v1/chat/completions"))
+            .json(&chat("openai/gpt-4o", "hi", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    assert_eq!(fake.connections(), 1);
+}
+
+#[tokio::test]
+async fn default_backend_and_force_model_flags() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = Daemon::start(
+        Options::default()
+            .env("OPENROUTER_API_KEY", FAKE_API_KEY)
+            .arg("--default-backend")
+            .arg("openrouter")
+            .arg("--force-model")
+            .arg("anthropic/claude-3-5-sonnet")
+            .arg("--config")
+            .arg(
+                &crate::harness::temp_file(
+                    &format!(
+                        "backends:\n  openrouter:\n    type: openrouter\n    base_url: {}\n",
+                        fake.base_url()
+                    ),
+                    ".yaml",
+                )
+                .display()
+                .to_string(),
+            ),
+    );
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("gpt-4o", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-orproxy-route"],
+        "openrouter:anthropic/claude-3-5-sonnet"
+    );
+    assert_eq!(
+        fake.requests().pop().unwrap().json()["model"],
+        "anthropic/claude-3-5-sonnet"
+    );
+}
+
+#[tokio::test]
+async fn backend_prefix_routes_to_another_backend() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("mock:anything", "routed", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-orproxy-route"], "mock:anything");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "routed");
+    assert!(fake.requests().is_empty());
+}
+
+#[tokio::test]
+async fn models_lists_every_backend() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let list: Value = client()
+        .get(daemon.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"openai/gpt-4o"), "{ids:?}");
+    assert!(ids.contains(&"mock:mock"), "{ids:?}");
+    // The public model list is fetched without the key.
+    let listing = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path.starts_with("/api/v1/models"))
+        .unwrap();
+    assert_eq!(listing.header("authorization"), None);
+}
+
+#[tokio::test]
+async fn openai_compatible_backend() {
+    let fake = orproxy_testkit::FakeOpenAi::start().await.unwrap();
+    let daemon = Daemon::start(Options::config(format!(
+        "backends:\n  local:\n    type: openai\n    base_url: {}\ndefault_backend: local\n",
+        fake.base_url()
+    )));
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("llama3", "over there", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: over there");
+    let received = fake.requests().pop().unwrap();
+    assert_eq!(received.path, "/v1/chat/completions");
+    assert_eq!(received.header("authorization"), None);
+}
+
+#[tokio::test]
+async fn the_admin_listener_answers_health_checks() {
+    let daemon = Daemon::start(Options::default());
+    let response = client()
+        .get(daemon.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let missing = client()
+        .get(daemon.admin_url("/admin/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}

@@ -1,0 +1,122 @@
+//! The command line: exit codes, `check`, and validation before binding.
+
+use crate::harness::{Daemon, Options, command, temp_file};
+
+#[test]
+fn check_prints_every_error_with_its_place() {
+    let config = temp_file(
+        "backends:\n  a:\n    type: nope\n  b:\n    type: openai\n    api_key_env: ORPROXY_E2E_UNSET\ndefault_backend: zzz\n",
+        ".yaml",
+    );
+    let output = command()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let name = config.display().to_string();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "{name}:3:5: backend `a`: unknown backend type `nope`"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].contains("ORPROXY_E2E_UNSET is not set"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].starts_with(&format!(
+            "{name}:7:18: default_backend: unknown backend `zzz`"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_accepts_a_good_config_and_the_seed_example() {
+    let config = temp_file(
+        "backends:\n  local:\n    type: openai\n    base_url: http://127.0.0.1:11434/v1\ndefault_backend: local\nidentity:\n  user_agent: { mode: override, override_value: \"MyApp/1.0.0\" }\n",
+        ".yaml",
+    );
+    let output = command()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn unknown_keys_and_broken_yaml_stop_the_daemon_before_it_binds() {
+    let config = temp_file("listen: 127.0.0.1:0\nlimts:\n  idle_timeout: 1s\n", ".yaml");
+    let output = command().arg("--config").arg(&config).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2:1:", config.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("limts"), "{stderr}");
+    assert!(!stderr.contains("Ready."));
+
+    let broken = temp_file("backends: [\n", ".yaml");
+    let output = command()
+        .arg("check")
+        .arg("--config")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&broken.display().to_string()));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let output = command().arg("--no-such-flag").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let output = command().args(["--log-format", "xml"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn a_missing_config_file_is_a_clear_error() {
+    let output = command()
+        .args(["--config", "/nonexistent/orproxy.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("/nonexistent/orproxy.yaml: cannot read config")
+    );
+}
+
+#[test]
+fn a_busy_port_is_a_runtime_error() {
+    let daemon = Daemon::start(Options::default());
+    let output = command()
+        .args([
+            "--listen",
+            &daemon.addr.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains(&format!("cannot listen on {}", daemon.addr))
+    );
+}

@@ -1,0 +1,280 @@
+//! Errors: OpenAI-shaped, with the statuses of SPEC §7; upstream errors relayed as they came.
+
+use orproxy_testkit::FakeOpenRouter;
+use serde_json::Value;
+
+use crate::harness::{Daemon, Options, chat, client, daemon_for};
+
+async fn post_raw(daemon: &Daemon, body: &'static str) -> (u16, Value) {
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().contains_key("x-orproxy-request-id"));
+    assert!(response.headers().contains_key("x-orproxy-route"));
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn bad_requests_are_400_naming_the_fault() {
+    let daemon = Daemon::start(Options::default());
+    let (status, body) = post_raw(&daemon, "{\"model\": \"mock\", \"messages\": [").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_json");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 1 column"),
+        "{body}"
+    );
+
+    let (status, body) = post_raw(&daemon, "{\"messages\": []}").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("missing_model"))
+    );
+
+    let (status, body) = post_raw(&daemon, "{\"model\": \"mock:\"}").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_model"))
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`mock:`"),
+        "{body}"
+    );
+
+    let (status, body) = post_raw(&daemon, "{\"model\": \"mock\", \"stream\": \"yes\"}").await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`stream`"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_backends_are_404() {
+    let daemon = Daemon::start(Options::default());
+    let (status, body) = post_raw(&daemon, "{\"model\": \"nowhere:gpt-4o\"}").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "unknown_backend");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("known backends: mock"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let daemon = Daemon::start(Options::config("limits:\n  max_body_bytes: 1000\n"));
+    let big = chat("mock", &"x".repeat(2000), false);
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "body_too_large");
+    // The daemon keeps serving.
+    let ok = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("mock", "small", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn upstream_errors_keep_status_body_and_rate_limit_headers() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let http = client();
+    for (model, status) in [
+        ("fake/status-402", 402),
+        ("fake/status-429-retry-3", 429),
+        ("fake/status-502", 502),
+        ("fake/status-503", 503),
+        ("fake/content-policy", 400),
+    ] {
+        let via = http
+            .post(daemon.url("/v1/chat/completions"))
+            .json(&chat(model, "x", false))
+            .send()
+            .await
+            .unwrap();
+        let direct = http
+            .post(format!("{}/chat/completions", fake.base_url()))
+            .bearer_auth(orproxy_testkit::FAKE_API_KEY)
+            .json(&chat(model, "x", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(via.status(), status, "{model}");
+        assert_eq!(
+            via.headers().get("retry-after"),
+            direct.headers().get("retry-after"),
+            "{model}"
+        );
+        assert_eq!(
+            via.headers().get("x-ratelimit-limit"),
+            direct.headers().get("x-ratelimit-limit"),
+            "{model}"
+        );
+        let via_body: Value = via.json().await.unwrap();
+        let direct_body: Value = direct.json().await.unwrap();
+        assert_eq!(
+            via_body["error"]["message"], direct_body["error"]["message"],
+            "{model}"
+        );
+        assert_eq!(via_body["error"]["code"], status, "{model}");
+    }
+}
+
+#[tokio::test]
+async fn an_error_inside_a_200_is_relayed_as_an_error() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("fake/200-error", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let daemon = daemon_for(&format!("http://127.0.0.1:{port}/api/v1"), "");
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("openai/gpt-4o", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn a_reset_connection_is_502() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("fake/reset", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+}
+
+#[tokio::test]
+async fn each_timeout_names_its_limit() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "limits:\n  first_byte_timeout: 300ms\n");
+    let started = std::time::Instant::now();
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("fake/hang", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "first_byte_timeout");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.first_byte_timeout (300ms)"),
+        "{body}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    let daemon = daemon_for(&fake.base_url(), "limits:\n  total_timeout: 400ms\n");
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("fake/hang", "x", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "total_timeout");
+
+    let daemon = daemon_for(&fake.base_url(), "limits:\n  first_byte_timeout: 300ms\n");
+    // Keep-alives are not content: a stream that only sends them times out too.
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("fake/keepalive-5000", "x", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+}
+
+#[tokio::test]
+async fn a_connect_timeout_is_its_own_error() {
+    // A listener whose accept queue is full: further SYNs are dropped and connect() hangs.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..3 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(stream);
+        }
+    }
+    let daemon = daemon_for(
+        &format!("http://{addr}/api/v1"),
+        "limits:\n  connect_timeout: 200ms\n",
+    );
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("openai/gpt-4o", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "connect_timeout", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.connect_timeout (200ms)"),
+        "{body}"
+    );
+    drop(listener);
+}

@@ -1,0 +1,51 @@
+//! SIGTERM drains: in-flight streams finish, then the daemon exits 0.
+
+use orproxy_testkit::FakeOpenRouter;
+
+use crate::harness::{chat, client, daemon_for, events};
+use crate::streaming::wait_until;
+
+#[tokio::test]
+async fn sigterm_lets_an_open_stream_finish() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut daemon = daemon_for(&fake.base_url(), "");
+    let mut response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("fake/slow-100", "a b c d e", true))
+        .send()
+        .await
+        .unwrap();
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    daemon.terminate();
+    daemon.wait_log(|v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Shutting down"))
+    });
+    let (rest, error) = events(response).await;
+    assert_eq!(error, None);
+    assert_eq!(rest.last().unwrap().1, "data: [DONE]\n\n");
+    assert!(daemon.wait_exit().success());
+    // New connections are refused once the daemon is gone.
+    assert!(client().get(daemon.url("/v1/models")).send().await.is_err());
+}
+
+#[tokio::test]
+async fn streams_still_open_after_the_grace_end_with_an_error_event() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut daemon = daemon_for(&fake.base_url(), "limits:\n  shutdown_grace: 300ms\n");
+    let mut response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("fake/stall-after-2", "x", true))
+        .send()
+        .await
+        .unwrap();
+    response.chunk().await.unwrap();
+    daemon.terminate();
+    let (rest, _) = events(response).await;
+    let last = &rest.last().expect("an error event").1;
+    assert!(last.contains("\"code\":\"shutting_down\""), "{rest:?}");
+    assert!(daemon.wait_exit().success());
+    wait_until(|| fake.requests().iter().any(|r| r.disconnected)).await;
+}

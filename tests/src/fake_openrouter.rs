@@ -1,0 +1,171 @@
+//! A fake OpenRouter that reproduces the wire format of real captures (see
+//! `shared/OPENROUTER.md`), with failure behaviours chosen by `fake/...` model names.
+//!
+//! Model names understood (N, MS, S, CODE are integers):
+//!
+//! | model | behaviour |
+//! |---|---|
+//! | any non-`fake/` id, `fake/echo` | success; answer `"echo: " + <last user message text>` |
+//! | `fake/fast` | precomputed answer (10 content events when streamed), for benchmarks |
+//! | `fake/status-CODE[-retry-S \| -noretry]` | HTTP CODE (400..=599) with OpenRouter's body for it |
+//! | `fake/context-length`, `fake/content-policy` | 400 with the typed `metadata.error_type` |
+//! | `fake/bad-model`, unknown `fake/...` | 400 `<model> is not a valid model ID` |
+//! | `fake/fail-first-N` | 503 for the first N requests naming this model, then success |
+//! | `fake/midstream-error[-after-N]` | N (3) content events then an in-band error chunk |
+//! | `fake/cut-after-N`, `fake/stall-after-N` | N content events then abort / silence |
+//! | `fake/events-N` | answer `w1 w2 ... wN` |
+//! | `fake/slow-MS`, `fake/keepalive-MS`, `fake/first-byte-MS` | delays (see [`FakeOptions`]) |
+//! | `fake/hang`, `fake/reset` | never answer / close without answering |
+//! | `fake/malformed`, `fake/no-done`, `fake/200-error`, `fake/usage-variant` | wire anomalies |
+//!
+//! Token counts: `prompt_tokens = ceil(chars of all message texts / 4) + 3 * messages`,
+//! `completion_tokens` = number of whitespace-separated words of the answer; `max_tokens` /
+//! `max_completion_tokens` cut the answer to that many words with `finish_reason: "length"`.
+//! Cost is `prompt_tokens * price.prompt + completion_tokens * price.completion` from the
+//! `/models` catalog (unlisted models: $1/M prompt, $2/M completion; `:free`: 0).
+
+mod body;
+mod chat;
+mod errors;
+mod routes;
+mod scenario;
+pub(crate) mod server;
+mod wire;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use server::{Dialect, Server};
+
+/// The bearer key a default [`FakeOpenRouter`] accepts.
+pub const FAKE_API_KEY: &str =
+    "sk-or-v1-fake-0000000000000000000000000000000000000000000000000000000000000000";
+
+/// How a fake upstream behaves beyond what the model name selects.
+#[derive(Clone, Debug)]
+pub struct FakeOptions {
+    /// Accepted bearer keys; empty accepts any key (and, for [`crate::FakeOpenAi`], no key).
+    pub api_keys: Vec<String>,
+    /// `: OPENROUTER PROCESSING` comments sent before the first data event of a stream.
+    pub keepalives: usize,
+    /// Keep [`RecordedRequest`]s, [`BillingEntry`]s and `/generation` records; benchmarks
+    /// turn this off so memory stays flat.
+    pub record: bool,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for FakeOptions {
+    fn default() -> FakeOptions {
+        FakeOptions {
+            api_keys: vec![FAKE_API_KEY.to_owned()],
+            keepalives: 2,
+            record: true,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        }
+    }
+}
+
+/// One HTTP request as the fake received it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// HTTP method, e.g. `POST`.
+    pub method: String,
+    /// Path including the query string.
+    pub path: String,
+    /// Header names are lowercase; repeated headers appear once per value.
+    pub headers: Vec<(String, String)>,
+    /// The request body as received.
+    pub body: Bytes,
+    /// The client went away before the response was complete (set after the fact; a cut or
+    /// reset the fake did on purpose does not count).
+    pub disconnected: bool,
+}
+
+impl RecordedRequest {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON, `Value::Null` if it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// A generation that reported usage, as OpenRouter would bill it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BillingEntry {
+    /// Generation id (`gen-...`), as in the body and `X-Generation-Id`.
+    pub id: String,
+    /// The served model (after `models` fallback).
+    pub model: String,
+    /// `usage.prompt_tokens` as sent.
+    pub prompt_tokens: u64,
+    /// `usage.completion_tokens` as sent.
+    pub completion_tokens: u64,
+    /// Exactly the text of `usage.cost` on the wire (empty for the OpenAI dialect).
+    pub cost: String,
+}
+
+/// A fake `https://openrouter.ai/api/v1` on `127.0.0.1`; dropping it shuts it down.
+pub struct FakeOpenRouter {
+    server: Server,
+}
+
+impl FakeOpenRouter {
+    /// Starts with [`FakeOptions::default`] on the current tokio runtime.
+    pub async fn start() -> std::io::Result<FakeOpenRouter> {
+        FakeOpenRouter::start_with(FakeOptions::default()).await
+    }
+
+    /// Starts with the given options on the current tokio runtime.
+    pub async fn start_with(opts: FakeOptions) -> std::io::Result<FakeOpenRouter> {
+        Ok(FakeOpenRouter {
+            server: Server::start(Dialect::OpenRouter, opts).await?,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// `http://127.0.0.1:PORT/api/v1`.
+    pub fn base_url(&self) -> String {
+        self.server.base_url()
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.server.requests()
+    }
+
+    /// One entry per generation that reported usage, in the order usage was sent.
+    pub fn billing(&self) -> Vec<BillingEntry> {
+        self.server.billing()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.server.connections()
+    }
+}
+
+impl std::fmt::Debug for FakeOpenRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeOpenRouter")
+            .field("addr", &self.addr())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,231 @@
+//! The listener, the per-connection tasks and the state every request shares.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::chat::FastResponses;
+use super::{BillingEntry, FakeOptions, RecordedRequest, routes};
+
+/// Which upstream the engine imitates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    OpenRouter,
+    OpenAi,
+}
+
+impl Dialect {
+    pub(crate) fn base_path(self) -> &'static str {
+        match self {
+            Dialect::OpenRouter => "/api/v1",
+            Dialect::OpenAi => "/v1",
+        }
+    }
+}
+
+/// What `/generation?id=` reports about a past generation.
+#[derive(Clone, Debug)]
+pub(crate) struct GenerationRecord {
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) provider: String,
+    pub(crate) created: u64,
+    pub(crate) api_type: &'static str,
+    pub(crate) streamed: bool,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) completion_tokens: u64,
+    pub(crate) cost_text: String,
+    pub(crate) cost_pico: u128,
+    pub(crate) finish_reason: Option<String>,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) http_referer: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: Vec<RecordedRequest>,
+    billing: Vec<BillingEntry>,
+    generations: HashMap<String, GenerationRecord>,
+    attempts: HashMap<String, u64>,
+    spent_pico: u128,
+}
+
+/// State shared by the listener, every connection and every streaming producer.
+pub(crate) struct Shared {
+    pub(crate) dialect: Dialect,
+    pub(crate) opts: FakeOptions,
+    pub(crate) fast: FastResponses,
+    connections: AtomicUsize,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panicking test thread must not take the fake down with it.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a request and returns its index, or `None` when recording is off.
+    pub(crate) fn record_request(&self, parts: &Parts, body: &Bytes) -> Option<usize> {
+        if !self.opts.record {
+            return None;
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let mut inner = self.lock();
+        inner.requests.push(RecordedRequest {
+            method: parts.method.as_str().to_owned(),
+            path,
+            headers,
+            body: body.clone(),
+            disconnected: false,
+        });
+        Some(inner.requests.len() - 1)
+    }
+
+    pub(crate) fn mark_disconnected(&self, index: usize) {
+        if let Some(req) = self.lock().requests.get_mut(index) {
+            req.disconnected = true;
+        }
+    }
+
+    /// Books a generation that reported usage (no-op when recording is off).
+    pub(crate) fn record_generation(&self, record: GenerationRecord) {
+        if !self.opts.record {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.spent_pico += record.cost_pico;
+        inner.billing.push(BillingEntry {
+            id: record.id.clone(),
+            model: record.model.clone(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+            cost: record.cost_text.clone(),
+        });
+        inner.generations.insert(record.id.clone(), record);
+    }
+
+    pub(crate) fn generation(&self, id: &str) -> Option<GenerationRecord> {
+        self.lock().generations.get(id).cloned()
+    }
+
+    /// Counts attempts per exact model string (1 for the first); kept even without recording
+    /// because `fake/fail-first-N` depends on it.
+    pub(crate) fn next_attempt(&self, model: &str) -> u64 {
+        let mut inner = self.lock();
+        let n = inner.attempts.entry(model.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    pub(crate) fn spent_pico(&self) -> u128 {
+        self.lock().spent_pico
+    }
+}
+
+/// A running fake: dropping it stops the listener and every open connection.
+pub(crate) struct Server {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    // Never sent on: dropping it wakes every task waiting on the receivers.
+    _shutdown: watch::Sender<()>,
+}
+
+impl Server {
+    pub(crate) async fn start(dialect: Dialect, opts: FakeOptions) -> io::Result<Server> {
+        let listener = TcpListener::bind(opts.listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            dialect,
+            fast: FastResponses::new(dialect),
+            opts,
+            connections: AtomicUsize::new(0),
+            inner: Mutex::new(Inner::default()),
+        });
+        let (tx, rx) = watch::channel(());
+        tokio::spawn(accept_loop(listener, Arc::clone(&shared), rx));
+        Ok(Server {
+            addr,
+            shared,
+            _shutdown: tx,
+        })
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn base_url(&self) -> String {
+        format!("http://{}{}", self.addr, self.shared.dialect.base_path())
+    }
+
+    pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock().requests.clone()
+    }
+
+    pub(crate) fn billing(&self) -> Vec<BillingEntry> {
+        self.shared.lock().billing.clone()
+    }
+
+    pub(crate) fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    // Typically EMFILE under a benchmark: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        // Streamed events are small writes; Nagle would delay them behind the client's ACKs.
+        let _ = stream.set_nodelay(true);
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let shared = Arc::clone(&shared);
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| routes::handle(Arc::clone(&shared), req));
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.changed() => {}
+            }
+        });
+    }
+}
