@@ -215,7 +215,11 @@ impl ProxyError {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         if let ProxyError::Upstream { answer, .. } = self {
-            let UpstreamAnswer { status, headers, body } = *answer;
+            let UpstreamAnswer {
+                status,
+                headers,
+                body,
+            } = *answer;
             let mut response = Response::new(axum::body::Body::from(body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
