@@ -32,8 +32,11 @@ sdk-tests: build $(PY)
 quickstart: build
 	tests/quickstart.sh
 
+# orproxy against a direct call to the fake upstream (BENCHMARKS.md); the bench finds the
+# daemon and the fake next to itself. Extra flags: make bench BENCH_ARGS="--duration 5".
 bench:
-	$(CARGO) run --release --locked -p orproxy-testkit --bin orproxy-bench
+	$(CARGO) build --release --locked -p orproxy -p orproxy-testkit
+	$(or $(CARGO_TARGET_DIR),target)/release/orproxy-bench $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean

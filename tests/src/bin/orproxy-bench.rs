@@ -1,0 +1,1282 @@
+//! `orproxy-bench`: what orproxy adds to a call, measured against the same call made directly
+//! to the fake OpenRouter, side by side in one run.
+//!
+//! The fake upstream, the daemon and this load generator are separate processes on the same
+//! machine and share its cores. That is deliberate, so that the numbers include the CPU the
+//! relay takes from its neighbours, and the report says so. BENCHMARKS.md describes the
+//! method and holds the latest results.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Display;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{HttpConnector, HttpInfo};
+use hyper_util::rt::TokioExecutor;
+use memchr::memmem;
+use orproxy_testkit::FAKE_API_KEY;
+use serde_json::Value;
+
+const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--concurrency C] \
+[--markdown PATH]
+
+  --requests N      requests per path at concurrency 1, per mode (default 2000)
+  --duration SECS   measured seconds per path under load, per mode (default 10)
+  --concurrency C   connections under load (default 64)
+  --markdown PATH   also write the results (Markdown) to PATH";
+
+/// Calls per path before anything is measured: connections, pools and caches are then warm.
+const WARMUP_REQUESTS: usize = 200;
+/// Sequential calls are made in blocks of this size, alternating paths, so that machine noise
+/// (another process, a frequency change) lands on every path alike.
+const BLOCK: usize = 200;
+const LOAD_WARMUP: Duration = Duration::from_secs(1);
+/// How long a child may take to become ready before the run is abandoned.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// `Ready.` is an info line of `orproxy::daemon`, and readiness is read from it; that target
+/// logs only at startup and shutdown, so this is `warn` for everything a request does.
+const QUIET_LOG: &str = "warn,orproxy::daemon=info";
+const SSE_DONE: &[u8] = b"data: [DONE]";
+
+const WHOLE_BODY: &str =
+    r#"{"model":"fake/fast","messages":[{"role":"user","content":"Say something short."}]}"#;
+const STREAM_BODY: &str = r#"{"model":"fake/fast","stream":true,"messages":[{"role":"user","content":"Say something short."}]}"#;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+/// Attaches what was being done to an error, keeping its whole cause chain in the message
+/// (hyper's top-level errors alone say little more than "client error").
+trait Context<T> {
+    fn context(self, what: impl Display) -> Result<T>;
+}
+
+impl<T, E: std::error::Error> Context<T> for Result<T, E> {
+    fn context(self, what: impl Display) -> Result<T> {
+        self.map_err(|e| {
+            let mut msg = format!("{what}: {e}");
+            let mut source = e.source();
+            while let Some(cause) = source {
+                msg.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            msg.into()
+        })
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn context(self, what: impl Display) -> Result<T> {
+        self.ok_or_else(|| what.to_string().into())
+    }
+}
+
+struct Args {
+    requests: usize,
+    duration: Duration,
+    concurrency: usize,
+    markdown: Option<PathBuf>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut parsed = Args {
+        requests: 2000,
+        duration: Duration::from_secs(10),
+        concurrency: 64,
+        markdown: None,
+    };
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        let positive = |name: &str, text: String| match text.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{name} wants a positive integer, not {text:?}")),
+        };
+        match arg.as_str() {
+            "--requests" => parsed.requests = positive("--requests", value("--requests")?)?,
+            "--duration" => {
+                let text = value("--duration")?;
+                parsed.duration = match text.parse::<f64>() {
+                    Ok(secs) if secs > 0.0 && secs.is_finite() => Duration::from_secs_f64(secs),
+                    _ => return Err(format!("--duration wants seconds, not {text:?}")),
+                };
+            }
+            "--concurrency" => {
+                parsed.concurrency = positive("--concurrency", value("--concurrency")?)?;
+            }
+            "--markdown" => parsed.markdown = Some(PathBuf::from(value("--markdown")?)),
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(parsed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// A child process, killed when dropped, whose output is read line by line by a thread for as
+/// long as it runs: a full pipe would otherwise stall it, which at `info` logging happens
+/// within seconds.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    /// Output lines until the process is ready; dropped then, so they do not pile up.
+    lines: Option<mpsc::Receiver<String>>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    /// Kept open only so the fake sees EOF, and exits, if this process dies without cleanup.
+    _stdin: Option<ChildStdin>,
+}
+
+impl Proc {
+    /// Spawns `cmd`, reading the output stream that `pick` takes from the child.
+    fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        pick: impl FnOnce(&mut Child) -> Option<Box<dyn Read + Send>>,
+    ) -> Result<Proc> {
+        let mut child = cmd.spawn().context(format_args!("cannot start {name}"))?;
+        let stdin = child.stdin.take();
+        let output = pick(&mut child).context(format_args!("{name}: output is not piped"))?;
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let lines = drain_lines(output, Arc::clone(&tail));
+        Ok(Proc {
+            name,
+            child,
+            lines: Some(lines),
+            tail,
+            _stdin: stdin,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the first output line for which `ready` returns a value; once only.
+    fn wait_ready<T>(&mut self, mut ready: impl FnMut(&str) -> Option<T>) -> Result<T> {
+        let lines = self
+            .lines
+            .take()
+            .context(format_args!("{} was already waited for", self.name))?;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(value) = ready(&line) {
+                        return Ok(value);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(self.failure(format_args!("not ready after {PATIENCE:?}")));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(self.failure("exited before it was ready"));
+                }
+            }
+        }
+    }
+
+    fn failure(&self, what: impl Display) -> BoxError {
+        let tail = self
+            .tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default();
+        format!("{} {what}; its last output:\n{tail}", self.name).into()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads `output` to its end on a thread, keeping the last lines for error messages and
+/// passing every line on for as long as someone listens.
+fn drain_lines(
+    output: Box<dyn Read + Send>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            if let Ok(mut tail) = tail.lock() {
+                if tail.len() == 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+            }
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate this executable")?;
+    let dir = exe.parent().context("this executable has no directory")?;
+    let path = dir.join(name);
+    if !path.is_file() {
+        return Err(format!(
+            "{} not found (it must sit next to orproxy-bench); build it with \
+             `cargo build --release -p orproxy -p orproxy-testkit`",
+            path.display()
+        )
+        .into());
+    }
+    Ok(path)
+}
+
+/// Starts the fake OpenRouter and returns it with its base URL.
+fn start_fake(bin: &Path) -> Result<(Proc, String)> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--no-record")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut fake = Proc::spawn("fake-upstream", cmd, |c| {
+        c.stdout.take().map(|o| Box::new(o) as Box<dyn Read + Send>)
+    })?;
+    let base_url = fake.wait_ready(|line| {
+        let event: Value = serde_json::from_str(line).ok()?;
+        event["base_url"].as_str().map(str::to_owned)
+    })?;
+    Ok((fake, base_url))
+}
+
+/// Starts orproxy in front of the fake; `rust_log` of `None` is the default (`info`) logging.
+fn start_orproxy(bin: &Path, config: &Path, rust_log: Option<&str>) -> Result<(Proc, SocketAddr)> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--log-format", "json"])
+        .env("FAKE_OR_KEY", FAKE_API_KEY)
+        .env_remove("OPENROUTER_API_KEY")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    match rust_log {
+        Some(filter) => cmd.env("RUST_LOG", filter),
+        None => cmd.env_remove("RUST_LOG"),
+    };
+    let mut daemon = Proc::spawn("orproxy", cmd, |c| {
+        c.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>)
+    })?;
+    let listen = daemon.wait_ready(|line| {
+        let event: Value = serde_json::from_str(line).ok()?;
+        (event["message"] == "Ready.").then_some(())?;
+        event["listen"].as_str()?.parse::<SocketAddr>().ok()
+    })?;
+    Ok((daemon, listen))
+}
+
+/// The daemon's config file, removed when dropped.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn write(base_url: &str) -> Result<ConfigFile> {
+        let path = std::env::temp_dir().join(format!("orproxy-bench-{}.yaml", std::process::id()));
+        // A JSON string is a valid YAML scalar, so the URL needs no YAML quoting rules.
+        let yaml = format!(
+            "backends:\n  openrouter:\n    type: openrouter\n    base_url: {}\n    \
+             api_key_env: FAKE_OR_KEY\ndefault_backend: openrouter\n",
+            Value::from(base_url)
+        );
+        std::fs::write(&path, yaml).context(format_args!("cannot write {}", path.display()))?;
+        Ok(ConfigFile(path))
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings
+
+#[derive(Clone, Copy)]
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+fn memory(pid: u32) -> Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).context(format_args!("cannot read {path}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .context(format_args!("no {name} in {path}"))
+    };
+    Ok(Memory {
+        rss_kib: field("VmRSS:")?,
+        hwm_kib: field("VmHWM:")?,
+    })
+}
+
+/// CPU time a process (`None`: this one) has used so far, summed over its live threads.
+/// `schedstat` counts nanoseconds, where `stat` counts 10 ms ticks: too coarse for one block
+/// of sequential calls.
+fn cpu_time(pid: Option<u32>) -> Result<Duration> {
+    let dir = pid.map_or("/proc/self/task".to_owned(), |p| format!("/proc/{p}/task"));
+    let mut total = 0u64;
+    for task in std::fs::read_dir(&dir).context(format_args!("cannot list {dir}"))? {
+        let path = task
+            .context(format_args!("cannot list {dir}"))?
+            .path()
+            .join("schedstat");
+        // A thread may end between the listing and the read; its time is then lost, which
+        // only threads of the blocking pool do, rarely.
+        let Ok(stat) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .context(format_args!("unexpected format of {}", path.display()))?;
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// CPU time used by each process over one measurement.
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    bench: Duration,
+    fake: Duration,
+    proxy: Duration,
+}
+
+impl CpuUse {
+    /// CPU time used so far by this process, the fake, and the daemon `proxy` if any.
+    fn now(fake: u32, proxy: Option<u32>) -> Result<CpuUse> {
+        Ok(CpuUse {
+            bench: cpu_time(None)?,
+            fake: cpu_time(Some(fake))?,
+            proxy: proxy
+                .map(|p| cpu_time(Some(p)))
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+}
+
+impl std::ops::Sub for CpuUse {
+    type Output = CpuUse;
+    fn sub(self, earlier: CpuUse) -> CpuUse {
+        CpuUse {
+            bench: self.bench.saturating_sub(earlier.bench),
+            fake: self.fake.saturating_sub(earlier.fake),
+            proxy: self.proxy.saturating_sub(earlier.proxy),
+        }
+    }
+}
+
+impl std::ops::AddAssign for CpuUse {
+    fn add_assign(&mut self, other: CpuUse) {
+        self.bench += other.bench;
+        self.fake += other.fake;
+        self.proxy += other.proxy;
+    }
+}
+
+/// `/proc/stat` and `/proc/PID/stat` count in USER_HZ ticks, which Linux fixes at 100.
+const TICK_MS: u64 = 10;
+
+/// Interrupt and stolen time of the whole machine so far, from `/proc/stat`.
+#[derive(Clone, Copy)]
+struct MachineCpu {
+    /// Mostly the kernel delivering the benchmark's own loopback TCP.
+    interrupts: Duration,
+    /// Taken by the hypervisor for other guests.
+    steal: Duration,
+}
+
+fn machine_cpu() -> Result<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let ticks = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().context("unexpected format of /proc/stat"))
+        .collect::<Result<Vec<_>>>()?;
+    let sum = |fields: &[usize]| {
+        let total: u64 = fields
+            .iter()
+            .map(|&i| ticks.get(i).copied().unwrap_or(0))
+            .sum();
+        Duration::from_millis(total * TICK_MS)
+    };
+    // Fields: user nice system idle iowait irq softirq steal.
+    Ok(MachineCpu {
+        interrupts: sum(&[5, 6]),
+        steal: sum(&[7]),
+    })
+}
+
+/// CPU ticks of every process now running, keyed by pid: its own time plus that of the
+/// children it reaped, so that short-lived processes (a compiler run) are counted too, in
+/// their parent. `ksoftirqd` is left out: it mostly delivers the benchmark's own packets.
+fn process_ticks() -> Result<HashMap<u32, u64>> {
+    let mut ticks = HashMap::new();
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let Some(pid) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        // Processes end at any time; one that is gone is simply not counted.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name (field 2) may hold spaces; after its closing parenthesis come
+        // field 3 onwards, so utime, stime, cutime and cstime (14 to 17) are at 11 to 14.
+        let Some((name, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if name.contains("(ksoftirqd/") {
+            continue;
+        }
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        ticks.insert(pid, fields.iter().sum());
+    }
+    Ok(ticks)
+}
+
+/// CPU time used between two `process_ticks` readings by processes not in `ours`.
+fn others_between(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>, ours: &[u32]) -> Duration {
+    let ticks: u64 = after
+        .iter()
+        .filter(|(pid, _)| !ours.contains(pid))
+        .map(|(pid, now)| now.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum();
+    Duration::from_millis(ticks * TICK_MS)
+}
+
+/// How much else the machine did during the run: numbers from a busy machine are not worth
+/// publishing, and this says whether they came from one.
+struct Noise {
+    wall: Duration,
+    others: Duration,
+    interrupts: Duration,
+    steal: Duration,
+}
+
+impl Noise {
+    /// Watches the machine while `work` runs; `ours` are the run's own processes.
+    fn watch<T>(ours: &[u32], work: impl FnOnce() -> Result<T>) -> Result<(T, Noise)> {
+        let (machine, processes, start) = (machine_cpu()?, process_ticks()?, Instant::now());
+        let value = work()?;
+        let wall = start.elapsed();
+        let machine_after = machine_cpu()?;
+        let others = others_between(&processes, &process_ticks()?, ours);
+        Ok((
+            value,
+            Noise {
+                wall,
+                others,
+                interrupts: machine_after.interrupts.saturating_sub(machine.interrupts),
+                steal: machine_after.steal.saturating_sub(machine.steal),
+            },
+        ))
+    }
+
+    /// Other processes' CPU use, in % of one core.
+    fn others_percent(&self) -> f64 {
+        100.0 * self.others.as_secs_f64() / self.wall.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "During the measurements ({wall:.0} s), other processes (kernel threads \
+             included) used {others:.1} s of CPU ({pct:.1}% of one core), interrupts {irq:.1} s \
+             (mostly the benchmark's loopback TCP), and the hypervisor stole {steal:.1} s.",
+            wall = self.wall.as_secs_f64(),
+            others = self.others.as_secs_f64(),
+            pct = self.others_percent(),
+            irq = self.interrupts.as_secs_f64(),
+            steal = self.steal.as_secs_f64(),
+        )
+    }
+}
+
+/// CPU time per completed call, in µs.
+fn per_call(cpu: Duration, calls: usize) -> String {
+    format!("{:.1}", cpu.as_secs_f64() * 1e6 / calls.max(1) as f64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// One call
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    // Both servers set it too; without it, Nagle plus delayed ACKs can add tens of ms.
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Where requests go: the fake itself, or an orproxy in front of it.
+#[derive(Clone)]
+struct Target {
+    label: &'static str,
+    uri: Uri,
+    auth: Option<HeaderValue>,
+    /// The fake's process, and the daemon's when the path goes through one, for CPU use.
+    fake_pid: u32,
+    proxy_pid: Option<u32>,
+}
+
+impl Target {
+    fn direct(base_url: &str, fake_pid: u32) -> Result<Target> {
+        let uri = format!("{base_url}/chat/completions");
+        Ok(Target {
+            label: "direct to the fake",
+            uri: uri.parse().context(format_args!("bad fake URL {uri:?}"))?,
+            auth: Some(
+                HeaderValue::from_str(&format!("Bearer {FAKE_API_KEY}")).context("bad fake key")?,
+            ),
+            fake_pid,
+            proxy_pid: None,
+        })
+    }
+
+    fn proxy(label: &'static str, addr: SocketAddr, fake: &Proc, proxy: &Proc) -> Result<Target> {
+        let uri = format!("http://{addr}/v1/chat/completions");
+        Ok(Target {
+            label,
+            uri: uri
+                .parse()
+                .context(format_args!("bad orproxy URL {uri:?}"))?,
+            // Auth is off on loopback, and the daemon sends its own key upstream.
+            auth: None,
+            fake_pid: fake.pid(),
+            proxy_pid: Some(proxy.pid()),
+        })
+    }
+}
+
+/// One call as the client saw it, times counted from just before the request is sent.
+struct Timing {
+    /// Until the first SSE event with non-empty `content` (streams only).
+    first_content: Option<Duration>,
+    /// Until the last byte of the body.
+    end: Duration,
+    /// Identifies the connection, to show that keep-alive held.
+    local: Option<SocketAddr>,
+}
+
+async fn call(client: &HttpClient, target: &Target, body: &Bytes, stream: bool) -> Result<Timing> {
+    let mut req = Request::post(target.uri.clone())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body.clone()))
+        .context("cannot build the request")?;
+    if let Some(auth) = &target.auth {
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, auth.clone());
+    }
+    let start = Instant::now();
+    let resp = client
+        .request(req)
+        .await
+        .context(format_args!("POST {} ({})", target.uri, target.label))?;
+    let status = resp.status();
+    let local = resp
+        .extensions()
+        .get::<HttpInfo>()
+        .map(HttpInfo::local_addr);
+    let mut incoming = resp.into_body();
+    let mut seen = Vec::new();
+    let mut first_content = None;
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.context(format_args!("reading the answer of {}", target.label))?;
+        if let Ok(data) = frame.into_data() {
+            seen.extend_from_slice(&data);
+            if stream && first_content.is_none() && has_content(&seen) {
+                first_content = Some(start.elapsed());
+            }
+        }
+    }
+    let end = start.elapsed();
+    check_answer(target, status, &seen, stream, first_content.is_some())?;
+    Ok(Timing {
+        first_content,
+        end,
+        local,
+    })
+}
+
+/// A benchmark of wrong answers is worthless, so every answer is checked, cheaply.
+fn check_answer(
+    target: &Target,
+    status: StatusCode,
+    body: &[u8],
+    stream: bool,
+    had_content: bool,
+) -> Result<()> {
+    let complete = if stream {
+        had_content && memmem::rfind(body, SSE_DONE).is_some()
+    } else {
+        body.starts_with(b"{") && memmem::find(body, b"\"content\":\"").is_some()
+    };
+    if status == StatusCode::OK && complete {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(600)]);
+    Err(format!(
+        "{} answered {status} with an unexpected body: {text}",
+        target.label
+    )
+    .into())
+}
+
+/// Whether an SSE event carrying non-empty `content` has arrived; the first event of a
+/// stream (the role) carries an empty one.
+fn has_content(seen: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"content\":\"";
+    memmem::find_iter(seen, KEY).any(|at| seen.get(at + KEY.len()).is_some_and(|&b| b != b'"'))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+/// Sequential (concurrency 1) samples of one path.
+struct Sequential {
+    label: &'static str,
+    end: Vec<Duration>,
+    first_content: Vec<Duration>,
+    connections: HashSet<SocketAddr>,
+    cpu: CpuUse,
+}
+
+impl Sequential {
+    fn record(&mut self, t: Timing) {
+        self.end.push(t.end);
+        self.first_content.extend(t.first_content);
+        self.connections.extend(t.local);
+    }
+}
+
+/// `n` calls per target, one at a time on a kept-alive connection, in alternating blocks.
+async fn sequential(
+    client: &HttpClient,
+    targets: &[Target],
+    body: &Bytes,
+    stream: bool,
+    n: usize,
+) -> Result<Vec<Sequential>> {
+    for target in targets {
+        for _ in 0..WARMUP_REQUESTS {
+            call(client, target, body, stream).await?;
+        }
+    }
+    let mut samples: Vec<Sequential> = targets
+        .iter()
+        .map(|t| Sequential {
+            label: t.label,
+            end: Vec::with_capacity(n),
+            first_content: Vec::with_capacity(n),
+            connections: HashSet::new(),
+            cpu: CpuUse::default(),
+        })
+        .collect();
+    let mut done = 0;
+    while done < n {
+        let block = BLOCK.min(n - done);
+        for (target, sample) in targets.iter().zip(&mut samples) {
+            let before = CpuUse::now(target.fake_pid, target.proxy_pid)?;
+            for _ in 0..block {
+                sample.record(call(client, target, body, stream).await?);
+            }
+            sample.cpu += CpuUse::now(target.fake_pid, target.proxy_pid)? - before;
+        }
+        done += block;
+    }
+    Ok(samples)
+}
+
+/// Calls made by `concurrency` tasks in a loop for a while, each task on its own connection.
+#[derive(Default)]
+struct Load {
+    completed: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    connections: HashSet<SocketAddr>,
+    cpu: CpuUse,
+}
+
+impl Load {
+    fn merge(&mut self, other: Load) {
+        self.completed += other.completed;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+        self.connections.extend(other.connections);
+        self.cpu += other.cpu;
+    }
+
+    fn per_second(&self) -> f64 {
+        self.completed as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+async fn saturate(
+    client: &HttpClient,
+    target: &Target,
+    body: &Bytes,
+    stream: bool,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Load> {
+    let cpu_before = CpuUse::now(target.fake_pid, target.proxy_pid)?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, target, body) = (client.clone(), target.clone(), body.clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut connections = HashSet::new();
+            while Instant::now() < deadline {
+                let timing = call(&client, &target, &body, stream).await?;
+                latencies.push(timing.end);
+                connections.extend(timing.local);
+            }
+            Ok::<_, BoxError>((latencies, connections))
+        });
+    }
+    let mut load = Load::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (latencies, connections) = joined.context("a load task failed")??;
+        load.completed += latencies.len();
+        load.latencies.extend(latencies);
+        load.connections.extend(connections);
+    }
+    // Calls in flight at the deadline are waited for and counted, so the time is until the
+    // last of them ended, not the nominal duration.
+    load.elapsed = start.elapsed();
+    load.cpu = CpuUse::now(target.fake_pid, target.proxy_pid)? - cpu_before;
+    Ok(load)
+}
+
+/// Direct and through orproxy under load, in the order direct, proxy, proxy, direct (half the
+/// duration each), so that a drift in machine speed during the run weighs on both alike.
+async fn compare_under_load(
+    client: &HttpClient,
+    targets: [&Target; 2],
+    body: &Bytes,
+    stream: bool,
+    args: &Args,
+) -> Result<[Load; 2]> {
+    let half = args.duration / 2;
+    for target in targets {
+        saturate(client, target, body, stream, args.concurrency, LOAD_WARMUP).await?;
+    }
+    let mut loads = [Load::default(), Load::default()];
+    for i in [0, 1, 1, 0] {
+        let load = saturate(client, targets[i], body, stream, args.concurrency, half).await?;
+        loads[i].merge(load);
+    }
+    Ok(loads)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and the report
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len().max(1)) - 1)
+        .copied()
+        .unwrap_or_default()
+}
+
+#[derive(Clone, Copy)]
+struct Dist {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+}
+
+impl Dist {
+    fn of(samples: &[Duration]) -> Dist {
+        let mut sorted = samples.to_vec();
+        sorted.sort_unstable();
+        Dist {
+            p50: percentile(&sorted, 0.50),
+            p90: percentile(&sorted, 0.90),
+            p99: percentile(&sorted, 0.99),
+        }
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+fn added_us(proxy: Duration, direct: Duration) -> i64 {
+    ((proxy.as_secs_f64() - direct.as_secs_f64()) * 1e6).round() as i64
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    format!(
+        "{:.2}×",
+        a.as_secs_f64() / b.as_secs_f64().max(f64::MIN_POSITIVE)
+    )
+}
+
+fn mb(kib: u64) -> String {
+    format!("{:.1}", kib as f64 * 1024.0 / 1e6)
+}
+
+/// A Markdown table whose columns are padded, so it also reads well on a terminal.
+struct Table {
+    rows: Vec<Vec<String>>,
+    numeric: Vec<bool>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+            // Every column but the first holds numbers, right-aligned.
+            numeric: (0..header.len()).map(|i| i > 0).collect(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let columns = self.numeric.len();
+        let width = |c: usize| {
+            self.rows
+                .iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+                .max(3)
+        };
+        let widths: Vec<usize> = (0..columns).map(width).collect();
+        let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+        let pad = |c: usize, s: &str| {
+            let fill = " ".repeat(widths[c].saturating_sub(s.chars().count()));
+            if self.numeric[c] {
+                format!("{fill}{s}")
+            } else {
+                format!("{s}{fill}")
+            }
+        };
+        let mut out = String::new();
+        for (i, row) in self.rows.iter().enumerate() {
+            out.push_str(&line(
+                (0..columns)
+                    .map(|c| pad(c, row.get(c).map_or("", String::as_str)))
+                    .collect(),
+            ));
+            if i == 0 {
+                out.push_str(&line(
+                    (0..columns)
+                        .map(|c| {
+                            let dashes = "-".repeat(widths[c] - usize::from(self.numeric[c]));
+                            if self.numeric[c] {
+                                format!("{dashes}:")
+                            } else {
+                                dashes
+                            }
+                        })
+                        .collect(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Everything one run measured.
+struct Results {
+    whole: Vec<Sequential>,
+    streamed: Vec<Sequential>,
+    load_whole: [Load; 2],
+    load_stream: [Load; 2],
+    idle: Memory,
+    after_sequential: Memory,
+    after_load: Memory,
+    info_idle: Memory,
+}
+
+/// A latency column of the concurrency-1 tables: its header, the samples it is computed
+/// from, and which percentile.
+type Metric = (
+    &'static str,
+    fn(&Sequential) -> &[Duration],
+    fn(&Dist) -> Duration,
+);
+
+const WHOLE_METRICS: &[Metric] = &[
+    ("p50 µs", |s| &s.end, |d| d.p50),
+    ("p90 µs", |s| &s.end, |d| d.p90),
+    ("p99 µs", |s| &s.end, |d| d.p99),
+];
+
+const STREAM_METRICS: &[Metric] = &[
+    ("first content p50 µs", |s| &s.first_content, |d| d.p50),
+    ("first content p99 µs", |s| &s.first_content, |d| d.p99),
+    ("end p50 µs", |s| &s.end, |d| d.p50),
+    ("end p99 µs", |s| &s.end, |d| d.p99),
+];
+
+/// One row per path, then what each proxied path adds to the direct one (first), in µs and
+/// as a ratio.
+fn sequential_table(samples: &[Sequential], metrics: &[Metric]) -> String {
+    let mut header = vec!["path"];
+    header.extend(metrics.iter().map(|m| m.0));
+    header.extend(["connections", "orproxy CPU µs/call", "fake CPU µs/call"]);
+    let mut t = Table::new(&header);
+    let values: Vec<Vec<Duration>> = samples
+        .iter()
+        .map(|s| {
+            metrics
+                .iter()
+                .map(|(_, of, pick)| pick(&Dist::of(of(s))))
+                .collect()
+        })
+        .collect();
+    for (s, v) in samples.iter().zip(&values) {
+        let mut row = vec![s.label.to_owned()];
+        row.extend(v.iter().map(|d| us(*d)));
+        row.push(s.connections.len().to_string());
+        row.push(per_call(s.cpu.proxy, s.end.len()));
+        row.push(per_call(s.cpu.fake, s.end.len()));
+        t.row(row);
+    }
+    let direct = &values[0];
+    for (s, v) in samples.iter().zip(&values).skip(1) {
+        let mut row = vec![format!("added by {}", s.label)];
+        row.extend(
+            v.iter()
+                .zip(direct)
+                .map(|(p, d)| format!("{:+}", added_us(*p, *d))),
+        );
+        t.row(row);
+    }
+    for (s, v) in samples.iter().zip(&values).skip(1) {
+        let mut row = vec![format!("ratio {} / direct", s.label)];
+        row.extend(v.iter().zip(direct).map(|(p, d)| ratio(*p, *d)));
+        t.row(row);
+    }
+    t.render()
+}
+
+fn load_table(loads: &[Load; 2], labels: [&str; 2]) -> String {
+    let mut t = Table::new(&[
+        "path",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "calls",
+        "connections",
+        "orproxy CPU µs/call",
+        "fake CPU µs/call",
+        "bench CPU µs/call",
+    ]);
+    for (load, label) in loads.iter().zip(labels) {
+        let d = Dist::of(&load.latencies);
+        t.row(vec![
+            label.to_owned(),
+            format!("{:.0}", load.per_second()),
+            ms(d.p50),
+            ms(d.p99),
+            load.completed.to_string(),
+            load.connections.len().to_string(),
+            per_call(load.cpu.proxy, load.completed),
+            per_call(load.cpu.fake, load.completed),
+            per_call(load.cpu.bench, load.completed),
+        ]);
+    }
+    t.row(vec![
+        "ratio orproxy / direct".to_owned(),
+        format!("{:.2}×", loads[1].per_second() / loads[0].per_second()),
+    ]);
+    t.render()
+}
+
+fn memory_table(r: &Results) -> String {
+    let mut t = Table::new(&["orproxy (RUST_LOG=warn)", "VmRSS MB", "VmHWM MB"]);
+    for (when, m) in [
+        ("idle, just after Ready.", r.idle),
+        ("after the concurrency-1 runs", r.after_sequential),
+        ("after the load runs", r.after_load),
+    ] {
+        t.row(vec![when.to_owned(), mb(m.rss_kib), mb(m.hwm_kib)]);
+    }
+    t.row(vec![
+        "info-logging instance, idle".to_owned(),
+        mb(r.info_idle.rss_kib),
+        mb(r.info_idle.hwm_kib),
+    ]);
+    t.render()
+}
+
+fn targets_table(r: &Results) -> String {
+    let verdict = |ok: bool| if ok { "met" } else { "**NOT met**" }.to_owned();
+    let mut t = Table::new(&["target", "measured", "verdict"]);
+    let whole = (Dist::of(&r.whole[0].end), Dist::of(&r.whole[1].end));
+    let first = (
+        Dist::of(&r.streamed[0].first_content),
+        Dist::of(&r.streamed[1].first_content),
+    );
+    let added = |pick: fn(&Dist) -> Duration, (direct, proxy): (Dist, Dist)| {
+        added_us(pick(&proxy), pick(&direct))
+    };
+    for (name, value, limit) in [
+        (
+            "c=1 non-stream added p50 ≤ 100 µs",
+            added(|d| d.p50, whole),
+            100,
+        ),
+        (
+            "c=1 non-stream added p99 ≤ 300 µs",
+            added(|d| d.p99, whole),
+            300,
+        ),
+        (
+            "c=1 stream first content added p50 ≤ 100 µs",
+            added(|d| d.p50, first),
+            100,
+        ),
+        (
+            "c=1 stream first content added p99 ≤ 300 µs",
+            added(|d| d.p99, first),
+            300,
+        ),
+    ] {
+        t.row(vec![
+            name.to_owned(),
+            format!("{value:+} µs"),
+            verdict(value <= limit),
+        ]);
+    }
+    for (name, loads) in [
+        ("c=N non-stream req/s ≥ 0.25× direct", &r.load_whole),
+        ("c=N stream req/s ≥ 0.25× direct", &r.load_stream),
+    ] {
+        let share = loads[1].per_second() / loads[0].per_second();
+        t.row(vec![
+            name.to_owned(),
+            format!("{share:.2}×"),
+            verdict(share >= 0.25),
+        ]);
+    }
+    let idle_bytes = r.idle.rss_kib * 1024;
+    t.row(vec![
+        "RSS idle ≤ 30 MB".to_owned(),
+        format!("{} MB", mb(r.idle.rss_kib)),
+        verdict(idle_bytes <= 30_000_000),
+    ]);
+    t.render()
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
+    format!("{cores} cores (nproc), CPU {cpu}, Linux {kernel}")
+}
+
+fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
+    let n = args.requests;
+    let c = args.concurrency;
+    let secs = args.duration.as_secs_f64();
+    let load_labels = ["direct to the fake", "orproxy (RUST_LOG=warn)"];
+    format!(
+        "## Results\n\n\
+         Machine: {machine}. The fake upstream, orproxy and the load generator \
+         ({threads} runtime threads) run on it together and share its cores. {noise}\n\n\
+         ### Concurrency 1, non-stream\n\n\
+         {n} calls per path on one kept-alive connection each, after {WARMUP_REQUESTS} \
+         warm-up calls, interleaved in blocks of {BLOCK}; time until the last body byte.\n\n\
+         {whole}\n\
+         ### Concurrency 1, stream\n\n\
+         Same, with `\"stream\": true` (14 SSE events, 10 with content). First content: the \
+         first event with non-empty `content`; end: the last byte of the stream.\n\n\
+         {streamed}\n\
+         ### Concurrency {c}, non-stream\n\n\
+         {c} tasks, each calling in a loop on its own kept-alive connection, {secs:.0} s per \
+         path (two halves, in the order direct, orproxy, orproxy, direct), after {warm:.0} s \
+         of warm-up each. CPU per call: user + system time of each process over the run, \
+         divided by the calls completed.\n\n\
+         {load_whole}\n\
+         ### Concurrency {c}, stream\n\n\
+         {load_stream}\n\
+         ### Memory\n\n\
+         {memory}\n\
+         ### Targets, this run\n\n\
+         {targets}",
+        machine = machine(),
+        noise = noise.describe(),
+        whole = sequential_table(&r.whole, WHOLE_METRICS),
+        streamed = sequential_table(&r.streamed, STREAM_METRICS),
+        warm = LOAD_WARMUP.as_secs_f64(),
+        load_whole = load_table(&r.load_whole, load_labels),
+        load_stream = load_table(&r.load_stream, load_labels),
+        memory = memory_table(r),
+        targets = targets_table(r),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The running processes and where to reach them.
+struct Setup {
+    direct: Target,
+    quiet: Target,
+    chatty: Target,
+}
+
+async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) -> Result<Results> {
+    let client = http_client();
+    let whole_body = Bytes::from_static(WHOLE_BODY.as_bytes());
+    let stream_body = Bytes::from_static(STREAM_BODY.as_bytes());
+    let all = [
+        setup.direct.clone(),
+        setup.quiet.clone(),
+        setup.chatty.clone(),
+    ];
+    let pair = [&setup.direct, &setup.quiet];
+    let proxy_pid = setup
+        .quiet
+        .proxy_pid
+        .context("the measured orproxy has no process")?;
+
+    eprintln!("orproxy-bench: concurrency 1, non-stream");
+    let whole = sequential(&client, &all, &whole_body, false, args.requests).await?;
+    eprintln!("orproxy-bench: concurrency 1, stream");
+    let streamed = sequential(&client, &all, &stream_body, true, args.requests).await?;
+    let after_sequential = memory(proxy_pid)?;
+    let c = args.concurrency;
+    eprintln!("orproxy-bench: concurrency {c}, non-stream");
+    let load_whole = compare_under_load(&client, pair, &whole_body, false, args).await?;
+    eprintln!("orproxy-bench: concurrency {c}, stream");
+    let load_stream = compare_under_load(&client, pair, &stream_body, true, args).await?;
+    Ok(Results {
+        whole,
+        streamed,
+        load_whole,
+        load_stream,
+        idle,
+        after_sequential,
+        after_load: memory(proxy_pid)?,
+        info_idle,
+    })
+}
+
+fn run(args: &Args) -> Result<String> {
+    if cfg!(debug_assertions) {
+        eprintln!("orproxy-bench: warning: this is a debug build; measure with --release");
+    }
+    let (fake, base_url) = start_fake(&sibling("fake-upstream")?)?;
+    let config = ConfigFile::write(&base_url)?;
+    let orproxy = sibling("orproxy")?;
+    let (quiet, quiet_addr) = start_orproxy(&orproxy, &config.0, Some(QUIET_LOG))?;
+    let (chatty, chatty_addr) = start_orproxy(&orproxy, &config.0, None)?;
+    let idle = memory(quiet.pid())?;
+    let info_idle = memory(chatty.pid())?;
+    let setup = Setup {
+        direct: Target::direct(&base_url, fake.pid())?,
+        quiet: Target::proxy("orproxy (RUST_LOG=warn)", quiet_addr, &fake, &quiet)?,
+        chatty: Target::proxy("orproxy (info logging)", chatty_addr, &fake, &chatty)?,
+    };
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let pids = [std::process::id(), fake.pid(), quiet.pid(), chatty.pid()];
+    let (results, noise) = Noise::watch(&pids, || {
+        runtime.block_on(measure(args, &setup, idle, info_idle))
+    })?;
+    if noise.others_percent() > 5.0 {
+        eprintln!(
+            "orproxy-bench: warning: other processes were busy during the run; the numbers \
+             are not representative. {}",
+            noise.describe()
+        );
+    }
+    Ok(report(args, &results, &noise, threads))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(msg) if msg.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("orproxy-bench: {msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let markdown = match run(&args) {
+        Ok(markdown) => markdown,
+        Err(e) => {
+            eprintln!("orproxy-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{markdown}");
+    if let Some(path) = &args.markdown
+        && let Err(e) = std::fs::write(path, &markdown)
+    {
+        eprintln!("orproxy-bench: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
