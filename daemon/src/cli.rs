@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// Main config file [default: /etc/orproxy/config.yaml if it exists, else built-in defaults].
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Watched directory of *.rhai and *.yaml [default: rules_dir from config, else /etc/orproxy/rules if it exists].
+    #[arg(long, value_name = "DIR")]
+    pub rules_dir: Option<PathBuf>,
     /// Client API address [default: 127.0.0.1:8000].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
@@ -59,6 +62,9 @@ pub struct CheckArgs {
     /// Config file to check [default: /etc/orproxy/config.yaml if it exists].
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Rules directory to check with it [default: rules_dir from config, else /etc/orproxy/rules if it exists].
+    #[arg(long, value_name = "DIR")]
+    pub rules_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]
