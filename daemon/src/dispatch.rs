@@ -246,7 +246,7 @@ impl Plan {
     }
 
     /// The next target to try.
-    pub fn next(&mut self) -> Option<Target> {
+    pub fn next_target(&mut self) -> Option<Target> {
         self.queue.pop_front()
     }
 
@@ -348,7 +348,7 @@ pub async fn json(
 ) -> Result<Response, ProxyError> {
     let limits = table.limits;
     let mut plan = Plan::new(&exchange.route, &app.health);
-    while let Some(target) = plan.next() {
+    while let Some(target) = plan.next_target() {
         let Some(backend) = table.backend(&target.backend) else {
             continue;
         };

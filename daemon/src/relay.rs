@@ -136,7 +136,7 @@ impl Relay {
         let app = Arc::clone(&self.app);
         let mut plan = Plan::new(&self.exchange.route, &app.health);
         let mut tick = self.record.started + table.limits.commit_after;
-        while let Some(target) = plan.next() {
+        while let Some(target) = plan.next_target() {
             let Some(backend) = table.backend(&target.backend) else {
                 continue;
             };

@@ -123,9 +123,6 @@ fn apply(app: &App, reason: Reason, built: Result<RoutingTable, Vec<Diagnostic>>
     });
     let outcome = match built {
         Ok(table) => {
-            for warning in &table.warnings {
-                tracing::warn!(message = %warning);
-            }
             let files = table.files.clone();
             app.table.store(Arc::new(table));
             let version = app.next_version();

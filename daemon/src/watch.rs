@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::reload::{Reason, Request};
@@ -50,15 +51,20 @@ pub fn start(
 ) -> notify::Result<RecommendedWatcher> {
     let (events_tx, events_rx) = mpsc::channel::<()>(1024);
     let filter = watched.clone();
-    let mut watcher =
-        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if event.paths.iter().any(|p| filter.relevant(p)) => {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(event)
+                if changes_content(&event.kind)
+                    && event.paths.iter().any(|p| filter.relevant(p)) =>
+            {
+                tracing::debug!(message = "Watched file changed.", kind = ?event.kind, paths = ?event.paths);
                 // A full channel already holds a pending reload: dropping this event loses nothing.
                 let _ = events_tx.try_send(());
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(message = "File watcher error.", %error),
-        })?;
+        }
+    })?;
     let mut dirs: Vec<PathBuf> = watched.rules_dir.iter().cloned().collect();
     if let Some(parent) = watched.config.as_deref().and_then(Path::parent) {
         let parent = if parent.as_os_str().is_empty() {
@@ -75,6 +81,16 @@ pub fn start(
     }
     tokio::spawn(debounce(events_rx, reloads));
     Ok(watcher)
+}
+
+/// Whether an event can change what a file says. Opens and reads are not changes: counting
+/// them would make every reload (which reads the files) trigger the next one.
+fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// One reload per quiet period, however many events came before it.

@@ -7,9 +7,12 @@
 
 mod harness;
 
+mod admin;
 mod auth;
 mod chat;
 mod cli;
 mod errors;
+mod reload;
+mod routing;
 mod shutdown;
 mod streaming;
