@@ -163,9 +163,9 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
         .failover
         .iter()
         .map(|rule| {
-            let mut on: Vec<String> = rule.triggers.iter().map(|t| format!("{t:?}")).collect();
-            on.sort();
-            json!({"match": rule.regex.as_str(), "chain": rule.chain.iter().map(ToString::to_string).collect::<Vec<_>>(), "on": on})
+            let mut triggers: Vec<String> = rule.triggers.iter().map(|t| format!("{t:?}")).collect();
+            triggers.sort();
+            json!({"match": rule.regex.as_str(), "chain": rule.chain.iter().map(ToString::to_string).collect::<Vec<_>>(), "triggers": triggers})
         })
         .collect();
     let l = &table.limits;

@@ -176,8 +176,9 @@ pub struct FailoverConfig {
     pub pattern: String,
     /// Selectors tried in order after it.
     pub chain: Vec<String>,
-    /// Which failures move to the next target (default: all of them).
-    pub on: Option<Vec<Trigger>>,
+    /// Which failures move to the next target (default: all of them). Not called `on`: YAML 1.1
+    /// readers take that key for the boolean `true`.
+    pub triggers: Option<Vec<Trigger>>,
 }
 
 /// A class of failure that may move a request to the next target of its chain.

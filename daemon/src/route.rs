@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn chains_and_config_failover_append_in_order() {
         let t = table(
-            "failover:\n  - match: \"^local:\"\n    chain: [\"openrouter:big\", \"local:a\"]\n    on: [connect]\n",
+            "failover:\n  - match: \"^local:\"\n    chain: [\"openrouter:big\", \"local:a\"]\n    triggers: [connect]\n",
             None,
         );
         let r = route(&t, r#"{"model":"local:a|mock:m"}"#).unwrap();

@@ -653,7 +653,7 @@ impl RoutingTable {
                     }
                 }
                 let triggers = rule
-                    .on
+                    .triggers
                     .as_deref()
                     .unwrap_or(&Trigger::ALL)
                     .iter()

@@ -326,7 +326,7 @@ async fn config_chains_and_triggers() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_for(
         &fake.base_url(),
-        "failover:\n  - match: \"^openrouter:fake/status-\"\n    chain: [\"openrouter:fake/echo\"]\n    on: [server_error]\n",
+        "failover:\n  - match: \"^openrouter:fake/status-\"\n    chain: [\"openrouter:fake/echo\"]\n    triggers: [server_error]\n",
     );
     assert_eq!(
         route_of(&ask(&daemon, "fake/status-503", false).await),

@@ -40,7 +40,7 @@ identity:
 failover:
   - match: "^openrouter:openai/"
     chain: ["local:llama3"]
-    on: [connect, rate_limited, server_error]
+    triggers: [connect, rate_limited, server_error]
 limits:
   commit_after: 250ms
   total_timeout: 2m
@@ -61,7 +61,7 @@ limits:
     assert_eq!(aliases[0].value.replacement, "openrouter:openai/gpt-\\1");
     let failover = cfg.failover.unwrap().value;
     assert_eq!(
-        failover[0].value.on.as_deref(),
+        failover[0].value.triggers.as_deref(),
         Some(&[Trigger::Connect, Trigger::RateLimited, Trigger::ServerError][..])
     );
 }

@@ -169,7 +169,7 @@ fn aliases_rewrite_with_backreferences() {
 #[test]
 fn failover_rules_compile_and_check_their_backends() {
     let table = build(
-        "failover:\n  - match: \"^mock:\"\n    chain: [\"mock:b|mock:c\"]\n    on: [rate_limited]\n",
+        "failover:\n  - match: \"^mock:\"\n    chain: [\"mock:b|mock:c\"]\n    triggers: [rate_limited]\n",
         Overrides::default(),
         &[],
     )
