@@ -2,8 +2,9 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
@@ -33,6 +34,8 @@ pub struct App {
     pub reloads: mpsc::Sender<reload::Request>,
     /// When the daemon started.
     pub started: Instant,
+    /// The addresses actually bound (client API, admin), once listening.
+    pub bound: OnceLock<(SocketAddr, SocketAddr)>,
     version: AtomicU64,
     last_reload: Mutex<reload::Outcome>,
 }
@@ -55,6 +58,7 @@ impl App {
             hard_stop,
             reloads,
             started: Instant::now(),
+            bound: OnceLock::new(),
             version: AtomicU64::new(1),
             last_reload: Mutex::new(startup),
         })

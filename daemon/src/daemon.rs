@@ -10,6 +10,7 @@ use crate::config::Sources;
 use crate::logging;
 use crate::reload::{self, Reason, Request};
 use crate::server;
+use crate::service;
 use crate::table::Overrides;
 use crate::upstream::UpstreamClient;
 use crate::watch::{self as watcher, Watched};
@@ -140,6 +141,9 @@ async fn run(
         }
     };
     tokio::spawn(reload_on_sighup(reload_tx));
+    let _ = app.bound.set((api.local_addr()?, admin.local_addr()?));
+    tokio::spawn(service::watchdog());
+    service::ready(&reload::status_line(&app));
     tracing::info!(
         message = "Ready.",
         listen = %api.local_addr()?,
@@ -147,15 +151,7 @@ async fn run(
         default_backend = %default_backend,
         version = env!("CARGO_PKG_VERSION"),
     );
-    server::serve(
-        app,
-        api,
-        admin,
-        server::shutdown_signal(),
-        limits.shutdown_grace,
-        hard_stop_tx,
-    )
-    .await?;
+    server::serve(app, api, admin, limits.shutdown_grace, hard_stop_tx).await?;
     tracing::info!(message = "Stopped.");
     Ok(())
 }

@@ -12,6 +12,7 @@
 //!   validated routing table snapshot. [`reload`]: the one path that builds and swaps it, fed by
 //!   [`watch`], SIGHUP and the admin API.
 //! - [`server`]: listeners, routers, graceful shutdown. [`admin`]: the admin listener.
+//!   [`service`]: systemd readiness, reload and watchdog notifications.
 //! - [`pipeline`] → [`auth`] → [`route`] ([`selector`]) → [`dispatch`] ([`upstream`]) →
 //!   [`relay`] (streams) → [`record`].
 //! - [`error`]: every failure and its single mapping to HTTP.
@@ -41,6 +42,7 @@ pub mod reload;
 pub mod route;
 pub mod selector;
 pub mod server;
+pub mod service;
 pub mod table;
 pub mod upstream;
 pub mod watch;

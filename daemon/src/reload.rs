@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::app::App;
 use crate::config::{self, Diagnostic, Sources};
 use crate::metrics;
+use crate::service;
 use crate::table::{Overrides, ProcessEnv, RoutingTable};
 
 /// Reads every source and builds a table (or every problem found).
@@ -90,6 +91,7 @@ pub async fn run(
     mut requests: mpsc::Receiver<Request>,
 ) {
     while let Some(request) = requests.recv().await {
+        service::reloading();
         let (s, o) = (sources.clone(), overrides.clone());
         // Reading files and compiling regexes is blocking work: keep it off the async workers.
         let built = tokio::task::spawn_blocking(move || build(&s, &o))
@@ -101,10 +103,32 @@ pub async fn run(
                 )])
             });
         let outcome = apply(&app, request.reason, built);
+        service::ready(&status_line(&app));
         if let Some(reply) = request.reply {
             let _ = reply.send(outcome);
         }
     }
+}
+
+/// The one-line status systemd shows (`systemctl status`).
+pub fn status_line(app: &App) -> String {
+    let table = app.table.load();
+    let last = app.last_reload();
+    let tail = if last.result == "ok" {
+        String::new()
+    } else {
+        format!("; last reload refused ({} errors)", last.errors.len())
+    };
+    let (listen, admin) = app
+        .bound
+        .get()
+        .copied()
+        .unwrap_or((table.restart_only.listen, table.restart_only.admin_listen));
+    format!(
+        "Serving on {listen} (admin {admin}), table v{}, default backend {}{tail}",
+        app.version(),
+        table.default_backend
+    )
 }
 
 /// Swaps in a valid table, or keeps the old one and records why.

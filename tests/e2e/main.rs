@@ -14,5 +14,6 @@ mod cli;
 mod errors;
 mod reload;
 mod routing;
+mod service;
 mod shutdown;
 mod streaming;
