@@ -12,6 +12,7 @@ mod auth;
 mod chat;
 mod cli;
 mod errors;
+mod install;
 mod reload;
 mod routing;
 mod service;
