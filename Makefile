@@ -1,13 +1,13 @@
 # The one test command (README.md, .ci/run): lint, unit and end-to-end tests, the official SDKs
-# against the real binary, and the README quick start itself.
+# against the real binary, the README quick start itself, and the supply-chain check.
 
 CARGO ?= cargo
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: test lint build rust-tests sdk-tests quickstart venv bench clean
+.PHONY: test lint build rust-tests sdk-tests quickstart deny venv bench install uninstall clean
 
-test: lint rust-tests sdk-tests quickstart
+test: lint rust-tests sdk-tests quickstart deny
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -31,6 +31,15 @@ sdk-tests: build $(PY)
 
 quickstart: build
 	tests/quickstart.sh
+
+deny:
+	.ci/deny.sh
+
+install:
+	systemd/install.sh
+
+uninstall:
+	systemd/install.sh --uninstall
 
 # orproxy against a direct call to the fake upstream (BENCHMARKS.md); the bench finds the
 # daemon and the fake next to itself. Extra flags: make bench BENCH_ARGS="--duration 5".

@@ -1,19 +1,39 @@
-//! The admin listener: health now; status, reload, routes, usage and metrics as they land.
+//! The admin listener: health, metrics, status, reload and the effective routing table.
+//!
+//! `/healthz` and `/metrics` are open; every `/admin/*` route needs `Authorization: Bearer
+//! <token>` when `admin.token_env` is set (without a token the listener must be loopback).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
 
 use crate::app::App;
+use crate::metrics;
+use crate::reload::{Reason, Request as ReloadRequest};
 
 /// The admin router.
 pub fn router(app: Arc<App>) -> Router {
+    let protected = Router::new()
+        .route("/admin/status", get(status))
+        .route("/admin/reload", post(reload))
+        .route("/admin/routes", get(routes))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            require_token,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(|| async { metrics::render() }))
+        .merge(protected)
         .fallback(not_found)
         .with_state(app)
 }
@@ -24,6 +44,149 @@ async fn healthz() -> &'static str {
 
 /// 404 in the OpenAI error shape, for any unknown path.
 pub async fn not_found(uri: http::Uri) -> Response {
-    let body = json!({"error": {"message": format!("no route for {}", uri.path()), "type": "invalid_request_error", "param": null, "code": "not_found"}});
-    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no route for {}", uri.path()),
+    )
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let table = app.table.load();
+    if let Some(token) = &table.admin_token {
+        let presented = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .unwrap_or("");
+        if !bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_admin_token",
+                "admin API: send `Authorization: Bearer <admin token>`",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let table = app.table.load();
+    let keys: BTreeMap<&str, Value> = table
+        .backends
+        .values()
+        .filter(|b| b.key_count() > 0)
+        .map(|b| {
+            (
+                b.name.as_str(),
+                json!({"total": b.key_count(), "ready": b.ready_keys()}),
+            )
+        })
+        .collect();
+    axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": app.started.elapsed().as_secs(),
+        "table_version": app.version(),
+        "files": table.files,
+        "rules_dir": table.rules_dir,
+        "default_backend": table.default_backend,
+        "last_reload": app.last_reload(),
+        "cooldowns": app.health.snapshot(),
+        "keys": keys,
+    }))
+    .into_response()
+}
+
+async fn reload(State(app): State<Arc<App>>) -> Response {
+    let (reply, result) = oneshot::channel();
+    if app
+        .reloads
+        .send(ReloadRequest {
+            reason: Reason::Admin,
+            reply: Some(reply),
+        })
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "orproxy is shutting down",
+        );
+    }
+    match result.await {
+        Ok(outcome) => {
+            let status = if outcome.result == "ok" {
+                StatusCode::OK
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            (status, axum::Json(outcome)).into_response()
+        }
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "orproxy is shutting down",
+        ),
+    }
+}
+
+/// The effective routing table, secrets redacted (keys appear as their variable names).
+async fn routes(State(app): State<Arc<App>>) -> Response {
+    let table = app.table.load();
+    let backends: BTreeMap<&str, Value> = table
+        .backends
+        .values()
+        .map(|b| {
+            (
+                b.name.as_str(),
+                json!({
+                    "type": b.kind,
+                    "base_url": b.base_url,
+                    "keys": {"count": b.key_count(), "from_env": b.key_envs},
+                    "identity": b.identity.describe(),
+                    "models": b.models,
+                }),
+            )
+        })
+        .collect();
+    let failover: Vec<Value> = table
+        .failover
+        .iter()
+        .map(|rule| {
+            let mut triggers: Vec<String> = rule.triggers.iter().map(|t| format!("{t:?}")).collect();
+            triggers.sort();
+            json!({"match": rule.regex.as_str(), "chain": rule.chain.iter().map(ToString::to_string).collect::<Vec<_>>(), "triggers": triggers})
+        })
+        .collect();
+    let l = &table.limits;
+    axum::Json(json!({
+        "table_version": app.version(),
+        "default_backend": table.default_backend,
+        "force_model": table.force_model,
+        "backends": backends,
+        "model_aliases": table.aliases.iter().map(|a| a.written.clone()).collect::<Vec<_>>(),
+        "failover": failover,
+        "auth": {"open": table.auth.is_open(), "keys": table.auth.names()},
+        "limits": {
+            "max_body_bytes": l.max_body_bytes,
+            "max_response_bytes": l.max_response_bytes,
+            "connect_timeout_ms": l.connect_timeout.as_millis() as u64,
+            "first_byte_timeout_ms": l.first_byte_timeout.as_millis() as u64,
+            "idle_timeout_ms": l.idle_timeout.as_millis() as u64,
+            "total_timeout_ms": l.total_timeout.as_millis() as u64,
+            "commit_after_ms": l.commit_after.as_millis() as u64,
+            "shutdown_grace_ms": l.shutdown_grace.as_millis() as u64,
+        },
+    }))
+    .into_response()
 }

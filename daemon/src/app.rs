@@ -1,14 +1,18 @@
-//! The daemon's shared state: the current routing table, the upstream pool, request ids.
+//! The daemon's shared state: the current routing table, the upstream pool, health, status.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
+use crate::health::HealthBook;
 use crate::models::ModelCatalog;
+use crate::reload;
 use crate::table::RoutingTable;
 use crate::upstream::UpstreamClient;
 
@@ -22,8 +26,18 @@ pub struct App {
     pub ids: RequestIds,
     /// `/v1/models` cache.
     pub models: ModelCatalog,
+    /// Cool-downs of failing targets (kept across reloads).
+    pub health: HealthBook,
     /// Turns true when the shutdown grace has run out: open streams end with an error event.
     pub hard_stop: watch::Receiver<bool>,
+    /// Where reload requests go (the one reload path).
+    pub reloads: mpsc::Sender<reload::Request>,
+    /// When the daemon started.
+    pub started: Instant,
+    /// The addresses actually bound (client API, admin), once listening.
+    pub bound: OnceLock<(SocketAddr, SocketAddr)>,
+    version: AtomicU64,
+    last_reload: Mutex<reload::Outcome>,
 }
 
 impl App {
@@ -32,14 +46,45 @@ impl App {
         table: RoutingTable,
         client: UpstreamClient,
         hard_stop: watch::Receiver<bool>,
+        reloads: mpsc::Sender<reload::Request>,
     ) -> Arc<App> {
+        let startup = reload::Outcome::startup(table.files.clone());
         Arc::new(App {
             table: ArcSwap::from_pointee(table),
             client,
             ids: RequestIds::new(),
             models: ModelCatalog::default(),
+            health: HealthBook::default(),
             hard_stop,
+            reloads,
+            started: Instant::now(),
+            bound: OnceLock::new(),
+            version: AtomicU64::new(1),
+            last_reload: Mutex::new(startup),
         })
+    }
+
+    /// The version of the serving table (1 at startup, +1 per successful reload).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Counts a successful swap; returns the new version.
+    pub fn next_version(&self) -> u64 {
+        self.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The last reload's outcome.
+    pub fn last_reload(&self) -> reload::Outcome {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a reload's outcome.
+    pub fn set_last_reload(&self, outcome: reload::Outcome) {
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = outcome;
     }
 }
 

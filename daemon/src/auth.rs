@@ -93,6 +93,11 @@ impl Auth {
         }
     }
 
+    /// The key names (never the keys), for `/admin/routes`.
+    pub fn names(&self) -> Vec<&str> {
+        self.keys.iter().map(|k| k.name.as_str()).collect()
+    }
+
     /// True when no keys are configured.
     pub fn is_open(&self) -> bool {
         self.keys.is_empty()
@@ -163,7 +168,11 @@ mod tests {
 
     fn auth(yaml: &str) -> Result<Auth, Vec<Diagnostic>> {
         let cfg = parse("c.yaml", yaml).unwrap();
-        Auth::from_config("c.yaml", &cfg.auth, &OneVar)
+        Auth::from_config(
+            "c.yaml",
+            &cfg.auth.map(|s| s.value).unwrap_or_default(),
+            &OneVar,
+        )
     }
 
     fn headers(name: &'static str, value: &str) -> HeaderMap {

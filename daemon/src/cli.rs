@@ -31,25 +31,31 @@ pub enum Command {
 }
 
 /// Flags of `orproxy serve`; each wins over its config key.
+///
+/// These doc comments are the single definition of the flags: `--help` prints them and the
+/// README's flag table is generated from them (a test fails when the two drift apart).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
-    /// Main config file [default: /etc/orproxy/config.yaml if it exists, else built-in defaults].
+    /// Main config file [default: /etc/orproxy/config.yaml if it exists, else built-in defaults]
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Client API address [default: 127.0.0.1:8000].
+    /// Watched directory of *.rhai and *.yaml [default: rules_dir from config, else /etc/orproxy/rules if it exists]
+    #[arg(long, value_name = "DIR")]
+    pub rules_dir: Option<PathBuf>,
+    /// Client API address [default: 127.0.0.1:8000]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Admin API address [default: 127.0.0.1:8001].
+    /// Admin API and /metrics address [default: 127.0.0.1:8001]
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Backend used when a model names none [default: openrouter if OPENROUTER_API_KEY is set, else mock].
+    /// Backend used when a model names none [default: openrouter if OPENROUTER_API_KEY is set, else mock]
     #[arg(long, value_name = "NAME")]
     pub default_backend: Option<String>,
-    /// Replace every request's model by MODEL (selector syntax: [backend:]model).
+    /// Every request's model is replaced by MODEL (full selector syntax)
     #[arg(long, value_name = "MODEL")]
     pub force_model: Option<String>,
-    /// Log line format [default: text on a terminal, json otherwise].
-    #[arg(long, value_enum, value_name = "FORMAT")]
+    /// Log line format [default: text on a terminal, json otherwise]
+    #[arg(long, value_enum, value_name = "text|json", hide_possible_values = true)]
     pub log_format: Option<LogFormat>,
 }
 
@@ -59,12 +65,52 @@ pub struct CheckArgs {
     /// Config file to check [default: /etc/orproxy/config.yaml if it exists].
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Rules directory to check with it [default: rules_dir from config, else /etc/orproxy/rules if it exists].
+    #[arg(long, value_name = "DIR")]
+    pub rules_dir: Option<PathBuf>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// The README's flag table, generated from the flags' own help.
+    fn flag_table() -> String {
+        let mut table = String::from("| flag | meaning | default |\n|---|---|---|\n");
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve exists");
+        for arg in serve.get_arguments().filter(|a| a.get_long().is_some()) {
+            let long = arg.get_long().unwrap_or_default();
+            if long == "help" {
+                continue;
+            }
+            let value = arg.get_value_names().map(|v| format!(" {}", v[0])).unwrap_or_default();
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let (meaning, default) = match help.split_once(" [default: ") {
+                Some((meaning, default)) => (meaning.to_owned(), default.trim_end_matches(']').to_owned()),
+                None => (help, "none".to_owned()),
+            };
+            let flag = format!("--{long}{value}").replace('|', "\\|");
+            table.push_str(&format!("| `{flag}` | {meaning} | {default} |\n"));
+        }
+        table
+    }
+
+    #[test]
+    fn the_readme_flag_table_is_generated_from_the_help() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- flags:begin -->\n", "<!-- flags:end -->");
+        let start = readme.find(begin).expect("README has a flags:begin marker") + begin.len();
+        let stop = readme.find(end).expect("README has a flags:end marker");
+        let expected = flag_table();
+        if std::env::var_os("UPDATE_README").is_some() {
+            std::fs::write(&path, format!("{}{expected}{}", &readme[..start], &readme[stop..])).unwrap();
+            return;
+        }
+        assert!(readme[start..stop] == expected, "README flag table is stale: run `UPDATE_README=1 cargo test -p orproxy --lib cli`\n{expected}");
+    }
 
     #[test]
     fn the_definition_is_consistent() {

@@ -1,19 +1,25 @@
-//! `config.yaml` as written by the operator: strict serde types, read with line and column.
+//! The configuration as written: `config.yaml` plus every `*.yaml` of the rules directory.
 //!
-//! This module only reads; [`crate::table`] validates the result and builds the routing table.
+//! Each file is read on its own with strict serde types (unknown keys are errors with line and
+//! column), then the files are merged in order: `backends` merge by name, every other top-level
+//! key may be defined by one file only (a second definition is an error naming both files).
+//! [`crate::table`] validates the merged [`Config`] and builds the routing table.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::{Location, Spanned};
 
 /// One problem found in a config file, printed as `file:line:col: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
-    /// The file, or `<flags>` / `<built-in>` for problems that come from elsewhere.
+    /// The file, or `--flag` / `<built-in>` for problems that come from elsewhere.
     pub file: String,
     /// 1-based line, 0 when unknown.
     pub line: u64,
@@ -59,45 +65,65 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-/// The whole config file. Unknown keys anywhere are errors.
-#[derive(Debug, Default, Deserialize)]
+/// One config file. Every key is optional so that rules-directory fragments parse alone.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(
+    title = "orproxy configuration",
+    description = "config.yaml merged with the *.yaml files of the rules directory"
+)]
 pub struct ConfigFile {
-    /// Client API address.
+    /// Client API address (IP:PORT). Restart-only.
+    #[schemars(with = "Option<String>")]
     pub listen: Option<Spanned<String>>,
-    /// Admin listener settings.
-    #[serde(default)]
-    pub admin: AdminConfig,
+    /// Admin listener. Restart-only.
+    #[schemars(with = "Option<AdminConfig>")]
+    pub admin: Option<Spanned<AdminConfig>>,
+    /// Watched directory of `*.rhai` and `*.yaml` (main config only).
+    #[schemars(with = "Option<String>")]
+    pub rules_dir: Option<Spanned<String>>,
     /// Backend used when a model names none.
+    #[schemars(with = "Option<String>")]
     pub default_backend: Option<Spanned<String>>,
     /// Replace every request's model by this selector.
+    #[schemars(with = "Option<String>")]
     pub force_model: Option<Spanned<String>>,
-    /// `text` or `json` log lines.
-    pub log_format: Option<LogFormat>,
-    /// Backends by name.
+    /// `text` or `json` log lines. Restart-only.
+    #[schemars(with = "Option<LogFormat>")]
+    pub log_format: Option<Spanned<LogFormat>>,
+    /// Backends by name; names merge across files.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, BackendConfig>")]
     pub backends: BTreeMap<String, Spanned<BackendConfig>>,
-    /// Outbound identity headers, for every backend unless a backend overrides them.
-    #[serde(default)]
-    pub identity: IdentityConfig,
+    /// Regex rewrites of the requested model, first match wins, one pass.
+    #[schemars(with = "Option<Vec<AliasConfig>>")]
+    pub model_aliases: Option<Spanned<Vec<Spanned<AliasConfig>>>>,
+    /// Ordered failover chains per model pattern.
+    #[schemars(with = "Option<Vec<FailoverConfig>>")]
+    pub failover: Option<Spanned<Vec<Spanned<FailoverConfig>>>>,
+    /// Outbound identity headers for every backend (a backend's own `identity` wins).
+    #[schemars(with = "Option<IdentityConfig>")]
+    pub identity: Option<Spanned<IdentityConfig>>,
     /// Proxy keys.
-    #[serde(default)]
-    pub auth: AuthConfig,
+    #[schemars(with = "Option<AuthConfig>")]
+    pub auth: Option<Spanned<AuthConfig>>,
     /// Sizes and timeouts.
-    #[serde(default)]
-    pub limits: LimitsConfig,
+    #[schemars(with = "Option<LimitsConfig>")]
+    pub limits: Option<Spanned<LimitsConfig>>,
 }
 
 /// `admin:`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Admin API and `/metrics` address.
-    pub listen: Option<Spanned<String>>,
+    /// Admin API and `/metrics` address (IP:PORT).
+    pub listen: Option<String>,
+    /// Environment variable holding the admin bearer token; without one the admin API must be on loopback.
+    pub token_env: Option<String>,
 }
 
 /// `log_format:`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -107,7 +133,7 @@ pub enum LogFormat {
 }
 
 /// One entry of `backends:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// The plugin: `openrouter`, `openai` or `mock`.
@@ -128,12 +154,71 @@ pub struct BackendConfig {
     /// `mock` only: content events per streamed answer.
     pub stream_events: Option<u32>,
     /// `mock` only: delay before each streamed event.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub event_interval: Option<Duration>,
+    pub event_interval: Option<Dur>,
+}
+
+/// One entry of `model_aliases:`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AliasConfig {
+    /// Regex matched anywhere in the requested model (anchor with `^`/`$`).
+    pub pattern: String,
+    /// Replacement of the match; `\1` (or `$1`) refers to a capture group.
+    pub replacement: String,
+}
+
+/// One entry of `failover:`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// Regex matched against the first target, written `backend:model`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Selectors tried in order after it.
+    pub chain: Vec<String>,
+    /// Which failures move to the next target (default: all of them). Not called `on`: YAML 1.1
+    /// readers take that key for the boolean `true`.
+    pub triggers: Option<Vec<Trigger>>,
+}
+
+/// A class of failure that may move a request to the next target of its chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The upstream could not be reached (refused, reset, DNS, TLS, connect timeout).
+    Connect,
+    /// No answer in time before the first byte, or an upstream 408.
+    Timeout,
+    /// 429.
+    RateLimited,
+    /// 5xx, or an error reported in a 200.
+    ServerError,
+    /// 402 from the upstream.
+    PaymentRequired,
+    /// 401 or 403: the upstream refused orproxy's key.
+    Unauthorized,
+    /// A stream that errors, breaks or stalls before its first content event.
+    Stream,
+    /// The prompt does not fit this model (another model of the chain may take it).
+    ContextLength,
+}
+
+impl Trigger {
+    /// Every trigger: the default of a chain.
+    pub const ALL: [Trigger; 8] = [
+        Trigger::Connect,
+        Trigger::Timeout,
+        Trigger::RateLimited,
+        Trigger::ServerError,
+        Trigger::PaymentRequired,
+        Trigger::Unauthorized,
+        Trigger::Stream,
+        Trigger::ContextLength,
+    ];
 }
 
 /// `identity:` (global or per backend).
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// `User-Agent`.
@@ -145,7 +230,7 @@ pub struct IdentityConfig {
 }
 
 /// How one outbound identity header is chosen.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityRule {
     /// `passthrough`, `override` or `default`.
@@ -155,7 +240,7 @@ pub struct IdentityRule {
 }
 
 /// See [`IdentityRule`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum IdentityMode {
     /// Forward the client's header (orproxy's default when the client sent none).
@@ -167,11 +252,12 @@ pub enum IdentityMode {
 }
 
 /// `auth:`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Named proxy keys; none means auth is off.
     #[serde(default)]
+    #[schemars(with = "Vec<KeyConfig>")]
     pub keys: Vec<Spanned<KeyConfig>>,
     /// Allow auth-off mode on a non-loopback address.
     #[serde(default)]
@@ -179,7 +265,7 @@ pub struct AuthConfig {
 }
 
 /// One proxy key, given by the environment variable holding it or by its SHA-256.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyConfig {
     /// Name recorded with each request.
@@ -190,50 +276,65 @@ pub struct KeyConfig {
     pub key_sha256: Option<String>,
 }
 
-/// `limits:`. Durations are `250ms`, `10s`, `2m`, `1h`, or a number of seconds.
-#[derive(Debug, Default, Deserialize)]
+/// `limits:`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Largest accepted request body.
+    /// Largest accepted request body, in bytes.
     pub max_body_bytes: Option<u64>,
-    /// Largest non-streamed upstream answer.
+    /// Largest non-streamed upstream answer, in bytes.
     pub max_response_bytes: Option<u64>,
-    /// TCP (and TLS) connect to an upstream.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub connect_timeout: Option<Duration>,
+    /// TCP (and TLS) connect to an upstream. Restart-only.
+    pub connect_timeout: Option<Dur>,
     /// Until the upstream's answer starts (for streams: its first content event).
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub first_byte_timeout: Option<Duration>,
+    pub first_byte_timeout: Option<Dur>,
     /// Longest silence between two events of a stream.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub idle_timeout: Option<Duration>,
+    pub idle_timeout: Option<Dur>,
     /// Whole request, all attempts included.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub total_timeout: Option<Duration>,
+    pub total_timeout: Option<Dur>,
     /// How long a stream is held back waiting for content before orproxy commits a 200.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub commit_after: Option<Duration>,
+    pub commit_after: Option<Dur>,
     /// How long SIGTERM waits for in-flight requests.
-    #[serde(default, deserialize_with = "opt_duration")]
-    pub shutdown_grace: Option<Duration>,
+    pub shutdown_grace: Option<Dur>,
 }
 
-fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Secs(f64),
-        Text(String),
+/// A duration: `250ms`, `10s`, `1.5s`, `2m`, `1h`, or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) if s.is_finite() && s >= 0.0 => Ok(Dur(Duration::from_secs_f64(s))),
+            Raw::Secs(s) => Err(serde::de::Error::custom(format!(
+                "duration must be a non-negative number of seconds, got {s}"
+            ))),
+            Raw::Text(t) => parse_duration(&t)
+                .map(Dur)
+                .map_err(serde::de::Error::custom),
+        }
     }
-    match Option::<Raw>::deserialize(d)? {
-        None => Ok(None),
-        Some(Raw::Secs(s)) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(Raw::Secs(s)) => Err(serde::de::Error::custom(format!(
-            "duration must be a non-negative number of seconds, got {s}"
-        ))),
-        Some(Raw::Text(t)) => parse_duration(&t)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
+}
+
+impl JsonSchema for Dur {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A duration: 250ms, 10s, 1.5s, 2m, 1h, or a number of seconds.",
+            "oneOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h)?\\s*$"}
+            ]
+        })
     }
 }
 
@@ -261,17 +362,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Reads and parses a config file; every problem comes back as a [`Diagnostic`].
-pub fn load(path: &Path) -> Result<ConfigFile, Diagnostic> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Diagnostic::general(&name, format!("cannot read config: {e}")))?;
-    parse(&name, &text)
-}
-
-/// Parses config text; `name` is used in diagnostics.
+/// Parses one file's text; `name` is used in diagnostics.
 pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Diagnostic> {
-    if text.trim().is_empty() {
+    if text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+    {
         return Ok(ConfigFile::default());
     }
     serde_saphyr::from_str::<ConfigFile>(text).map_err(|err| {
@@ -288,93 +384,272 @@ pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Diagnostic> {
     })
 }
 
-/// Where the daemon looks for its config when `--config` is not given.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/orproxy/config.yaml";
+/// A value together with the file and place that defined it.
+#[derive(Debug, Clone)]
+pub struct Sourced<T> {
+    /// The file.
+    pub file: Arc<str>,
+    /// Where in the file.
+    pub at: Location,
+    /// The value.
+    pub value: T,
+}
 
-/// The config file to read: the flag, else the default path if it exists, else none.
-pub fn resolve_path(flag: Option<&Path>) -> Option<PathBuf> {
-    match flag {
-        Some(path) => Some(path.to_owned()),
-        None => {
-            let default = Path::new(DEFAULT_CONFIG_PATH);
-            default.exists().then(|| default.to_owned())
+impl<T> Sourced<T> {
+    /// A diagnostic pointing at this value.
+    pub fn error(&self, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(&self.file, self.at, message)
+    }
+
+    /// A diagnostic pointing at a nested place of the same file.
+    pub fn error_at(&self, at: Location, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(&self.file, at, message)
+    }
+}
+
+/// The merged configuration of all files.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// Files read, in merge order.
+    pub files: Vec<PathBuf>,
+    /// See [`ConfigFile`].
+    pub listen: Option<Sourced<String>>,
+    /// See [`ConfigFile`].
+    pub admin: Option<Sourced<AdminConfig>>,
+    /// See [`ConfigFile`].
+    pub rules_dir: Option<Sourced<String>>,
+    /// See [`ConfigFile`].
+    pub default_backend: Option<Sourced<String>>,
+    /// See [`ConfigFile`].
+    pub force_model: Option<Sourced<String>>,
+    /// See [`ConfigFile`].
+    pub log_format: Option<Sourced<LogFormat>>,
+    /// See [`ConfigFile`].
+    pub backends: BTreeMap<String, Sourced<BackendConfig>>,
+    /// See [`ConfigFile`].
+    pub model_aliases: Option<Sourced<Vec<Spanned<AliasConfig>>>>,
+    /// See [`ConfigFile`].
+    pub failover: Option<Sourced<Vec<Spanned<FailoverConfig>>>>,
+    /// See [`ConfigFile`].
+    pub identity: Option<Sourced<IdentityConfig>>,
+    /// See [`ConfigFile`].
+    pub auth: Option<Sourced<AuthConfig>>,
+    /// See [`ConfigFile`].
+    pub limits: Option<Sourced<LimitsConfig>>,
+}
+
+impl Config {
+    /// Merges `file` (named `name`) into the document; conflicts become diagnostics.
+    pub fn merge(&mut self, name: &str, file: ConfigFile, errors: &mut Vec<Diagnostic>) {
+        let name: Arc<str> = Arc::from(name);
+        fn take<T>(
+            slot: &mut Option<Sourced<T>>,
+            incoming: Option<Spanned<T>>,
+            name: &Arc<str>,
+            key: &str,
+            errors: &mut Vec<Diagnostic>,
+        ) {
+            let Some(spanned) = incoming else { return };
+            match slot {
+                Some(previous) => errors.push(Diagnostic::at(
+                    name,
+                    spanned.referenced,
+                    format!(
+                        "`{key}` is already defined in {}:{}; a key may be defined by one file only",
+                        previous.file,
+                        previous.at.line()
+                    ),
+                )),
+                None => {
+                    *slot = Some(Sourced {
+                        file: Arc::clone(name),
+                        at: spanned.referenced,
+                        value: spanned.value,
+                    })
+                }
+            }
+        }
+        take(&mut self.listen, file.listen, &name, "listen", errors);
+        take(&mut self.admin, file.admin, &name, "admin", errors);
+        take(
+            &mut self.rules_dir,
+            file.rules_dir,
+            &name,
+            "rules_dir",
+            errors,
+        );
+        take(
+            &mut self.default_backend,
+            file.default_backend,
+            &name,
+            "default_backend",
+            errors,
+        );
+        take(
+            &mut self.force_model,
+            file.force_model,
+            &name,
+            "force_model",
+            errors,
+        );
+        take(
+            &mut self.log_format,
+            file.log_format,
+            &name,
+            "log_format",
+            errors,
+        );
+        take(
+            &mut self.model_aliases,
+            file.model_aliases,
+            &name,
+            "model_aliases",
+            errors,
+        );
+        take(&mut self.failover, file.failover, &name, "failover", errors);
+        take(&mut self.identity, file.identity, &name, "identity", errors);
+        take(&mut self.auth, file.auth, &name, "auth", errors);
+        take(&mut self.limits, file.limits, &name, "limits", errors);
+        for (backend, spanned) in file.backends {
+            let mut slot = self.backends.remove(&backend);
+            take(
+                &mut slot,
+                Some(spanned),
+                &name,
+                &format!("backends.{backend}"),
+                errors,
+            );
+            if let Some(value) = slot {
+                self.backends.insert(backend, value);
+            }
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Where the daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/orproxy/config.yaml";
+/// The rules directory used when neither `--rules-dir` nor `rules_dir` names one, if it exists.
+pub const DEFAULT_RULES_DIR: &str = "/etc/orproxy/rules";
 
-    #[test]
-    fn the_seed_example_parses() {
-        let cfg = parse(
-            "config.yaml",
-            r#"
-backends:
-  openrouter:
-    type: openrouter
-    api_key_env: OPENROUTER_API_KEY
-    base_url: https://openrouter.ai/api/v1
-  local:
-    type: openai
-    base_url: http://127.0.0.1:11434/v1
-default_backend: openrouter
-identity:
-  user_agent: { mode: override, override_value: "MyApp/1.0.0" }
-  referer:    { mode: override, override_value: "https://example.org" }
-  title:      { mode: override, override_value: "MyApp" }
-limits:
-  commit_after: 250ms
-  total_timeout: 2m
-"#,
-        )
-        .unwrap();
-        assert_eq!(cfg.backends.len(), 2);
-        assert_eq!(cfg.backends["local"].value.kind, "openai");
-        assert_eq!(cfg.default_backend.unwrap().value, "openrouter");
-        assert_eq!(cfg.limits.commit_after, Some(Duration::from_millis(250)));
-        assert_eq!(cfg.limits.total_timeout, Some(Duration::from_secs(120)));
-        let ua = cfg.identity.user_agent.unwrap();
-        assert_eq!(ua.mode, IdentityMode::Override);
-        assert_eq!(ua.override_value.as_deref(), Some("MyApp/1.0.0"));
+/// Where the configuration comes from; fixed at startup, read again at every reload.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The main config file, if any.
+    pub config: Option<PathBuf>,
+    /// `--rules-dir`, which wins over `rules_dir` in the config.
+    pub rules_dir_flag: Option<PathBuf>,
+}
+
+impl Sources {
+    /// `--config` or the default path if it exists; `--rules-dir` as given.
+    pub fn resolve(config_flag: Option<&Path>, rules_dir_flag: Option<&Path>) -> Sources {
+        let config = match config_flag {
+            Some(path) => Some(path.to_owned()),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                default.exists().then(|| default.to_owned())
+            }
+        };
+        Sources {
+            config,
+            rules_dir_flag: rules_dir_flag.map(Path::to_owned),
+        }
     }
 
-    #[test]
-    fn unknown_keys_are_errors_with_their_position() {
-        let err = parse(
-            "c.yaml",
-            "backends:\n  local:\n    type: openai\n    base_ulr: http://x\n",
-        )
-        .unwrap_err();
-        assert_eq!((err.line, err.column), (4, 5), "{err}");
-        assert!(err.message.contains("base_ulr"), "{err}");
-        assert!(err.to_string().starts_with("c.yaml:4:5: "), "{err}");
-    }
-
-    #[test]
-    fn broken_yaml_is_located() {
-        let err = parse("c.yaml", "listen: [\n").unwrap_err();
-        assert_eq!(err.file, "c.yaml");
-        assert!(err.line >= 1, "{err}");
-    }
-
-    #[test]
-    fn durations_accept_units_and_numbers() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("10 parsecs").is_err());
-        let cfg = parse("c", "limits:\n  idle_timeout: 5\n").unwrap();
-        assert_eq!(cfg.limits.idle_timeout, Some(Duration::from_secs(5)));
-        let err = parse("c", "limits:\n  idle_timeout: soon\n").unwrap_err();
-        assert_eq!(err.line, 2, "{err}");
-    }
-
-    #[test]
-    fn empty_files_are_the_defaults() {
-        let cfg = parse("c", "\n# nothing\n").unwrap();
-        assert!(cfg.backends.is_empty());
+    /// The config file's name for diagnostics.
+    pub fn config_name(&self) -> String {
+        self.config
+            .as_ref()
+            .map_or_else(|| "<built-in>".to_owned(), |p| p.display().to_string())
     }
 }
+
+/// Reads the main config and the rules directory's YAML fragments, in file-name order.
+///
+/// Returns the merged document and the rules directory actually used (to watch it), or every
+/// problem found.
+pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnostic>> {
+    let mut errors = Vec::new();
+    let mut config = Config::default();
+    if let Some(path) = &sources.config {
+        let name = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Err(e) => errors.push(Diagnostic::general(
+                &name,
+                format!("cannot read config: {e}"),
+            )),
+            Ok(text) => match parse(&name, &text) {
+                Ok(file) => {
+                    config.files.push(path.clone());
+                    config.merge(&name, file, &mut errors);
+                }
+                Err(e) => errors.push(e),
+            },
+        }
+    }
+    let rules_dir = match (&sources.rules_dir_flag, &config.rules_dir) {
+        (Some(flag), _) => Some(flag.clone()),
+        (None, Some(key)) => Some(PathBuf::from(&key.value)),
+        (None, None) => {
+            let default = Path::new(DEFAULT_RULES_DIR);
+            default.is_dir().then(|| default.to_owned())
+        }
+    };
+    if let Some(dir) = &rules_dir {
+        match yaml_fragments(dir) {
+            Err(e) => errors.push(Diagnostic::general(
+                &dir.display().to_string(),
+                format!("cannot read the rules directory: {e}"),
+            )),
+            Ok(paths) => {
+                for path in paths {
+                    let name = path.display().to_string();
+                    let parsed = std::fs::read_to_string(&path)
+                        .map_err(|e| Diagnostic::general(&name, format!("cannot read: {e}")))
+                        .and_then(|text| parse(&name, &text));
+                    match parsed {
+                        Ok(mut file) => {
+                            if let Some(key) = file.rules_dir.take() {
+                                errors.push(Diagnostic::at(&name, key.referenced, "`rules_dir` belongs in the main config, not in the rules directory"));
+                            }
+                            config.files.push(path.clone());
+                            config.merge(&name, file, &mut errors);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok((config, rules_dir))
+    } else {
+        Err(errors)
+    }
+}
+
+/// The `*.yaml` / `*.yml` files of `dir` that are config fragments (not `*.test.yaml` rule
+/// tests, not editor temporaries), sorted by name.
+pub fn yaml_fragments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| is_fragment(path))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// Whether a path in the rules directory is a YAML config fragment.
+pub fn is_fragment(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+    let test = name.ends_with(".test.yaml") || name.ends_with(".test.yml");
+    // Editors write `.name.swp`, `name~` or `.#name`; hidden files are never fragments.
+    yaml && !test && !name.starts_with('.') && path.is_file()
+}
+
+#[cfg(test)]
+mod tests;

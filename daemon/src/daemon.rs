@@ -1,22 +1,19 @@
 //! Startup: read and validate everything before binding a port, then serve until a signal.
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::app::App;
 use crate::cli::{CheckArgs, Cli, Command, ServeArgs};
-use crate::config::{self, ConfigFile, Diagnostic};
+use crate::config::Sources;
 use crate::logging;
+use crate::reload::{self, Reason, Request};
 use crate::server;
-use crate::table::{Overrides, ProcessEnv, RoutingTable};
+use crate::service;
+use crate::table::Overrides;
 use crate::upstream::UpstreamClient;
-
-/// Default client API address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
-/// Default admin address.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8001";
+use crate::watch::{self as watcher, Watched};
 
 /// Runs a parsed command line and returns the process exit code (SPEC §2).
 pub fn main(cli: Cli) -> ExitCode {
@@ -27,45 +24,26 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-/// Everything `serve` needs, validated.
-struct Startup {
-    table: RoutingTable,
-    listen: SocketAddr,
-    admin_listen: SocketAddr,
-}
-
-/// Reads the config and builds the first table; the name is used in diagnostics.
-fn load(
-    config_path: Option<&std::path::Path>,
-    overrides: &Overrides,
-) -> (
-    Option<ConfigFile>,
-    Result<RoutingTable, Vec<Diagnostic>>,
-    String,
-) {
-    let path = config::resolve_path(config_path);
-    let name = path
-        .as_ref()
-        .map_or_else(|| "<built-in>".to_owned(), |p| p.display().to_string());
-    let file = match &path {
-        Some(path) => match config::load(path) {
-            Ok(file) => file,
-            Err(diagnostic) => return (None, Err(vec![diagnostic]), name),
-        },
-        None => ConfigFile::default(),
-    };
-    let table = RoutingTable::build(&name, &file, overrides, &ProcessEnv);
-    (Some(file), table, name)
-}
-
 fn check(args: &CheckArgs) -> ExitCode {
-    let (_, table, name) = load(args.config.as_deref(), &Overrides::default());
-    match table {
+    let sources = Sources::resolve(args.config.as_deref(), args.rules_dir.as_deref());
+    match reload::build(&sources, &Overrides::default()) {
         Ok(table) => {
             for warning in &table.warnings {
-                eprintln!("{name}: warning: {warning}");
+                eprintln!("warning: {warning}");
             }
-            println!("{name}: ok");
+            let files: Vec<String> = table
+                .files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            println!(
+                "ok: {}",
+                if files.is_empty() {
+                    "built-in defaults".to_owned()
+                } else {
+                    files.join(", ")
+                }
+            );
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -77,86 +55,24 @@ fn check(args: &CheckArgs) -> ExitCode {
     }
 }
 
-fn validate(
-    args: &ServeArgs,
-    file: Option<&ConfigFile>,
-    table: RoutingTable,
-    name: &str,
-) -> Result<Startup, Vec<Diagnostic>> {
-    let mut errors = Vec::new();
-    let mut address = |flag: &Option<String>,
-                       key: Option<&serde_saphyr::Spanned<String>>,
-                       default: &str,
-                       what: &str| {
-        let (text, origin) = match (flag, key) {
-            (Some(flag), _) => (flag.clone(), Diagnostic::general(&format!("--{what}"), "")),
-            (None, Some(key)) => (key.value.clone(), Diagnostic::at(name, key.referenced, "")),
-            (None, None) => (default.to_owned(), Diagnostic::general("<built-in>", "")),
-        };
-        match text.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                errors.push(Diagnostic {
-                    message: format!(
-                        "{what}: `{text}` is not an address (expected IP:PORT, e.g. 127.0.0.1:8000)"
-                    ),
-                    ..origin
-                });
-                None
-            }
-        }
-    };
-    let listen = address(
-        &args.listen,
-        file.and_then(|f| f.listen.as_ref()),
-        DEFAULT_LISTEN,
-        "listen",
-    );
-    let admin_listen = address(
-        &args.admin_listen,
-        file.and_then(|f| f.admin.listen.as_ref()),
-        DEFAULT_ADMIN_LISTEN,
-        "admin-listen",
-    );
-    let (Some(listen), Some(admin_listen)) = (listen, admin_listen) else {
-        return Err(errors);
-    };
-    if table.auth.is_open() && !server::is_loopback(&listen) && !table.auth.allow_open {
-        errors.push(Diagnostic::general(
-            name,
-            format!("refusing to serve {listen} without auth: configure auth.keys, listen on a loopback address, or set auth.allow_open: true"),
-        ));
-    }
-    if !server::is_loopback(&admin_listen) {
-        errors.push(Diagnostic::general(
-            name,
-            format!("refusing to serve the admin API on {admin_listen} without a token: use a loopback address"),
-        ));
-    }
-    if errors.is_empty() {
-        Ok(Startup {
-            table,
-            listen,
-            admin_listen,
-        })
-    } else {
-        Err(errors)
-    }
-}
-
 fn serve(args: ServeArgs) -> ExitCode {
+    let sources = Sources::resolve(args.config.as_deref(), args.rules_dir.as_deref());
     let overrides = Overrides {
         default_backend: args.default_backend.clone(),
         force_model: args.force_model.clone(),
+        listen: args.listen.clone(),
+        admin_listen: args.admin_listen.clone(),
+        log_format: args.log_format,
     };
-    let (file, table, name) = load(args.config.as_deref(), &overrides);
-    logging::init(
-        args.log_format
-            .or_else(|| file.as_ref().and_then(|f| f.log_format)),
-    );
-    let startup = table.and_then(|table| validate(&args, file.as_ref(), table, &name));
-    let startup = match startup {
-        Ok(startup) => startup,
+    let table = reload::build(&sources, &overrides);
+    let format = table
+        .as_ref()
+        .ok()
+        .and_then(|t| t.restart_only.log_format)
+        .or(args.log_format);
+    logging::init(format);
+    let table = match table {
+        Ok(table) => table,
         Err(errors) => {
             for error in &errors {
                 tracing::error!(message = "Invalid configuration.", error = %error);
@@ -175,7 +91,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(startup)) {
+    match runtime.block_on(run(table, sources, overrides)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(message = "Fatal error.", error = %error);
@@ -185,22 +101,49 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn run(startup: Startup) -> std::io::Result<()> {
-    let Startup {
-        table,
-        listen,
-        admin_listen,
-    } = startup;
+async fn run(
+    table: crate::table::RoutingTable,
+    sources: Sources,
+    overrides: Overrides,
+) -> std::io::Result<()> {
     for warning in &table.warnings {
         tracing::warn!(message = %warning);
     }
+    crate::metrics::install();
     let limits = table.limits;
+    let listen = table.restart_only.listen;
+    let admin_listen = table.restart_only.admin_listen;
+    let watched = Watched {
+        config: sources.config.clone(),
+        rules_dir: table.rules_dir.clone(),
+    };
     let default_backend = table.default_backend.clone();
     let client = UpstreamClient::new(limits.connect_timeout).map_err(std::io::Error::other)?;
     let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
-    let app = App::new(table, client, hard_stop_rx);
+    let (reload_tx, reload_rx) = mpsc::channel(16);
+    let app = App::new(table, client, hard_stop_rx, reload_tx.clone());
+
     let api = server::bind(&listen.to_string(), "client API").await?;
     let admin = server::bind(&admin_listen.to_string(), "admin API").await?;
+    tokio::spawn(reload::run(
+        std::sync::Arc::clone(&app),
+        sources,
+        overrides,
+        reload_rx,
+    ));
+    // Keep the watcher alive for the daemon's lifetime; without it, reloads still come from
+    // SIGHUP and the admin API.
+    let _watcher = match watcher::start(watched, reload_tx.clone()) {
+        Ok(w) => Some(w),
+        Err(error) => {
+            tracing::warn!(message = "Cannot watch the configuration; reload with SIGHUP or POST /admin/reload.", %error);
+            None
+        }
+    };
+    tokio::spawn(reload_on_sighup(reload_tx));
+    let _ = app.bound.set((api.local_addr()?, admin.local_addr()?));
+    tokio::spawn(service::watchdog());
+    service::ready(&reload::status_line(&app));
     tracing::info!(
         message = "Ready.",
         listen = %api.local_addr()?,
@@ -208,15 +151,31 @@ async fn run(startup: Startup) -> std::io::Result<()> {
         default_backend = %default_backend,
         version = env!("CARGO_PKG_VERSION"),
     );
-    server::serve(
-        app,
-        api,
-        admin,
-        server::shutdown_signal(),
-        limits.shutdown_grace,
-        hard_stop_tx,
-    )
-    .await?;
+    server::serve(app, api, admin, limits.shutdown_grace, hard_stop_tx).await?;
     tracing::info!(message = "Stopped.");
     Ok(())
+}
+
+async fn reload_on_sighup(reloads: mpsc::Sender<Request>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!(message = "Cannot listen for SIGHUP.");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(message = "SIGHUP: reloading.");
+            if reloads
+                .send(Request {
+                    reason: Reason::Signal,
+                    reply: None,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
 }

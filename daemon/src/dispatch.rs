@@ -1,14 +1,21 @@
-//! Dispatch: build each attempt with its backend's plugin, send it, and (for plain JSON answers)
-//! relay the first good answer. Streams continue in [`crate::relay`].
+//! Dispatch: try the route's targets in order, building each attempt with its backend's plugin,
+//! and (for plain JSON answers) relay the first good answer. Streams continue in
+//! [`crate::relay`], which shares the [`Plan`] that decides what comes next after a failure.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
 
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use orproxy_plugin::{Call, Failure, JsonObject, Prepared};
+use orproxy_plugin::{Call, Failure, FailureKind, JsonObject, Prepared};
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::error::{ProxyError, TimeoutKind};
+use crate::config::Trigger;
+use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
+use crate::health::HealthBook;
+use crate::metrics;
 use crate::record::{Outcome, Record};
 use crate::route::{Route, Target};
 use crate::table::{BackendEntry, RoutingTable};
@@ -16,7 +23,7 @@ use crate::upstream::{AttemptError, UpstreamResponse};
 
 /// An admitted request: authenticated, parsed and routed.
 pub struct Exchange {
-    /// The client's body; `model` is rewritten per attempt.
+    /// The client's body as received; each attempt writes its model and parameters into a copy.
     pub body: JsonObject,
     /// Whether the client asked for a stream.
     pub stream: bool,
@@ -46,30 +53,47 @@ pub fn forwarded_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> 
         .collect()
 }
 
-/// Builds one attempt's upstream request.
+/// One attempt's upstream request and the key it uses.
+pub struct Attempt {
+    /// What to send.
+    pub prepared: Prepared,
+    /// The key's position in the backend, to rest it if the upstream refuses it.
+    pub key: Option<usize>,
+}
+
+/// Builds one attempt: the body with this target's model and parameters, through the plugin.
 pub fn prepare(
     backend: &BackendEntry,
-    exchange: &mut Exchange,
+    exchange: &Exchange,
     target: &Target,
     request_id: &str,
-) -> Result<Prepared, ProxyError> {
-    exchange.body.set("model", &target.model);
+) -> Result<Attempt, ProxyError> {
+    let mut body = exchange.body.clone();
+    body.set("model", &target.model);
+    for (name, value) in &target.params {
+        body.set(name, value);
+    }
+    let key = backend.next_key();
     let call = Call {
         request_id,
-        body: &exchange.body,
+        body: &body,
         model: &target.model,
         stream: exchange.stream,
-        api_key: backend.next_key().map(|k| k.expose()),
+        api_key: key.map(|k| k.secret.expose()),
         identity: backend.identity.resolve(&exchange.client_headers),
         headers: &exchange.forward,
     };
-    backend
+    let prepared = backend
         .plugin
         .prepare(&call)
         .map_err(|source| ProxyError::Prepare {
             backend: backend.name.clone(),
             source,
-        })
+        })?;
+    Ok(Attempt {
+        prepared,
+        key: key.map(|k| k.index),
+    })
 }
 
 /// Maps an attempt that produced no answer to the client-facing error. A timeout that fired
@@ -109,7 +133,7 @@ pub fn attempt_error(
     }
 }
 
-/// A short reason for the attempt log (`429 rate_limited`, `connect`, `first_byte_timeout`).
+/// A short reason for the attempt log (`429 RateLimited`).
 pub fn failure_reason(failure: &Failure) -> String {
     format!("{} {:?}", failure.status, failure.kind)
 }
@@ -120,7 +144,9 @@ pub fn outcome_of(error: &ProxyError) -> Outcome {
         ProxyError::Timeout { .. } => Outcome::Timeout,
         ProxyError::Upstream { .. }
         | ProxyError::Unreachable { .. }
-        | ProxyError::Prepare { .. } => Outcome::UpstreamError,
+        | ProxyError::Prepare { .. }
+        | ProxyError::AllAttemptsFailed { .. }
+        | ProxyError::AllRateLimited { .. } => Outcome::UpstreamError,
         _ => Outcome::Rejected,
     }
 }
@@ -145,60 +171,227 @@ pub fn relayable(name: &HeaderName) -> bool {
     )
 }
 
+/// Why an attempt failed, as far as failover cares.
+#[derive(Clone, Copy)]
+pub enum Cause<'a> {
+    /// No connection, a reset, or an unreadable answer.
+    Unreachable,
+    /// A limit ran out.
+    Timeout(TimeoutKind),
+    /// Anything else orproxy itself refused.
+    Other,
+    /// The upstream answered with an error.
+    Upstream(&'a Failure),
+    /// A stream broke or reported an error before its first content event.
+    Stream(Option<&'a Failure>),
+}
+
+impl Cause<'static> {
+    /// The cause behind an attempt that produced no answer.
+    pub fn of(error: &ProxyError) -> Self {
+        match error {
+            ProxyError::Timeout { kind, .. } => Cause::Timeout(*kind),
+            ProxyError::Unreachable { .. } => Cause::Unreachable,
+            _ => Cause::Other,
+        }
+    }
+}
+
+/// The trigger a failure falls under; `None` for failures the request itself caused.
+fn trigger(cause: &Cause<'_>) -> Option<Trigger> {
+    let from_kind = |kind: FailureKind| match kind {
+        FailureKind::RateLimited => Some(Trigger::RateLimited),
+        FailureKind::PaymentRequired => Some(Trigger::PaymentRequired),
+        FailureKind::Unauthorized => Some(Trigger::Unauthorized),
+        FailureKind::Timeout => Some(Trigger::Timeout),
+        FailureKind::Server => Some(Trigger::ServerError),
+        FailureKind::ContextLength => Some(Trigger::ContextLength),
+        FailureKind::BadRequest => None,
+    };
+    match cause {
+        Cause::Timeout(TimeoutKind::Connect) | Cause::Unreachable => Some(Trigger::Connect),
+        Cause::Timeout(_) => Some(Trigger::Timeout),
+        Cause::Other => None,
+        Cause::Upstream(failure) => from_kind(failure.kind),
+        Cause::Stream(_) => Some(Trigger::Stream),
+    }
+}
+
+/// The order of attempts for one request, and what happens after each failure.
+pub struct Plan {
+    queue: VecDeque<Target>,
+    triggers: HashSet<Trigger>,
+    failures: Vec<(String, String, Option<Duration>, bool)>,
+    last: Option<ProxyError>,
+    key_retries: usize,
+}
+
+impl Plan {
+    /// Orders the route's targets: cooling targets go last, unless all of them cool.
+    pub fn new(route: &Route, health: &HealthBook) -> Plan {
+        let (ready, cooling): (Vec<Target>, Vec<Target>) = route
+            .targets
+            .iter()
+            .cloned()
+            .partition(|t| health.cooling(&t.label()).is_none());
+        // Cooling targets are skipped while a ready one remains; probed when nothing else is left.
+        let queue = if ready.is_empty() { cooling } else { ready };
+        Plan {
+            queue: queue.into(),
+            triggers: route.triggers.clone(),
+            failures: Vec::new(),
+            last: None,
+            key_retries: 0,
+        }
+    }
+
+    /// The next target to try.
+    pub fn next_target(&mut self) -> Option<Target> {
+        self.queue.pop_front()
+    }
+
+    /// Notes that an attempt failed with `error`; returns whether another attempt follows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn failed(
+        &mut self,
+        app: &App,
+        backend: &BackendEntry,
+        target: &Target,
+        key: Option<usize>,
+        cause: Cause<'_>,
+        error: ProxyError,
+        record: &mut Record,
+    ) -> bool {
+        let label = target.label();
+        let failure = match &cause {
+            Cause::Upstream(f) => Some(*f),
+            Cause::Stream(f) => *f,
+            _ => None,
+        };
+        let reason = match failure {
+            Some(f) => failure_reason(f),
+            None => error.code().to_owned(),
+        };
+        record.attempt(&label, &reason);
+        let trigger = trigger(&cause);
+        tracing::info!(message = "Attempt failed.", request_id = %record.id, target = %label, reason = %reason);
+
+        // A key the upstream refused rests alone; the same target is tried with another key.
+        let key_problem = failure.is_some_and(|f| {
+            matches!(
+                f.kind,
+                FailureKind::Unauthorized | FailureKind::PaymentRequired | FailureKind::RateLimited
+            )
+        });
+        if let (true, Some(index)) = (key_problem, key)
+            && backend.key_count() > 1
+        {
+            let pause = failure
+                .and_then(|f| f.retry_after)
+                .unwrap_or(Duration::from_secs(60));
+            backend.cool_key(index, pause.min(crate::health::MAX_RETRY_AFTER));
+            if backend.ready_keys() > 0 && self.key_retries < backend.key_count() {
+                self.key_retries += 1;
+                self.queue.push_front(target.clone());
+                self.last = Some(error);
+                return true;
+            }
+        } else if trigger.is_some() {
+            app.health.failed(&label, &reason, failure);
+        }
+
+        let rate_limited = failure.is_some_and(|f| f.kind == FailureKind::RateLimited);
+        self.failures.push((
+            label,
+            error.to_string(),
+            failure.and_then(|f| f.retry_after),
+            rate_limited,
+        ));
+        self.last = Some(error);
+        let moves_on =
+            trigger.is_some_and(|t| self.triggers.contains(&t)) && !self.queue.is_empty();
+        if moves_on {
+            metrics::failover();
+        }
+        moves_on
+    }
+
+    /// The client-facing error once no attempt is left (SPEC §7): with one attempt, its own
+    /// error; with several, 429 if all were rate-limited, else 502 listing every attempt.
+    pub fn into_error(self) -> ProxyError {
+        if self.failures.len() > 1 {
+            let attempts: Vec<String> = self
+                .failures
+                .iter()
+                .map(|(label, why, _, _)| format!("{label}: {why}"))
+                .collect();
+            if self.failures.iter().all(|f| f.3) {
+                let retry_after = self.failures.iter().filter_map(|f| f.2).min();
+                return ProxyError::AllRateLimited {
+                    retry_after,
+                    attempts,
+                };
+            }
+            return ProxyError::AllAttemptsFailed { attempts };
+        }
+        // A route is never empty, so the first attempt set `last`.
+        self.last.unwrap_or(ProxyError::ShuttingDown)
+    }
+}
+
 /// Tries the route's targets in order and relays the first successful non-streamed answer.
 pub async fn json(
     app: &App,
     table: &RoutingTable,
-    exchange: &mut Exchange,
+    exchange: &Exchange,
     record: &mut Record,
 ) -> Result<Response, ProxyError> {
     let limits = table.limits;
-    let targets = exchange.route.targets.clone();
-    let mut last_error = None;
-    for (i, target) in targets.iter().enumerate() {
-        let more = i + 1 < targets.len();
+    let mut plan = Plan::new(&exchange.route, &app.health);
+    while let Some(target) = plan.next_target() {
         let Some(backend) = table.backend(&target.backend) else {
             continue;
         };
         let label = target.label();
         record.route = Some(label.clone());
-        let prepared = prepare(backend, exchange, target, &record.id)?;
+        let attempt = prepare(backend, exchange, &target, &record.id)?;
         let first_byte = exchange
             .deadline
             .min(Instant::now() + limits.first_byte_timeout);
-        let result = match app.client.send(prepared, first_byte).await {
-            Ok(mut response) => {
-                match response
-                    .collect(
-                        limits.max_response_bytes,
-                        limits.idle_timeout,
-                        exchange.deadline,
-                    )
-                    .await
-                {
-                    Ok(body) => Ok((response, body)),
-                    Err(e) => Err(e),
-                }
-            }
+        let answer = match app.client.send(attempt.prepared, first_byte).await {
+            Ok(mut response) => response
+                .collect(
+                    limits.max_response_bytes,
+                    limits.idle_timeout,
+                    exchange.deadline,
+                )
+                .await
+                .map(|body| (response, body)),
             Err(e) => Err(e),
         };
-        let (response, body) = match result {
+        let (response, body) = match answer {
             Ok(answer) => answer,
             Err(error) => {
                 let error = attempt_error(&backend.name, table, error, exchange.deadline);
-                record.attempt(&label, error.code());
-                last_error = Some(error);
-                if more {
-                    continue;
+                if !plan.failed(
+                    app,
+                    backend,
+                    &target,
+                    attempt.key,
+                    Cause::of(&error),
+                    error,
+                    record,
+                ) {
+                    break;
                 }
-                break;
+                continue;
             }
         };
-        let status = response.status;
-        let failure = if status.is_success() {
+        let failure = if response.status.is_success() {
             let mapped = backend.plugin.map_response(&body);
             match mapped.failure {
                 None => {
+                    app.health.succeeded(&label);
                     record.usage = mapped.usage;
                     record.model_served = mapped.model;
                     record.attempt(&label, "ok");
@@ -207,25 +400,33 @@ pub async fn json(
                 Some(failure) => failure,
             }
         } else {
-            backend.plugin.classify(status, &response.headers, &body)
+            backend
+                .plugin
+                .classify(response.status, &response.headers, &body)
         };
-        record.attempt(&label, failure_reason(&failure));
         record.error = Some(failure.message.clone());
         let mut answer = response.into_answer(body);
         if answer.status.is_success() {
             // An error hidden in a 200 is relayed with the error's own status.
-            answer = crate::error::UpstreamAnswer::from_failure(&failure);
+            answer = UpstreamAnswer::from_failure(&failure);
         }
-        last_error = Some(ProxyError::Upstream {
+        let error = ProxyError::Upstream {
             backend: backend.name.clone(),
             answer: Box::new(answer),
-        });
-        if !(more && failure.kind.is_retryable()) {
+        };
+        if !plan.failed(
+            app,
+            backend,
+            &target,
+            attempt.key,
+            Cause::Upstream(&failure),
+            error,
+            record,
+        ) {
             break;
         }
     }
-    // `route::resolve` never returns an empty route, so some attempt set the error.
-    Err(last_error.unwrap_or(ProxyError::MissingModel))
+    Err(plan.into_error())
 }
 
 /// A successful answer with the upstream's relayable headers.

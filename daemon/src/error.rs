@@ -143,6 +143,20 @@ pub enum ProxyError {
         /// The answer (boxed: it is large and errors travel by value).
         answer: Box<UpstreamAnswer>,
     },
+    /// 502: every attempt of a failover chain failed.
+    #[error("all {} attempts failed: {}", .attempts.len(), .attempts.join("; "))]
+    AllAttemptsFailed {
+        /// `target: reason`, in order.
+        attempts: Vec<String>,
+    },
+    /// 429: every attempt of a failover chain was rate-limited.
+    #[error("all {} attempts were rate-limited: {}", .attempts.len(), .attempts.join("; "))]
+    AllRateLimited {
+        /// The earliest `Retry-After` among them.
+        retry_after: Option<Duration>,
+        /// `target: reason`, in order.
+        attempts: Vec<String>,
+    },
     /// 503: the daemon is shutting down.
     #[error("orproxy is shutting down")]
     ShuttingDown,
@@ -171,6 +185,8 @@ impl ProxyError {
             ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { answer, .. } => answer.status,
+            ProxyError::AllAttemptsFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::AllRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -190,6 +206,8 @@ impl ProxyError {
             ProxyError::Unreachable { .. } => "upstream_unreachable",
             ProxyError::Timeout { kind, .. } => kind.key(),
             ProxyError::Upstream { .. } => "upstream_error",
+            ProxyError::AllAttemptsFailed { .. } => "all_attempts_failed",
+            ProxyError::AllRateLimited { .. } => "rate_limited",
             ProxyError::ShuttingDown => "shutting_down",
         }
     }
@@ -197,6 +215,7 @@ impl ProxyError {
     fn error_type(&self) -> &'static str {
         match self.status().as_u16() {
             401 => "authentication_error",
+            429 => "rate_limit_error",
             400..=499 => "invalid_request_error",
             500 => "server_error",
             _ => "upstream_error",
@@ -228,8 +247,18 @@ impl IntoResponse for ProxyError {
         let mut response = (self.status(), self.body()).into_response();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if matches!(self, ProxyError::ShuttingDown) {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        match self {
+            ProxyError::ShuttingDown => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ProxyError::AllRateLimited {
+                retry_after: Some(after),
+                ..
+            } => {
+                let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            _ => {}
         }
         response
     }

@@ -8,12 +8,15 @@
 //! Read [`pipeline`] first: it is the path of every request, and names the module of each step.
 //!
 //! - [`daemon`]: startup, validation before binding, exit codes. [`cli`]: the flags.
-//! - [`config`]: `config.yaml` as written. [`table`]: the validated routing table snapshot.
+//! - [`config`]: `config.yaml` and rules-directory fragments as written. [`table`]: the
+//!   validated routing table snapshot. [`reload`]: the one path that builds and swaps it, fed by
+//!   [`watch`], SIGHUP and the admin API.
 //! - [`server`]: listeners, routers, graceful shutdown. [`admin`]: the admin listener.
+//!   [`service`]: systemd readiness, reload and watchdog notifications.
 //! - [`pipeline`] → [`auth`] → [`route`] ([`selector`]) → [`dispatch`] ([`upstream`]) →
 //!   [`relay`] (streams) → [`record`].
 //! - [`error`]: every failure and its single mapping to HTTP.
-//! - [`models`]: `GET /v1/models`.
+//! - [`models`]: `GET /v1/models`. [`health`]: cool-downs. [`metrics`]: Prometheus.
 //!
 //! **Invariant:** plugins (`orproxy-plugin`, `orproxy-backends`) never do I/O; this crate does
 //! all of it.
@@ -28,13 +31,18 @@ pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod error;
+pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod record;
 pub mod relay;
+pub mod reload;
 pub mod route;
 pub mod selector;
 pub mod server;
+pub mod service;
 pub mod table;
 pub mod upstream;
+pub mod watch;

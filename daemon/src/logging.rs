@@ -1,4 +1,5 @@
-//! Log setup: `RUST_LOG` levels, text on a terminal, JSON lines otherwise.
+//! Log setup: `RUST_LOG` levels, text on a terminal, JSON lines otherwise; no timestamps of
+//! our own under journald.
 
 use std::io::IsTerminal;
 
@@ -18,12 +19,15 @@ pub fn init(format: Option<LogFormat>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
+    // journald stamps every line itself: a second timestamp is noise there.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let _ = match (format, journald) {
+        (LogFormat::Json, _) => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Text => builder.with_ansi(stderr_is_tty).try_init(),
+        (LogFormat::Text, true) => builder.with_ansi(false).without_time().try_init(),
+        (LogFormat::Text, false) => builder.with_ansi(stderr_is_tty).try_init(),
     };
 }

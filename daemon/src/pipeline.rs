@@ -42,6 +42,7 @@ pub async fn chat_completions(
     let started = Instant::now();
     let table = app.table.load_full();
     let mut record = Record::new(app.ids.next(), started);
+    record.known_models = Arc::clone(&table.known_models);
     let request_id = HeaderValue::try_from(record.id.as_str()).ok();
 
     let response = match admit(&table, headers, body, &mut record).await {
@@ -54,7 +55,7 @@ pub async fn chat_completions(
         Ok(exchange) if exchange.stream => {
             relay::stream(Arc::clone(&app), table, exchange, record).await
         }
-        Ok(mut exchange) => match dispatch::json(&app, &table, &mut exchange, &mut record).await {
+        Ok(exchange) => match dispatch::json(&app, &table, &exchange, &mut record).await {
             Ok(response) => {
                 record.first_byte = Some(Instant::now());
                 let status = response.status().as_u16();
@@ -89,6 +90,7 @@ async fn admit(
     record.model_requested = body.get_str("model")?;
     let route = route::resolve(table, &body)?;
     record.route = route.targets.first().map(route::Target::label);
+    record.rewritten = route.rewritten.clone();
     Ok(Exchange {
         body,
         stream,

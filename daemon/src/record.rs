@@ -4,10 +4,14 @@
 //! without [`Record::finish`] (the client went away and the request future was cancelled), the
 //! drop writes it with outcome `client_disconnected`, so no request goes unrecorded.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use orproxy_plugin::Usage;
+
+use crate::metrics;
 use tokio::time::Instant;
 
 /// How a request ended (the `outcome` of SPEC §9).
@@ -65,6 +69,8 @@ pub struct Record {
     pub key: Option<String>,
     /// The `model` the client sent.
     pub model_requested: Option<String>,
+    /// The selector after `--force-model` and aliases, when it changed.
+    pub rewritten: Option<String>,
     /// `backend:model` that served (or was last tried).
     pub route: Option<String>,
     /// The model the upstream says served.
@@ -85,6 +91,9 @@ pub struct Record {
     pub started: Instant,
     /// When the first byte of the answer went to the client.
     pub first_byte: Option<Instant>,
+    /// Models that may appear as metric labels (others count as `other`).
+    pub known_models: Arc<HashSet<String>>,
+    _inflight: metrics::Inflight,
     finished: bool,
 }
 
@@ -95,6 +104,7 @@ impl Record {
             id,
             key: None,
             model_requested: None,
+            rewritten: None,
             route: None,
             model_served: None,
             status: 0,
@@ -105,6 +115,8 @@ impl Record {
             error: None,
             started,
             first_byte: None,
+            known_models: Arc::default(),
+            _inflight: metrics::Inflight::start(),
             finished: false,
         }
     }
@@ -130,6 +142,17 @@ impl Record {
         }
         self.finished = true;
         let latency = self.started.elapsed();
+        let (backend, model) = self
+            .route
+            .as_deref()
+            .and_then(|r| r.split_once(':'))
+            .unwrap_or(("none", "none"));
+        let model = if self.known_models.contains(model) {
+            model
+        } else {
+            "other"
+        };
+        metrics::request(backend, model, self.status, latency);
         let ttfb = self.first_byte.map(|t| t.duration_since(self.started));
         let (tokens_in, tokens_out, cost) = match &self.usage {
             Some(u) => (
@@ -151,6 +174,7 @@ impl Record {
             request_id = %self.id,
             key = self.key.as_deref().unwrap_or("-"),
             model = self.model_requested.as_deref().unwrap_or("-"),
+            rewritten = self.rewritten.as_deref(),
             route = self.route.as_deref().unwrap_or("-"),
             served = self.model_served.as_deref().unwrap_or("-"),
             status = self.status,

@@ -18,22 +18,25 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http_body::Frame;
-use orproxy_plugin::{EventKind, MappedEvent, Output, SseFramer, StreamMapper};
+use orproxy_plugin::{
+    EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer, StreamMapper,
+};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
-use crate::dispatch::{Exchange, attempt_error, failure_reason, prepare};
-use crate::error::{ProxyError, TimeoutKind};
+use crate::dispatch::{Cause, Exchange, Plan, attempt_error, prepare, success};
+use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
+use crate::pipeline::ROUTE_HEADER;
 use crate::record::{Outcome, Record};
-use crate::table::RoutingTable;
+use crate::table::{BackendEntry, RoutingTable};
 use crate::upstream::{AttemptError, UpstreamResponse};
 
 /// Events buffered between the relay task and the client connection.
 const CHANNEL_DEPTH: usize = 64;
 
-/// What the handler answers with: the stream, or a complete response (an error before commit).
+/// What the handler answers with: the stream, or a complete response (before commit).
 enum Commit {
     Stream { route: String },
     Response(Response),
@@ -75,7 +78,7 @@ pub async fn stream(
             // Reverse proxies in front of orproxy must not buffer the stream either.
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
             if let Ok(value) = HeaderValue::try_from(route) {
-                headers.insert(crate::pipeline::ROUTE_HEADER, value);
+                headers.insert(ROUTE_HEADER, value);
             }
             response
         }
@@ -84,13 +87,27 @@ pub async fn stream(
     }
 }
 
-/// Why an attempt ended without delivering a complete answer.
+/// How an attempt that failed before content failed.
+enum How {
+    /// No answer at all (connect, timeout before the head, broken body).
+    NoAnswer,
+    /// The upstream answered with an error status (or an error in a 200 body).
+    Upstream,
+    /// The stream broke, stalled or reported an error before content.
+    Stream,
+}
+
+/// How one attempt ended.
 enum AttemptEnd {
-    /// Failed before content: the next target may be tried.
-    Retry(ProxyError, bool),
-    /// The client is gone or the daemon is stopping: stop everything.
+    /// Failed before content: the plan decides whether another target follows.
+    Failed {
+        error: ProxyError,
+        failure: Option<Failure>,
+        how: How,
+    },
+    /// The client left or the daemon ran out of grace: stop everything.
     Stop(Outcome),
-    /// Done: the answer went through (possibly ending in a relayed upstream error).
+    /// The answer went through (possibly ending in a relayed upstream error).
     Finished(Outcome),
 }
 
@@ -105,38 +122,70 @@ struct Relay {
     content_started: bool,
 }
 
+/// What interrupted [`Relay::wait`].
+enum Woke<T> {
+    Done(T),
+    Gone,
+    Stop,
+    Tick,
+}
+
 impl Relay {
     async fn run(mut self) {
-        let targets = self.exchange.route.targets.clone();
-        let mut last_error = None;
-        for (i, target) in targets.iter().enumerate() {
-            let more = i + 1 < targets.len();
+        let table = Arc::clone(&self.table);
+        let app = Arc::clone(&self.app);
+        let mut plan = Plan::new(&self.exchange.route, &app.health);
+        let mut tick = self.record.started + table.limits.commit_after;
+        while let Some(target) = plan.next_target() {
+            let Some(backend) = table.backend(&target.backend) else {
+                continue;
+            };
             let label = target.label();
             self.record.route = Some(label.clone());
-            let end = match self.attempt(target, &label).await {
-                Ok(end) => end,
-                Err(error) => AttemptEnd::Retry(error, false),
+            let attempt = match prepare(backend, &self.exchange, &target, &self.record.id) {
+                Ok(attempt) => attempt,
+                Err(error) => return self.fail(error).await,
             };
-            match end {
+            match self
+                .attempt(backend, &label, attempt.prepared, &mut tick)
+                .await
+            {
                 AttemptEnd::Finished(outcome) => {
+                    if outcome == Outcome::Ok {
+                        app.health.succeeded(&label);
+                    }
                     let status = if self.commit.is_none() { 200 } else { 502 };
-                    self.record.finish(status, outcome);
-                    return;
+                    return self.record.finish(status, outcome);
                 }
                 AttemptEnd::Stop(outcome) => {
                     let status = if self.commit.is_none() { 200 } else { 499 };
-                    self.record.finish(status, outcome);
-                    return;
+                    return self.record.finish(status, outcome);
                 }
-                AttemptEnd::Retry(error, retryable) => {
-                    last_error = Some(error);
-                    if !(more && retryable) {
+                AttemptEnd::Failed {
+                    error,
+                    failure,
+                    how,
+                } => {
+                    let cause = match (how, &failure) {
+                        (How::Upstream, Some(f)) => Cause::Upstream(f),
+                        (How::Stream, f) => Cause::Stream(f.as_ref()),
+                        _ => Cause::of(&error),
+                    };
+                    if !plan.failed(
+                        &app,
+                        backend,
+                        &target,
+                        attempt.key,
+                        cause,
+                        error,
+                        &mut self.record,
+                    ) {
                         break;
                     }
                 }
             }
         }
-        let error = last_error.unwrap_or(ProxyError::MissingModel);
+        let error = plan.into_error();
         self.fail(error).await;
     }
 
@@ -154,9 +203,7 @@ impl Relay {
                     .as_deref()
                     .and_then(|r| HeaderValue::try_from(r).ok())
                 {
-                    response
-                        .headers_mut()
-                        .insert(crate::pipeline::ROUTE_HEADER, route);
+                    response.headers_mut().insert(ROUTE_HEADER, route);
                 }
                 let _ = commit.send(Commit::Response(response));
                 self.record.finish(status, outcome);
@@ -243,43 +290,28 @@ impl Relay {
         }
     }
 
-    /// One upstream attempt, from prepare to the end of its stream.
+    /// One upstream attempt, from sending to the end of its stream.
     async fn attempt(
         &mut self,
-        target: &crate::route::Target,
+        backend: &BackendEntry,
         label: &str,
-    ) -> Result<AttemptEnd, ProxyError> {
-        let table = Arc::clone(&self.table);
-        let limits = table.limits;
-        let Some(backend) = table.backend(&target.backend) else {
-            return Err(ProxyError::UnknownBackend {
-                name: target.backend.clone(),
-                known: String::new(),
-            });
-        };
-        let prepared = prepare(backend, &mut self.exchange, target, &self.record.id)?;
-        let started = Instant::now();
+        prepared: Prepared,
+        tick: &mut Instant,
+    ) -> AttemptEnd {
+        let limits = self.table.limits;
         let first_content = self
             .exchange
             .deadline
-            .min(started + limits.first_byte_timeout);
-        let mut tick = self.record.started + limits.commit_after;
-
+            .min(Instant::now() + limits.first_byte_timeout);
         // A clone of the pool handle (an Arc inside) so the send future does not borrow `self`.
         let client = self.app.client.clone();
-        let sent = client.send(prepared, first_content);
-        let response = match self.wait(sent, &mut tick).await {
-            Err(end) => return Ok(end),
+        let response = match self.wait(client.send(prepared, first_content), tick).await {
+            Err(end) => return end,
             Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                let error = attempt_error(&backend.name, &table, error, self.exchange.deadline);
-                self.record.attempt(label, error.code());
-                return Ok(AttemptEnd::Retry(error, true));
-            }
+            Ok(Err(error)) => return self.no_answer(&backend.name, error),
         };
-
         if !response.status.is_success() || !response.is_event_stream() {
-            return self.plain_answer(backend, label, response, &mut tick).await;
+            return self.plain_answer(backend, label, response, tick).await;
         }
 
         let mut response = response;
@@ -293,81 +325,64 @@ impl Relay {
             } else {
                 idle.min(first_content)
             };
-            let read = self
-                .wait(timeout_at(until, response.chunk()), &mut tick)
-                .await;
-            let chunk = match read {
-                Err(end) => return Ok(end),
+            let chunk = match self.wait(timeout_at(until, response.chunk()), tick).await {
+                Err(end) => return end,
                 Ok(Err(_elapsed)) => {
-                    let now = Instant::now();
-                    let kind = if now >= self.exchange.deadline {
-                        TimeoutKind::Total
-                    } else if !self.content_started && now >= first_content {
+                    let kind = if !self.content_started && Instant::now() >= first_content {
                         TimeoutKind::FirstByte
                     } else {
                         TimeoutKind::Idle
                     };
                     return self
-                        .broken(
-                            &table,
-                            &backend.name,
-                            label,
-                            AttemptError::Timeout(kind),
-                            &stream,
-                        )
+                        .broken(&backend.name, AttemptError::Timeout(kind), &stream)
                         .await;
                 }
-                Ok(Ok(Err(error))) => {
-                    return self
-                        .broken(&table, &backend.name, label, error, &stream)
-                        .await;
-                }
+                Ok(Ok(Err(error))) => return self.broken(&backend.name, error, &stream).await,
                 Ok(Ok(Ok(None))) => {
-                    if let Some(event) = framer.finish() {
-                        let mapped = mapper.map(event);
-                        match self
-                            .on_event(mapped, &backend.name, label, &mut stream)
+                    if let Some(event) = framer.finish()
+                        && let Some(end) = self
+                            .on_event(mapper.map(event), &backend.name, &mut stream)
                             .await
-                        {
-                            Ok(Some(end)) | Err(end) => return Ok(end),
-                            Ok(None) => {}
-                        }
+                    {
+                        return self.ended(end, &*mapper, label);
                     }
                     if self.content_started && mapper.is_complete() {
-                        self.note_served(&*mapper, label);
-                        return Ok(AttemptEnd::Finished(stream.outcome()));
+                        return self.ended(AttemptEnd::Finished(stream.outcome()), &*mapper, label);
                     }
                     let error = AttemptError::Broken(
                         "the upstream stream ended before the answer was complete".into(),
                     );
-                    return self
-                        .broken(&table, &backend.name, label, error, &stream)
-                        .await;
+                    return self.broken(&backend.name, error, &stream).await;
                 }
                 Ok(Ok(Ok(Some(bytes)))) => bytes,
             };
             framer.push(&chunk);
             while let Some(event) = framer.next_event() {
-                let mapped = mapper.map(event);
-                match self
-                    .on_event(mapped, &backend.name, label, &mut stream)
+                if let Some(end) = self
+                    .on_event(mapper.map(event), &backend.name, &mut stream)
                     .await
                 {
-                    Ok(Some(end)) | Err(end) => {
-                        if matches!(end, AttemptEnd::Finished(_)) {
-                            self.note_served(&*mapper, label);
-                        }
-                        return Ok(end);
-                    }
-                    Ok(None) => {}
+                    return self.ended(end, &*mapper, label);
                 }
             }
         }
     }
 
-    fn note_served(&mut self, mapper: &dyn StreamMapper, label: &str) {
-        self.record.model_served = mapper.served_model().map(str::to_owned);
-        self.record.attempt(label, "ok");
+    fn ended(&mut self, end: AttemptEnd, mapper: &dyn StreamMapper, label: &str) -> AttemptEnd {
+        if matches!(end, AttemptEnd::Finished(_)) {
+            self.record.model_served = mapper.served_model().map(str::to_owned);
+            self.record.attempt(label, "ok");
+        }
+        end
+    }
+
+    fn no_answer(&mut self, backend: &str, error: AttemptError) -> AttemptEnd {
+        let error = attempt_error(backend, &self.table, error, self.exchange.deadline);
+        AttemptEnd::Failed {
+            error,
+            failure: None,
+            how: How::NoAnswer,
+        }
     }
 
     /// Handles one mapped event; `Some` ends the attempt.
@@ -375,7 +390,18 @@ impl Relay {
         &mut self,
         mapped: MappedEvent,
         backend: &str,
-        label: &str,
+        stream: &mut StreamState,
+    ) -> Option<AttemptEnd> {
+        match self.on_event_inner(mapped, backend, stream).await {
+            Ok(end) => end,
+            Err(end) => Some(end),
+        }
+    }
+
+    async fn on_event_inner(
+        &mut self,
+        mapped: MappedEvent,
+        backend: &str,
         stream: &mut StreamState,
     ) -> Result<Option<AttemptEnd>, AttemptEnd> {
         if let Some(usage) = mapped.usage {
@@ -401,14 +427,16 @@ impl Relay {
                 }
             }
             EventKind::Failed(failure) if !self.content_started => {
-                self.record.attempt(label, failure_reason(&failure));
                 self.record.error = Some(failure.message.clone());
-                let retryable = failure.kind.is_retryable();
                 let error = ProxyError::Upstream {
                     backend: backend.to_owned(),
-                    answer: Box::new(crate::error::UpstreamAnswer::from_failure(&failure)),
+                    answer: Box::new(UpstreamAnswer::from_failure(&failure)),
                 };
-                return Ok(Some(AttemptEnd::Retry(error, retryable)));
+                return Ok(Some(AttemptEnd::Failed {
+                    error,
+                    failure: Some(failure),
+                    how: How::Stream,
+                }));
             }
             EventKind::Failed(failure) => {
                 // The upstream's own error event is already OpenAI-shaped: relay it as it is.
@@ -429,95 +457,88 @@ impl Relay {
     /// may take over; after content the client gets an explicit error event.
     async fn broken(
         &mut self,
-        table: &RoutingTable,
         backend: &str,
-        label: &str,
         error: AttemptError,
         stream: &StreamState,
-    ) -> Result<AttemptEnd, ProxyError> {
-        let error = attempt_error(backend, table, error, self.exchange.deadline);
-        self.record.attempt(label, error.code());
+    ) -> AttemptEnd {
+        let error = attempt_error(backend, &self.table, error, self.exchange.deadline);
         if !self.content_started {
-            return Ok(AttemptEnd::Retry(error, true));
+            return AttemptEnd::Failed {
+                error,
+                failure: None,
+                how: How::Stream,
+            };
         }
         self.record.error = Some(error.to_string());
         if !stream.midstream_error {
             let _ = self.events.send(error_event(&error)).await;
         }
-        Ok(AttemptEnd::Finished(Outcome::MidstreamError))
+        AttemptEnd::Finished(Outcome::MidstreamError)
     }
 
     /// A non-stream answer to a stream request: an upstream error, or JSON instead of SSE.
     async fn plain_answer(
         &mut self,
-        backend: &crate::table::BackendEntry,
+        backend: &BackendEntry,
         label: &str,
         mut response: UpstreamResponse,
         tick: &mut Instant,
-    ) -> Result<AttemptEnd, ProxyError> {
+    ) -> AttemptEnd {
         let limits = self.table.limits;
-        let deadline = self.exchange.deadline;
-        let collect = response.collect(limits.max_response_bytes, limits.idle_timeout, deadline);
+        let collect = response.collect(
+            limits.max_response_bytes,
+            limits.idle_timeout,
+            self.exchange.deadline,
+        );
         let body = match self.wait(collect, tick).await {
-            Err(end) => return Ok(end),
-            Ok(Err(error)) => {
-                let error =
-                    attempt_error(&backend.name, &self.table, error, self.exchange.deadline);
-                self.record.attempt(label, error.code());
-                return Ok(AttemptEnd::Retry(error, true));
-            }
+            Err(end) => return end,
+            Ok(Err(error)) => return self.no_answer(&backend.name, error),
             Ok(Ok(body)) => body,
         };
         let failure = if response.status.is_success() {
             let mapped = backend.plugin.map_response(&body);
-            match mapped.failure {
-                None if self.commit.is_some() => {
+            match (mapped.failure, self.commit.take()) {
+                (None, Some(commit)) => {
                     self.record.usage = mapped.usage;
                     self.record.model_served = mapped.model;
                     self.record.attempt(label, "ok");
-                    if let Some(commit) = self.commit.take() {
-                        let answer =
-                            crate::dispatch::success(response, mapped.body.unwrap_or(body));
-                        let _ = commit.send(Commit::Response(answer));
-                    }
-                    return Ok(AttemptEnd::Finished(Outcome::Ok));
+                    let _ = commit.send(Commit::Response(success(
+                        response,
+                        mapped.body.unwrap_or(body),
+                    )));
+                    return AttemptEnd::Finished(Outcome::Ok);
                 }
-                None => orproxy_plugin::Failure {
-                    kind: orproxy_plugin::FailureKind::Server,
+                (None, None) => Failure {
+                    kind: FailureKind::Server,
                     status: 502,
                     message: "the upstream answered a stream request with a plain body".into(),
                     retry_after: None,
                 },
-                Some(failure) => failure,
+                (Some(failure), commit) => {
+                    self.commit = commit;
+                    failure
+                }
             }
         } else {
             backend
                 .plugin
                 .classify(response.status, &response.headers, &body)
         };
-        self.record.attempt(label, failure_reason(&failure));
         self.record.error = Some(failure.message.clone());
-        let retryable = failure.kind.is_retryable();
         let mut answer = response.into_answer(body);
         if answer.status.is_success() {
-            answer = crate::error::UpstreamAnswer::from_failure(&failure);
+            answer = UpstreamAnswer::from_failure(&failure);
         }
-        Ok(AttemptEnd::Retry(
-            ProxyError::Upstream {
-                backend: backend.name.clone(),
-                answer: Box::new(answer),
-            },
-            retryable,
-        ))
+        let error = ProxyError::Upstream {
+            backend: backend.name.clone(),
+            answer: Box::new(answer),
+        };
+        AttemptEnd::Failed {
+            error,
+            failure: Some(failure),
+            how: How::Upstream,
+        }
     }
-}
-
-/// What interrupted [`Relay::wait`].
-enum Woke<T> {
-    Done(T),
-    Gone,
-    Stop,
-    Tick,
 }
 
 /// Per-attempt stream bookkeeping.

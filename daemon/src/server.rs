@@ -4,9 +4,7 @@
 //! `limits.shutdown_grace` to finish, then open streams end with an error event and the
 //! daemon exits.
 
-use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +18,7 @@ use crate::admin;
 use crate::app::App;
 use crate::models;
 use crate::pipeline;
+use crate::service;
 
 /// How long open streams get to write their final error event after the grace ran out.
 const LAST_WORDS: Duration = Duration::from_secs(2);
@@ -40,15 +39,16 @@ pub async fn bind(addr: &str, what: &str) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
 }
 
-/// Serves both listeners until `shutdown` resolves, then drains for `grace`.
+/// Serves both listeners until SIGTERM or SIGINT, then drains for `grace` (a second signal
+/// ends the drain at once).
 pub async fn serve(
     app: Arc<App>,
     api: TcpListener,
     admin_listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
     grace: Duration,
     hard_stop: watch::Sender<bool>,
 ) -> io::Result<()> {
+    let mut signals = Signals::new()?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let drained = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|draining| *draining).await;
@@ -68,10 +68,11 @@ pub async fn serve(
     let mut admin_task = tokio::spawn(async move { admin_server.await });
 
     tokio::select! {
-        _ = shutdown => {}
+        _ = signals.next() => {}
         result = &mut api_task => return flatten(result),
         result = &mut admin_task => return flatten(result),
     }
+    service::stopping();
     tracing::info!(
         message = "Shutting down: no new connections, draining in-flight requests.",
         grace_ms = grace.as_millis() as u64
@@ -82,10 +83,17 @@ pub async fn serve(
         flatten(a).and(flatten(b))
     };
     let mut both = std::pin::pin!(both);
-    match tokio::time::timeout(grace, &mut both).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::warn!(message = "Shutdown grace ran out: ending the remaining requests.");
+    let drained = tokio::select! {
+        result = tokio::time::timeout(grace, &mut both) => result.ok(),
+        _ = signals.next() => {
+            tracing::warn!(message = "Second signal: ending the remaining requests now.");
+            None
+        }
+    };
+    match drained {
+        Some(result) => result,
+        None => {
+            tracing::warn!(message = "Ending the remaining requests.");
             let _ = hard_stop.send(true);
             let _ = tokio::time::timeout(LAST_WORDS, &mut both).await;
             Ok(())
@@ -97,29 +105,25 @@ fn flatten(result: Result<io::Result<()>, tokio::task::JoinError>) -> io::Result
     result.map_err(io::Error::other)?
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
+/// SIGTERM and SIGINT, as one stream of shutdown requests.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
 }
 
-/// True for loopback addresses (where open mode and a token-less admin API are allowed).
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
+impl Signals {
+    fn new() -> io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

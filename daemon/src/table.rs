@@ -1,25 +1,36 @@
 //! The routing table: one immutable, validated snapshot of everything a request needs.
 //!
-//! Built off the request path from the config, the command-line overrides and the environment;
-//! every problem is collected (not only the first). Requests load it once and finish on it.
+//! Built off the request path from the merged config, the command-line overrides and the
+//! environment; every problem is collected (not only the first). Requests load it once and
+//! finish on it, so a reload never changes a request half-way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use orproxy_backends::Settings;
 use orproxy_plugin::{Backend, Identity};
+use regex::Regex;
 
 use crate::auth::Auth;
-use crate::config::{ConfigFile, Diagnostic, IdentityConfig, IdentityMode, IdentityRule};
+use crate::config::{
+    Config, Diagnostic, IdentityConfig, IdentityMode, IdentityRule, LogFormat, Sourced, Trigger,
+};
+use crate::selector::{self, Selector};
 
 /// The backend that always exists and needs nothing.
 pub const MOCK_BACKEND: &str = "mock";
 /// The backend implied by `OPENROUTER_API_KEY` when config defines none of that name.
 pub const OPENROUTER_BACKEND: &str = "openrouter";
+/// Default client API address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+/// Default admin address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8001";
 
 /// Settings given on the command line; each wins over its config key.
 #[derive(Debug, Default, Clone)]
@@ -28,6 +39,12 @@ pub struct Overrides {
     pub default_backend: Option<String>,
     /// `--force-model`.
     pub force_model: Option<String>,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<LogFormat>,
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -52,6 +69,42 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Settings that only take effect at startup; a reload that changes one is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartOnly {
+    /// Client API address.
+    pub listen: SocketAddr,
+    /// Admin address.
+    pub admin_listen: SocketAddr,
+    /// Log format (`None`: decided by the terminal).
+    pub log_format: Option<LogFormat>,
+    /// Upstream connect timeout (the connection pool is built once).
+    pub connect_timeout: Duration,
+}
+
+impl RestartOnly {
+    /// Describes what differs from `running`, if anything.
+    pub fn changes_from(&self, running: &RestartOnly) -> Vec<String> {
+        let mut changes = Vec::new();
+        if self.listen != running.listen {
+            changes.push(format!("listen ({} → {})", running.listen, self.listen));
+        }
+        if self.admin_listen != running.admin_listen {
+            changes.push(format!(
+                "admin.listen ({} → {})",
+                running.admin_listen, self.admin_listen
+            ));
+        }
+        if self.log_format != running.log_format {
+            changes.push("log_format".to_owned());
+        }
+        if self.connect_timeout != running.connect_timeout {
+            changes.push("limits.connect_timeout".to_owned());
+        }
+        changes
+    }
+}
+
 /// The snapshot.
 pub struct RoutingTable {
     /// Backends by name.
@@ -60,42 +113,151 @@ pub struct RoutingTable {
     pub default_backend: String,
     /// Replaces every request's model.
     pub force_model: Option<String>,
+    /// `model_aliases`, in order.
+    pub aliases: Vec<Alias>,
+    /// `failover`, in order.
+    pub failover: Vec<FailoverRule>,
     /// Proxy keys.
     pub auth: Auth,
+    /// Admin bearer token.
+    pub admin_token: Option<Secret>,
     /// Sizes and timeouts.
     pub limits: Limits,
+    /// Startup-only settings.
+    pub restart_only: RestartOnly,
+    /// Files the table was built from, in merge order.
+    pub files: Vec<PathBuf>,
+    /// The rules directory in use (watched).
+    pub rules_dir: Option<PathBuf>,
     /// Non-fatal findings (logged at load).
     pub warnings: Vec<String>,
+    /// Models named anywhere in the config: the only ones used as metric labels.
+    pub known_models: Arc<HashSet<String>>,
+}
+
+/// One `model_aliases` entry, compiled.
+#[derive(Debug)]
+pub struct Alias {
+    /// The pattern.
+    pub regex: Regex,
+    /// The replacement in `regex` syntax (`\1` already turned into `${1}`).
+    pub replacement: String,
+    /// As written, for `/admin/routes`.
+    pub written: String,
+}
+
+impl Alias {
+    /// Rewrites `model` if the pattern matches (first match only).
+    pub fn apply(&self, model: &str) -> Option<String> {
+        self.regex.is_match(model).then(|| {
+            self.regex
+                .replace(model, self.replacement.as_str())
+                .into_owned()
+        })
+    }
+}
+
+/// One `failover` entry, compiled.
+#[derive(Debug)]
+pub struct FailoverRule {
+    /// Matched against the first target's `backend:model`.
+    pub regex: Regex,
+    /// Targets appended after the request's own.
+    pub chain: Vec<Selector>,
+    /// Failures that move on.
+    pub triggers: HashSet<Trigger>,
 }
 
 /// One configured backend, ready to use.
 pub struct BackendEntry {
     /// Its name in config and selectors.
     pub name: String,
+    /// The plugin kind (`openrouter`, `openai`, `mock`).
+    pub kind: &'static str,
+    /// The base URL as configured (never carries a secret; shown by `/admin/routes`).
+    pub base_url: Option<String>,
     /// The plugin instance.
     pub plugin: Arc<dyn Backend>,
     /// Upstream keys, used in turn.
-    keys: Vec<Secret>,
+    keys: Vec<KeySlot>,
     next_key: AtomicUsize,
+    /// Environment variable names of the keys (shown instead of the keys).
+    pub key_envs: Vec<String>,
     /// Outbound identity.
     pub identity: IdentityPolicy,
     /// Models named in config for `/v1/models`.
     pub models: Vec<String>,
 }
 
+struct KeySlot {
+    secret: Secret,
+    /// Milliseconds since [`epoch`] until which the key rests (after a 401/402/429).
+    cooling_until: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A key picked for one attempt.
+#[derive(Clone, Copy)]
+pub struct PickedKey<'a> {
+    /// Its position, to cool it down if the upstream refuses it.
+    pub index: usize,
+    /// The key.
+    pub secret: &'a Secret,
+}
+
 impl BackendEntry {
-    /// The key for the next attempt (round-robin), if the backend has any.
-    pub fn next_key(&self) -> Option<&Secret> {
-        if self.keys.is_empty() {
+    /// The key for the next attempt: round-robin over the keys that are not cooling down (the
+    /// one that recovers first when all are).
+    pub fn next_key(&self) -> Option<PickedKey<'_>> {
+        let n = self.keys.len();
+        if n == 0 {
             return None;
         }
-        let at = self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len();
-        self.keys.get(at)
+        let start = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let index = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.keys[i].cooling_until.load(Ordering::Relaxed) <= now)
+            .unwrap_or_else(|| {
+                (0..n)
+                    .min_by_key(|&i| self.keys[i].cooling_until.load(Ordering::Relaxed))
+                    .unwrap_or(0)
+            });
+        Some(PickedKey {
+            index,
+            secret: &self.keys[index].secret,
+        })
+    }
+
+    /// Rests key `index` for `pause`.
+    pub fn cool_key(&self, index: usize, pause: Duration) {
+        if let Some(slot) = self.keys.get(index) {
+            let until =
+                now_ms().saturating_add(u64::try_from(pause.as_millis()).unwrap_or(u64::MAX));
+            slot.cooling_until.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+
+    /// Keys usable now.
+    pub fn ready_keys(&self) -> usize {
+        let now = now_ms();
+        self.keys
+            .iter()
+            .filter(|k| k.cooling_until.load(Ordering::Relaxed) <= now)
+            .count()
     }
 
     /// The first key, for background calls (model lists).
     pub fn any_key(&self) -> Option<&Secret> {
-        self.keys.first()
+        self.keys.first().map(|k| &k.secret)
     }
 
     /// How many keys the backend has (never the keys themselves).
@@ -150,7 +312,7 @@ pub struct IdentityPolicy {
 
 #[derive(Debug, Clone, Default)]
 enum Choice {
-    /// The client's header, else orproxy's default.
+    /// The client's header, else a fallback.
     #[default]
     Passthrough,
     Override(String),
@@ -182,6 +344,16 @@ impl IdentityPolicy {
             referer: pick(&own.referer, &global.referer),
             title: pick(&own.title, &global.title),
         }
+    }
+
+    /// `passthrough`, `override` or `default` for each header, for `/admin/routes`.
+    pub fn describe(&self) -> serde_json::Value {
+        let mode = |c: &Choice| match c {
+            Choice::Passthrough => serde_json::json!({"mode": "passthrough"}),
+            Choice::Override(v) => serde_json::json!({"mode": "override", "override_value": v}),
+            Choice::Default => serde_json::json!({"mode": "default"}),
+        };
+        serde_json::json!({"user_agent": mode(&self.user_agent), "referer": mode(&self.referer), "title": mode(&self.title)})
     }
 
     /// Resolves the identity for one request from the client's headers.
@@ -233,52 +405,72 @@ impl Env for ProcessEnv {
     }
 }
 
+/// Turns `\1` backreferences into the `${1}` the regex crate expects (`$1` also works as is).
+fn replacement_syntax(written: &str) -> String {
+    let mut out = String::with_capacity(written.len() + 4);
+    let mut chars = written.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('\\', Some(d)) if d.is_ascii_digit() => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    digits.push(*d);
+                    chars.next();
+                }
+                out.push_str(&format!("${{{digits}}}"));
+            }
+            ('\\', Some('\\')) => {
+                out.push('\\');
+                chars.next();
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 impl RoutingTable {
-    /// Validates `config` and builds the table; `file` names the config in diagnostics.
+    /// Validates the merged `config` and builds the table.
     pub fn build(
-        file: &str,
-        config: &ConfigFile,
+        config: &Config,
+        rules_dir: Option<PathBuf>,
         overrides: &Overrides,
         env: &dyn Env,
     ) -> Result<RoutingTable, Vec<Diagnostic>> {
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
-        let mut backends = BTreeMap::new();
+        let global_identity = config
+            .identity
+            .as_ref()
+            .map(|s| s.value.clone())
+            .unwrap_or_default();
 
-        for (name, spanned) in &config.backends {
-            let at = spanned.referenced;
-            let cfg = &spanned.value;
+        let mut backends = BTreeMap::new();
+        for (name, sourced) in &config.backends {
+            let cfg = &sourced.value;
             if name.is_empty() || name.contains([':', '/', '?', '|']) {
-                errors.push(Diagnostic::at(
-                    file,
-                    at,
-                    format!(
-                        "backend name `{name}` must not be empty or contain `:`, `/`, `?` or `|`"
-                    ),
-                ));
+                errors.push(sourced.error(format!(
+                    "backend name `{name}` must not be empty or contain `:`, `/`, `?` or `|`"
+                )));
                 continue;
             }
             let settings = Settings {
                 base_url: cfg.base_url.clone(),
                 stream_events: cfg.stream_events,
-                event_interval: cfg.event_interval,
+                event_interval: cfg.event_interval.map(|d| d.0),
             };
             let plugin = match orproxy_backends::build(&cfg.kind, &settings) {
                 Ok(plugin) => plugin,
                 Err(e) => {
-                    errors.push(Diagnostic::at(file, at, format!("backend `{name}`: {e}")));
+                    errors.push(sourced.error(format!("backend `{name}`: {e}")));
                     continue;
                 }
             };
-            let env_names: Vec<String> = match (&cfg.api_key_env, &cfg.api_keys_env) {
+            let key_envs: Vec<String> = match (&cfg.api_key_env, &cfg.api_keys_env) {
                 (Some(_), Some(_)) => {
-                    errors.push(Diagnostic::at(
-                        file,
-                        at,
-                        format!(
-                            "backend `{name}`: set either api_key_env or api_keys_env, not both"
-                        ),
-                    ));
+                    errors.push(sourced.error(format!(
+                        "backend `{name}`: set either api_key_env or api_keys_env, not both"
+                    )));
                     continue;
                 }
                 (Some(one), None) => vec![one.clone()],
@@ -288,50 +480,56 @@ impl RoutingTable {
                     .unwrap_or_default(),
             };
             let mut keys = Vec::new();
-            for var in &env_names {
+            for var in &key_envs {
                 match env.var(var) {
                     Some(key) => keys.push(Secret::new(key)),
-                    None => errors.push(Diagnostic::at(
-                        file,
-                        at,
-                        format!("backend `{name}`: environment variable {var} is not set"),
-                    )),
+                    None => errors.push(sourced.error(format!(
+                        "backend `{name}`: environment variable {var} is not set"
+                    ))),
                 }
             }
-            if keys.is_empty() && orproxy_backends::requires_key(&cfg.kind) && env_names.is_empty()
-            {
-                errors.push(Diagnostic::at(
-                    file,
-                    at,
-                    format!("backend `{name}` of type `{}` needs api_key_env", cfg.kind),
-                ));
+            if key_envs.is_empty() && orproxy_backends::requires_key(&cfg.kind) {
+                errors.push(sourced.error(format!(
+                    "backend `{name}` of type `{}` needs api_key_env",
+                    cfg.kind
+                )));
             }
             backends.insert(
                 name.clone(),
-                BackendEntry {
-                    name: name.clone(),
+                BackendEntry::new(
+                    name,
                     plugin,
+                    cfg.base_url.clone(),
                     keys,
-                    next_key: AtomicUsize::new(0),
-                    identity: IdentityPolicy::from_config(&config.identity, &cfg.identity),
-                    models: cfg.models.clone(),
-                },
+                    key_envs,
+                    IdentityPolicy::from_config(&global_identity, &cfg.identity),
+                    cfg.models.clone(),
+                ),
             );
         }
-
-        let builtin = |name: &str, kind: &str, keys: Vec<Secret>| -> Option<BackendEntry> {
+        let builtin = |name: &str,
+                       kind: &str,
+                       keys: Vec<Secret>,
+                       key_envs: Vec<String>|
+         -> Option<BackendEntry> {
             let plugin = orproxy_backends::build(kind, &Settings::default()).ok()?;
-            Some(BackendEntry {
-                name: name.to_owned(),
+            Some(BackendEntry::new(
+                name,
                 plugin,
+                None,
                 keys,
-                next_key: AtomicUsize::new(0),
-                identity: IdentityPolicy::from_config(&config.identity, &IdentityConfig::default()),
-                models: Vec::new(),
-            })
+                key_envs,
+                IdentityPolicy::from_config(&global_identity, &IdentityConfig::default()),
+                Vec::new(),
+            ))
         };
         if !backends.contains_key(MOCK_BACKEND)
-            && let Some(mock) = builtin(MOCK_BACKEND, orproxy_backends::mock::KIND, Vec::new())
+            && let Some(mock) = builtin(
+                MOCK_BACKEND,
+                orproxy_backends::mock::KIND,
+                Vec::new(),
+                Vec::new(),
+            )
         {
             backends.insert(MOCK_BACKEND.to_owned(), mock);
         }
@@ -341,6 +539,7 @@ impl RoutingTable {
                 OPENROUTER_BACKEND,
                 orproxy_backends::openrouter::KIND,
                 vec![Secret::new(key)],
+                vec!["OPENROUTER_API_KEY".to_owned()],
             )
         {
             backends.insert(OPENROUTER_BACKEND.to_owned(), openrouter);
@@ -356,60 +555,193 @@ impl RoutingTable {
                 }
                 flag.clone()
             }
-            (None, Some(spanned)) => {
-                if !backends.contains_key(&spanned.value) {
-                    errors.push(Diagnostic::at(
-                        file,
-                        spanned.referenced,
-                        format!(
-                            "default_backend: {}",
-                            unknown_backend_message(&spanned.value, &backends)
-                        ),
-                    ));
+            (None, Some(key)) => {
+                if !backends.contains_key(&key.value) {
+                    errors.push(key.error(format!(
+                        "default_backend: {}",
+                        unknown_backend_message(&key.value, &backends)
+                    )));
                 }
-                spanned.value.clone()
+                key.value.clone()
             }
             (None, None) if backends.contains_key(OPENROUTER_BACKEND) => {
                 OPENROUTER_BACKEND.to_owned()
             }
             (None, None) => {
-                warnings.push(
-                    "No default backend configured and OPENROUTER_API_KEY is not set: \
-                     serving the built-in mock backend."
-                        .to_owned(),
-                );
+                warnings.push("No default backend configured and OPENROUTER_API_KEY is not set: serving the built-in mock backend.".to_owned());
                 MOCK_BACKEND.to_owned()
             }
         };
 
-        let force_model = overrides
-            .force_model
-            .clone()
-            .or_else(|| config.force_model.as_ref().map(|s| s.value.clone()));
-
-        let auth = match Auth::from_config(file, &config.auth, env) {
-            Ok(auth) => auth,
-            Err(mut e) => {
-                errors.append(&mut e);
-                Auth::default()
+        let force_model = match (&overrides.force_model, &config.force_model) {
+            (Some(flag), _) => {
+                if let Err(e) = selector::parse_chain(flag) {
+                    errors.push(Diagnostic::general("--force-model", e.to_string()));
+                }
+                Some(flag.clone())
             }
+            (None, Some(key)) => {
+                if let Err(e) = selector::parse_chain(&key.value) {
+                    errors.push(key.error(format!("force_model: {e}")));
+                }
+                Some(key.value.clone())
+            }
+            (None, None) => None,
         };
 
-        let l = &config.limits;
-        let d = Limits::default();
-        let limits = Limits {
-            max_body_bytes: l.max_body_bytes.map_or(d.max_body_bytes, saturating_usize),
-            max_response_bytes: l
-                .max_response_bytes
-                .map_or(d.max_response_bytes, saturating_usize),
-            connect_timeout: l.connect_timeout.unwrap_or(d.connect_timeout),
-            first_byte_timeout: l.first_byte_timeout.unwrap_or(d.first_byte_timeout),
-            idle_timeout: l.idle_timeout.unwrap_or(d.idle_timeout),
-            total_timeout: l.total_timeout.unwrap_or(d.total_timeout),
-            commit_after: l.commit_after.unwrap_or(d.commit_after),
-            shutdown_grace: l.shutdown_grace.unwrap_or(d.shutdown_grace),
-        };
+        let mut aliases = Vec::new();
+        if let Some(list) = &config.model_aliases {
+            for entry in &list.value {
+                match Regex::new(&entry.value.pattern) {
+                    Ok(regex) => aliases.push(Alias {
+                        regex,
+                        replacement: replacement_syntax(&entry.value.replacement),
+                        written: format!("{} → {}", entry.value.pattern, entry.value.replacement),
+                    }),
+                    Err(e) => errors.push(list.error_at(
+                        entry.referenced,
+                        format!(
+                            "model_aliases: invalid pattern `{}`: {}",
+                            entry.value.pattern,
+                            first_line(&e.to_string())
+                        ),
+                    )),
+                }
+            }
+        }
 
+        let mut failover = Vec::new();
+        if let Some(list) = &config.failover {
+            for entry in &list.value {
+                let rule = &entry.value;
+                let regex = match Regex::new(&rule.pattern) {
+                    Ok(regex) => regex,
+                    Err(e) => {
+                        errors.push(list.error_at(
+                            entry.referenced,
+                            format!(
+                                "failover: invalid match `{}`: {}",
+                                rule.pattern,
+                                first_line(&e.to_string())
+                            ),
+                        ));
+                        continue;
+                    }
+                };
+                let mut chain = Vec::new();
+                for text in &rule.chain {
+                    match selector::parse_chain(text) {
+                        Ok(selectors) => {
+                            for s in &selectors {
+                                if let Some(b) = &s.backend
+                                    && !backends.contains_key(b)
+                                {
+                                    errors.push(list.error_at(
+                                        entry.referenced,
+                                        format!(
+                                            "failover: {}",
+                                            unknown_backend_message(b, &backends)
+                                        ),
+                                    ));
+                                }
+                            }
+                            chain.extend(selectors);
+                        }
+                        Err(e) => {
+                            errors.push(list.error_at(entry.referenced, format!("failover: {e}")))
+                        }
+                    }
+                }
+                let triggers = rule
+                    .triggers
+                    .as_deref()
+                    .unwrap_or(&Trigger::ALL)
+                    .iter()
+                    .copied()
+                    .collect();
+                failover.push(FailoverRule {
+                    regex,
+                    chain,
+                    triggers,
+                });
+            }
+        }
+
+        let auth = match &config.auth {
+            Some(sourced) => {
+                Auth::from_config(&sourced.file, &sourced.value, env).unwrap_or_else(|mut e| {
+                    errors.append(&mut e);
+                    Auth::default()
+                })
+            }
+            None => Auth::default(),
+        };
+        let admin = config.admin.as_ref();
+        let admin_token = admin.and_then(|a| {
+            let var = a.value.token_env.as_ref()?;
+            match env.var(var) {
+                Some(token) => Some(Secret::new(token)),
+                None => {
+                    errors.push(a.error(format!(
+                        "admin.token_env: environment variable {var} is not set"
+                    )));
+                    None
+                }
+            }
+        });
+
+        let limits = build_limits(config.limits.as_ref());
+        let listen = address(
+            overrides.listen.as_deref(),
+            "--listen",
+            config.listen.as_ref().map(|s| (s, s.value.as_str())),
+            DEFAULT_LISTEN,
+            "listen",
+            &mut errors,
+        );
+        let admin_listen = address(
+            overrides.admin_listen.as_deref(),
+            "--admin-listen",
+            admin.and_then(|a| a.value.listen.as_deref().map(|l| (a, l))),
+            DEFAULT_ADMIN_LISTEN,
+            "admin.listen",
+            &mut errors,
+        );
+        if let Some(listen) = listen
+            && auth.is_open()
+            && !listen.ip().is_loopback()
+            && !auth.allow_open
+        {
+            errors.push(Diagnostic::general(
+                &origin_name(overrides.listen.is_some(), "--listen", config.listen.as_ref()),
+                format!("refusing to serve {listen} without auth: configure auth.keys, listen on a loopback address, or set auth.allow_open: true"),
+            ));
+        }
+        if let Some(admin_listen) = admin_listen
+            && admin_token.is_none()
+            && !admin_listen.ip().is_loopback()
+        {
+            errors.push(Diagnostic::general(
+                &origin_name(overrides.admin_listen.is_some(), "--admin-listen", admin),
+                format!("refusing to serve the admin API on {admin_listen} without a token: set admin.token_env or use a loopback address"),
+            ));
+        }
+
+        let (Some(listen), Some(admin_listen)) = (listen, admin_listen) else {
+            return Err(errors);
+        };
+        let mut known_models: HashSet<String> = backends
+            .values()
+            .flat_map(|b| b.models.iter().cloned())
+            .collect();
+        known_models.extend(
+            failover
+                .iter()
+                .flat_map(|r| r.chain.iter().map(|s| s.model.clone())),
+        );
+        if let Some(Ok(chain)) = force_model.as_deref().map(selector::parse_chain) {
+            known_models.extend(chain.into_iter().map(|s| s.model));
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -417,9 +749,23 @@ impl RoutingTable {
             backends,
             default_backend,
             force_model,
+            aliases,
+            failover,
             auth,
+            admin_token,
+            restart_only: RestartOnly {
+                listen,
+                admin_listen,
+                log_format: overrides
+                    .log_format
+                    .or(config.log_format.as_ref().map(|s| s.value)),
+                connect_timeout: limits.connect_timeout,
+            },
             limits,
+            files: config.files.clone(),
+            rules_dir,
             warnings,
+            known_models: Arc::new(known_models),
         })
     }
 
@@ -427,6 +773,98 @@ impl RoutingTable {
     pub fn backend(&self, name: &str) -> Option<&BackendEntry> {
         self.backends.get(name)
     }
+}
+
+impl BackendEntry {
+    fn new(
+        name: &str,
+        plugin: Arc<dyn Backend>,
+        base_url: Option<String>,
+        keys: Vec<Secret>,
+        key_envs: Vec<String>,
+        identity: IdentityPolicy,
+        models: Vec<String>,
+    ) -> Self {
+        BackendEntry {
+            name: name.to_owned(),
+            kind: plugin.kind(),
+            base_url,
+            plugin,
+            keys: keys
+                .into_iter()
+                .map(|secret| KeySlot {
+                    secret,
+                    cooling_until: AtomicU64::new(0),
+                })
+                .collect(),
+            next_key: AtomicUsize::new(0),
+            key_envs,
+            identity,
+            models,
+        }
+    }
+}
+
+fn build_limits(limits: Option<&Sourced<crate::config::LimitsConfig>>) -> Limits {
+    let d = Limits::default();
+    let Some(l) = limits.map(|s| &s.value) else {
+        return d;
+    };
+    let dur = |v: Option<crate::config::Dur>, default: Duration| v.map_or(default, |d| d.0);
+    Limits {
+        max_body_bytes: l.max_body_bytes.map_or(d.max_body_bytes, saturating_usize),
+        max_response_bytes: l
+            .max_response_bytes
+            .map_or(d.max_response_bytes, saturating_usize),
+        connect_timeout: dur(l.connect_timeout, d.connect_timeout),
+        first_byte_timeout: dur(l.first_byte_timeout, d.first_byte_timeout),
+        idle_timeout: dur(l.idle_timeout, d.idle_timeout),
+        total_timeout: dur(l.total_timeout, d.total_timeout),
+        commit_after: dur(l.commit_after, d.commit_after),
+        shutdown_grace: dur(l.shutdown_grace, d.shutdown_grace),
+    }
+}
+
+fn origin_name<T>(from_flag: bool, flag: &str, key: Option<&Sourced<T>>) -> String {
+    match (from_flag, key) {
+        (true, _) => flag.to_owned(),
+        (false, Some(key)) => format!("{}:{}:{}", key.file, key.at.line(), key.at.column()),
+        (false, None) => "<built-in>".to_owned(),
+    }
+}
+
+/// An address from its flag, its config key, or its default.
+fn address<T>(
+    flag: Option<&str>,
+    flag_name: &str,
+    key: Option<(&Sourced<T>, &str)>,
+    default: &str,
+    what: &str,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<SocketAddr> {
+    let text = flag.or(key.map(|(_, text)| text)).unwrap_or(default);
+    text.parse::<SocketAddr>()
+        .map_err(|_| {
+            let message = format!(
+                "{what}: `{text}` is not an address (expected IP:PORT, e.g. 127.0.0.1:8000)"
+            );
+            errors.push(match (flag, key) {
+                (Some(_), _) => Diagnostic::general(flag_name, message),
+                (None, Some((sourced, _))) => sourced.error(message),
+                (None, None) => Diagnostic::general("<built-in>", message),
+            });
+        })
+        .ok()
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn saturating_usize(v: u64) -> usize {
@@ -447,145 +885,4 @@ fn unknown_backend_message(name: &str, backends: &BTreeMap<String, BackendEntry>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::parse;
-    use std::collections::HashMap;
-
-    struct FakeEnv(HashMap<&'static str, &'static str>);
-
-    impl Env for FakeEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.0.get(name).map(|v| v.to_string())
-        }
-    }
-
-    fn env(vars: &[(&'static str, &'static str)]) -> FakeEnv {
-        FakeEnv(vars.iter().copied().collect())
-    }
-
-    fn build(
-        yaml: &str,
-        overrides: Overrides,
-        vars: &[(&'static str, &'static str)],
-    ) -> Result<RoutingTable, Vec<Diagnostic>> {
-        let cfg = parse("c.yaml", yaml).unwrap();
-        RoutingTable::build("c.yaml", &cfg, &overrides, &env(vars))
-    }
-
-    #[test]
-    fn nothing_configured_means_mock() {
-        let table = build("", Overrides::default(), &[]).unwrap();
-        assert_eq!(table.default_backend, MOCK_BACKEND);
-        assert_eq!(table.warnings.len(), 1);
-        assert!(table.backend(OPENROUTER_BACKEND).is_none());
-    }
-
-    #[test]
-    fn an_openrouter_key_implies_the_openrouter_backend() {
-        let table = build(
-            "",
-            Overrides::default(),
-            &[("OPENROUTER_API_KEY", "sk-or-v1-x")],
-        )
-        .unwrap();
-        assert_eq!(table.default_backend, OPENROUTER_BACKEND);
-        let entry = table.backend(OPENROUTER_BACKEND).unwrap();
-        assert_eq!(entry.next_key().unwrap().expose(), "sk-or-v1-x");
-        assert_eq!(format!("{:?}", entry.next_key().unwrap()), "Secret(***)");
-    }
-
-    #[test]
-    fn every_error_is_reported_with_its_place() {
-        let errs = build(
-            "backends:\n  a:\n    type: nope\n  b:\n    type: openai\n    api_key_env: MISSING_KEY\ndefault_backend: c\n",
-            Overrides::default(),
-            &[],
-        )
-        .err()
-        .unwrap();
-        let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        assert_eq!(errs.len(), 3, "{text:?}");
-        assert!(
-            text[0].starts_with("c.yaml:3:5: backend `a`: unknown backend type `nope`"),
-            "{text:?}"
-        );
-        assert!(text[1].contains("MISSING_KEY is not set"), "{text:?}");
-        assert!(
-            text[2].starts_with("c.yaml:7:18: default_backend: unknown backend `c`"),
-            "{text:?}"
-        );
-    }
-
-    #[test]
-    fn flags_win_over_config() {
-        let table = build(
-            "backends:\n  local:\n    type: openai\n    base_url: http://127.0.0.1:1/v1\ndefault_backend: mock\nforce_model: a\n",
-            Overrides { default_backend: Some("local".into()), force_model: Some("b".into()) },
-            &[],
-        )
-        .unwrap();
-        assert_eq!(table.default_backend, "local");
-        assert_eq!(table.force_model.as_deref(), Some("b"));
-        let errs = build(
-            "",
-            Overrides {
-                default_backend: Some("openrouter".into()),
-                ..Overrides::default()
-            },
-            &[],
-        )
-        .err()
-        .unwrap();
-        assert!(
-            errs[0].to_string().contains("set OPENROUTER_API_KEY"),
-            "{}",
-            errs[0]
-        );
-    }
-
-    #[test]
-    fn keys_rotate() {
-        let table = build(
-            "backends:\n  or:\n    type: openrouter\n    api_keys_env: [K1, K2]\n",
-            Overrides::default(),
-            &[("K1", "one"), ("K2", "two")],
-        )
-        .unwrap();
-        let entry = table.backend("or").unwrap();
-        let seen: Vec<&str> = (0..3).map(|_| entry.next_key().unwrap().expose()).collect();
-        assert_eq!(seen, ["one", "two", "one"]);
-    }
-
-    #[test]
-    fn identity_modes_resolve_per_backend() {
-        let table = build(
-            r#"
-identity:
-  user_agent: { mode: override, override_value: "MyApp/1.0.0" }
-  title: { mode: default }
-backends:
-  local:
-    type: openai
-    base_url: http://127.0.0.1:1/v1
-    identity:
-      user_agent: { mode: passthrough }
-"#,
-            Overrides::default(),
-            &[],
-        )
-        .unwrap();
-        let mut client = HeaderMap::new();
-        client.insert("user-agent", "OpenAI/Python 1.0".parse().unwrap());
-        client.insert("http-referer", "https://client.example".parse().unwrap());
-        let mock = table.backend("mock").unwrap().identity.resolve(&client);
-        assert_eq!(mock.user_agent, Some("MyApp/1.0.0"));
-        assert_eq!(mock.referer, Some("https://client.example"));
-        assert_eq!(mock.title, Some(DEFAULT_TITLE));
-        let local = table.backend("local").unwrap().identity.resolve(&client);
-        assert_eq!(local.user_agent, Some("OpenAI/Python 1.0"));
-        let empty = HeaderMap::new();
-        let bare = table.backend("local").unwrap().identity.resolve(&empty);
-        assert_eq!(bare.user_agent, Some(USER_AGENT));
-    }
-}
+pub(crate) mod tests;

@@ -68,6 +68,15 @@ pub fn temp_file(text: &str, suffix: &str) -> PathBuf {
     path
 }
 
+/// A fresh empty temporary directory.
+pub fn temp_dir() -> PathBuf {
+    let n = CONFIGS.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("orproxy-e2e-dir-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).expect("create temp dir");
+    path
+}
+
 /// The `orproxy` binary cargo built for this test run.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_orproxy")
@@ -203,6 +212,28 @@ impl Daemon {
     /// The `Request finished.` log record of the request with this id.
     pub fn request_log(&self, request_id: &str) -> Value {
         self.wait_log(|v| v["message"] == "Request finished." && v["request_id"] == request_id)
+    }
+
+    /// `GET /admin/status`.
+    pub async fn status(&self) -> Value {
+        client()
+            .get(self.admin_url("/admin/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
     }
 
     /// Sends SIGTERM.

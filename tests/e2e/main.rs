@@ -7,9 +7,14 @@
 
 mod harness;
 
+mod admin;
 mod auth;
 mod chat;
 mod cli;
 mod errors;
+mod install;
+mod reload;
+mod routing;
+mod service;
 mod shutdown;
 mod streaming;

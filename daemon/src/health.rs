@@ -1,0 +1,160 @@
+//! Cool-downs: a backend+model that keeps failing, or that asked us to wait (`Retry-After`),
+//! is skipped while cooling and probed again after.
+//!
+//! This is runtime state, kept across reloads (it describes upstreams, not configuration).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use orproxy_plugin::{Failure, FailureKind};
+use tokio::time::Instant;
+
+/// Consecutive failures that put a target into cool-down.
+pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
+/// How long a repeatedly failing target rests.
+pub const COOLDOWN: Duration = Duration::from_secs(30);
+/// The longest `Retry-After` honoured (a bigger one is capped, not ignored).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Default)]
+struct State {
+    failures: u32,
+    cooling_until: Option<Instant>,
+    last_failure: String,
+}
+
+/// One target's state, for `/admin/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetHealth {
+    /// `backend:model`.
+    pub target: String,
+    /// Consecutive failures.
+    pub failures: u32,
+    /// Seconds of cool-down left (0 when usable).
+    pub cooling_secs: f64,
+    /// The last failure's reason.
+    pub last_failure: String,
+}
+
+/// Health of every target that has failed recently.
+#[derive(Debug, Default)]
+pub struct HealthBook {
+    targets: Mutex<HashMap<String, State>>,
+}
+
+impl HealthBook {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, State>) -> T) -> T {
+        let mut targets = self
+            .targets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut targets)
+    }
+
+    /// Time left in cool-down, if `target` is cooling.
+    pub fn cooling(&self, target: &str) -> Option<Duration> {
+        let now = Instant::now();
+        self.with(|t| {
+            t.get(target)
+                .and_then(|s| s.cooling_until)
+                .filter(|until| *until > now)
+                .map(|until| until - now)
+        })
+    }
+
+    /// Notes a failed attempt; `Retry-After` (429) or repeated failures start a cool-down.
+    pub fn failed(&self, target: &str, reason: &str, failure: Option<&Failure>) {
+        let now = Instant::now();
+        self.with(|t| {
+            let state = t.entry(target.to_owned()).or_default();
+            state.failures = state.failures.saturating_add(1);
+            state.last_failure = reason.to_owned();
+            let asked = failure
+                .filter(|f| f.kind == FailureKind::RateLimited)
+                .and_then(|f| f.retry_after)
+                .map(|d| d.min(MAX_RETRY_AFTER));
+            let pause = match asked {
+                Some(pause) => Some(pause),
+                None if state.failures >= FAILURES_BEFORE_COOLDOWN => Some(COOLDOWN),
+                None => None,
+            };
+            if let Some(pause) = pause {
+                let until = now + pause;
+                state.cooling_until = Some(state.cooling_until.map_or(until, |u| u.max(until)));
+            }
+        });
+    }
+
+    /// Notes a success: the target is healthy again.
+    pub fn succeeded(&self, target: &str) {
+        self.with(|t| {
+            // Most requests succeed on a healthy target: avoid allocating for those.
+            if t.contains_key(target) {
+                t.remove(target);
+            }
+        });
+    }
+
+    /// Every target with a recent failure.
+    pub fn snapshot(&self) -> Vec<TargetHealth> {
+        let now = Instant::now();
+        let mut list: Vec<TargetHealth> = self.with(|t| {
+            t.iter()
+                .map(|(target, s)| TargetHealth {
+                    target: target.clone(),
+                    failures: s.failures,
+                    cooling_secs: s
+                        .cooling_until
+                        .filter(|u| *u > now)
+                        .map_or(0.0, |u| (u - now).as_secs_f64()),
+                    last_failure: s.last_failure.clone(),
+                })
+                .collect()
+        });
+        list.sort_by(|a, b| a.target.cmp(&b.target));
+        list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(kind: FailureKind, retry_after: Option<u64>) -> Failure {
+        Failure {
+            kind,
+            status: 429,
+            message: String::new(),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_cools_at_once_and_expires() {
+        let book = HealthBook::default();
+        book.failed(
+            "a:m",
+            "429",
+            Some(&failure(FailureKind::RateLimited, Some(5))),
+        );
+        assert!(book.cooling("a:m").is_some());
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(book.cooling("a:m").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_failures_cool_and_success_heals() {
+        let book = HealthBook::default();
+        for _ in 0..FAILURES_BEFORE_COOLDOWN - 1 {
+            book.failed("a:m", "503", Some(&failure(FailureKind::Server, None)));
+        }
+        assert!(book.cooling("a:m").is_none());
+        book.failed("a:m", "503", None);
+        assert_eq!(book.cooling("a:m"), Some(COOLDOWN));
+        assert_eq!(book.snapshot()[0].failures, FAILURES_BEFORE_COOLDOWN);
+        book.succeeded("a:m");
+        assert!(book.cooling("a:m").is_none());
+        assert!(book.snapshot().is_empty());
+    }
+}

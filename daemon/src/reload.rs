@@ -1,0 +1,185 @@
+//! Reload: the one path from configuration files to a serving routing table.
+//!
+//! Startup, the file watcher, SIGHUP and `POST /admin/reload` all go through [`build`]; the
+//! reload loop builds the new table off the request path, refuses it if it is invalid or
+//! changes a restart-only setting, and otherwise swaps it in atomically. In-flight requests
+//! finish on the table they started with.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::app::App;
+use crate::config::{self, Diagnostic, Sources};
+use crate::metrics;
+use crate::service;
+use crate::table::{Overrides, ProcessEnv, RoutingTable};
+
+/// Reads every source and builds a table (or every problem found).
+pub fn build(sources: &Sources, overrides: &Overrides) -> Result<RoutingTable, Vec<Diagnostic>> {
+    let (config, rules_dir) = config::load(sources)?;
+    RoutingTable::build(&config, rules_dir, overrides, &ProcessEnv)
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The first table.
+    Startup,
+    /// A watched file changed.
+    Watch,
+    /// SIGHUP.
+    Signal,
+    /// `POST /admin/reload`.
+    Admin,
+}
+
+/// A reload request, with an optional channel for its result.
+pub struct Request {
+    /// Why.
+    pub reason: Reason,
+    /// Where to send the result.
+    pub reply: Option<oneshot::Sender<Outcome>>,
+}
+
+/// The result of one reload.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// When it finished (seconds since the Unix epoch).
+    pub at: u64,
+    /// What asked for it.
+    pub reason: Reason,
+    /// `ok` or `error`.
+    pub result: &'static str,
+    /// The table version serving after it.
+    pub version: u64,
+    /// Every problem, as `file:line:col: message`.
+    pub errors: Vec<String>,
+    /// The files of the table serving after it.
+    pub files: Vec<PathBuf>,
+}
+
+impl Outcome {
+    /// The outcome of the startup load.
+    pub fn startup(files: Vec<PathBuf>) -> Self {
+        Outcome {
+            at: unix_now(),
+            reason: Reason::Startup,
+            result: "ok",
+            version: 1,
+            errors: Vec::new(),
+            files,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Serves reload requests one at a time until every sender is gone.
+pub async fn run(
+    app: Arc<App>,
+    sources: Sources,
+    overrides: Overrides,
+    mut requests: mpsc::Receiver<Request>,
+) {
+    while let Some(request) = requests.recv().await {
+        service::reloading();
+        let (s, o) = (sources.clone(), overrides.clone());
+        // Reading files and compiling regexes is blocking work: keep it off the async workers.
+        let built = tokio::task::spawn_blocking(move || build(&s, &o))
+            .await
+            .unwrap_or_else(|e| {
+                Err(vec![Diagnostic::general(
+                    "<reload>",
+                    format!("reload task failed: {e}"),
+                )])
+            });
+        let outcome = apply(&app, request.reason, built);
+        service::ready(&status_line(&app));
+        if let Some(reply) = request.reply {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// The one-line status systemd shows (`systemctl status`).
+pub fn status_line(app: &App) -> String {
+    let table = app.table.load();
+    let last = app.last_reload();
+    let tail = if last.result == "ok" {
+        String::new()
+    } else {
+        format!("; last reload refused ({} errors)", last.errors.len())
+    };
+    let (listen, admin) = app
+        .bound
+        .get()
+        .copied()
+        .unwrap_or((table.restart_only.listen, table.restart_only.admin_listen));
+    format!(
+        "Serving on {listen} (admin {admin}), table v{}, default backend {}{tail}",
+        app.version(),
+        table.default_backend
+    )
+}
+
+/// Swaps in a valid table, or keeps the old one and records why.
+fn apply(app: &App, reason: Reason, built: Result<RoutingTable, Vec<Diagnostic>>) -> Outcome {
+    let current = app.table.load();
+    let built = built.and_then(|table| {
+        let changes = table.restart_only.changes_from(&current.restart_only);
+        if changes.is_empty() {
+            Ok(table)
+        } else {
+            Err(vec![Diagnostic::general(
+                "<reload>",
+                format!("{} cannot change at runtime: restart orproxy to apply (the running table is kept)", changes.join(", ")),
+            )])
+        }
+    });
+    let outcome = match built {
+        Ok(table) => {
+            let files = table.files.clone();
+            app.table.store(Arc::new(table));
+            let version = app.next_version();
+            tracing::info!(
+                message = "Routing table reloaded.",
+                ?reason,
+                version,
+                files = files.len()
+            );
+            Outcome {
+                at: unix_now(),
+                reason,
+                result: "ok",
+                version,
+                errors: Vec::new(),
+                files,
+            }
+        }
+        Err(errors) => {
+            for error in &errors {
+                tracing::error!(message = "Reload refused; the running table is kept.", ?reason, error = %error);
+            }
+            Outcome {
+                at: unix_now(),
+                reason,
+                result: "error",
+                version: app.version(),
+                errors: errors.iter().map(ToString::to_string).collect(),
+                files: current.files.clone(),
+            }
+        }
+    };
+    metrics::reload(outcome.result == "ok");
+    app.set_last_reload(outcome.clone());
+    outcome
+}

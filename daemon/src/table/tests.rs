@@ -1,0 +1,300 @@
+use std::collections::HashMap;
+
+use super::*;
+use crate::config::parse;
+
+pub(crate) struct FakeEnv(pub HashMap<&'static str, &'static str>);
+
+impl Env for FakeEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).map(|v| v.to_string())
+    }
+}
+
+fn env(vars: &[(&'static str, &'static str)]) -> FakeEnv {
+    FakeEnv(vars.iter().copied().collect())
+}
+
+/// Builds a table from one YAML file named `c.yaml`.
+pub(crate) fn build(
+    yaml: &str,
+    overrides: Overrides,
+    vars: &[(&'static str, &'static str)],
+) -> Result<RoutingTable, Vec<Diagnostic>> {
+    let mut config = Config::default();
+    let mut errors = Vec::new();
+    config.merge(
+        "c.yaml",
+        parse("c.yaml", yaml).map_err(|e| vec![e])?,
+        &mut errors,
+    );
+    assert!(errors.is_empty());
+    RoutingTable::build(&config, None, &overrides, &env(vars))
+}
+
+#[test]
+fn nothing_configured_means_mock() {
+    let table = build("", Overrides::default(), &[]).unwrap();
+    assert_eq!(table.default_backend, MOCK_BACKEND);
+    assert_eq!(table.warnings.len(), 1);
+    assert!(table.backend(OPENROUTER_BACKEND).is_none());
+    assert_eq!(table.restart_only.listen.to_string(), DEFAULT_LISTEN);
+}
+
+#[test]
+fn an_openrouter_key_implies_the_openrouter_backend() {
+    let table = build(
+        "",
+        Overrides::default(),
+        &[("OPENROUTER_API_KEY", "sk-or-v1-x")],
+    )
+    .unwrap();
+    assert_eq!(table.default_backend, OPENROUTER_BACKEND);
+    let entry = table.backend(OPENROUTER_BACKEND).unwrap();
+    assert_eq!(entry.next_key().unwrap().secret.expose(), "sk-or-v1-x");
+    assert_eq!(
+        format!("{:?}", entry.next_key().unwrap().secret),
+        "Secret(***)"
+    );
+}
+
+#[test]
+fn every_error_is_reported_with_its_place() {
+    let errs = build(
+        "backends:\n  a:\n    type: nope\n  b:\n    type: openai\n    api_key_env: MISSING_KEY\ndefault_backend: c\nmodel_aliases:\n  - { pattern: \"(\", replacement: x }\n",
+        Overrides::default(),
+        &[],
+    )
+    .err()
+    .unwrap();
+    let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
+    assert_eq!(errs.len(), 4, "{text:?}");
+    assert!(
+        text[0].starts_with("c.yaml:3:5: backend `a`: unknown backend type `nope`"),
+        "{text:?}"
+    );
+    assert!(text[1].contains("MISSING_KEY is not set"), "{text:?}");
+    assert!(
+        text[2].starts_with("c.yaml:7:18: default_backend: unknown backend `c`"),
+        "{text:?}"
+    );
+    assert!(
+        text[3].starts_with("c.yaml:9:5: model_aliases: invalid pattern `(`"),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn flags_win_over_config() {
+    let table = build(
+        "backends:\n  local:\n    type: openai\n    base_url: http://127.0.0.1:1/v1\ndefault_backend: mock\nforce_model: a\nlisten: 127.0.0.1:9\n",
+        Overrides { default_backend: Some("local".into()), force_model: Some("b".into()), listen: Some("127.0.0.1:0".into()), ..Overrides::default() },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(table.default_backend, "local");
+    assert_eq!(table.force_model.as_deref(), Some("b"));
+    assert_eq!(table.restart_only.listen.to_string(), "127.0.0.1:0");
+    let errs = build(
+        "",
+        Overrides {
+            default_backend: Some("openrouter".into()),
+            ..Overrides::default()
+        },
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        errs[0].to_string().contains("set OPENROUTER_API_KEY"),
+        "{}",
+        errs[0]
+    );
+    let errs = build(
+        "",
+        Overrides {
+            force_model: Some("m?temperature=9".into()),
+            ..Overrides::default()
+        },
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("--force-model: invalid model selector"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn keys_rotate_and_rest_alone() {
+    let table = build(
+        "backends:\n  or:\n    type: openrouter\n    api_keys_env: [K1, K2]\n",
+        Overrides::default(),
+        &[("K1", "one"), ("K2", "two")],
+    )
+    .unwrap();
+    let entry = table.backend("or").unwrap();
+    let seen: Vec<&str> = (0..3)
+        .map(|_| entry.next_key().unwrap().secret.expose())
+        .collect();
+    assert_eq!(seen, ["one", "two", "one"]);
+    let first = entry.next_key().unwrap();
+    entry.cool_key(first.index, Duration::from_secs(60));
+    assert_eq!(entry.ready_keys(), 1);
+    for _ in 0..4 {
+        assert_ne!(entry.next_key().unwrap().index, first.index);
+    }
+}
+
+#[test]
+fn aliases_rewrite_with_backreferences() {
+    let table = build(
+        "model_aliases:\n  - pattern: \"^gpt-(.*)\"\n    replacement: \"openrouter:openai/gpt-\\\\1\"\n",
+        Overrides::default(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        table.aliases[0].apply("gpt-4o").as_deref(),
+        Some("openrouter:openai/gpt-4o")
+    );
+    assert_eq!(table.aliases[0].apply("claude"), None);
+    assert_eq!(replacement_syntax(r"a\1b\12\\c$2"), "a${1}b${12}\\c$2");
+}
+
+#[test]
+fn failover_rules_compile_and_check_their_backends() {
+    let table = build(
+        "failover:\n  - match: \"^mock:\"\n    chain: [\"mock:b|mock:c\"]\n    triggers: [rate_limited]\n",
+        Overrides::default(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(table.failover[0].chain.len(), 2);
+    assert!(table.failover[0].triggers.contains(&Trigger::RateLimited));
+    assert!(!table.failover[0].triggers.contains(&Trigger::Connect));
+    let errs = build(
+        "failover:\n  - match: x\n    chain: [\"ghost:m\"]\n",
+        Overrides::default(),
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("c.yaml:2:5: failover: unknown backend `ghost`"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn unsafe_listeners_are_refused() {
+    let errs = build("listen: 0.0.0.0:8000\n", Overrides::default(), &[])
+        .err()
+        .unwrap();
+    assert!(
+        errs[0]
+            .to_string()
+            .contains("refusing to serve 0.0.0.0:8000 without auth"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        build(
+            "listen: 0.0.0.0:8000\nauth:\n  allow_open: true\n",
+            Overrides::default(),
+            &[]
+        )
+        .is_ok()
+    );
+    let errs = build(
+        "admin:\n  listen: 0.0.0.0:8001\n",
+        Overrides::default(),
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        errs[0]
+            .to_string()
+            .contains("admin API on 0.0.0.0:8001 without a token"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        build(
+            "admin:\n  listen: 0.0.0.0:8001\n  token_env: T\n",
+            Overrides::default(),
+            &[("T", "tok")]
+        )
+        .is_ok()
+    );
+    let errs = build("listen: localhost\n", Overrides::default(), &[])
+        .err()
+        .unwrap();
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("c.yaml:1:9: listen: `localhost` is not an address"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn restart_only_changes_are_named() {
+    let a = build("", Overrides::default(), &[]).unwrap().restart_only;
+    let b = build(
+        "listen: 127.0.0.1:9000\nlimits:\n  connect_timeout: 1s\n",
+        Overrides::default(),
+        &[],
+    )
+    .unwrap()
+    .restart_only;
+    assert_eq!(
+        b.changes_from(&a),
+        vec![
+            "listen (127.0.0.1:8000 → 127.0.0.1:9000)".to_owned(),
+            "limits.connect_timeout".to_owned()
+        ]
+    );
+    assert!(a.changes_from(&a).is_empty());
+}
+
+#[test]
+fn identity_modes_resolve_per_backend() {
+    let table = build(
+        r#"
+identity:
+  user_agent: { mode: override, override_value: "MyApp/1.0.0" }
+  title: { mode: default }
+backends:
+  local:
+    type: openai
+    base_url: http://127.0.0.1:1/v1
+    identity:
+      user_agent: { mode: passthrough }
+"#,
+        Overrides::default(),
+        &[],
+    )
+    .unwrap();
+    let mut client = HeaderMap::new();
+    client.insert("user-agent", "OpenAI/Python 1.0".parse().unwrap());
+    client.insert("http-referer", "https://client.example".parse().unwrap());
+    let mock = table.backend("mock").unwrap().identity.resolve(&client);
+    assert_eq!(mock.user_agent, Some("MyApp/1.0.0"));
+    assert_eq!(mock.referer, Some("https://client.example"));
+    assert_eq!(mock.title, Some(DEFAULT_TITLE));
+    let local = table.backend("local").unwrap().identity.resolve(&client);
+    assert_eq!(local.user_agent, Some("OpenAI/Python 1.0"));
+    let empty = HeaderMap::new();
+    let bare = table.backend("local").unwrap().identity.resolve(&empty);
+    assert_eq!(bare.user_agent, Some(USER_AGENT));
+}

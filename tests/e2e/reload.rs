@@ -1,0 +1,349 @@
+//! Hot reload: the rules directory and config file are watched; SIGHUP and the admin API take
+//! the same path; an invalid table is never served (SPEC §6).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{Daemon, Options, chat, client, temp_dir};
+
+/// A fragment that routes the model `probe` to `mock:<name>`: the route header tells which
+/// version of the rules served a request.
+fn version(name: &str) -> String {
+    format!("model_aliases:\n  - pattern: \"^probe$\"\n    replacement: \"mock:{name}\"\n")
+}
+
+/// The same fragment with an unknown key: the whole file is refused.
+fn invalid(name: &str) -> String {
+    format!("{}bogus_key: 1\n", version(name))
+}
+
+async fn probe(daemon: &Daemon) -> String {
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("probe", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-orproxy-route"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits until the daemon has finished `n` reloads since it started (ok or error).
+async fn reloads(daemon: &Daemon, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let done = daemon
+            .logs()
+            .iter()
+            .filter(|l| {
+                l.contains("\"Routing table reloaded.\"")
+                    || l.contains("\"Reload refused; the running table is kept.\"")
+            })
+            .count();
+        // One refused reload logs one line per error; count distinct reloads by their outcome lines.
+        if done >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {done} of {n} reloads; logs:\n{}",
+            daemon.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ok_reloads(daemon: &Daemon) -> usize {
+    daemon
+        .logs()
+        .iter()
+        .filter(|l| l.contains("\"Routing table reloaded.\""))
+        .count()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+fn start_with_rules(dir: &Path) -> Daemon {
+    Daemon::start(
+        Options::default()
+            .arg("--rules-dir")
+            .arg(&dir.display().to_string()),
+    )
+}
+
+#[tokio::test]
+async fn a_changed_fragment_is_served_and_an_invalid_one_never_is() {
+    let dir = temp_dir();
+    write(&dir.join("10-route.yaml"), &version("v1"));
+    let daemon = start_with_rules(&dir);
+    assert_eq!(probe(&daemon).await, "mock:v1");
+
+    write(&dir.join("10-route.yaml"), &version("v2"));
+    reloads(&daemon, 1).await;
+    assert_eq!(probe(&daemon).await, "mock:v2");
+    assert_eq!(daemon.status().await["table_version"], 2);
+
+    write(&dir.join("10-route.yaml"), &invalid("bad"));
+    reloads(&daemon, 2).await;
+    assert_eq!(
+        probe(&daemon).await,
+        "mock:v2",
+        "the old table keeps serving"
+    );
+    let status = daemon.status().await;
+    assert_eq!(status["last_reload"]["result"], "error");
+    assert_eq!(status["table_version"], 2);
+    let error = status["last_reload"]["errors"][0].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("{}:4:1: ", dir.join("10-route.yaml").display())),
+        "{error}"
+    );
+    assert!(error.contains("bogus_key"), "{error}");
+    let metrics = client()
+        .get(daemon.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("orproxy_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("orproxy_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_key_defined_in_two_files_names_both() {
+    let dir = temp_dir();
+    write(&dir.join("10-a.yaml"), &version("a"));
+    write(&dir.join("20-b.yaml"), &version("b"));
+    let output = crate::harness::command()
+        .arg("check")
+        .arg("--rules-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:2:3: `model_aliases` is already defined in {}:2;",
+            dir.join("20-b.yaml").display(),
+            dir.join("10-a.yaml").display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn editors_bursts_and_partial_writes_end_in_one_reload_of_the_final_content() {
+    let dir = temp_dir();
+    write(&dir.join("10-route.yaml"), &version("start"));
+    let daemon = start_with_rules(&dir);
+
+    // vim: swap file, backup by rename, write the new file, delete the backup.
+    let target = dir.join("10-route.yaml");
+    write(&dir.join(".10-route.yaml.swp"), "swap");
+    std::fs::rename(&target, dir.join("10-route.yaml~")).unwrap();
+    write(&target, &version("vim"));
+    std::fs::remove_file(dir.join("10-route.yaml~")).unwrap();
+    std::fs::remove_file(dir.join(".10-route.yaml.swp")).unwrap();
+    reloads(&daemon, 1).await;
+    assert_eq!(probe(&daemon).await, "mock:vim");
+
+    // Write to a temporary name, then rename over the file (atomic save).
+    write(&dir.join("10-route.yaml.tmp"), &version("rename"));
+    std::fs::rename(dir.join("10-route.yaml.tmp"), &target).unwrap();
+    reloads(&daemon, 2).await;
+    assert_eq!(probe(&daemon).await, "mock:rename");
+
+    // A burst of 100 writes.
+    for i in 0..100 {
+        write(&target, &version(&format!("burst{i}")));
+    }
+    reloads(&daemon, 3).await;
+    assert_eq!(probe(&daemon).await, "mock:burst99");
+
+    // A partial write: half a file, then the rest.
+    let text = version("partial");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&target)
+        .unwrap();
+    file.write_all(&text.as_bytes()[..text.len() / 2]).unwrap();
+    file.flush().unwrap();
+    file.write_all(&text.as_bytes()[text.len() / 2..]).unwrap();
+    drop(file);
+    reloads(&daemon, 4).await;
+    assert_eq!(probe(&daemon).await, "mock:partial");
+
+    // Proving that nothing else follows takes a quiet period: one explicit reload after it
+    // must be the fifth, not the sixth.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let response = client()
+        .post(daemon.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(ok_reloads(&daemon), 5, "each edit was exactly one reload");
+}
+
+#[tokio::test]
+async fn sighup_and_the_admin_api_reload_the_config_file() {
+    let dir = temp_dir();
+    let config = dir.join("config.yaml");
+    write(&config, &version("first"));
+    let daemon = Daemon::start(
+        Options::default()
+            .arg("--config")
+            .arg(&config.display().to_string())
+            .arg("--rules-dir")
+            .arg(&temp_dir().display().to_string()),
+    );
+    assert_eq!(probe(&daemon).await, "mock:first");
+
+    write(&config, &version("watched"));
+    reloads(&daemon, 1).await;
+    assert_eq!(probe(&daemon).await, "mock:watched");
+
+    daemon.signal("HUP");
+    reloads(&daemon, 2).await;
+    assert!(
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains("SIGHUP: reloading."))
+    );
+
+    let response = client()
+        .post(daemon.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let outcome: Value = response.json().await.unwrap();
+    assert_eq!(outcome["result"], "ok");
+    assert_eq!(outcome["reason"], "admin");
+    assert_eq!(outcome["version"], 4);
+}
+
+#[tokio::test]
+async fn restart_only_settings_are_refused_with_a_clear_message() {
+    let dir = temp_dir();
+    let config = dir.join("config.yaml");
+    write(&config, "limits:\n  connect_timeout: 5s\n");
+    let daemon = Daemon::start(
+        Options::default()
+            .arg("--config")
+            .arg(&config.display().to_string()),
+    );
+    write(&config, "limits:\n  connect_timeout: 9s\n");
+    let response = client()
+        .post(daemon.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let outcome: Value = response.json().await.unwrap();
+    let error = outcome["errors"][0].as_str().unwrap();
+    assert!(
+        error.contains("limits.connect_timeout cannot change at runtime: restart orproxy to apply"),
+        "{error}"
+    );
+}
+
+/// 200 requests per second for 10 seconds while the rules are rewritten 20 times, half of the
+/// versions invalid: no request fails, every valid version serves, no invalid one ever does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_drop_nothing() {
+    let dir = temp_dir();
+    let target = dir.join("10-route.yaml");
+    write(&target, &version("v0"));
+    let daemon = start_with_rules(&dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let url = daemon.url("/v1/chat/completions");
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let http = client();
+            let mut ticker = tokio::time::interval(Duration::from_millis(5));
+            let mut inflight = tokio::task::JoinSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                ticker.tick().await;
+                let request = http.post(&url).json(&chat("probe", "x", false)).send();
+                inflight.spawn(async move {
+                    let response = request.await.map_err(|e| e.to_string())?;
+                    if response.status() != 200 {
+                        return Err(format!("status {}", response.status()));
+                    }
+                    Ok(response.headers()["x-orproxy-route"]
+                        .to_str()
+                        .unwrap_or_default()
+                        .to_owned())
+                });
+            }
+            inflight.join_all().await
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut expected_reloads = 0;
+    for round in 1..=20 {
+        expected_reloads += 1;
+        if round % 2 == 0 {
+            write(&target, &invalid(&format!("bad{round}")));
+            reloads(&daemon, expected_reloads).await;
+        } else {
+            write(&target, &version(&format!("v{round}")));
+            reloads(&daemon, expected_reloads).await;
+            // Keep this version until the load has seen it.
+            let wanted = format!("mock:v{round}");
+            while probe(&daemon).await != wanted {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Spread the 20 rewrites over about ten seconds of load.
+        let due = Duration::from_millis(500 * round);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let results = load.await.unwrap();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(results.len() >= 1500, "only {} requests", results.len());
+    let routes: std::collections::HashSet<&str> =
+        results.iter().filter_map(|r| r.as_deref().ok()).collect();
+    for round in (1..=20).step_by(2) {
+        assert!(
+            routes.contains(format!("mock:v{round}").as_str()),
+            "v{round} never served: {routes:?}"
+        );
+    }
+    assert!(
+        routes.iter().all(|r| !r.contains("bad")),
+        "an invalid version served: {routes:?}"
+    );
+}
