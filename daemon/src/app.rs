@@ -5,6 +5,7 @@ use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
@@ -20,8 +21,8 @@ use crate::upstream::UpstreamClient;
 pub struct App {
     /// The routing table; swapped whole, loaded once per request.
     pub table: ArcSwap<RoutingTable>,
-    /// The upstream connection pool.
-    pub client: UpstreamClient,
+    /// `limits.connect_timeout` of the pools (restart-only).
+    connect_timeout: Duration,
     /// Request id source.
     pub ids: RequestIds,
     /// `/v1/models` cache.
@@ -44,14 +45,14 @@ impl App {
     /// Builds the state around a first table.
     pub fn new(
         table: RoutingTable,
-        client: UpstreamClient,
+        connect_timeout: Duration,
         hard_stop: watch::Receiver<bool>,
         reloads: mpsc::Sender<reload::Request>,
     ) -> Arc<App> {
         let startup = reload::Outcome::startup(table.files.clone());
         Arc::new(App {
             table: ArcSwap::from_pointee(table),
-            client,
+            connect_timeout,
             ids: RequestIds::new(),
             models: ModelCatalog::default(),
             health: HealthBook::default(),
@@ -62,6 +63,11 @@ impl App {
             version: AtomicU64::new(1),
             last_reload: Mutex::new(startup),
         })
+    }
+
+    /// The upstream pool of the calling worker thread.
+    pub fn client(&self) -> UpstreamClient {
+        UpstreamClient::for_this_thread(self.connect_timeout)
     }
 
     /// The version of the serving table (1 at startup, +1 per successful reload).

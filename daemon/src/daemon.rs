@@ -81,7 +81,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The main thread runs admin, reloads and signals; the client API gets its own worker
+    // threads (see `server`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -118,13 +120,15 @@ async fn run(
         rules_dir: table.rules_dir.clone(),
     };
     let default_backend = table.default_backend.clone();
-    let client = UpstreamClient::new(limits.connect_timeout).map_err(std::io::Error::other)?;
+    // Built once here so that a TLS setup failure stops the start, not a request.
+    UpstreamClient::new(limits.connect_timeout).map_err(std::io::Error::other)?;
     let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
     let (reload_tx, reload_rx) = mpsc::channel(16);
-    let app = App::new(table, client, hard_stop_rx, reload_tx.clone());
+    let app = App::new(table, limits.connect_timeout, hard_stop_rx, reload_tx.clone());
 
-    let api = server::bind(&listen.to_string(), "client API").await?;
-    let admin = server::bind(&admin_listen.to_string(), "admin API").await?;
+    let api = server::bind_api(listen, server::worker_count())?;
+    let api_addr = api.first().map(std::net::TcpListener::local_addr).transpose()?.unwrap_or(listen);
+    let admin = server::bind_admin(admin_listen).await?;
     tokio::spawn(reload::run(
         std::sync::Arc::clone(&app),
         sources,
@@ -141,12 +145,12 @@ async fn run(
         }
     };
     tokio::spawn(reload_on_sighup(reload_tx));
-    let _ = app.bound.set((api.local_addr()?, admin.local_addr()?));
+    let _ = app.bound.set((api_addr, admin.local_addr()?));
     tokio::spawn(service::watchdog());
     service::ready(&reload::status_line(&app));
     tracing::info!(
         message = "Ready.",
-        listen = %api.local_addr()?,
+        listen = %api_addr,
         admin_listen = %admin.local_addr()?,
         default_backend = %default_backend,
         version = env!("CARGO_PKG_VERSION"),

@@ -358,7 +358,7 @@ pub async fn json(
         let first_byte = exchange
             .deadline
             .min(Instant::now() + limits.first_byte_timeout);
-        let answer = match app.client.send(attempt.prepared, first_byte).await {
+        let answer = match app.client().send(attempt.prepared, first_byte).await {
             Ok(mut response) => response
                 .collect(
                     limits.max_response_bytes,

@@ -100,7 +100,7 @@ async fn models_of(app: &App, backend: &BackendEntry) -> Arc<Vec<ModelInfo>> {
     };
     let deadline = Instant::now() + FETCH_TIMEOUT;
     let fetched = async {
-        let mut response = app.client.send(prepared, deadline).await.ok()?;
+        let mut response = app.client().send(prepared, deadline).await.ok()?;
         let body = timeout_at(
             deadline,
             response.collect(16 << 20, FETCH_TIMEOUT, deadline),

@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http_body::Frame;
 use orproxy_plugin::{
-    EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer, StreamMapper,
+    EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer,
 };
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -61,6 +61,7 @@ pub async fn stream(
         events: events_tx,
         hard_stop,
         content_started: false,
+        pending: BytesMut::new(),
     };
     tokio::spawn(relay.run());
     match commit_rx.await {
@@ -120,6 +121,8 @@ struct Relay {
     events: mpsc::Sender<Bytes>,
     hard_stop: watch::Receiver<bool>,
     content_started: bool,
+    /// Output of the current upstream read, sent in one piece by [`Relay::flush`].
+    pending: BytesMut,
 }
 
 /// What interrupted [`Relay::wait`].
@@ -277,17 +280,24 @@ impl Relay {
             .map_err(|_| AttemptEnd::Stop(Outcome::ClientDisconnected))
     }
 
-    async fn emit(&mut self, out: Output) -> Result<(), AttemptEnd> {
+    /// Queues output for the client; [`Relay::flush`] sends it.
+    fn emit(&mut self, out: Output) {
         match out {
-            Output::One(bytes) => self.send(bytes).await,
-            Output::Many(list) => {
-                for bytes in list {
-                    self.send(bytes).await?;
-                }
-                Ok(())
-            }
-            Output::Nothing => Ok(()),
+            Output::One(bytes) => self.pending.extend_from_slice(&bytes),
+            Output::Many(list) => list.iter().for_each(|b| self.pending.extend_from_slice(b)),
+            Output::Nothing => {}
         }
+    }
+
+    /// Sends what is queued as one write: the events of one upstream read go out together
+    /// (one wake-up and one syscall instead of one per event), and nothing waits for the
+    /// next read.
+    async fn flush(&mut self) -> Result<(), AttemptEnd> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.pending.split().freeze();
+        self.send(bytes).await
     }
 
     /// One upstream attempt, from sending to the end of its stream.
@@ -303,8 +313,8 @@ impl Relay {
             .exchange
             .deadline
             .min(Instant::now() + limits.first_byte_timeout);
-        // A clone of the pool handle (an Arc inside) so the send future does not borrow `self`.
-        let client = self.app.client.clone();
+        // An owned pool handle (an Arc inside) so the send future does not borrow `self`.
+        let client = self.app.client();
         let response = match self.wait(client.send(prepared, first_content), tick).await {
             Err(end) => return end,
             Ok(Ok(response)) => response,
@@ -340,14 +350,13 @@ impl Relay {
                 Ok(Ok(Err(error))) => return self.broken(&backend.name, error, &stream).await,
                 Ok(Ok(Ok(None))) => {
                     if let Some(event) = framer.finish()
-                        && let Some(end) = self
-                            .on_event(mapper.map(event), &backend.name, &mut stream)
-                            .await
+                        && let Some(end) = self.on_event(mapper.map(event), &backend.name, &mut stream)
                     {
-                        return self.ended(end, &*mapper, label);
+                        return self.ended(end, mapper.served_model().map(str::to_owned), label).await;
                     }
                     if self.content_started && mapper.is_complete() {
-                        return self.ended(AttemptEnd::Finished(stream.outcome()), &*mapper, label);
+                        return self.ended(AttemptEnd::Finished(stream.outcome()), mapper.served_model().map(str::to_owned), label)
+                            .await;
                     }
                     let error = AttemptError::Broken(
                         "the upstream stream ended before the answer was complete".into(),
@@ -358,19 +367,23 @@ impl Relay {
             };
             framer.push(&chunk);
             while let Some(event) = framer.next_event() {
-                if let Some(end) = self
-                    .on_event(mapper.map(event), &backend.name, &mut stream)
-                    .await
-                {
-                    return self.ended(end, &*mapper, label);
+                if let Some(end) = self.on_event(mapper.map(event), &backend.name, &mut stream) {
+                    return self.ended(end, mapper.served_model().map(str::to_owned), label).await;
                 }
+            }
+            if let Err(end) = self.flush().await {
+                return end;
             }
         }
     }
 
-    fn ended(&mut self, end: AttemptEnd, mapper: &dyn StreamMapper, label: &str) -> AttemptEnd {
+    /// Closes an attempt: sends what is queued and notes a success.
+    async fn ended(&mut self, end: AttemptEnd, served: Option<String>, label: &str) -> AttemptEnd {
+        if let Err(stopped) = self.flush().await {
+            return stopped;
+        }
         if matches!(end, AttemptEnd::Finished(_)) {
-            self.record.model_served = mapper.served_model().map(str::to_owned);
+            self.record.model_served = served;
             self.record.attempt(label, "ok");
         }
         end
@@ -386,24 +399,8 @@ impl Relay {
     }
 
     /// Handles one mapped event; `Some` ends the attempt.
-    async fn on_event(
-        &mut self,
-        mapped: MappedEvent,
-        backend: &str,
-        stream: &mut StreamState,
-    ) -> Option<AttemptEnd> {
-        match self.on_event_inner(mapped, backend, stream).await {
-            Ok(end) => end,
-            Err(end) => Some(end),
-        }
-    }
+    fn on_event(&mut self, mapped: MappedEvent, backend: &str, stream: &mut StreamState) -> Option<AttemptEnd> {
 
-    async fn on_event_inner(
-        &mut self,
-        mapped: MappedEvent,
-        backend: &str,
-        stream: &mut StreamState,
-    ) -> Result<Option<AttemptEnd>, AttemptEnd> {
         if let Some(usage) = mapped.usage {
             self.record.usage = Some(usage);
         }
@@ -419,11 +416,11 @@ impl Relay {
                 self.commit_stream();
                 self.record.first_byte = Some(Instant::now());
                 for held in std::mem::take(&mut stream.held) {
-                    self.send(held).await?;
+                    self.pending.extend_from_slice(&held);
                 }
-                self.emit(mapped.out).await?;
+                self.emit(mapped.out);
                 if mapped.kind == EventKind::Done {
-                    return Ok(Some(AttemptEnd::Finished(stream.outcome())));
+                    return Some(AttemptEnd::Finished(stream.outcome()));
                 }
             }
             EventKind::Failed(failure) if !self.content_started => {
@@ -432,25 +429,25 @@ impl Relay {
                     backend: backend.to_owned(),
                     answer: Box::new(UpstreamAnswer::from_failure(&failure)),
                 };
-                return Ok(Some(AttemptEnd::Failed {
+                return Some(AttemptEnd::Failed {
                     error,
                     failure: Some(failure),
                     how: How::Stream,
-                }));
+                });
             }
             EventKind::Failed(failure) => {
                 // The upstream's own error event is already OpenAI-shaped: relay it as it is.
                 stream.midstream_error = true;
                 self.record.error = Some(failure.message);
-                self.emit(mapped.out).await?;
+                self.emit(mapped.out);
             }
             EventKind::Done => {
-                self.emit(mapped.out).await?;
-                return Ok(Some(AttemptEnd::Finished(stream.outcome())));
+                self.emit(mapped.out);
+                return Some(AttemptEnd::Finished(stream.outcome()));
             }
-            _ => self.emit(mapped.out).await?,
+            _ => self.emit(mapped.out),
         }
-        Ok(None)
+        None
     }
 
     /// The upstream stream broke (timeout, reset, early end): before content the next target
@@ -470,6 +467,9 @@ impl Relay {
             };
         }
         self.record.error = Some(error.to_string());
+        if let Err(stopped) = self.flush().await {
+            return stopped;
+        }
         if !stream.midstream_error {
             let _ = self.events.send(error_event(&error)).await;
         }

@@ -1,18 +1,25 @@
-//! Listeners, routers and the shutdown sequence.
+//! Listeners, routers, worker threads and the shutdown sequence.
+//!
+//! The client API runs one single-threaded tokio runtime per core, each accepting on its own
+//! `SO_REUSEPORT` socket: a request, its upstream connection and its stream relay then stay on
+//! one thread, with no wake-ups across cores (they cost more than the relaying itself). The
+//! admin API, reloads and signals run on the main thread's runtime.
 //!
 //! SIGTERM/SIGINT stop the accept loops, in-flight requests and streams get
-//! `limits.shutdown_grace` to finish, then open streams end with an error event and the
-//! daemon exits.
+//! `limits.shutdown_grace` to finish (a second signal cuts it short), then open streams end with
+//! an error event and the daemon exits.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
+use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::admin;
 use crate::app::App;
@@ -32,77 +39,118 @@ pub fn api_router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Binds a listener, naming the address in the error.
-pub async fn bind(addr: &str, what: &str) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}")))
+/// How many client API workers to run: one per core.
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Serves both listeners until SIGTERM or SIGINT, then drains for `grace` (a second signal
-/// ends the drain at once).
+/// Binds `count` sockets sharing `addr` (`SO_REUSEPORT`, so the kernel spreads connections),
+/// naming the address in any error. Port 0 picks one free port for all of them.
+pub fn bind_api(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let fail = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr} (client API): {e}"));
+    // SO_REUSEPORT would let a second orproxy share the port silently: a plain bind first
+    // fails loudly if anything listens there already (and picks the port when asked for 0).
+    let mut addr = std::net::TcpListener::bind(addr).and_then(|probe| probe.local_addr()).map_err(fail)?;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+        socket.set_reuse_address(true).map_err(fail)?;
+        socket.set_reuse_port(true).map_err(fail)?;
+        socket.set_nonblocking(true).map_err(fail)?;
+        socket.bind(&addr.into()).map_err(fail)?;
+        socket.listen(1024).map_err(fail)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr().map_err(fail)?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Binds the admin listener, naming the address in the error.
+pub async fn bind_admin(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} (admin API): {e}")))
+}
+
+fn nodelay(tcp: &mut tokio::net::TcpStream) {
+    // Small SSE events must leave at once, not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+}
+
+async fn drained(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|draining| *draining).await;
+}
+
+/// Starts one worker thread per listener; each reports when its server has drained.
+fn start_workers(app: &Arc<App>, api: Vec<std::net::TcpListener>, drain: &watch::Receiver<bool>) -> io::Result<Vec<oneshot::Receiver<io::Result<()>>>> {
+    let mut done = Vec::with_capacity(api.len());
+    for (i, listener) in api.into_iter().enumerate() {
+        let (tx, rx) = oneshot::channel();
+        let app = Arc::clone(app);
+        let drain = drain.clone();
+        std::thread::Builder::new().name(format!("orproxy-worker-{i}")).spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|runtime| {
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    axum::serve(listener.tap_io(nodelay), api_router(app)).with_graceful_shutdown(drained(drain)).await
+                })
+            });
+            let _ = tx.send(result);
+        })?;
+        done.push(rx);
+    }
+    Ok(done)
+}
+
+/// Serves the client API on worker threads and the admin API here until SIGTERM or SIGINT,
+/// then drains for `grace` (a second signal ends the drain at once).
 pub async fn serve(
     app: Arc<App>,
-    api: TcpListener,
+    api: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
     grace: Duration,
     hard_stop: watch::Sender<bool>,
 ) -> io::Result<()> {
     let mut signals = Signals::new()?;
     let (drain_tx, drain_rx) = watch::channel(false);
-    let drained = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|draining| *draining).await;
-    };
-    let nodelay = |tcp: &mut tokio::net::TcpStream| {
-        // Small SSE events must leave at once, not wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-    };
-    let api_server = axum::serve(api.tap_io(nodelay), api_router(Arc::clone(&app)))
-        .with_graceful_shutdown(drained(drain_rx.clone()));
-    let admin_server = axum::serve(
-        admin_listener.tap_io(nodelay),
-        admin::router(Arc::clone(&app)),
-    )
-    .with_graceful_shutdown(drained(drain_rx));
-    let mut api_task = tokio::spawn(async move { api_server.await });
-    let mut admin_task = tokio::spawn(async move { admin_server.await });
+    let workers = start_workers(&app, api, &drain_rx)?;
+    let admin_server = axum::serve(admin_listener.tap_io(nodelay), admin::router(Arc::clone(&app))).with_graceful_shutdown(drained(drain_rx));
+    let admin_task = tokio::spawn(async move { admin_server.await });
+    let mut all = tokio::spawn(async move {
+        let results = futures_util::future::join_all(workers).await;
+        let admin = admin_task.await.map_err(io::Error::other).and_then(|r| r);
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|_| Err(io::Error::other("a worker thread died"))))
+            .chain(std::iter::once(admin))
+            .collect::<io::Result<Vec<()>>>()
+            .map(drop)
+    });
 
     tokio::select! {
         _ = signals.next() => {}
-        result = &mut api_task => return flatten(result),
-        result = &mut admin_task => return flatten(result),
+        result = &mut all => return result.map_err(io::Error::other)?,
     }
     service::stopping();
-    tracing::info!(
-        message = "Shutting down: no new connections, draining in-flight requests.",
-        grace_ms = grace.as_millis() as u64
-    );
+    tracing::info!(message = "Shutting down: no new connections, draining in-flight requests.", grace_ms = grace.as_millis() as u64);
     let _ = drain_tx.send(true);
-    let both = async {
-        let (a, b) = tokio::join!(&mut api_task, &mut admin_task);
-        flatten(a).and(flatten(b))
-    };
-    let mut both = std::pin::pin!(both);
     let drained = tokio::select! {
-        result = tokio::time::timeout(grace, &mut both) => result.ok(),
+        result = tokio::time::timeout(grace, &mut all) => result.ok(),
         _ = signals.next() => {
             tracing::warn!(message = "Second signal: ending the remaining requests now.");
             None
         }
     };
     match drained {
-        Some(result) => result,
+        Some(result) => result.map_err(io::Error::other)?,
         None => {
             tracing::warn!(message = "Ending the remaining requests.");
             let _ = hard_stop.send(true);
-            let _ = tokio::time::timeout(LAST_WORDS, &mut both).await;
+            let _ = tokio::time::timeout(LAST_WORDS, &mut all).await;
             Ok(())
         }
     }
-}
-
-fn flatten(result: Result<io::Result<()>, tokio::task::JoinError>) -> io::Result<()> {
-    result.map_err(io::Error::other)?
 }
 
 /// SIGTERM and SIGINT, as one stream of shutdown requests.

@@ -25,13 +25,32 @@ pub enum AttemptError {
     TooLarge(usize),
 }
 
-/// The shared HTTP client: one pool, keep-alive, HTTP/2 where the upstream offers it (ALPN).
+/// An HTTP client: a keep-alive pool, HTTP/2 where the upstream offers it (ALPN).
+///
+/// Each worker thread has its own ([`UpstreamClient::for_this_thread`]): a pooled connection
+/// is driven by a task of the runtime that opened it, so sharing one pool between workers
+/// would bounce every request across cores.
 #[derive(Clone)]
 pub struct UpstreamClient {
     http: reqwest::Client,
 }
 
+thread_local! {
+    static THREAD_CLIENT: std::cell::OnceCell<UpstreamClient> = const { std::cell::OnceCell::new() };
+}
+
 impl UpstreamClient {
+    /// This thread's client (built on first use, with the settings checked at startup).
+    pub fn for_this_thread(connect_timeout: Duration) -> UpstreamClient {
+        THREAD_CLIENT.with(|cell| {
+            cell.get_or_init(|| {
+                UpstreamClient::new(connect_timeout)
+                    .expect("the same client settings were built successfully at startup")
+            })
+            .clone()
+        })
+    }
+
     /// Builds the pool; `connect_timeout` bounds TCP plus TLS setup.
     pub fn new(connect_timeout: Duration) -> Result<Self, reqwest::Error> {
         // The ring provider must be the process default before rustls is first used; a second
