@@ -55,7 +55,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MODEL")]
     pub force_model: Option<String>,
     /// Log line format [default: text on a terminal, json otherwise]
-    #[arg(long, value_enum, value_name = "text|json", hide_possible_values = true)]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "text|json",
+        hide_possible_values = true
+    )]
     pub log_format: Option<LogFormat>,
 }
 
@@ -85,10 +90,15 @@ mod tests {
             if long == "help" {
                 continue;
             }
-            let value = arg.get_value_names().map(|v| format!(" {}", v[0])).unwrap_or_default();
+            let value = arg
+                .get_value_names()
+                .map(|v| format!(" {}", v[0]))
+                .unwrap_or_default();
             let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
             let (meaning, default) = match help.split_once(" [default: ") {
-                Some((meaning, default)) => (meaning.to_owned(), default.trim_end_matches(']').to_owned()),
+                Some((meaning, default)) => {
+                    (meaning.to_owned(), default.trim_end_matches(']').to_owned())
+                }
                 None => (help, "none".to_owned()),
             };
             let flag = format!("--{long}{value}").replace('|', "\\|");
@@ -106,10 +116,17 @@ mod tests {
         let stop = readme.find(end).expect("README has a flags:end marker");
         let expected = flag_table();
         if std::env::var_os("UPDATE_README").is_some() {
-            std::fs::write(&path, format!("{}{expected}{}", &readme[..start], &readme[stop..])).unwrap();
+            std::fs::write(
+                &path,
+                format!("{}{expected}{}", &readme[..start], &readme[stop..]),
+            )
+            .unwrap();
             return;
         }
-        assert!(readme[start..stop] == expected, "README flag table is stale: run `UPDATE_README=1 cargo test -p orproxy --lib cli`\n{expected}");
+        assert!(
+            readme[start..stop] == expected,
+            "README flag table is stale: run `UPDATE_README=1 cargo test -p orproxy --lib cli`\n{expected}"
+        );
     }
 
     #[test]

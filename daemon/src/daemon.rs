@@ -124,10 +124,19 @@ async fn run(
     UpstreamClient::new(limits.connect_timeout).map_err(std::io::Error::other)?;
     let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
     let (reload_tx, reload_rx) = mpsc::channel(16);
-    let app = App::new(table, limits.connect_timeout, hard_stop_rx, reload_tx.clone());
+    let app = App::new(
+        table,
+        limits.connect_timeout,
+        hard_stop_rx,
+        reload_tx.clone(),
+    );
 
     let api = server::bind_api(listen, server::worker_count())?;
-    let api_addr = api.first().map(std::net::TcpListener::local_addr).transpose()?.unwrap_or(listen);
+    let api_addr = api
+        .first()
+        .map(std::net::TcpListener::local_addr)
+        .transpose()?
+        .unwrap_or(listen);
     let admin = server::bind_admin(admin_listen).await?;
     tokio::spawn(reload::run(
         std::sync::Arc::clone(&app),

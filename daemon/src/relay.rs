@@ -15,12 +15,11 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::HeaderValue;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http_body::Frame;
-use orproxy_plugin::{
-    EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer,
-};
+use orproxy_plugin::{EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout_at};
@@ -293,11 +292,16 @@ impl Relay {
     /// (one wake-up and one syscall instead of one per event), and nothing waits for the
     /// next read.
     async fn flush(&mut self) -> Result<(), AttemptEnd> {
-        if self.pending.is_empty() {
-            return Ok(());
+        if !self.pending.is_empty() {
+            let bytes = self.pending.split().freeze();
+            self.send(bytes).await?;
         }
-        let bytes = self.pending.split().freeze();
-        self.send(bytes).await
+        // Committing after the first content is queued lets hyper write the head and the
+        // first events together.
+        if self.content_started {
+            self.commit_stream();
+        }
+        Ok(())
     }
 
     /// One upstream attempt, from sending to the end of its stream.
@@ -335,7 +339,7 @@ impl Relay {
             } else {
                 idle.min(first_content)
             };
-            let chunk = match self.wait(timeout_at(until, response.chunk()), tick).await {
+            let mut read = match self.wait(timeout_at(until, response.chunk()), tick).await {
                 Err(end) => return end,
                 Ok(Err(_elapsed)) => {
                     let kind = if !self.content_started && Instant::now() >= first_content {
@@ -343,38 +347,84 @@ impl Relay {
                     } else {
                         TimeoutKind::Idle
                     };
-                    return self
-                        .broken(&backend.name, AttemptError::Timeout(kind), &stream)
-                        .await;
+                    Err(AttemptError::Timeout(kind))
                 }
-                Ok(Ok(Err(error))) => return self.broken(&backend.name, error, &stream).await,
-                Ok(Ok(Ok(None))) => {
-                    if let Some(event) = framer.finish()
-                        && let Some(end) = self.on_event(mapper.map(event), &backend.name, &mut stream)
-                    {
-                        return self.ended(end, mapper.served_model().map(str::to_owned), label).await;
-                    }
-                    if self.content_started && mapper.is_complete() {
-                        return self.ended(AttemptEnd::Finished(stream.outcome()), mapper.served_model().map(str::to_owned), label)
+                Ok(Ok(read)) => read,
+            };
+            // Every body chunk already received (an upstream writes one HTTP chunk per event,
+            // and one read often brings many) is relayed in one write before the next wait.
+            loop {
+                match read {
+                    Err(error) => return self.broken(&backend.name, error, &stream).await,
+                    Ok(None) => {
+                        return self
+                            .stream_ended(
+                                &backend.name,
+                                label,
+                                &mut framer,
+                                &mut *mapper,
+                                &mut stream,
+                            )
                             .await;
                     }
-                    let error = AttemptError::Broken(
-                        "the upstream stream ended before the answer was complete".into(),
-                    );
-                    return self.broken(&backend.name, error, &stream).await;
+                    Ok(Some(chunk)) => {
+                        framer.push(&chunk);
+                        while let Some(event) = framer.next_event() {
+                            if let Some(end) =
+                                self.on_event(mapper.map(event), &backend.name, &mut stream)
+                            {
+                                return self
+                                    .ended(end, mapper.served_model().map(str::to_owned), label)
+                                    .await;
+                            }
+                        }
+                    }
                 }
-                Ok(Ok(Ok(Some(bytes)))) => bytes,
-            };
-            framer.push(&chunk);
-            while let Some(event) = framer.next_event() {
-                if let Some(end) = self.on_event(mapper.map(event), &backend.name, &mut stream) {
-                    return self.ended(end, mapper.served_model().map(str::to_owned), label).await;
-                }
+                read = match response.chunk().now_or_never() {
+                    Some(next) => next,
+                    None => {
+                        // hyper hands a body over one chunk at a time from its connection
+                        // task: let that task run once before deciding nothing is left.
+                        tokio::task::yield_now().await;
+                        match response.chunk().now_or_never() {
+                            Some(next) => next,
+                            None => break,
+                        }
+                    }
+                };
             }
             if let Err(end) = self.flush().await {
                 return end;
             }
         }
+    }
+
+    /// The upstream body ended: complete if the answer was (a finish reason or usage came
+    /// after content), else broken.
+    async fn stream_ended(
+        &mut self,
+        backend: &str,
+        label: &str,
+        framer: &mut SseFramer,
+        mapper: &mut dyn orproxy_plugin::StreamMapper,
+        stream: &mut StreamState,
+    ) -> AttemptEnd {
+        if let Some(event) = framer.finish()
+            && let Some(end) = self.on_event(mapper.map(event), backend, stream)
+        {
+            return self
+                .ended(end, mapper.served_model().map(str::to_owned), label)
+                .await;
+        }
+        if self.content_started && mapper.is_complete() {
+            let served = mapper.served_model().map(str::to_owned);
+            return self
+                .ended(AttemptEnd::Finished(stream.outcome()), served, label)
+                .await;
+        }
+        let error =
+            AttemptError::Broken("the upstream stream ended before the answer was complete".into());
+        self.broken(backend, error, stream).await
     }
 
     /// Closes an attempt: sends what is queued and notes a success.
@@ -399,8 +449,12 @@ impl Relay {
     }
 
     /// Handles one mapped event; `Some` ends the attempt.
-    fn on_event(&mut self, mapped: MappedEvent, backend: &str, stream: &mut StreamState) -> Option<AttemptEnd> {
-
+    fn on_event(
+        &mut self,
+        mapped: MappedEvent,
+        backend: &str,
+        stream: &mut StreamState,
+    ) -> Option<AttemptEnd> {
         if let Some(usage) = mapped.usage {
             self.record.usage = Some(usage);
         }
@@ -413,7 +467,6 @@ impl Relay {
             }
             EventKind::Content | EventKind::Done if !self.content_started => {
                 self.content_started = true;
-                self.commit_stream();
                 self.record.first_byte = Some(Instant::now());
                 for held in std::mem::take(&mut stream.held) {
                     self.pending.extend_from_slice(&held);

@@ -47,10 +47,17 @@ pub fn worker_count() -> usize {
 /// Binds `count` sockets sharing `addr` (`SO_REUSEPORT`, so the kernel spreads connections),
 /// naming the address in any error. Port 0 picks one free port for all of them.
 pub fn bind_api(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let fail = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr} (client API): {e}"));
+    let fail = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} (client API): {e}"),
+        )
+    };
     // SO_REUSEPORT would let a second orproxy share the port silently: a plain bind first
     // fails loudly if anything listens there already (and picks the port when asked for 0).
-    let mut addr = std::net::TcpListener::bind(addr).and_then(|probe| probe.local_addr()).map_err(fail)?;
+    let mut addr = std::net::TcpListener::bind(addr)
+        .and_then(|probe| probe.local_addr())
+        .map_err(fail)?;
     let mut listeners = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
@@ -68,9 +75,12 @@ pub fn bind_api(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpL
 
 /// Binds the admin listener, naming the address in the error.
 pub async fn bind_admin(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} (admin API): {e}")))
+    TcpListener::bind(addr).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} (admin API): {e}"),
+        )
+    })
 }
 
 fn nodelay(tcp: &mut tokio::net::TcpStream) {
@@ -83,21 +93,32 @@ async fn drained(mut rx: watch::Receiver<bool>) {
 }
 
 /// Starts one worker thread per listener; each reports when its server has drained.
-fn start_workers(app: &Arc<App>, api: Vec<std::net::TcpListener>, drain: &watch::Receiver<bool>) -> io::Result<Vec<oneshot::Receiver<io::Result<()>>>> {
+fn start_workers(
+    app: &Arc<App>,
+    api: Vec<std::net::TcpListener>,
+    drain: &watch::Receiver<bool>,
+) -> io::Result<Vec<oneshot::Receiver<io::Result<()>>>> {
     let mut done = Vec::with_capacity(api.len());
     for (i, listener) in api.into_iter().enumerate() {
         let (tx, rx) = oneshot::channel();
         let app = Arc::clone(app);
         let drain = drain.clone();
-        std::thread::Builder::new().name(format!("orproxy-worker-{i}")).spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|runtime| {
-                runtime.block_on(async move {
-                    let listener = TcpListener::from_std(listener)?;
-                    axum::serve(listener.tap_io(nodelay), api_router(app)).with_graceful_shutdown(drained(drain)).await
-                })
-            });
-            let _ = tx.send(result);
-        })?;
+        std::thread::Builder::new()
+            .name(format!("orproxy-worker-{i}"))
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            let listener = TcpListener::from_std(listener)?;
+                            axum::serve(listener.tap_io(nodelay), api_router(app))
+                                .with_graceful_shutdown(drained(drain))
+                                .await
+                        })
+                    });
+                let _ = tx.send(result);
+            })?;
         done.push(rx);
     }
     Ok(done)
@@ -115,7 +136,11 @@ pub async fn serve(
     let mut signals = Signals::new()?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let workers = start_workers(&app, api, &drain_rx)?;
-    let admin_server = axum::serve(admin_listener.tap_io(nodelay), admin::router(Arc::clone(&app))).with_graceful_shutdown(drained(drain_rx));
+    let admin_server = axum::serve(
+        admin_listener.tap_io(nodelay),
+        admin::router(Arc::clone(&app)),
+    )
+    .with_graceful_shutdown(drained(drain_rx));
     let admin_task = tokio::spawn(async move { admin_server.await });
     let mut all = tokio::spawn(async move {
         let results = futures_util::future::join_all(workers).await;
@@ -133,7 +158,10 @@ pub async fn serve(
         result = &mut all => return result.map_err(io::Error::other)?,
     }
     service::stopping();
-    tracing::info!(message = "Shutting down: no new connections, draining in-flight requests.", grace_ms = grace.as_millis() as u64);
+    tracing::info!(
+        message = "Shutting down: no new connections, draining in-flight requests.",
+        grace_ms = grace.as_millis() as u64
+    );
     let _ = drain_tx.send(true);
     let drained = tokio::select! {
         result = tokio::time::timeout(grace, &mut all) => result.ok(),
