@@ -43,7 +43,7 @@ pub enum BuildError {
         setting: &'static str,
     },
     /// The base URL is not an absolute http(s) URL.
-    #[error("base_url `{0}` must start with http:// or https://")]
+    #[error("base_url `{0}` must be an absolute http:// or https:// URL")]
     BadBaseUrl(String),
 }
 
@@ -88,11 +88,13 @@ pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildE
     Ok(match kind {
         openrouter::KIND => {
             mock_only(openrouter::KIND)?;
-            Arc::new(openrouter::OpenRouter::new(settings.base_url.clone()))
+            let bad = |_| BuildError::BadBaseUrl(settings.base_url.clone().unwrap_or_default());
+            Arc::new(openrouter::OpenRouter::new(settings.base_url.clone()).map_err(bad)?)
         }
         openai::KIND => {
             mock_only(openai::KIND)?;
-            Arc::new(openai::OpenAi::new(settings.base_url.clone()))
+            let bad = |_| BuildError::BadBaseUrl(settings.base_url.clone().unwrap_or_default());
+            Arc::new(openai::OpenAi::new(settings.base_url.clone()).map_err(bad)?)
         }
         mock::KIND => {
             if settings.base_url.is_some() {

@@ -1,6 +1,7 @@
 //! Any OpenAI-compatible server: vLLM, Ollama, llama.cpp, LM Studio, or OpenAI itself.
 
-use orproxy_plugin::openai::{self, join_url};
+use http::Uri;
+use orproxy_plugin::openai::{self, endpoint};
 use orproxy_plugin::{Backend, Call, PrepareError, Prepared};
 
 /// The plugin name.
@@ -11,18 +12,18 @@ pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// An OpenAI-compatible backend; the key is optional (local servers rarely want one).
 #[derive(Debug)]
 pub struct OpenAi {
-    chat_url: String,
-    models_url: String,
+    chat_url: Uri,
+    models_url: Uri,
 }
 
 impl OpenAi {
-    /// A backend at `base_url` (default [`DEFAULT_BASE_URL`]).
-    pub fn new(base_url: Option<String>) -> Self {
+    /// A backend at `base_url` (default [`DEFAULT_BASE_URL`]); fails on a malformed URL.
+    pub fn new(base_url: Option<String>) -> Result<Self, http::uri::InvalidUri> {
         let base = base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
-        OpenAi {
-            chat_url: join_url(base, "chat/completions"),
-            models_url: join_url(base, "models"),
-        }
+        Ok(OpenAi {
+            chat_url: endpoint(base, "chat/completions")?,
+            models_url: endpoint(base, "models")?,
+        })
     }
 }
 
@@ -63,12 +64,16 @@ mod tests {
             headers: &[],
         };
         let Prepared::Http(req) = OpenAi::new(Some("http://127.0.0.1:11434/v1/".into()))
+            .unwrap()
             .prepare(&call)
             .unwrap()
         else {
             panic!("openai answers over HTTP");
         };
-        assert_eq!(req.url, "http://127.0.0.1:11434/v1/chat/completions");
+        assert_eq!(
+            req.url.to_string(),
+            "http://127.0.0.1:11434/v1/chat/completions"
+        );
         assert!(req.headers.get("authorization").is_none());
         assert!(req.headers.get("http-referer").is_none());
     }

@@ -1,7 +1,8 @@
 //! OpenRouter: the OpenAI wire format plus attribution headers; body extensions pass through.
 
 use http::HeaderName;
-use orproxy_plugin::openai::{self, insert_opt, join_url};
+use http::Uri;
+use orproxy_plugin::openai::{self, endpoint, insert_opt};
 use orproxy_plugin::{Backend, Call, PrepareError, Prepared};
 
 /// The plugin name.
@@ -16,18 +17,18 @@ const X_OPENROUTER_TITLE: HeaderName = HeaderName::from_static("x-openrouter-tit
 /// The OpenRouter backend.
 #[derive(Debug)]
 pub struct OpenRouter {
-    chat_url: String,
-    models_url: String,
+    chat_url: Uri,
+    models_url: Uri,
 }
 
 impl OpenRouter {
-    /// A backend at `base_url` (default [`DEFAULT_BASE_URL`]).
-    pub fn new(base_url: Option<String>) -> Self {
+    /// A backend at `base_url` (default [`DEFAULT_BASE_URL`]); fails on a malformed URL.
+    pub fn new(base_url: Option<String>) -> Result<Self, http::uri::InvalidUri> {
         let base = base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
-        OpenRouter {
-            chat_url: join_url(base, "chat/completions"),
-            models_url: join_url(base, "models"),
-        }
+        Ok(OpenRouter {
+            chat_url: endpoint(base, "chat/completions")?,
+            models_url: endpoint(base, "models")?,
+        })
     }
 }
 
@@ -87,10 +88,13 @@ mod tests {
             },
             headers: &[],
         };
-        let Prepared::Http(req) = OpenRouter::new(None).prepare(&call).unwrap() else {
+        let Prepared::Http(req) = OpenRouter::new(None).unwrap().prepare(&call).unwrap() else {
             panic!("openrouter answers over HTTP");
         };
-        assert_eq!(req.url, "https://openrouter.ai/api/v1/chat/completions");
+        assert_eq!(
+            req.url.to_string(),
+            "https://openrouter.ai/api/v1/chat/completions"
+        );
         let h = |n: &str| req.headers.get(n).unwrap().to_str().unwrap().to_owned();
         assert_eq!(h("authorization"), "Bearer sk-or-v1-secret");
         assert!(req.headers.get("authorization").unwrap().is_sensitive());
@@ -115,7 +119,7 @@ mod tests {
             headers: &[],
         };
         assert!(matches!(
-            OpenRouter::new(None).prepare(&call),
+            OpenRouter::new(None).unwrap().prepare(&call),
             Err(PrepareError::MissingKey)
         ));
     }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 
 use crate::body::JsonObject;
 use crate::failure::Failure;
@@ -100,8 +100,8 @@ pub enum Prepared {
 pub struct UpstreamRequest {
     /// HTTP method.
     pub method: Method,
-    /// Absolute URL.
-    pub url: String,
+    /// Absolute URL, parsed once when the plugin was built.
+    pub url: Uri,
     /// Headers, including authentication.
     pub headers: HeaderMap,
     /// Body bytes (empty for GET).

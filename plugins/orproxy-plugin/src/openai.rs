@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -21,7 +21,7 @@ use crate::sse::SseEvent;
 use crate::usage::{Usage, usd_to_nanos};
 
 /// Builds a JSON POST to `url` with the call's body, bearer key, identity and extra headers.
-pub fn json_post(url: String, call: &Call<'_>) -> Result<UpstreamRequest, PrepareError> {
+pub fn json_post(url: Uri, call: &Call<'_>) -> Result<UpstreamRequest, PrepareError> {
     let mut headers = HeaderMap::with_capacity(8 + call.headers.len());
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(
@@ -50,7 +50,7 @@ pub fn json_post(url: String, call: &Call<'_>) -> Result<UpstreamRequest, Prepar
 }
 
 /// Builds a GET with an optional bearer key.
-pub fn get(url: String, api_key: Option<&str>) -> Result<UpstreamRequest, PrepareError> {
+pub fn get(url: Uri, api_key: Option<&str>) -> Result<UpstreamRequest, PrepareError> {
     let mut headers = HeaderMap::new();
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
     if let Some(key) = api_key {
@@ -88,6 +88,11 @@ pub fn insert_opt(
         headers.insert(name, header_value(value, label)?);
     }
     Ok(())
+}
+
+/// The absolute URL of `path` under `base`, parsed (plugins do this once, at build time).
+pub fn endpoint(base: &str, path: &str) -> Result<Uri, http::uri::InvalidUri> {
+    join_url(base, path).parse()
 }
 
 /// Joins a base URL and a path without doubling or dropping the slash.
