@@ -380,6 +380,10 @@ impl Relay {
                         }
                     }
                 }
+                // The first content goes out at once: batching is for what follows it.
+                if self.content_started && self.commit.is_some() {
+                    break;
+                }
                 read = match response.chunk().now_or_never() {
                     Some(next) => next,
                     None => {
