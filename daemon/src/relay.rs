@@ -6,11 +6,15 @@
 //! own keep-alives while it keeps trying. Once content flows, events pass through unchanged and
 //! a broken upstream ends the client's stream with an explicit error event, never a clean end.
 //!
-//! The relay runs in its own task; the client's body is the receiving end of a channel, so a
-//! client that goes away closes the channel and the task drops the upstream request.
+//! The relay is one future. The handler polls it until it commits (a stream head, or a plain
+//! answer); after that the response body polls it, taking what it queued. No task, no channel:
+//! a client that goes away drops the body, which drops the relay and its upstream request.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -21,7 +25,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http_body::Frame;
 use orproxy_plugin::{EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer};
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
@@ -32,46 +36,69 @@ use crate::record::{Outcome, Record};
 use crate::table::{BackendEntry, RoutingTable};
 use crate::upstream::{AttemptError, UpstreamResponse};
 
-/// Events buffered between the relay task and the client connection.
-const CHANNEL_DEPTH: usize = 64;
-
 /// What the handler answers with: the stream, or a complete response (before commit).
 enum Commit {
     Stream { route: String },
     Response(Response),
 }
 
-/// Starts relaying a streamed request and answers once the stream is committed (or failed).
+/// Where the relay leaves its decision and its output for the client side.
+#[derive(Default)]
+struct Outlet {
+    commit: Option<Commit>,
+    queue: VecDeque<Bytes>,
+}
+
+type SharedOutlet = Arc<Mutex<Outlet>>;
+
+fn lock(outlet: &SharedOutlet) -> MutexGuard<'_, Outlet> {
+    // Only this request's relay and body touch it, one at a time: poisoning cannot matter.
+    outlet
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+type RelayFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Relays a streamed request and answers once the stream is committed (or failed).
 pub async fn stream(
     app: Arc<App>,
     table: Arc<RoutingTable>,
     exchange: Exchange,
     record: Record,
 ) -> Response {
-    let (commit_tx, commit_rx) = oneshot::channel();
-    let (events_tx, mut events_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
+    let outlet = SharedOutlet::default();
     let hard_stop = app.hard_stop.clone();
     let relay = Relay {
         app,
         table,
         exchange,
         record,
-        commit: Some(commit_tx),
-        events: events_tx,
+        outlet: Arc::clone(&outlet),
+        committed: false,
         hard_stop,
         content_started: false,
         pending: BytesMut::new(),
     };
-    tokio::spawn(relay.run());
-    match commit_rx.await {
-        Ok(Commit::Response(response)) => response,
-        Ok(Commit::Stream { route }) => {
-            let body = futures_util::stream::poll_fn(move |cx| {
-                events_rx
-                    .poll_recv(cx)
-                    .map(|next| next.map(|bytes| Ok::<_, Infallible>(Frame::data(bytes))))
-            });
-            let mut response = Response::new(Body::new(http_body_util::StreamBody::new(body)));
+    let mut run: RelayFuture = Box::pin(relay.run());
+    let finished = std::future::poll_fn(|cx| {
+        let done = run.as_mut().poll(cx).is_ready();
+        if done || lock(&outlet).commit.is_some() {
+            Poll::Ready(done)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let commit = lock(&outlet).commit.take();
+    match commit {
+        Some(Commit::Response(response)) => response,
+        Some(Commit::Stream { route }) => {
+            let body = RelayBody {
+                run: (!finished).then_some(run),
+                outlet,
+            };
+            let mut response = Response::new(Body::new(body));
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -82,8 +109,39 @@ pub async fn stream(
             }
             response
         }
-        // The relay task ended without deciding: only a panic does that.
-        Err(_) => ProxyError::ShuttingDown.into_response(),
+        // Every way out of the relay commits first; this is only a safety net.
+        None => ProxyError::ShuttingDown.into_response(),
+    }
+}
+
+/// The body of a committed stream: what the relay queued, then the relay itself, polled on
+/// demand (hyper asks for more only when it can write, so a slow client slows the relay).
+struct RelayBody {
+    run: Option<RelayFuture>,
+    outlet: SharedOutlet,
+}
+
+impl http_body::Body for RelayBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        loop {
+            if let Some(bytes) = lock(&self.outlet).queue.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            let Some(run) = self.run.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match run.as_mut().poll(cx) {
+                Poll::Ready(()) => self.run = None,
+                Poll::Pending if lock(&self.outlet).queue.is_empty() => return Poll::Pending,
+                Poll::Pending => {}
+            }
+        }
     }
 }
 
@@ -105,7 +163,7 @@ enum AttemptEnd {
         failure: Option<Failure>,
         how: How,
     },
-    /// The client left or the daemon ran out of grace: stop everything.
+    /// The daemon ran out of grace: stop everything.
     Stop(Outcome),
     /// The answer went through (possibly ending in a relayed upstream error).
     Finished(Outcome),
@@ -116,8 +174,9 @@ struct Relay {
     table: Arc<RoutingTable>,
     exchange: Exchange,
     record: Record,
-    commit: Option<oneshot::Sender<Commit>>,
-    events: mpsc::Sender<Bytes>,
+    outlet: SharedOutlet,
+    /// The head (or a plain answer) has been handed to the client side.
+    committed: bool,
     hard_stop: watch::Receiver<bool>,
     content_started: bool,
     /// Output of the current upstream read, sent in one piece by [`Relay::flush`].
@@ -127,7 +186,6 @@ struct Relay {
 /// What interrupted [`Relay::wait`].
 enum Woke<T> {
     Done(T),
-    Gone,
     Stop,
     Tick,
 }
@@ -156,11 +214,10 @@ impl Relay {
                     if outcome == Outcome::Ok {
                         app.health.succeeded(&label);
                     }
-                    let status = if self.commit.is_none() { 200 } else { 502 };
-                    return self.record.finish(status, outcome);
+                    return self.record.finish(200, outcome);
                 }
                 AttemptEnd::Stop(outcome) => {
-                    let status = if self.commit.is_none() { 200 } else { 499 };
+                    let status = if self.committed { 200 } else { 503 };
                     return self.record.finish(status, outcome);
                 }
                 AttemptEnd::Failed {
@@ -195,38 +252,42 @@ impl Relay {
     async fn fail(mut self, error: ProxyError) {
         let outcome = crate::dispatch::outcome_of(&error);
         self.record.error.get_or_insert_with(|| error.to_string());
-        match self.commit.take() {
-            Some(commit) => {
-                let status = error.status().as_u16();
-                let mut response = error.into_response();
-                if let Some(route) = self
-                    .record
-                    .route
-                    .as_deref()
-                    .and_then(|r| HeaderValue::try_from(r).ok())
-                {
-                    response.headers_mut().insert(ROUTE_HEADER, route);
-                }
-                let _ = commit.send(Commit::Response(response));
-                self.record.finish(status, outcome);
-            }
-            None => {
-                let _ = self.events.send(error_event(&error)).await;
-                self.record.finish(200, outcome);
-            }
+        if self.committed {
+            self.send(error_event(&error));
+            return self.record.finish(200, outcome);
+        }
+        let status = error.status().as_u16();
+        let mut response = error.into_response();
+        if let Some(route) = self
+            .record
+            .route
+            .as_deref()
+            .and_then(|r| HeaderValue::try_from(r).ok())
+        {
+            response.headers_mut().insert(ROUTE_HEADER, route);
+        }
+        self.commit(Commit::Response(response));
+        self.record.finish(status, outcome);
+    }
+
+    /// Hands the decision to the client side (once).
+    fn commit(&mut self, commit: Commit) {
+        if !self.committed {
+            self.committed = true;
+            lock(&self.outlet).commit = Some(commit);
         }
     }
 
-    /// Sends the stream's head to the client (once).
+    /// Commits the stream's head.
     fn commit_stream(&mut self) {
-        if let Some(commit) = self.commit.take() {
+        if !self.committed {
             let route = self.record.route.clone().unwrap_or_default();
-            let _ = commit.send(Commit::Stream { route });
+            self.commit(Commit::Stream { route });
         }
     }
 
-    /// Waits for `fut` while keeping the client informed (commit, keep-alives) and watching for
-    /// its departure. `Err` means stop: the client left or the daemon is out of grace.
+    /// Waits for `fut` while keeping the client informed (commit, keep-alives). `Err` means
+    /// stop: the daemon is out of shutdown grace.
     async fn wait<F: Future>(
         &mut self,
         fut: F,
@@ -238,45 +299,33 @@ impl Relay {
             let ticking = !self.content_started;
             let woke = tokio::select! {
                 biased;
-                _ = client_gone(&mut self.commit, &self.events) => Woke::Gone,
                 _ = self.hard_stop.wait_for(|stop| *stop) => Woke::Stop,
                 out = &mut fut => Woke::Done(out),
                 _ = sleep_until(*tick), if ticking => Woke::Tick,
             };
             match woke {
                 Woke::Done(out) => return Ok(out),
-                Woke::Gone => return Err(AttemptEnd::Stop(Outcome::ClientDisconnected)),
                 Woke::Stop => {
-                    if self.commit.is_none() {
-                        let _ = self
-                            .events
-                            .send(error_event(&ProxyError::ShuttingDown))
-                            .await;
-                    }
                     self.record.error = Some(ProxyError::ShuttingDown.to_string());
+                    if self.committed {
+                        self.send(error_event(&ProxyError::ShuttingDown));
+                    } else {
+                        self.commit(Commit::Response(ProxyError::ShuttingDown.into_response()));
+                    }
                     return Err(AttemptEnd::Stop(Outcome::UpstreamError));
                 }
                 Woke::Tick => {
                     self.commit_stream();
-                    if self
-                        .events
-                        .send(Bytes::from_static(b": keep-alive\n\n"))
-                        .await
-                        .is_err()
-                    {
-                        return Err(AttemptEnd::Stop(Outcome::ClientDisconnected));
-                    }
+                    self.send(Bytes::from_static(b": keep-alive\n\n"));
                     *tick = Instant::now() + interval;
                 }
             }
         }
     }
 
-    async fn send(&mut self, bytes: Bytes) -> Result<(), AttemptEnd> {
-        self.events
-            .send(bytes)
-            .await
-            .map_err(|_| AttemptEnd::Stop(Outcome::ClientDisconnected))
+    /// Hands bytes to the client side.
+    fn send(&mut self, bytes: Bytes) {
+        lock(&self.outlet).queue.push_back(bytes);
     }
 
     /// Queues output for the client; [`Relay::flush`] sends it.
@@ -288,20 +337,18 @@ impl Relay {
         }
     }
 
-    /// Sends what is queued as one write: the events of one upstream read go out together
-    /// (one wake-up and one syscall instead of one per event), and nothing waits for the
-    /// next read.
-    async fn flush(&mut self) -> Result<(), AttemptEnd> {
+    /// Hands what is queued over as one piece: the events of one upstream read go out together
+    /// (one wake-up and one syscall instead of one per event), and nothing waits for the next
+    /// read. Committing after the first content is queued lets hyper write the head and the
+    /// first events together.
+    fn flush(&mut self) {
         if !self.pending.is_empty() {
             let bytes = self.pending.split().freeze();
-            self.send(bytes).await?;
+            self.send(bytes);
         }
-        // Committing after the first content is queued lets hyper write the head and the
-        // first events together.
         if self.content_started {
             self.commit_stream();
         }
-        Ok(())
     }
 
     /// One upstream attempt, from sending to the end of its stream.
@@ -380,8 +427,9 @@ impl Relay {
                         }
                     }
                 }
-                // The first content goes out at once: batching is for what follows it.
-                if self.content_started && self.commit.is_some() {
+                // Before content there is nothing to batch, and the first content goes out at
+                // once: batching is for what follows it.
+                if !self.content_started || !self.committed {
                     break;
                 }
                 read = match response.chunk().now_or_never() {
@@ -397,9 +445,7 @@ impl Relay {
                     }
                 };
             }
-            if let Err(end) = self.flush().await {
-                return end;
-            }
+            self.flush();
         }
     }
 
@@ -433,9 +479,7 @@ impl Relay {
 
     /// Closes an attempt: sends what is queued and notes a success.
     async fn ended(&mut self, end: AttemptEnd, served: Option<String>, label: &str) -> AttemptEnd {
-        if let Err(stopped) = self.flush().await {
-            return stopped;
-        }
+        self.flush();
         if matches!(end, AttemptEnd::Finished(_)) {
             self.record.model_served = served;
             self.record.attempt(label, "ok");
@@ -524,11 +568,9 @@ impl Relay {
             };
         }
         self.record.error = Some(error.to_string());
-        if let Err(stopped) = self.flush().await {
-            return stopped;
-        }
+        self.flush();
         if !stream.midstream_error {
-            let _ = self.events.send(error_event(&error)).await;
+            self.send(error_event(&error));
         }
         AttemptEnd::Finished(Outcome::MidstreamError)
     }
@@ -554,27 +596,24 @@ impl Relay {
         };
         let failure = if response.status.is_success() {
             let mapped = backend.plugin.map_response(&body);
-            match (mapped.failure, self.commit.take()) {
-                (None, Some(commit)) => {
+            match (mapped.failure, self.committed) {
+                (None, false) => {
                     self.record.usage = mapped.usage;
                     self.record.model_served = mapped.model;
                     self.record.attempt(label, "ok");
-                    let _ = commit.send(Commit::Response(success(
+                    self.commit(Commit::Response(success(
                         response,
                         mapped.body.unwrap_or(body),
                     )));
                     return AttemptEnd::Finished(Outcome::Ok);
                 }
-                (None, None) => Failure {
+                (None, true) => Failure {
                     kind: FailureKind::Server,
                     status: 502,
                     message: "the upstream answered a stream request with a plain body".into(),
                     retry_after: None,
                 },
-                (Some(failure), commit) => {
-                    self.commit = commit;
-                    failure
-                }
+                (Some(failure), _) => failure,
             }
         } else {
             backend
@@ -628,11 +667,4 @@ impl StreamState {
 fn error_event(error: &ProxyError) -> Bytes {
     let payload = json!({"error": {"message": error.to_string(), "type": "upstream_error", "code": error.code()}});
     orproxy_plugin::sse::data_event(payload.to_string().as_bytes())
-}
-
-async fn client_gone(commit: &mut Option<oneshot::Sender<Commit>>, events: &mpsc::Sender<Bytes>) {
-    match commit {
-        Some(commit) => commit.closed().await,
-        None => events.closed().await,
-    }
 }

@@ -4,10 +4,12 @@
 //! served model, errors) and skip the rest without building a tree.
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
@@ -196,8 +198,8 @@ impl ChunkMapper {
             return (EventKind::Done, None);
         }
         // Once content flows, only usage and error chunks matter: skip parsing everything else.
-        if self.content_seen && !has_non_null_field(data, b"\"usage\":") && !has_field(data) {
-            if has_non_null_field(data, b"\"finish_reason\":") {
+        if self.content_seen && !has_non_null_field(data, &needles().usage) && !has_field(data) {
+            if has_non_null_field(data, &needles().finish_reason) {
                 self.complete = true;
             }
             return (EventKind::Content, None);
@@ -236,15 +238,31 @@ impl ChunkMapper {
     }
 }
 
-/// A top-level `"error":` key (quotes inside content are escaped, so they never match).
-fn has_field(data: &[u8]) -> bool {
-    memchr::memmem::find(data, b"\"error\":").is_some()
+/// Searchers built once: building one per event costs more than the search itself.
+struct Needles {
+    error: Finder<'static>,
+    usage: Finder<'static>,
+    finish_reason: Finder<'static>,
 }
 
-/// `"usage":` followed by something other than `null` (OpenAI sends `"usage":null` on every chunk).
-fn has_non_null_field(data: &[u8], key: &[u8]) -> bool {
-    memchr::memmem::find_iter(data, key).any(|at| {
-        let rest = &data[at + key.len()..];
+fn needles() -> &'static Needles {
+    static NEEDLES: OnceLock<Needles> = OnceLock::new();
+    NEEDLES.get_or_init(|| Needles {
+        error: Finder::new(b"\"error\":"),
+        usage: Finder::new(b"\"usage\":"),
+        finish_reason: Finder::new(b"\"finish_reason\":"),
+    })
+}
+
+/// A top-level `"error":` key (quotes inside content are escaped, so they never match).
+fn has_field(data: &[u8]) -> bool {
+    needles().error.find(data).is_some()
+}
+
+/// The key followed by something other than `null` (OpenAI sends `"usage":null` on every chunk).
+fn has_non_null_field(data: &[u8], key: &Finder<'_>) -> bool {
+    key.find_iter(data).any(|at| {
+        let rest = &data[at + key.needle().len()..];
         let value = rest.iter().position(|b| !b.is_ascii_whitespace());
         value.is_some_and(|i| rest[i] != b'n')
     })

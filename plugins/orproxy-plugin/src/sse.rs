@@ -33,7 +33,21 @@ impl SseEvent {
 
     /// True when every line is a comment (`: OPENROUTER PROCESSING`): a keep-alive.
     pub fn is_comment(&self) -> bool {
+        // Nearly every event is one `data:` line: its first byte settles it.
+        if self.raw.first() == Some(&b'd') {
+            return false;
+        }
         self.lines().all(|line| line.first() == Some(&b':'))
+    }
+
+    /// The payload of the common one-line event `data: ...\n\n`, without scanning lines.
+    fn single_data_line(&self) -> Option<&[u8]> {
+        let body = self.raw.strip_prefix(b"data:")?;
+        let body = body.strip_suffix(b"\n\n")?;
+        if memchr::memchr(b'\n', body).is_some() || body.last() == Some(&b'\r') {
+            return None;
+        }
+        Some(body.strip_prefix(b" ").unwrap_or(body))
     }
 
     /// The `event:` field, if any (Anthropic streams name their events).
@@ -45,6 +59,9 @@ impl SseEvent {
 
     /// The data payload: `data:` lines joined by `\n`; `None` for events without data.
     pub fn data(&self) -> Option<Cow<'_, [u8]>> {
+        if let Some(payload) = self.single_data_line() {
+            return Some(Cow::Borrowed(payload));
+        }
         let mut data: Option<Cow<'_, [u8]>> = None;
         for line in self.lines() {
             let Some(value) = line.strip_prefix(b"data:") else {
