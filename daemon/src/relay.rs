@@ -6,15 +6,11 @@
 //! own keep-alives while it keeps trying. Once content flows, events pass through unchanged and
 //! a broken upstream ends the client's stream with an explicit error event, never a clean end.
 //!
-//! The relay is one future. The handler polls it until it commits (a stream head, or a plain
-//! answer); after that the response body polls it, taking what it queued. No task, no channel:
-//! a client that goes away drops the body, which drops the relay and its upstream request.
+//! The relay runs in its own task; the client's body is the receiving end of a channel, so a
+//! client that goes away closes the channel and the task drops the upstream request.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -25,7 +21,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http_body::Frame;
 use orproxy_plugin::{EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
@@ -36,69 +32,46 @@ use crate::record::{Outcome, Record};
 use crate::table::{BackendEntry, RoutingTable};
 use crate::upstream::{AttemptError, UpstreamResponse};
 
+/// Events buffered between the relay task and the client connection.
+const CHANNEL_DEPTH: usize = 64;
+
 /// What the handler answers with: the stream, or a complete response (before commit).
 enum Commit {
     Stream { route: String },
     Response(Response),
 }
 
-/// Where the relay leaves its decision and its output for the client side.
-#[derive(Default)]
-struct Outlet {
-    commit: Option<Commit>,
-    queue: VecDeque<Bytes>,
-}
-
-type SharedOutlet = Arc<Mutex<Outlet>>;
-
-fn lock(outlet: &SharedOutlet) -> MutexGuard<'_, Outlet> {
-    // Only this request's relay and body touch it, one at a time: poisoning cannot matter.
-    outlet
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-type RelayFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Relays a streamed request and answers once the stream is committed (or failed).
+/// Starts relaying a streamed request and answers once the stream is committed (or failed).
 pub async fn stream(
     app: Arc<App>,
     table: Arc<RoutingTable>,
     exchange: Exchange,
     record: Record,
 ) -> Response {
-    let outlet = SharedOutlet::default();
+    let (commit_tx, commit_rx) = oneshot::channel();
+    let (events_tx, mut events_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let hard_stop = app.hard_stop.clone();
     let relay = Relay {
         app,
         table,
         exchange,
         record,
-        outlet: Arc::clone(&outlet),
-        committed: false,
+        commit: Some(commit_tx),
+        events: events_tx,
         hard_stop,
         content_started: false,
         pending: BytesMut::new(),
     };
-    let mut run: RelayFuture = Box::pin(relay.run());
-    let finished = std::future::poll_fn(|cx| {
-        let done = run.as_mut().poll(cx).is_ready();
-        if done || lock(&outlet).commit.is_some() {
-            Poll::Ready(done)
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    let commit = lock(&outlet).commit.take();
-    match commit {
-        Some(Commit::Response(response)) => response,
-        Some(Commit::Stream { route }) => {
-            let body = RelayBody {
-                run: (!finished).then_some(run),
-                outlet,
-            };
-            let mut response = Response::new(Body::new(body));
+    tokio::spawn(relay.run());
+    match commit_rx.await {
+        Ok(Commit::Response(response)) => response,
+        Ok(Commit::Stream { route }) => {
+            let body = futures_util::stream::poll_fn(move |cx| {
+                events_rx
+                    .poll_recv(cx)
+                    .map(|next| next.map(|bytes| Ok::<_, Infallible>(Frame::data(bytes))))
+            });
+            let mut response = Response::new(Body::new(http_body_util::StreamBody::new(body)));
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -109,39 +82,8 @@ pub async fn stream(
             }
             response
         }
-        // Every way out of the relay commits first; this is only a safety net.
-        None => ProxyError::ShuttingDown.into_response(),
-    }
-}
-
-/// The body of a committed stream: what the relay queued, then the relay itself, polled on
-/// demand (hyper asks for more only when it can write, so a slow client slows the relay).
-struct RelayBody {
-    run: Option<RelayFuture>,
-    outlet: SharedOutlet,
-}
-
-impl http_body::Body for RelayBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        loop {
-            if let Some(bytes) = lock(&self.outlet).queue.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(bytes))));
-            }
-            let Some(run) = self.run.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match run.as_mut().poll(cx) {
-                Poll::Ready(()) => self.run = None,
-                Poll::Pending if lock(&self.outlet).queue.is_empty() => return Poll::Pending,
-                Poll::Pending => {}
-            }
-        }
+        // The relay task ended without deciding: only a panic does that.
+        Err(_) => ProxyError::ShuttingDown.into_response(),
     }
 }
 
@@ -163,7 +105,7 @@ enum AttemptEnd {
         failure: Option<Failure>,
         how: How,
     },
-    /// The daemon ran out of grace: stop everything.
+    /// The client left or the daemon ran out of grace: stop everything.
     Stop(Outcome),
     /// The answer went through (possibly ending in a relayed upstream error).
     Finished(Outcome),
@@ -174,9 +116,8 @@ struct Relay {
     table: Arc<RoutingTable>,
     exchange: Exchange,
     record: Record,
-    outlet: SharedOutlet,
-    /// The head (or a plain answer) has been handed to the client side.
-    committed: bool,
+    commit: Option<oneshot::Sender<Commit>>,
+    events: mpsc::Sender<Bytes>,
     hard_stop: watch::Receiver<bool>,
     content_started: bool,
     /// Output of the current upstream read, sent in one piece by [`Relay::flush`].
@@ -186,6 +127,7 @@ struct Relay {
 /// What interrupted [`Relay::wait`].
 enum Woke<T> {
     Done(T),
+    Gone,
     Stop,
     Tick,
 }
@@ -214,10 +156,11 @@ impl Relay {
                     if outcome == Outcome::Ok {
                         app.health.succeeded(&label);
                     }
-                    return self.record.finish(200, outcome);
+                    let status = if self.commit.is_none() { 200 } else { 502 };
+                    return self.record.finish(status, outcome);
                 }
                 AttemptEnd::Stop(outcome) => {
-                    let status = if self.committed { 200 } else { 503 };
+                    let status = if self.commit.is_none() { 200 } else { 499 };
                     return self.record.finish(status, outcome);
                 }
                 AttemptEnd::Failed {
@@ -252,42 +195,38 @@ impl Relay {
     async fn fail(mut self, error: ProxyError) {
         let outcome = crate::dispatch::outcome_of(&error);
         self.record.error.get_or_insert_with(|| error.to_string());
-        if self.committed {
-            self.send(error_event(&error));
-            return self.record.finish(200, outcome);
-        }
-        let status = error.status().as_u16();
-        let mut response = error.into_response();
-        if let Some(route) = self
-            .record
-            .route
-            .as_deref()
-            .and_then(|r| HeaderValue::try_from(r).ok())
-        {
-            response.headers_mut().insert(ROUTE_HEADER, route);
-        }
-        self.commit(Commit::Response(response));
-        self.record.finish(status, outcome);
-    }
-
-    /// Hands the decision to the client side (once).
-    fn commit(&mut self, commit: Commit) {
-        if !self.committed {
-            self.committed = true;
-            lock(&self.outlet).commit = Some(commit);
+        match self.commit.take() {
+            Some(commit) => {
+                let status = error.status().as_u16();
+                let mut response = error.into_response();
+                if let Some(route) = self
+                    .record
+                    .route
+                    .as_deref()
+                    .and_then(|r| HeaderValue::try_from(r).ok())
+                {
+                    response.headers_mut().insert(ROUTE_HEADER, route);
+                }
+                let _ = commit.send(Commit::Response(response));
+                self.record.finish(status, outcome);
+            }
+            None => {
+                let _ = self.events.send(error_event(&error)).await;
+                self.record.finish(200, outcome);
+            }
         }
     }
 
-    /// Commits the stream's head.
+    /// Sends the stream's head to the client (once).
     fn commit_stream(&mut self) {
-        if !self.committed {
+        if let Some(commit) = self.commit.take() {
             let route = self.record.route.clone().unwrap_or_default();
-            self.commit(Commit::Stream { route });
+            let _ = commit.send(Commit::Stream { route });
         }
     }
 
-    /// Waits for `fut` while keeping the client informed (commit, keep-alives). `Err` means
-    /// stop: the daemon is out of shutdown grace.
+    /// Waits for `fut` while keeping the client informed (commit, keep-alives) and watching for
+    /// its departure. `Err` means stop: the client left or the daemon is out of grace.
     async fn wait<F: Future>(
         &mut self,
         fut: F,
@@ -299,33 +238,45 @@ impl Relay {
             let ticking = !self.content_started;
             let woke = tokio::select! {
                 biased;
+                _ = client_gone(&mut self.commit, &self.events) => Woke::Gone,
                 _ = self.hard_stop.wait_for(|stop| *stop) => Woke::Stop,
                 out = &mut fut => Woke::Done(out),
                 _ = sleep_until(*tick), if ticking => Woke::Tick,
             };
             match woke {
                 Woke::Done(out) => return Ok(out),
+                Woke::Gone => return Err(AttemptEnd::Stop(Outcome::ClientDisconnected)),
                 Woke::Stop => {
-                    self.record.error = Some(ProxyError::ShuttingDown.to_string());
-                    if self.committed {
-                        self.send(error_event(&ProxyError::ShuttingDown));
-                    } else {
-                        self.commit(Commit::Response(ProxyError::ShuttingDown.into_response()));
+                    if self.commit.is_none() {
+                        let _ = self
+                            .events
+                            .send(error_event(&ProxyError::ShuttingDown))
+                            .await;
                     }
+                    self.record.error = Some(ProxyError::ShuttingDown.to_string());
                     return Err(AttemptEnd::Stop(Outcome::UpstreamError));
                 }
                 Woke::Tick => {
                     self.commit_stream();
-                    self.send(Bytes::from_static(b": keep-alive\n\n"));
+                    if self
+                        .events
+                        .send(Bytes::from_static(b": keep-alive\n\n"))
+                        .await
+                        .is_err()
+                    {
+                        return Err(AttemptEnd::Stop(Outcome::ClientDisconnected));
+                    }
                     *tick = Instant::now() + interval;
                 }
             }
         }
     }
 
-    /// Hands bytes to the client side.
-    fn send(&mut self, bytes: Bytes) {
-        lock(&self.outlet).queue.push_back(bytes);
+    async fn send(&mut self, bytes: Bytes) -> Result<(), AttemptEnd> {
+        self.events
+            .send(bytes)
+            .await
+            .map_err(|_| AttemptEnd::Stop(Outcome::ClientDisconnected))
     }
 
     /// Queues output for the client; [`Relay::flush`] sends it.
@@ -337,18 +288,20 @@ impl Relay {
         }
     }
 
-    /// Hands what is queued over as one piece: the events of one upstream read go out together
-    /// (one wake-up and one syscall instead of one per event), and nothing waits for the next
-    /// read. Committing after the first content is queued lets hyper write the head and the
-    /// first events together.
-    fn flush(&mut self) {
+    /// Sends what is queued as one write: the events of one upstream read go out together
+    /// (one wake-up and one syscall instead of one per event), and nothing waits for the
+    /// next read.
+    async fn flush(&mut self) -> Result<(), AttemptEnd> {
         if !self.pending.is_empty() {
             let bytes = self.pending.split().freeze();
-            self.send(bytes);
+            self.send(bytes).await?;
         }
+        // Committing after the first content is queued lets hyper write the head and the
+        // first events together.
         if self.content_started {
             self.commit_stream();
         }
+        Ok(())
     }
 
     /// One upstream attempt, from sending to the end of its stream.
@@ -427,9 +380,8 @@ impl Relay {
                         }
                     }
                 }
-                // Before content there is nothing to batch, and the first content goes out at
-                // once: batching is for what follows it.
-                if !self.content_started || !self.committed {
+                // The first content goes out at once: batching is for what follows it.
+                if self.content_started && self.commit.is_some() {
                     break;
                 }
                 read = match response.chunk().now_or_never() {
@@ -445,7 +397,9 @@ impl Relay {
                     }
                 };
             }
-            self.flush();
+            if let Err(end) = self.flush().await {
+                return end;
+            }
         }
     }
 
@@ -479,7 +433,9 @@ impl Relay {
 
     /// Closes an attempt: sends what is queued and notes a success.
     async fn ended(&mut self, end: AttemptEnd, served: Option<String>, label: &str) -> AttemptEnd {
-        self.flush();
+        if let Err(stopped) = self.flush().await {
+            return stopped;
+        }
         if matches!(end, AttemptEnd::Finished(_)) {
             self.record.model_served = served;
             self.record.attempt(label, "ok");
@@ -568,9 +524,11 @@ impl Relay {
             };
         }
         self.record.error = Some(error.to_string());
-        self.flush();
+        if let Err(stopped) = self.flush().await {
+            return stopped;
+        }
         if !stream.midstream_error {
-            self.send(error_event(&error));
+            let _ = self.events.send(error_event(&error)).await;
         }
         AttemptEnd::Finished(Outcome::MidstreamError)
     }
@@ -596,24 +554,27 @@ impl Relay {
         };
         let failure = if response.status.is_success() {
             let mapped = backend.plugin.map_response(&body);
-            match (mapped.failure, self.committed) {
-                (None, false) => {
+            match (mapped.failure, self.commit.take()) {
+                (None, Some(commit)) => {
                     self.record.usage = mapped.usage;
                     self.record.model_served = mapped.model;
                     self.record.attempt(label, "ok");
-                    self.commit(Commit::Response(success(
+                    let _ = commit.send(Commit::Response(success(
                         response,
                         mapped.body.unwrap_or(body),
                     )));
                     return AttemptEnd::Finished(Outcome::Ok);
                 }
-                (None, true) => Failure {
+                (None, None) => Failure {
                     kind: FailureKind::Server,
                     status: 502,
                     message: "the upstream answered a stream request with a plain body".into(),
                     retry_after: None,
                 },
-                (Some(failure), _) => failure,
+                (Some(failure), commit) => {
+                    self.commit = commit;
+                    failure
+                }
             }
         } else {
             backend
@@ -667,4 +628,11 @@ impl StreamState {
 fn error_event(error: &ProxyError) -> Bytes {
     let payload = json!({"error": {"message": error.to_string(), "type": "upstream_error", "code": error.code()}});
     orproxy_plugin::sse::data_event(payload.to_string().as_bytes())
+}
+
+async fn client_gone(commit: &mut Option<oneshot::Sender<Commit>>, events: &mpsc::Sender<Bytes>) {
+    match commit {
+        Some(commit) => commit.closed().await,
+        None => events.closed().await,
+    }
 }
