@@ -12,8 +12,9 @@ env -u OPENROUTER_API_KEY bash -c "exec $run_cmd" 2>"$log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -f "$log"' EXIT
 
-# Readiness is the daemon's own "Ready." line, not a guess.
-for _ in $(seq 1 600); do
+# Readiness is the daemon's own "Ready." line, not a guess. The command may compile first:
+# wait as long as it is alive (bounded at 30 minutes).
+for _ in $(seq 1 18000); do
   grep -q 'Ready\.' "$log" && break
   kill -0 $pid 2>/dev/null || { cat "$log"; echo "quickstart: daemon exited"; exit 1; }
   sleep 0.1
