@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,6 +26,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/status", get(status))
         .route("/admin/reload", post(reload))
         .route("/admin/routes", get(routes))
+        .route("/admin/explain", post(explain))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             require_token,
@@ -140,6 +141,20 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+/// Who `/admin/explain` pretends the request comes from.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ExplainQuery {
+    key: Option<String>,
+    client_ip: Option<String>,
+}
+
+/// `POST /admin/explain`: a chat request in; its route, attempts and rule trace out.
+async fn explain(State(app): State<Arc<App>>, Query(who): Query<ExplainQuery>, body: axum::body::Bytes) -> Response {
+    let table = app.table.load();
+    let cx = crate::route::Context { key: who.key, client_ip: who.client_ip, host: Arc::new(orproxy_rules::NoLedger), clock: None };
+    axum::Json(crate::explain::explain(&table, &body, &cx)).into_response()
+}
+
 /// The effective routing table, secrets redacted (keys appear as their variable names).
 async fn routes(State(app): State<Arc<App>>) -> Response {
     let table = app.table.load();
@@ -175,6 +190,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
         "force_model": table.force_model,
         "backends": backends,
         "model_aliases": table.aliases.iter().map(|a| a.written.clone()).collect::<Vec<_>>(),
+        "rules": table.rules.as_deref().map(orproxy_rules::RuleSet::names).unwrap_or_default(),
         "failover": failover,
         "auth": {"open": table.auth.is_open(), "keys": table.auth.names()},
         "limits": {

@@ -28,6 +28,46 @@ pub enum Command {
     Serve(ServeArgs),
     /// Validate the config without binding ports; print every error as file:line:col: message.
     Check(CheckArgs),
+    /// Show the route of a request (JSON from FILE or stdin) and what each rule changed; nothing is sent.
+    Explain(ExplainArgs),
+    /// Rule scripts: `orproxy rules test [DIR]`.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+/// `orproxy rules ...`.
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Run the *.test.yaml cases beside the scripts; print a diff for each failure, exit 1 on any.
+    Test(RulesTestArgs),
+}
+
+/// Flags of `orproxy rules test`.
+#[derive(Debug, Clone, Args)]
+pub struct RulesTestArgs {
+    /// Directory of scripts and *.test.yaml cases [default: the rules directory].
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Config file giving the backends and aliases the cases route through.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+/// Flags of `orproxy explain`.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// The request body (JSON); `-` or nothing reads stdin.
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Config file [default: /etc/orproxy/config.yaml if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Rules directory [default: rules_dir from config, else /etc/orproxy/rules if it exists].
+    #[arg(long, value_name = "DIR")]
+    pub rules_dir: Option<PathBuf>,
+    /// The proxy key name the request comes with.
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
 }
 
 /// Flags of `orproxy serve`; each wins over its config key.

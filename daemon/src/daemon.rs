@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use tokio::sync::{mpsc, watch};
 
 use crate::app::App;
-use crate::cli::{CheckArgs, Cli, Command, ServeArgs};
-use crate::config::Sources;
+use crate::cli::{CheckArgs, Cli, Command, ExplainArgs, RulesCommand, ServeArgs};
+use crate::config::{self, Sources};
 use crate::logging;
 use crate::reload::{self, Reason, Request};
 use crate::server;
@@ -19,6 +19,21 @@ use crate::watch::{self as watcher, Watched};
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Some(Command::Check(args)) => check(&args),
+        Some(Command::Explain(args)) => explain(&args),
+        Some(Command::Rules(RulesCommand::Test(args))) => {
+            let dir = args.dir.clone().or_else(|| {
+                let sources = Sources::resolve(args.config.as_deref(), None);
+                config::load(&sources).ok().and_then(|(_, dir)| dir)
+            });
+            match dir {
+                Some(dir) if crate::ruletest::run(args.config.as_deref(), &dir) => ExitCode::SUCCESS,
+                Some(_) => ExitCode::FAILURE,
+                None => {
+                    eprintln!("orproxy rules test: no rules directory (give DIR, or rules_dir in the config)");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     }
@@ -53,6 +68,37 @@ fn check(args: &CheckArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn explain(args: &ExplainArgs) -> ExitCode {
+    let sources = Sources::resolve(args.config.as_deref(), args.rules_dir.as_deref());
+    let table = match reload::build(&sources, &Overrides::default()) {
+        Ok(table) => table,
+        Err(errors) => {
+            for error in &errors {
+                eprintln!("{error}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let body = match args.file.as_deref().filter(|f| f.as_os_str() != "-") {
+        Some(path) => std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())),
+        None => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf).map_err(|e| format!("stdin: {e}"))
+        }
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("orproxy explain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cx = crate::route::Context { key: args.key.clone(), client_ip: None, host: std::sync::Arc::new(orproxy_rules::NoLedger), clock: None };
+    let out = crate::explain::explain(&table, &body, &cx);
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    ExitCode::SUCCESS
 }
 
 fn serve(args: ServeArgs) -> ExitCode {

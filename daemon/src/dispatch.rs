@@ -70,6 +70,9 @@ pub fn prepare(
 ) -> Result<Attempt, ProxyError> {
     let mut body = exchange.body.clone();
     body.set("model", &target.model);
+    for name in &target.unset {
+        body.remove(name);
+    }
     for (name, value) in &target.params {
         body.set(name, value);
     }
@@ -83,13 +86,19 @@ pub fn prepare(
         identity: backend.identity.resolve(&exchange.client_headers),
         headers: &exchange.forward,
     };
-    let prepared = backend
+    let mut prepared = backend
         .plugin
         .prepare(&call)
         .map_err(|source| ProxyError::Prepare {
             backend: backend.name.clone(),
             source,
         })?;
+    // Headers set by rules win over identity and plugin defaults.
+    if let Prepared::Http(request) = &mut prepared {
+        for (name, value) in &exchange.route.headers {
+            request.headers.insert(name.clone(), value.clone());
+        }
+    }
     Ok(Attempt {
         prepared,
         key: key.map(|k| k.index),

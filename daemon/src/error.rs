@@ -157,6 +157,17 @@ pub enum ProxyError {
         /// `target: reason`, in order.
         attempts: Vec<String>,
     },
+    /// 500: a rule script failed (runtime error or exceeded limit); names the script.
+    #[error(transparent)]
+    Rule(#[from] orproxy_rules::RuleFailure),
+    /// A rule refused the request (`req.reject`), with the rule's status (403 by default).
+    #[error("{message}")]
+    Rejected {
+        /// The status the rule chose.
+        status: u16,
+        /// The rule's message.
+        message: String,
+    },
     /// 503: the daemon is shutting down.
     #[error("orproxy is shutting down")]
     ShuttingDown,
@@ -186,6 +197,8 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { answer, .. } => answer.status,
             ProxyError::AllAttemptsFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Rule(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Rejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
             ProxyError::AllRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -207,6 +220,8 @@ impl ProxyError {
             ProxyError::Timeout { kind, .. } => kind.key(),
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::AllAttemptsFailed { .. } => "all_attempts_failed",
+            ProxyError::Rule(_) => "rule_failed",
+            ProxyError::Rejected { .. } => "rejected_by_rule",
             ProxyError::AllRateLimited { .. } => "rate_limited",
             ProxyError::ShuttingDown => "shutting_down",
         }

@@ -16,6 +16,7 @@
 //! - [`pipeline`] → [`auth`] → [`route`] ([`selector`]) → [`dispatch`] ([`upstream`]) →
 //!   [`relay`] (streams) → [`record`].
 //! - [`error`]: every failure and its single mapping to HTTP.
+//! - [`explain`]: a request's route and rule trace, nothing sent. [`ruletest`]: `orproxy rules test`.
 //! - [`models`]: `GET /v1/models`. [`health`]: cool-downs. [`metrics`]: Prometheus.
 //!
 //! **Invariant:** plugins (`orproxy-plugin`, `orproxy-backends`) never do I/O; this crate does
@@ -31,6 +32,7 @@ pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod error;
+pub mod explain;
 pub mod health;
 pub mod logging;
 pub mod metrics;
@@ -40,6 +42,7 @@ pub mod record;
 pub mod relay;
 pub mod reload;
 pub mod route;
+pub mod ruletest;
 pub mod selector;
 pub mod server;
 pub mod service;

@@ -48,6 +48,11 @@ pub fn failover() {
     counter!("orproxy_failovers_total").increment(1);
 }
 
+/// A rule script failed a request.
+pub fn rule_error(script: &str) {
+    counter!("orproxy_rule_errors_total", "script" => script.to_owned()).increment(1);
+}
+
 /// A reload finished.
 pub fn reload(ok: bool) {
     counter!("orproxy_reloads_total", "result" => if ok { "ok" } else { "error" }).increment(1);

@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -36,6 +38,7 @@ pub const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-orproxy-route");
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -45,7 +48,7 @@ pub async fn chat_completions(
     record.known_models = Arc::clone(&table.known_models);
     let request_id = HeaderValue::try_from(record.id.as_str()).ok();
 
-    let response = match admit(&table, headers, body, &mut record).await {
+    let response = match admit(&table, headers, body, peer, &mut record).await {
         Err(error) => {
             let status = error.status().as_u16();
             record.error = Some(error.to_string());
@@ -80,6 +83,7 @@ async fn admit(
     table: &RoutingTable,
     headers: HeaderMap,
     body: Body,
+    peer: SocketAddr,
     record: &mut Record,
 ) -> Result<Exchange, ProxyError> {
     record.key = table.auth.authenticate(&headers)?.map(str::to_owned);
@@ -88,7 +92,15 @@ async fn admit(
     let stream = body.get_bool("stream")?.unwrap_or(false);
     record.stream = stream;
     record.model_requested = body.get_str("model")?;
-    let route = route::resolve(table, &body)?;
+    let cx = route::Context {
+        key: record.key.clone(),
+        client_ip: Some(peer.ip().to_string()),
+        host: Arc::new(orproxy_rules::NoLedger),
+        clock: None,
+    };
+    let route = route::resolve(table, &body, &cx)?;
+    record.tags = route.tags.clone();
+    record.rules = compact_trace(&route.trace);
     record.route = route.targets.first().map(route::Target::label);
     record.rewritten = route.rewritten.clone();
     Ok(Exchange {
@@ -99,6 +111,28 @@ async fn admit(
         client_headers: headers,
         deadline: record.started + table.limits.total_timeout,
     })
+}
+
+/// `script:field,field;script:field`, the rules trace as it is kept with the request.
+pub fn compact_trace(trace: &[orproxy_rules::Change]) -> Option<String> {
+    if trace.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for change in trace {
+        let same_script = out.rsplit(';').next().is_some_and(|last| last.starts_with(&format!("{}:", change.script)));
+        if same_script {
+            out.push(',');
+        } else {
+            if !out.is_empty() {
+                out.push(';');
+            }
+            out.push_str(&change.script);
+            out.push(':');
+        }
+        out.push_str(change.field);
+    }
+    Some(out)
 }
 
 /// Reads the request body, refusing more than `limit` bytes (before buffering them).

@@ -87,6 +87,10 @@ pub struct Record {
     pub attempts: Vec<Attempt>,
     /// Short reason for a failure.
     pub error: Option<String>,
+    /// Tags set by rules.
+    pub tags: std::collections::BTreeMap<String, serde_json::Value>,
+    /// What the rules changed, compact (`script:field,field;...`).
+    pub rules: Option<String>,
     /// When the request arrived.
     pub started: Instant,
     /// When the first byte of the answer went to the client.
@@ -113,6 +117,8 @@ impl Record {
             usage: None,
             attempts: Vec::new(),
             error: None,
+            tags: std::collections::BTreeMap::new(),
+            rules: None,
             started,
             first_byte: None,
             known_models: Arc::default(),
@@ -187,6 +193,8 @@ impl Record {
             cost_nanos = cost,
             attempts = %attempts,
             error = self.error.as_deref(),
+            tags = (!self.tags.is_empty()).then(|| serde_json::to_string(&self.tags).unwrap_or_default()),
+            rules = self.rules.as_deref(),
         );
     }
 }

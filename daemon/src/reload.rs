@@ -16,12 +16,39 @@ use crate::app::App;
 use crate::config::{self, Diagnostic, Sources};
 use crate::metrics;
 use crate::service;
-use crate::table::{Overrides, ProcessEnv, RoutingTable};
+use orproxy_rules::{RuleSet, Sandbox};
+
+use crate::table::{Env, Overrides, ProcessEnv, RoutingTable};
 
 /// Reads every source and builds a table (or every problem found).
 pub fn build(sources: &Sources, overrides: &Overrides) -> Result<RoutingTable, Vec<Diagnostic>> {
+    build_with(sources, overrides, &ProcessEnv)
+}
+
+/// [`build`] with another environment (rule tests accept any key variable).
+pub fn build_with(sources: &Sources, overrides: &Overrides, env: &dyn Env) -> Result<RoutingTable, Vec<Diagnostic>> {
     let (config, rules_dir) = config::load(sources)?;
-    RoutingTable::build(&config, rules_dir, overrides, &ProcessEnv)
+    let rules = match &rules_dir {
+        Some(dir) => RuleSet::load_dir(dir, Sandbox::default()).map(Some).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| Diagnostic { file: e.file, line: e.line as u64, column: e.column as u64, message: e.message })
+                .collect::<Vec<_>>()
+        }),
+        None => Ok(None),
+    };
+    let table = RoutingTable::build(&config, rules_dir, overrides, env);
+    match (table, rules) {
+        (Ok(mut table), Ok(rules)) => {
+            table.rules = rules.map(Arc::new);
+            Ok(table)
+        }
+        (Err(mut a), Err(b)) => {
+            a.extend(b);
+            Err(a)
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
 }
 
 /// What asked for a reload.

@@ -2,17 +2,36 @@
 //!
 //! Order (SPEC §4): `--force-model` → `model_aliases` (first match, one pass) → parse the
 //! selector (first element → primary target, the rest → its failover chain) → `failover:`
-//! config chains appended → each backend checked.
+//! config chains appended → rule scripts (which may rewrite all of it) → each backend checked.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
+use http::{HeaderName, HeaderValue};
 use orproxy_plugin::JsonObject;
+use orproxy_rules::{Change, Host, RouteRequest};
 use serde_json::Value;
 
 use crate::config::Trigger;
 use crate::error::ProxyError;
 use crate::selector::{self, Selector};
 use crate::table::RoutingTable;
+
+/// Body fields rules do not see as parameters: the conversation itself and the routing fields.
+const NOT_PARAMS: &[&str] = &["model", "messages", "stream", "tools", "functions", "prompt"];
+
+/// Who is asking, for rule scripts.
+#[derive(Clone)]
+pub struct Context {
+    /// The proxy key's name.
+    pub key: Option<String>,
+    /// The client's address.
+    pub client_ip: Option<String>,
+    /// What `spent_usd` and `budget_left` read.
+    pub host: Arc<dyn Host>,
+    /// A pinned clock for `now()` (rule tests); `None` is the real time.
+    pub clock: Option<i64>,
+}
 
 /// One upstream target: a configured backend, the model to ask it for, and URI parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +42,8 @@ pub struct Target {
     pub model: String,
     /// Parameters that override the body's values for this target.
     pub params: Vec<(String, Value)>,
+    /// Body fields a rule removed for this target.
+    pub unset: Vec<String>,
 }
 
 impl Target {
@@ -43,10 +64,25 @@ pub struct Route {
     pub targets: Vec<Target>,
     /// Failures that move on to the next target.
     pub triggers: HashSet<Trigger>,
+    /// Outbound headers set by rules (they win over every other source).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Tags set by rules, stored with the request.
+    pub tags: BTreeMap<String, Value>,
+    /// What each rule script changed.
+    pub trace: Vec<Change>,
 }
 
 /// Decides the route of a request body.
-pub fn resolve(table: &RoutingTable, body: &JsonObject) -> Result<Route, ProxyError> {
+pub fn resolve(table: &RoutingTable, body: &JsonObject, cx: &Context) -> Result<Route, ProxyError> {
+    let mut trace = Vec::new();
+    let mut route = resolve_traced(table, body, cx, &mut trace)?;
+    route.trace = trace;
+    Ok(route)
+}
+
+/// [`resolve`], leaving what the rules changed in `trace` even when they reject the request
+/// (for `/admin/explain`).
+pub fn resolve_traced(table: &RoutingTable, body: &JsonObject, cx: &Context, trace: &mut Vec<Change>) -> Result<Route, ProxyError> {
     let requested = body.get_str("model")?;
     let mut text = match (&table.force_model, &requested) {
         (Some(forced), _) => forced.clone(),
@@ -76,12 +112,19 @@ pub fn resolve(table: &RoutingTable, body: &JsonObject) -> Result<Route, ProxyEr
             }
         }
     }
-    Ok(Route {
+    let mut route = Route {
         rewritten: (requested.as_deref() != Some(text.as_str())).then_some(text),
         requested,
         targets,
         triggers,
-    })
+        headers: Vec::new(),
+        tags: BTreeMap::new(),
+        trace: Vec::new(),
+    };
+    if let Some(rules) = table.rules.as_deref().filter(|r| !r.is_empty()) {
+        apply_rules(table, rules, body, cx, &mut route, trace)?;
+    }
+    Ok(route)
 }
 
 fn target(table: &RoutingTable, selector: Selector) -> Result<Target, ProxyError> {
@@ -103,7 +146,120 @@ fn target(table: &RoutingTable, selector: Selector) -> Result<Target, ProxyError
         backend,
         model: selector.model,
         params: selector.params,
+        unset: Vec::new(),
     })
+}
+
+/// The facts and decisions scripts see, from the body and the route so far.
+fn route_request(body: &JsonObject, route: &Route, cx: &Context) -> RouteRequest {
+    let first = &route.targets[0];
+    let mut params: BTreeMap<String, Value> = body
+        .iter()
+        .filter(|(k, _)| !NOT_PARAMS.contains(k))
+        .filter_map(|(k, raw)| Some((k.to_owned(), serde_json::from_str(raw.get()).ok()?)))
+        .collect();
+    params.extend(first.params.iter().cloned());
+    let messages = body.get("messages");
+    let count = messages
+        .and_then(|raw| serde_json::from_str::<Vec<serde::de::IgnoredAny>>(raw.get()).ok())
+        .map_or(0, |m| m.len());
+    // A rough estimate without tokenizing: four bytes of message JSON per token.
+    let prompt_tokens = messages.map_or(0, |raw| raw.get().len() / 4);
+    let max_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| params.get(*k).and_then(Value::as_i64))
+        .unwrap_or(0);
+    RouteRequest {
+        model: first.model.clone(),
+        backend: first.backend.clone(),
+        params,
+        headers: BTreeMap::new(),
+        failover: route.targets[1..].iter().map(selector_text).collect(),
+        tags: BTreeMap::new(),
+        key: cx.key.clone().unwrap_or_default(),
+        prompt_tokens: i64::try_from(prompt_tokens).unwrap_or(i64::MAX),
+        max_tokens,
+        stream: body.get_bool("stream").ok().flatten().unwrap_or(false),
+        messages: i64::try_from(count).unwrap_or(i64::MAX),
+        client_ip: cx.client_ip.clone().unwrap_or_default(),
+        rejection: None,
+    }
+}
+
+/// A target written back as a selector (for `req.failover`).
+fn selector_text(target: &Target) -> String {
+    Selector { backend: Some(target.backend.clone()), model: target.model.clone(), params: target.params.clone() }.to_string()
+}
+
+/// Runs the rule scripts and applies what they decided.
+fn apply_rules(
+    table: &RoutingTable,
+    rules: &orproxy_rules::RuleSet,
+    body: &JsonObject,
+    cx: &Context,
+    route: &mut Route,
+    trace_out: &mut Vec<Change>,
+) -> Result<(), ProxyError> {
+    let before = route_request(body, route, cx);
+    let original_params = before.params.clone();
+    let original_failover = before.failover.clone();
+    let (after, trace) = rules.run(before, Arc::clone(&cx.host), cx.clock).map_err(|failure| {
+        crate::metrics::rule_error(&failure.name);
+        ProxyError::Rule(failure)
+    })?;
+    *trace_out = trace;
+    if let Some(rejection) = after.rejection {
+        return Err(ProxyError::Rejected { status: rejection.status, message: rejection.message });
+    }
+    // The chain after the first target: the scripts' `failover` if they changed it.
+    let original_rest = route.targets.split_off(1);
+    let mut rest: Vec<Target> = if after.failover == original_failover {
+        original_rest
+    } else {
+        let mut rest = Vec::with_capacity(after.failover.len());
+        for text in &after.failover {
+            for s in selector::parse_chain(text)? {
+                rest.push(target(table, s)?);
+            }
+        }
+        rest
+    };
+    // A model with a backend prefix, parameters or a chain is a full selector: parse it again;
+    // its own chain comes before the rest.
+    let rewritten = after.model.contains(['?', '|']) || selector::parse_chain(&after.model).is_ok_and(|c| c[0].backend.is_some());
+    let mut first = if rewritten {
+        let mut chain = selector::parse_chain(&after.model)?.into_iter();
+        let head = chain.next().map(|s| target(table, s)).transpose()?.ok_or(ProxyError::MissingModel)?;
+        let extra: Vec<Target> = chain.map(|s| target(table, s)).collect::<Result<_, _>>()?;
+        rest.splice(0..0, extra);
+        head
+    } else {
+        target(table, Selector { backend: Some(after.backend.clone()), model: after.model.clone(), params: Vec::new() })?
+    };
+    // Parameters: the body plus URI parameters as the scripts left them; parameters of a
+    // selector the scripts wrote come last, so they win.
+    let selector_params = std::mem::take(&mut first.params);
+    for (key, value) in &after.params {
+        if original_params.get(key) != Some(value) || route.targets[0].params.iter().any(|(k, _)| k == key) {
+            first.params.push((key.clone(), value.clone()));
+        }
+    }
+    first.params.extend(selector_params);
+    first.unset = original_params.keys().filter(|k| !after.params.contains_key(*k)).cloned().collect();
+    route.targets[0] = first;
+    route.targets.extend(rest);
+    for (name, value) in &after.headers {
+        let name = HeaderName::try_from(name.as_str()).map_err(|_| ProxyError::Rule(bad_header(trace_out, name)))?;
+        let value = HeaderValue::try_from(value.as_str()).map_err(|_| ProxyError::Rule(bad_header(trace_out, name.as_str())))?;
+        route.headers.push((name, value));
+    }
+    route.tags = after.tags;
+    Ok(())
+}
+
+fn bad_header(trace: &[Change], name: &str) -> orproxy_rules::RuleFailure {
+    let script = trace.iter().rev().find(|c| c.field == "headers").map_or_else(String::new, |c| c.script.clone());
+    orproxy_rules::RuleFailure { name: script, line: 0, message: format!("header `{name}` is not a valid HTTP header") }
 }
 
 #[cfg(test)]
@@ -125,8 +281,56 @@ mod tests {
         .unwrap()
     }
 
+    fn cx() -> Context {
+        Context { key: Some("team-a".into()), client_ip: Some("10.1.2.3".into()), host: Arc::new(orproxy_rules::NoLedger), clock: None }
+    }
+
     fn route(table: &RoutingTable, body: &str) -> Result<Route, ProxyError> {
-        resolve(table, &JsonObject::parse(body.as_bytes()).unwrap())
+        resolve(table, &JsonObject::parse(body.as_bytes()).unwrap(), &cx())
+    }
+
+    fn with_rules(table: &mut RoutingTable, source: &str) {
+        let rules = orproxy_rules::RuleSet::compile(&[("r.rhai".to_owned(), source.to_owned())], orproxy_rules::Sandbox::default()).unwrap();
+        table.rules = Some(Arc::new(rules));
+    }
+
+    #[test]
+    fn rules_rewrite_the_route() {
+        let mut t = table("", None);
+        with_rules(
+            &mut t,
+            r#"fn on_request(req) {
+                req.model = "openrouter:big?temperature=0.1|local:small";
+                req.params.top_p = 0.5;
+                req.params.remove("seed");
+                req.headers["x-team"] = req.key;
+                req.tags.ip = req.client_ip;
+            }"#,
+        );
+        let r = route(&t, r#"{"model":"mock:m?seed=4","seed":3,"messages":[]}"#).unwrap();
+        assert_eq!(labels(&r), ["openrouter:big", "local:small"]);
+        let params: Vec<(&str, Value)> = r.targets[0].params.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        assert_eq!(params, [("top_p", serde_json::json!(0.5)), ("temperature", serde_json::json!(0.1))]);
+        assert_eq!(r.targets[0].unset, ["seed"]);
+        assert_eq!(r.headers[0].0, "x-team");
+        assert_eq!(r.headers[0].1, "team-a");
+        assert_eq!(r.tags["ip"], "10.1.2.3");
+        assert_eq!(crate::pipeline::compact_trace(&r.trace).as_deref(), Some("r.rhai:model,params,headers,tags"));
+    }
+
+    #[test]
+    fn rules_set_the_chain_and_reject() {
+        let mut t = table("", None);
+        with_rules(&mut t, r#"fn on_request(req) { req.failover = ["local:a", "mock:b"]; if req.model == "no" { req.reject(451, "not here"); } }"#);
+        assert_eq!(labels(&route(&t, r#"{"model":"mock:x|mock:y"}"#).unwrap()), ["mock:x", "local:a", "mock:b"]);
+        let err = route(&t, r#"{"model":"no"}"#).unwrap_err();
+        assert_eq!((err.status().as_u16(), err.code()), (451, "rejected_by_rule"));
+        with_rules(&mut t, r#"fn on_request(req) { req.backend = "ghost"; }"#);
+        assert_eq!(route(&t, r#"{"model":"x"}"#).unwrap_err().status(), 404);
+        with_rules(&mut t, r#"fn on_request(req) { loop {} }"#);
+        let err = route(&t, r#"{"model":"x"}"#).unwrap_err();
+        assert_eq!((err.status().as_u16(), err.code()), (500, "rule_failed"));
+        assert!(err.to_string().starts_with("rule r.rhai failed"), "{err}");
     }
 
     fn labels(route: &Route) -> Vec<String> {

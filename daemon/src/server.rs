@@ -112,7 +112,10 @@ fn start_workers(
                     .and_then(|runtime| {
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
-                            axum::serve(listener.tap_io(nodelay), api_router(app))
+                            // Rules see the client's address.
+                            let service = api_router(app)
+                                .into_make_service_with_connect_info::<SocketAddr>();
+                            axum::serve(listener.tap_io(nodelay), service)
                                 .with_graceful_shutdown(drained(drain))
                                 .await
                         })

@@ -133,6 +133,8 @@ pub struct RoutingTable {
     pub warnings: Vec<String>,
     /// Models named anywhere in the config: the only ones used as metric labels.
     pub known_models: Arc<HashSet<String>>,
+    /// The rules directory's compiled scripts.
+    pub rules: Option<Arc<orproxy_rules::RuleSet>>,
 }
 
 /// One `model_aliases` entry, compiled.
@@ -766,6 +768,7 @@ impl RoutingTable {
             rules_dir,
             warnings,
             known_models: Arc::new(known_models),
+            rules: None,
         })
     }
 

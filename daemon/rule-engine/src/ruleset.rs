@@ -1,0 +1,227 @@
+//! A compiled set of rule scripts, run in file-name order on every request.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rhai::{AST, CallFnOptions, Engine, EvalAltResult, Position, Scope};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::engine::{self, Host, Sandbox};
+use crate::request::{RequestHandle, RouteRequest};
+
+/// The hook every script may define.
+pub const HOOK: &str = "on_request";
+
+/// A problem in a script, located.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ScriptError {
+    /// The script's path (or name).
+    pub file: String,
+    /// 1-based line, 0 when unknown.
+    pub line: usize,
+    /// 1-based column, 0 when unknown.
+    pub column: usize,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl ScriptError {
+    fn at(file: &str, position: Position, message: String) -> Self {
+        ScriptError {
+            file: file.to_owned(),
+            line: position.line().unwrap_or(0),
+            column: position.position().unwrap_or(0),
+            message,
+        }
+    }
+}
+
+/// Why running the rules failed a request (the daemon answers 500 naming the script).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rule {name} failed{}: {message}", if *.line > 0 { format!(" at line {}", .line) } else { String::new() })]
+pub struct RuleFailure {
+    /// The script's file name.
+    pub name: String,
+    /// The line where it failed (0 when unknown).
+    pub line: usize,
+    /// Why: a runtime error or an exceeded limit.
+    pub message: String,
+}
+
+/// One field a script changed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    /// The script's file name.
+    pub script: String,
+    /// `model`, `backend`, `params`, `headers`, `failover`, `tags` or `rejection`.
+    pub field: &'static str,
+    /// The value before the script ran.
+    pub before: Value,
+    /// The value after.
+    pub after: Value,
+}
+
+struct Script {
+    name: String,
+    ast: AST,
+}
+
+/// The compiled scripts of a rules directory.
+pub struct RuleSet {
+    engine: Engine,
+    scripts: Vec<Script>,
+    limits: Sandbox,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet").field("scripts", &self.names()).finish()
+    }
+}
+
+impl RuleSet {
+    /// Compiles `(name, source)` pairs in the given order; every error is reported.
+    pub fn compile(sources: &[(String, String)], limits: Sandbox) -> Result<RuleSet, Vec<ScriptError>> {
+        let engine = engine::harden(&limits);
+        let mut scripts = Vec::with_capacity(sources.len());
+        let mut errors = Vec::new();
+        for (name, source) in sources {
+            match engine.compile(source) {
+                Ok(ast) => {
+                    let hook = ast.iter_functions().find(|f| f.name == HOOK);
+                    match hook {
+                        Some(f) if f.params.len() != 1 => errors.push(ScriptError {
+                            file: name.clone(),
+                            line: 0,
+                            column: 0,
+                            message: format!("`fn {HOOK}` must take one parameter (the request), not {}", f.params.len()),
+                        }),
+                        _ => scripts.push(Script {
+                            name: Path::new(name).file_name().map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned()),
+                            ast,
+                        }),
+                    }
+                }
+                Err(e) => errors.push(ScriptError::at(name, e.position(), e.err_type().to_string())),
+            }
+        }
+        if errors.is_empty() { Ok(RuleSet { engine, scripts, limits }) } else { Err(errors) }
+    }
+
+    /// Reads and compiles every `*.rhai` file of `dir`, in file-name order.
+    pub fn load_dir(dir: &Path, limits: Sandbox) -> Result<RuleSet, Vec<ScriptError>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| vec![ScriptError { file: dir.display().to_string(), line: 0, column: 0, message: format!("cannot read: {e}") }])?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "rhai") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        paths.sort();
+        let mut sources = Vec::with_capacity(paths.len());
+        let mut errors = Vec::new();
+        for path in paths {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => sources.push((path.display().to_string(), text)),
+                Err(e) => errors.push(ScriptError { file: path.display().to_string(), line: 0, column: 0, message: format!("cannot read: {e}") }),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        RuleSet::compile(&sources, limits)
+    }
+
+    /// The script names, in run order.
+    pub fn names(&self) -> Vec<&str> {
+        self.scripts.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// True when no script is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.scripts.is_empty()
+    }
+
+    /// Runs every script's hook on `request`, in order, stopping at a rejection. Returns the
+    /// request as the scripts left it and what each script changed.
+    pub fn run(&self, request: RouteRequest, host: Arc<dyn Host>, clock: Option<i64>) -> Result<(RouteRequest, Vec<Change>), RuleFailure> {
+        let handle = RequestHandle::new(request);
+        let mut trace = Vec::new();
+        let mut before = handle.snapshot();
+        for script in &self.scripts {
+            if !script.ast.iter_functions().any(|f| f.name == HOOK) {
+                continue;
+            }
+            let deadline = Instant::now() + self.limits.deadline;
+            let result = engine::with_run(Arc::clone(&host), deadline, clock, || {
+                let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+                self.engine.call_fn_with_options::<rhai::Dynamic>(options, &mut Scope::new(), &script.ast, HOOK, (handle.clone(),))
+            });
+            if let Err(error) = result {
+                return Err(failure(&script.name, &error, &self.limits));
+            }
+            let after = handle.snapshot();
+            diff(&script.name, &before, &after, &mut trace);
+            if after.rejection.is_some() {
+                return Ok((after, trace));
+            }
+            before = after;
+        }
+        Ok((before, trace))
+    }
+}
+
+fn failure(name: &str, error: &EvalAltResult, limits: &Sandbox) -> RuleFailure {
+    let message = match error.unwrap_inner() {
+        EvalAltResult::ErrorTerminated(..) => format!("ran longer than its {} ms deadline", limits.deadline.as_millis()),
+        EvalAltResult::ErrorTooManyOperations(..) => format!("exceeded {} operations", limits.max_operations),
+        EvalAltResult::ErrorStackOverflow(..) => format!("exceeded {} nested calls", limits.max_call_levels),
+        EvalAltResult::ErrorDataTooLarge(what, ..) => format!("{what} exceeded its limit"),
+        other => {
+            // Rhai appends " (line L, position P)" itself; the line is reported separately.
+            let text = other.to_string();
+            match text.rfind(" (line ") {
+                Some(at) => text[..at].to_owned(),
+                None => text,
+            }
+        }
+    };
+    // Errors inside script functions are wrapped: the innermost one knows the line.
+    let line = error.unwrap_inner().position().line().or_else(|| error.position().line()).unwrap_or(0);
+    RuleFailure { name: name.to_owned(), line, message }
+}
+
+fn diff(script: &str, before: &RouteRequest, after: &RouteRequest, trace: &mut Vec<Change>) {
+    fn json<T: Serialize>(value: &T) -> Value {
+        serde_json::to_value(value).unwrap_or(Value::Null)
+    }
+    let mut note = |field: &'static str, changed: bool, b: Value, a: Value| {
+        if changed {
+            trace.push(Change { script: script.to_owned(), field, before: b, after: a });
+        }
+    };
+    // Compare first: most scripts change little, and only changes are turned into JSON.
+    if before.model != after.model {
+        note("model", true, json(&before.model), json(&after.model));
+    }
+    if before.backend != after.backend {
+        note("backend", true, json(&before.backend), json(&after.backend));
+    }
+    if before.params != after.params {
+        note("params", true, json(&before.params), json(&after.params));
+    }
+    if before.headers != after.headers {
+        note("headers", true, json(&before.headers), json(&after.headers));
+    }
+    if before.failover != after.failover {
+        note("failover", true, json(&before.failover), json(&after.failover));
+    }
+    if before.tags != after.tags {
+        note("tags", true, json(&before.tags), json(&after.tags));
+    }
+    if before.rejection != after.rejection {
+        note("rejection", true, json(&before.rejection), json(&after.rejection));
+    }
+}

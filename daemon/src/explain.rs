@@ -1,0 +1,51 @@
+//! Explain: what the daemon would do with a request, without sending anything upstream.
+//!
+//! Served by `POST /admin/explain` and `orproxy explain`: the final route, the attempts in
+//! order, the headers and tags rules set, and which script changed what.
+
+use std::collections::BTreeMap;
+
+use orproxy_plugin::JsonObject;
+use serde_json::{Value, json};
+
+use crate::error::ProxyError;
+use crate::route::{self, Context, Target};
+use crate::table::RoutingTable;
+
+fn target_json(target: &Target) -> Value {
+    let params: BTreeMap<&str, &Value> = target.params.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    json!({"backend": target.backend, "model": target.model, "params": params, "unset": target.unset})
+}
+
+/// The explanation of one request body.
+pub fn explain(table: &RoutingTable, body: &[u8], cx: &Context) -> Value {
+    let body = match JsonObject::parse(body) {
+        Ok(body) => body,
+        Err(e) => return outcome(&ProxyError::BadBody(e), Vec::new()),
+    };
+    let mut trace = Vec::new();
+    match route::resolve_traced(table, &body, cx, &mut trace) {
+        Err(error) => outcome(&error, trace),
+        Ok(route) => {
+            let headers: BTreeMap<&str, &str> = route.headers.iter().map(|(k, v)| (k.as_str(), v.to_str().unwrap_or(""))).collect();
+            let mut triggers: Vec<String> = route.triggers.iter().map(|t| format!("{t:?}")).collect();
+            triggers.sort();
+            json!({
+                "status": 200,
+                "requested": route.requested,
+                "rewritten": route.rewritten,
+                "route": target_json(&route.targets[0]),
+                "attempts": route.targets.iter().map(Target::label).collect::<Vec<_>>(),
+                "failover_triggers": triggers,
+                "headers": headers,
+                "tags": route.tags,
+                "trace": trace,
+            })
+        }
+    }
+}
+
+fn outcome(error: &ProxyError, trace: Vec<orproxy_rules::Change>) -> Value {
+    let body: Value = serde_json::from_slice(&error.body()).unwrap_or(Value::Null);
+    json!({"status": error.status().as_u16(), "error": body["error"], "trace": trace})
+}
