@@ -5,9 +5,9 @@ CARGO ?= cargo
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: test lint build rust-tests sdk-tests quickstart deny venv bench install uninstall clean
+.PHONY: test lint build rust-tests rules-test sdk-tests quickstart deny venv bench install uninstall clean
 
-test: lint rust-tests sdk-tests quickstart deny
+test: lint rust-tests rules-test sdk-tests quickstart deny
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -18,6 +18,10 @@ build:
 
 rust-tests: build
 	$(CARGO) test --workspace --locked
+
+# The example rule scripts against their own cases.
+rules-test: build
+	$(CARGO) run --locked -q -- rules test rules/
 
 $(PY): tests/python/requirements.txt
 	python3 -m venv $(VENV)

@@ -149,9 +149,18 @@ struct ExplainQuery {
 }
 
 /// `POST /admin/explain`: a chat request in; its route, attempts and rule trace out.
-async fn explain(State(app): State<Arc<App>>, Query(who): Query<ExplainQuery>, body: axum::body::Bytes) -> Response {
+async fn explain(
+    State(app): State<Arc<App>>,
+    Query(who): Query<ExplainQuery>,
+    body: axum::body::Bytes,
+) -> Response {
     let table = app.table.load();
-    let cx = crate::route::Context { key: who.key, client_ip: who.client_ip, host: Arc::new(orproxy_rules::NoLedger), clock: None };
+    let cx = crate::route::Context {
+        key: who.key,
+        client_ip: who.client_ip,
+        host: Arc::new(orproxy_rules::NoLedger),
+        clock: None,
+    };
     axum::Json(crate::explain::explain(&table, &body, &cx)).into_response()
 }
 

@@ -26,10 +26,14 @@ pub fn main(cli: Cli) -> ExitCode {
                 config::load(&sources).ok().and_then(|(_, dir)| dir)
             });
             match dir {
-                Some(dir) if crate::ruletest::run(args.config.as_deref(), &dir) => ExitCode::SUCCESS,
+                Some(dir) if crate::ruletest::run(args.config.as_deref(), &dir) => {
+                    ExitCode::SUCCESS
+                }
                 Some(_) => ExitCode::FAILURE,
                 None => {
-                    eprintln!("orproxy rules test: no rules directory (give DIR, or rules_dir in the config)");
+                    eprintln!(
+                        "orproxy rules test: no rules directory (give DIR, or rules_dir in the config)"
+                    );
                     ExitCode::FAILURE
                 }
             }
@@ -85,7 +89,9 @@ fn explain(args: &ExplainArgs) -> ExitCode {
         Some(path) => std::fs::read(path).map_err(|e| format!("{}: {e}", path.display())),
         None => {
             let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf).map_err(|e| format!("stdin: {e}"))
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .map(|_| buf)
+                .map_err(|e| format!("stdin: {e}"))
         }
     };
     let body = match body {
@@ -95,7 +101,12 @@ fn explain(args: &ExplainArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cx = crate::route::Context { key: args.key.clone(), client_ip: None, host: std::sync::Arc::new(orproxy_rules::NoLedger), clock: None };
+    let cx = crate::route::Context {
+        key: args.key.clone(),
+        client_ip: None,
+        host: std::sync::Arc::new(orproxy_rules::NoLedger),
+        clock: None,
+    };
     let out = crate::explain::explain(&table, &body, &cx);
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     ExitCode::SUCCESS

@@ -198,7 +198,9 @@ impl ProxyError {
             ProxyError::Upstream { answer, .. } => answer.status,
             ProxyError::AllAttemptsFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Rule(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::Rejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
+            ProxyError::Rejected { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN)
+            }
             ProxyError::AllRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -13,7 +13,8 @@ use crate::route::{self, Context, Target};
 use crate::table::RoutingTable;
 
 fn target_json(target: &Target) -> Value {
-    let params: BTreeMap<&str, &Value> = target.params.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let params: BTreeMap<&str, &Value> =
+        target.params.iter().map(|(k, v)| (k.as_str(), v)).collect();
     json!({"backend": target.backend, "model": target.model, "params": params, "unset": target.unset})
 }
 
@@ -27,8 +28,13 @@ pub fn explain(table: &RoutingTable, body: &[u8], cx: &Context) -> Value {
     match route::resolve_traced(table, &body, cx, &mut trace) {
         Err(error) => outcome(&error, trace),
         Ok(route) => {
-            let headers: BTreeMap<&str, &str> = route.headers.iter().map(|(k, v)| (k.as_str(), v.to_str().unwrap_or(""))).collect();
-            let mut triggers: Vec<String> = route.triggers.iter().map(|t| format!("{t:?}")).collect();
+            let headers: BTreeMap<&str, &str> = route
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("")))
+                .collect();
+            let mut triggers: Vec<String> =
+                route.triggers.iter().map(|t| format!("{t:?}")).collect();
             triggers.sort();
             json!({
                 "status": 200,

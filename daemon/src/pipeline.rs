@@ -120,7 +120,10 @@ pub fn compact_trace(trace: &[orproxy_rules::Change]) -> Option<String> {
     }
     let mut out = String::new();
     for change in trace {
-        let same_script = out.rsplit(';').next().is_some_and(|last| last.starts_with(&format!("{}:", change.script)));
+        let same_script = out
+            .rsplit(';')
+            .next()
+            .is_some_and(|last| last.starts_with(&format!("{}:", change.script)));
         if same_script {
             out.push(',');
         } else {

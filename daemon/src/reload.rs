@@ -26,15 +26,26 @@ pub fn build(sources: &Sources, overrides: &Overrides) -> Result<RoutingTable, V
 }
 
 /// [`build`] with another environment (rule tests accept any key variable).
-pub fn build_with(sources: &Sources, overrides: &Overrides, env: &dyn Env) -> Result<RoutingTable, Vec<Diagnostic>> {
+pub fn build_with(
+    sources: &Sources,
+    overrides: &Overrides,
+    env: &dyn Env,
+) -> Result<RoutingTable, Vec<Diagnostic>> {
     let (config, rules_dir) = config::load(sources)?;
     let rules = match &rules_dir {
-        Some(dir) => RuleSet::load_dir(dir, Sandbox::default()).map(Some).map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| Diagnostic { file: e.file, line: e.line as u64, column: e.column as u64, message: e.message })
-                .collect::<Vec<_>>()
-        }),
+        Some(dir) => RuleSet::load_dir(dir, Sandbox::default())
+            .map(Some)
+            .map_err(|errors| {
+                errors
+                    .into_iter()
+                    .map(|e| Diagnostic {
+                        file: e.file,
+                        line: e.line as u64,
+                        column: e.column as u64,
+                        message: e.message,
+                    })
+                    .collect::<Vec<_>>()
+            }),
         None => Ok(None),
     };
     let table = RoutingTable::build(&config, rules_dir, overrides, env);

@@ -18,7 +18,14 @@ use crate::selector::{self, Selector};
 use crate::table::RoutingTable;
 
 /// Body fields rules do not see as parameters: the conversation itself and the routing fields.
-const NOT_PARAMS: &[&str] = &["model", "messages", "stream", "tools", "functions", "prompt"];
+const NOT_PARAMS: &[&str] = &[
+    "model",
+    "messages",
+    "stream",
+    "tools",
+    "functions",
+    "prompt",
+];
 
 /// Who is asking, for rule scripts.
 #[derive(Clone)]
@@ -82,7 +89,12 @@ pub fn resolve(table: &RoutingTable, body: &JsonObject, cx: &Context) -> Result<
 
 /// [`resolve`], leaving what the rules changed in `trace` even when they reject the request
 /// (for `/admin/explain`).
-pub fn resolve_traced(table: &RoutingTable, body: &JsonObject, cx: &Context, trace: &mut Vec<Change>) -> Result<Route, ProxyError> {
+pub fn resolve_traced(
+    table: &RoutingTable,
+    body: &JsonObject,
+    cx: &Context,
+    trace: &mut Vec<Change>,
+) -> Result<Route, ProxyError> {
     let requested = body.get_str("model")?;
     let mut text = match (&table.force_model, &requested) {
         (Some(forced), _) => forced.clone(),
@@ -188,7 +200,12 @@ fn route_request(body: &JsonObject, route: &Route, cx: &Context) -> RouteRequest
 
 /// A target written back as a selector (for `req.failover`).
 fn selector_text(target: &Target) -> String {
-    Selector { backend: Some(target.backend.clone()), model: target.model.clone(), params: target.params.clone() }.to_string()
+    Selector {
+        backend: Some(target.backend.clone()),
+        model: target.model.clone(),
+        params: target.params.clone(),
+    }
+    .to_string()
 }
 
 /// Runs the rule scripts and applies what they decided.
@@ -203,13 +220,18 @@ fn apply_rules(
     let before = route_request(body, route, cx);
     let original_params = before.params.clone();
     let original_failover = before.failover.clone();
-    let (after, trace) = rules.run(before, Arc::clone(&cx.host), cx.clock).map_err(|failure| {
-        crate::metrics::rule_error(&failure.name);
-        ProxyError::Rule(failure)
-    })?;
+    let (after, trace) = rules
+        .run(before, Arc::clone(&cx.host), cx.clock)
+        .map_err(|failure| {
+            crate::metrics::rule_error(&failure.name);
+            ProxyError::Rule(failure)
+        })?;
     *trace_out = trace;
     if let Some(rejection) = after.rejection {
-        return Err(ProxyError::Rejected { status: rejection.status, message: rejection.message });
+        return Err(ProxyError::Rejected {
+            status: rejection.status,
+            message: rejection.message,
+        });
     }
     // The chain after the first target: the scripts' `failover` if they changed it.
     let original_rest = route.targets.split_off(1);
@@ -226,31 +248,51 @@ fn apply_rules(
     };
     // A model with a backend prefix, parameters or a chain is a full selector: parse it again;
     // its own chain comes before the rest.
-    let rewritten = after.model.contains(['?', '|']) || selector::parse_chain(&after.model).is_ok_and(|c| c[0].backend.is_some());
+    let rewritten = after.model.contains(['?', '|'])
+        || selector::parse_chain(&after.model).is_ok_and(|c| c[0].backend.is_some());
     let mut first = if rewritten {
         let mut chain = selector::parse_chain(&after.model)?.into_iter();
-        let head = chain.next().map(|s| target(table, s)).transpose()?.ok_or(ProxyError::MissingModel)?;
+        let head = chain
+            .next()
+            .map(|s| target(table, s))
+            .transpose()?
+            .ok_or(ProxyError::MissingModel)?;
         let extra: Vec<Target> = chain.map(|s| target(table, s)).collect::<Result<_, _>>()?;
         rest.splice(0..0, extra);
         head
     } else {
-        target(table, Selector { backend: Some(after.backend.clone()), model: after.model.clone(), params: Vec::new() })?
+        target(
+            table,
+            Selector {
+                backend: Some(after.backend.clone()),
+                model: after.model.clone(),
+                params: Vec::new(),
+            },
+        )?
     };
     // Parameters: the body plus URI parameters as the scripts left them; parameters of a
     // selector the scripts wrote come last, so they win.
     let selector_params = std::mem::take(&mut first.params);
     for (key, value) in &after.params {
-        if original_params.get(key) != Some(value) || route.targets[0].params.iter().any(|(k, _)| k == key) {
+        if original_params.get(key) != Some(value)
+            || route.targets[0].params.iter().any(|(k, _)| k == key)
+        {
             first.params.push((key.clone(), value.clone()));
         }
     }
     first.params.extend(selector_params);
-    first.unset = original_params.keys().filter(|k| !after.params.contains_key(*k)).cloned().collect();
+    first.unset = original_params
+        .keys()
+        .filter(|k| !after.params.contains_key(*k))
+        .cloned()
+        .collect();
     route.targets[0] = first;
     route.targets.extend(rest);
     for (name, value) in &after.headers {
-        let name = HeaderName::try_from(name.as_str()).map_err(|_| ProxyError::Rule(bad_header(trace_out, name)))?;
-        let value = HeaderValue::try_from(value.as_str()).map_err(|_| ProxyError::Rule(bad_header(trace_out, name.as_str())))?;
+        let name = HeaderName::try_from(name.as_str())
+            .map_err(|_| ProxyError::Rule(bad_header(trace_out, name)))?;
+        let value = HeaderValue::try_from(value.as_str())
+            .map_err(|_| ProxyError::Rule(bad_header(trace_out, name.as_str())))?;
         route.headers.push((name, value));
     }
     route.tags = after.tags;
@@ -258,8 +300,16 @@ fn apply_rules(
 }
 
 fn bad_header(trace: &[Change], name: &str) -> orproxy_rules::RuleFailure {
-    let script = trace.iter().rev().find(|c| c.field == "headers").map_or_else(String::new, |c| c.script.clone());
-    orproxy_rules::RuleFailure { name: script, line: 0, message: format!("header `{name}` is not a valid HTTP header") }
+    let script = trace
+        .iter()
+        .rev()
+        .find(|c| c.field == "headers")
+        .map_or_else(String::new, |c| c.script.clone());
+    orproxy_rules::RuleFailure {
+        name: script,
+        line: 0,
+        message: format!("header `{name}` is not a valid HTTP header"),
+    }
 }
 
 #[cfg(test)]
@@ -282,7 +332,12 @@ mod tests {
     }
 
     fn cx() -> Context {
-        Context { key: Some("team-a".into()), client_ip: Some("10.1.2.3".into()), host: Arc::new(orproxy_rules::NoLedger), clock: None }
+        Context {
+            key: Some("team-a".into()),
+            client_ip: Some("10.1.2.3".into()),
+            host: Arc::new(orproxy_rules::NoLedger),
+            clock: None,
+        }
     }
 
     fn route(table: &RoutingTable, body: &str) -> Result<Route, ProxyError> {
@@ -290,7 +345,11 @@ mod tests {
     }
 
     fn with_rules(table: &mut RoutingTable, source: &str) {
-        let rules = orproxy_rules::RuleSet::compile(&[("r.rhai".to_owned(), source.to_owned())], orproxy_rules::Sandbox::default()).unwrap();
+        let rules = orproxy_rules::RuleSet::compile(
+            &[("r.rhai".to_owned(), source.to_owned())],
+            orproxy_rules::Sandbox::default(),
+        )
+        .unwrap();
         table.rules = Some(Arc::new(rules));
     }
 
@@ -309,22 +368,44 @@ mod tests {
         );
         let r = route(&t, r#"{"model":"mock:m?seed=4","seed":3,"messages":[]}"#).unwrap();
         assert_eq!(labels(&r), ["openrouter:big", "local:small"]);
-        let params: Vec<(&str, Value)> = r.targets[0].params.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        assert_eq!(params, [("top_p", serde_json::json!(0.5)), ("temperature", serde_json::json!(0.1))]);
+        let params: Vec<(&str, Value)> = r.targets[0]
+            .params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        assert_eq!(
+            params,
+            [
+                ("top_p", serde_json::json!(0.5)),
+                ("temperature", serde_json::json!(0.1))
+            ]
+        );
         assert_eq!(r.targets[0].unset, ["seed"]);
         assert_eq!(r.headers[0].0, "x-team");
         assert_eq!(r.headers[0].1, "team-a");
         assert_eq!(r.tags["ip"], "10.1.2.3");
-        assert_eq!(crate::pipeline::compact_trace(&r.trace).as_deref(), Some("r.rhai:model,params,headers,tags"));
+        assert_eq!(
+            crate::pipeline::compact_trace(&r.trace).as_deref(),
+            Some("r.rhai:model,params,headers,tags")
+        );
     }
 
     #[test]
     fn rules_set_the_chain_and_reject() {
         let mut t = table("", None);
-        with_rules(&mut t, r#"fn on_request(req) { req.failover = ["local:a", "mock:b"]; if req.model == "no" { req.reject(451, "not here"); } }"#);
-        assert_eq!(labels(&route(&t, r#"{"model":"mock:x|mock:y"}"#).unwrap()), ["mock:x", "local:a", "mock:b"]);
+        with_rules(
+            &mut t,
+            r#"fn on_request(req) { req.failover = ["local:a", "mock:b"]; if req.model == "no" { req.reject(451, "not here"); } }"#,
+        );
+        assert_eq!(
+            labels(&route(&t, r#"{"model":"mock:x|mock:y"}"#).unwrap()),
+            ["mock:x", "local:a", "mock:b"]
+        );
         let err = route(&t, r#"{"model":"no"}"#).unwrap_err();
-        assert_eq!((err.status().as_u16(), err.code()), (451, "rejected_by_rule"));
+        assert_eq!(
+            (err.status().as_u16(), err.code()),
+            (451, "rejected_by_rule")
+        );
         with_rules(&mut t, r#"fn on_request(req) { req.backend = "ghost"; }"#);
         assert_eq!(route(&t, r#"{"model":"x"}"#).unwrap_err().status(), 404);
         with_rules(&mut t, r#"fn on_request(req) { loop {} }"#);

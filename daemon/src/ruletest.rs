@@ -84,11 +84,17 @@ struct CaseHost {
 
 impl Host for CaseHost {
     fn spent_usd(&self, scope: &str, period: &str) -> f64 {
-        self.spent.get(&format!("{scope}/{period}")).copied().unwrap_or(0.0)
+        self.spent
+            .get(&format!("{scope}/{period}"))
+            .copied()
+            .unwrap_or(0.0)
     }
 
     fn budget_left(&self, name: &str) -> f64 {
-        self.budgets.get(name).copied().unwrap_or(orproxy_rules::engine::UNLIMITED)
+        self.budgets
+            .get(name)
+            .copied()
+            .unwrap_or(orproxy_rules::engine::UNLIMITED)
     }
 }
 
@@ -97,14 +103,20 @@ struct AnyKey;
 
 impl Env for AnyKey {
     fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty()).or_else(|| Some("rules-test-placeholder".to_owned()))
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| Some("rules-test-placeholder".to_owned()))
     }
 }
 
 /// Runs every case of every `*.test.yaml` in `dir`; prints a line per case and a diff for each
 /// failure. Returns false when a case failed or nothing could run.
 pub fn run(config: Option<&Path>, dir: &Path) -> bool {
-    let sources = Sources { config: config.map(Path::to_owned), rules_dir_flag: Some(dir.to_owned()) };
+    let sources = Sources {
+        config: config.map(Path::to_owned),
+        rules_dir_flag: Some(dir.to_owned()),
+    };
     let table = match reload::build_with(&sources, &Overrides::default(), &AnyKey) {
         Ok(table) => table,
         Err(errors) => {
@@ -157,7 +169,11 @@ fn test_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml"))
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -167,7 +183,11 @@ fn test_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn parse_cases(name: &str, text: &str) -> Result<Vec<Case>, Diagnostic> {
     serde_saphyr::from_str::<Vec<Case>>(text).map_err(|err| {
         let message = err.without_snippet().to_string();
-        let message = message.split(" at line ").next().unwrap_or_default().to_owned();
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         match err.location() {
             Some(at) => Diagnostic::at(name, at, message),
             None => Diagnostic::general(name, message),
@@ -177,14 +197,20 @@ pub fn parse_cases(name: &str, text: &str) -> Result<Vec<Case>, Diagnostic> {
 
 /// Runs one case; returns what differs from its expectation.
 pub fn check(table: &crate::table::RoutingTable, case: &Case) -> Vec<String> {
-    let body = match serde_json::to_vec(&case.request).map_err(|e| e.to_string()).and_then(|b| JsonObject::parse(&b).map_err(|e| e.to_string())) {
+    let body = match serde_json::to_vec(&case.request)
+        .map_err(|e| e.to_string())
+        .and_then(|b| JsonObject::parse(&b).map_err(|e| e.to_string()))
+    {
         Ok(body) => body,
         Err(e) => return vec![format!("request: {e}")],
     };
     let cx = Context {
         key: case.key.clone(),
         client_ip: case.client_ip.clone(),
-        host: Arc::new(CaseHost { budgets: case.budgets.clone(), spent: case.spent.clone() }),
+        host: Arc::new(CaseHost {
+            budgets: case.budgets.clone(),
+            spent: case.spent.clone(),
+        }),
         clock: case.now,
     };
     let expect = &case.expect;
@@ -195,12 +221,20 @@ pub fn check(table: &crate::table::RoutingTable, case: &Case) -> Vec<String> {
                 problems.push(format!("reject.status: expected {s}, got {status}"));
             }
             if let Some(m) = want.message.as_deref().filter(|m| !message.contains(m)) {
-                problems.push(format!("reject.message: expected it to contain {m:?}, got {message:?}"));
+                problems.push(format!(
+                    "reject.message: expected it to contain {m:?}, got {message:?}"
+                ));
             }
             problems
         }
-        (Err(error), _) => vec![format!("the request failed: {} {error}", error.status().as_u16())],
-        (Ok(route), Some(_)) => vec![format!("expected a rejection, got a route to {}", route.targets[0].label())],
+        (Err(error), _) => vec![format!(
+            "the request failed: {} {error}",
+            error.status().as_u16()
+        )],
+        (Ok(route), Some(_)) => vec![format!(
+            "expected a rejection, got a route to {}",
+            route.targets[0].label()
+        )],
         (Ok(route), None) => differences(&route, expect),
     }
 }
@@ -220,23 +254,45 @@ fn differences(route: &Route, expect: &Expect) -> Vec<String> {
         same("model", model.clone(), first.model.clone());
     }
     if let Some(failover) = &expect.failover {
-        let got: Vec<String> = route.targets[1..].iter().map(route::Target::label).collect();
+        let got: Vec<String> = route.targets[1..]
+            .iter()
+            .map(route::Target::label)
+            .collect();
         same("failover", format!("{failover:?}"), format!("{got:?}"));
     }
     if let Some(params) = &expect.params {
         for (key, want) in params {
-            let got = first.params.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.to_string());
-            same(&format!("params.{key}"), want.to_string(), got.unwrap_or_else(|| "nothing".into()));
+            let got = first
+                .params
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.to_string());
+            same(
+                &format!("params.{key}"),
+                want.to_string(),
+                got.unwrap_or_else(|| "nothing".into()),
+            );
         }
     }
     if let Some(headers) = &expect.headers {
-        let want: BTreeMap<String, &str> = headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_str())).collect();
-        let got: BTreeMap<String, &str> = route.headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or(""))).collect();
+        let want: BTreeMap<String, &str> = headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+            .collect();
+        let got: BTreeMap<String, &str> = route
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("")))
+            .collect();
         same("headers", format!("{want:?}"), format!("{got:?}"));
     }
     if let Some(tags) = &expect.tags {
         for (key, want) in tags {
-            let got = route.tags.get(key).map_or_else(|| "nothing".to_owned(), Value::to_string);
+            let got = route
+                .tags
+                .get(key)
+                .map_or_else(|| "nothing".to_owned(), Value::to_string);
             same(&format!("tags.{key}"), want.to_string(), got);
         }
     }

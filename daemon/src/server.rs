@@ -113,8 +113,8 @@ fn start_workers(
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
                             // Rules see the client's address.
-                            let service = api_router(app)
-                                .into_make_service_with_connect_info::<SocketAddr>();
+                            let service =
+                                api_router(app).into_make_service_with_connect_info::<SocketAddr>();
                             axum::serve(listener.tap_io(nodelay), service)
                                 .with_graceful_shutdown(drained(drain))
                                 .await

@@ -46,7 +46,7 @@ fn install_verify_and_uninstall() {
     assert!(dest.join("usr/lib/sysusers.d/orproxy.conf").is_file());
     assert!(dest.join("usr/share/orproxy/config.schema.json").is_file());
     assert!(
-        dest.join("usr/share/orproxy/examples/rules/example-aliases.yaml")
+        dest.join("usr/share/orproxy/examples/rules/10-gpt-via-openrouter.rhai")
             .is_file()
     );
 

@@ -15,6 +15,7 @@ mod errors;
 mod install;
 mod reload;
 mod routing;
+mod rules;
 mod service;
 mod shutdown;
 mod streaming;

@@ -76,7 +76,12 @@ thread_local! {
 }
 
 /// Sets the host, deadline and clock for the duration of `f` on this thread.
-pub fn with_run<T>(host: Arc<dyn Host>, deadline: Instant, clock: Option<i64>, f: impl FnOnce() -> T) -> T {
+pub fn with_run<T>(
+    host: Arc<dyn Host>,
+    deadline: Instant,
+    clock: Option<i64>,
+    f: impl FnOnce() -> T,
+) -> T {
     HOST.with(|h| *h.borrow_mut() = Some(host));
     DEADLINE.with(|d| d.set(Some(deadline)));
     CLOCK.with(|c| c.set(clock));
@@ -88,7 +93,8 @@ pub fn with_run<T>(host: Arc<dyn Host>, deadline: Instant, clock: Option<i64>, f
 }
 
 fn host<T>(f: impl FnOnce(&dyn Host) -> T, default: T) -> T {
-    HOST.with(|h| h.borrow().as_deref().map(f)).unwrap_or(default)
+    HOST.with(|h| h.borrow().as_deref().map(f))
+        .unwrap_or(default)
 }
 
 /// Builds an engine with every limit set, no modules, no `eval`, and the script API registered.
@@ -119,7 +125,9 @@ pub fn harden(limits: &Sandbox) -> Engine {
 
 fn unix_now() -> i64 {
     CLOCK.with(Cell::get).unwrap_or_else(|| {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
     })
 }
 
@@ -174,24 +182,41 @@ fn regex(pattern: &str) -> Result<Regex, Box<rhai::EvalAltResult>> {
 
 fn register_helpers(engine: &mut Engine) {
     engine.register_fn("now", now);
-    engine.register_fn("spent_usd", |scope: &str, period: &str| host(|h| h.spent_usd(scope, period), 0.0));
-    engine.register_fn("budget_left", |name: &str| host(|h| h.budget_left(name), UNLIMITED));
-    engine.register_fn("matches", |text: &str, pattern: &str| -> Result<bool, Box<rhai::EvalAltResult>> {
-        Ok(regex(pattern)?.is_match(text))
+    engine.register_fn("spent_usd", |scope: &str, period: &str| {
+        host(|h| h.spent_usd(scope, period), 0.0)
+    });
+    engine.register_fn("budget_left", |name: &str| {
+        host(|h| h.budget_left(name), UNLIMITED)
     });
     engine.register_fn(
+        "matches",
+        |text: &str, pattern: &str| -> Result<bool, Box<rhai::EvalAltResult>> {
+            Ok(regex(pattern)?.is_match(text))
+        },
+    );
+    engine.register_fn(
         "regex_replace",
-        |text: &str, pattern: &str, replacement: &str| -> Result<String, Box<rhai::EvalAltResult>> {
+        |text: &str,
+         pattern: &str,
+         replacement: &str|
+         -> Result<String, Box<rhai::EvalAltResult>> {
             Ok(regex(pattern)?.replace_all(text, replacement).into_owned())
         },
     );
-    engine.register_fn("captures", |text: &str, pattern: &str| -> Result<rhai::Array, Box<rhai::EvalAltResult>> {
-        let re = regex(pattern)?;
-        Ok(re
-            .captures(text)
-            .map(|c| c.iter().map(|m| Dynamic::from(m.map_or(String::new(), |m| m.as_str().to_owned()))).collect())
-            .unwrap_or_default())
-    });
+    engine.register_fn(
+        "captures",
+        |text: &str, pattern: &str| -> Result<rhai::Array, Box<rhai::EvalAltResult>> {
+            let re = regex(pattern)?;
+            Ok(re
+                .captures(text)
+                .map(|c| {
+                    c.iter()
+                        .map(|m| Dynamic::from(m.map_or(String::new(), |m| m.as_str().to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default())
+        },
+    );
 }
 
 #[cfg(test)]
@@ -208,7 +233,12 @@ mod tests {
 
     #[test]
     fn now_has_the_fields_scripts_use() {
-        let map = with_run(Arc::new(NoLedger), Instant::now() + Duration::from_secs(1), Some(1_795_478_400), now);
+        let map = with_run(
+            Arc::new(NoLedger),
+            Instant::now() + Duration::from_secs(1),
+            Some(1_795_478_400),
+            now,
+        );
         // 2026-11-24T00:00:00Z, a Tuesday.
         assert_eq!(map["hour"].as_int().unwrap(), 0);
         assert_eq!(map["weekday"].as_int().unwrap(), 2);

@@ -62,7 +62,9 @@ impl RequestHandle {
     /// The request as it is now.
     pub fn lock(&self) -> MutexGuard<'_, RouteRequest> {
         // Scripts run one at a time per request; a poisoned lock only means a panic elsewhere.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The request as it is now, copied out.
@@ -74,20 +76,34 @@ impl RequestHandle {
 fn to_map<V: Serialize>(values: &BTreeMap<String, V>) -> Map {
     values
         .iter()
-        .map(|(k, v)| (k.into(), rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT)))
+        .map(|(k, v)| {
+            (
+                k.into(),
+                rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT),
+            )
+        })
         .collect()
 }
 
 fn json_map(map: Map) -> BTreeMap<String, Value> {
     map.into_iter()
-        .map(|(k, v)| (k.to_string(), rhai::serde::from_dynamic::<Value>(&v).unwrap_or(Value::Null)))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                rhai::serde::from_dynamic::<Value>(&v).unwrap_or(Value::Null),
+            )
+        })
         .collect()
 }
 
 fn string_map(map: Map) -> BTreeMap<String, String> {
     map.into_iter()
         .map(|(k, v)| {
-            let text = if v.is_string() { v.into_string().unwrap_or_default() } else { v.to_string() };
+            let text = if v.is_string() {
+                v.into_string().unwrap_or_default()
+            } else {
+                v.to_string()
+            };
             (k.to_string(), text)
         })
         .collect()
@@ -123,22 +139,53 @@ pub fn register(engine: &mut Engine) {
     );
     engine.register_get_set(
         "failover",
-        |r: &mut RequestHandle| r.lock().failover.iter().map(|s| Dynamic::from(s.clone())).collect::<rhai::Array>(),
+        |r: &mut RequestHandle| {
+            r.lock()
+                .failover
+                .iter()
+                .map(|s| Dynamic::from(s.clone()))
+                .collect::<rhai::Array>()
+        },
         |r: &mut RequestHandle, v: rhai::Array| {
-            r.lock().failover = v.into_iter().map(|d| if d.is_string() { d.into_string().unwrap_or_default() } else { d.to_string() }).collect();
+            r.lock().failover = v
+                .into_iter()
+                .map(|d| {
+                    if d.is_string() {
+                        d.into_string().unwrap_or_default()
+                    } else {
+                        d.to_string()
+                    }
+                })
+                .collect();
         },
     );
     engine.register_get("key", |r: &mut RequestHandle| r.lock().key.clone());
-    engine.register_get("prompt_tokens", |r: &mut RequestHandle| r.lock().prompt_tokens);
+    engine.register_get("prompt_tokens", |r: &mut RequestHandle| {
+        r.lock().prompt_tokens
+    });
     engine.register_get("max_tokens", |r: &mut RequestHandle| r.lock().max_tokens);
     engine.register_get("stream", |r: &mut RequestHandle| r.lock().stream);
     engine.register_get("messages", |r: &mut RequestHandle| r.lock().messages);
-    engine.register_get("client_ip", |r: &mut RequestHandle| r.lock().client_ip.clone());
-    engine.register_fn("reject", |r: &mut RequestHandle, status: i64, message: &str| {
-        let status = u16::try_from(status).ok().filter(|s| (400..=599).contains(s)).unwrap_or(403);
-        r.lock().rejection = Some(Rejection { status, message: message.to_owned() });
+    engine.register_get("client_ip", |r: &mut RequestHandle| {
+        r.lock().client_ip.clone()
     });
+    engine.register_fn(
+        "reject",
+        |r: &mut RequestHandle, status: i64, message: &str| {
+            let status = u16::try_from(status)
+                .ok()
+                .filter(|s| (400..=599).contains(s))
+                .unwrap_or(403);
+            r.lock().rejection = Some(Rejection {
+                status,
+                message: message.to_owned(),
+            });
+        },
+    );
     engine.register_fn("reject", |r: &mut RequestHandle, message: &str| {
-        r.lock().rejection = Some(Rejection { status: 403, message: message.to_owned() });
+        r.lock().rejection = Some(Rejection {
+            status: 403,
+            message: message.to_owned(),
+        });
     });
 }

@@ -78,13 +78,18 @@ pub struct RuleSet {
 
 impl std::fmt::Debug for RuleSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuleSet").field("scripts", &self.names()).finish()
+        f.debug_struct("RuleSet")
+            .field("scripts", &self.names())
+            .finish()
     }
 }
 
 impl RuleSet {
     /// Compiles `(name, source)` pairs in the given order; every error is reported.
-    pub fn compile(sources: &[(String, String)], limits: Sandbox) -> Result<RuleSet, Vec<ScriptError>> {
+    pub fn compile(
+        sources: &[(String, String)],
+        limits: Sandbox,
+    ) -> Result<RuleSet, Vec<ScriptError>> {
         let engine = engine::harden(&limits);
         let mut scripts = Vec::with_capacity(sources.len());
         let mut errors = Vec::new();
@@ -97,27 +102,56 @@ impl RuleSet {
                             file: name.clone(),
                             line: 0,
                             column: 0,
-                            message: format!("`fn {HOOK}` must take one parameter (the request), not {}", f.params.len()),
+                            message: format!(
+                                "`fn {HOOK}` must take one parameter (the request), not {}",
+                                f.params.len()
+                            ),
                         }),
                         _ => scripts.push(Script {
-                            name: Path::new(name).file_name().map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned()),
+                            name: Path::new(name)
+                                .file_name()
+                                .map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned()),
                             ast,
                         }),
                     }
                 }
-                Err(e) => errors.push(ScriptError::at(name, e.position(), e.err_type().to_string())),
+                Err(e) => errors.push(ScriptError::at(
+                    name,
+                    e.position(),
+                    e.err_type().to_string(),
+                )),
             }
         }
-        if errors.is_empty() { Ok(RuleSet { engine, scripts, limits }) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(RuleSet {
+                engine,
+                scripts,
+                limits,
+            })
+        } else {
+            Err(errors)
+        }
     }
 
     /// Reads and compiles every `*.rhai` file of `dir`, in file-name order.
     pub fn load_dir(dir: &Path, limits: Sandbox) -> Result<RuleSet, Vec<ScriptError>> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| vec![ScriptError { file: dir.display().to_string(), line: 0, column: 0, message: format!("cannot read: {e}") }])?
+            .map_err(|e| {
+                vec![ScriptError {
+                    file: dir.display().to_string(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                }]
+            })?
             .filter_map(Result::ok)
             .map(|entry| entry.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "rhai") && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "rhai")
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         paths.sort();
         let mut sources = Vec::with_capacity(paths.len());
@@ -125,7 +159,12 @@ impl RuleSet {
         for path in paths {
             match std::fs::read_to_string(&path) {
                 Ok(text) => sources.push((path.display().to_string(), text)),
-                Err(e) => errors.push(ScriptError { file: path.display().to_string(), line: 0, column: 0, message: format!("cannot read: {e}") }),
+                Err(e) => errors.push(ScriptError {
+                    file: path.display().to_string(),
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                }),
             }
         }
         if !errors.is_empty() {
@@ -146,7 +185,12 @@ impl RuleSet {
 
     /// Runs every script's hook on `request`, in order, stopping at a rejection. Returns the
     /// request as the scripts left it and what each script changed.
-    pub fn run(&self, request: RouteRequest, host: Arc<dyn Host>, clock: Option<i64>) -> Result<(RouteRequest, Vec<Change>), RuleFailure> {
+    pub fn run(
+        &self,
+        request: RouteRequest,
+        host: Arc<dyn Host>,
+        clock: Option<i64>,
+    ) -> Result<(RouteRequest, Vec<Change>), RuleFailure> {
         let handle = RequestHandle::new(request);
         let mut trace = Vec::new();
         let mut before = handle.snapshot();
@@ -157,7 +201,13 @@ impl RuleSet {
             let deadline = Instant::now() + self.limits.deadline;
             let result = engine::with_run(Arc::clone(&host), deadline, clock, || {
                 let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-                self.engine.call_fn_with_options::<rhai::Dynamic>(options, &mut Scope::new(), &script.ast, HOOK, (handle.clone(),))
+                self.engine.call_fn_with_options::<rhai::Dynamic>(
+                    options,
+                    &mut Scope::new(),
+                    &script.ast,
+                    HOOK,
+                    (handle.clone(),),
+                )
             });
             if let Err(error) = result {
                 return Err(failure(&script.name, &error, &self.limits));
@@ -175,9 +225,16 @@ impl RuleSet {
 
 fn failure(name: &str, error: &EvalAltResult, limits: &Sandbox) -> RuleFailure {
     let message = match error.unwrap_inner() {
-        EvalAltResult::ErrorTerminated(..) => format!("ran longer than its {} ms deadline", limits.deadline.as_millis()),
-        EvalAltResult::ErrorTooManyOperations(..) => format!("exceeded {} operations", limits.max_operations),
-        EvalAltResult::ErrorStackOverflow(..) => format!("exceeded {} nested calls", limits.max_call_levels),
+        EvalAltResult::ErrorTerminated(..) => format!(
+            "ran longer than its {} ms deadline",
+            limits.deadline.as_millis()
+        ),
+        EvalAltResult::ErrorTooManyOperations(..) => {
+            format!("exceeded {} operations", limits.max_operations)
+        }
+        EvalAltResult::ErrorStackOverflow(..) => {
+            format!("exceeded {} nested calls", limits.max_call_levels)
+        }
         EvalAltResult::ErrorDataTooLarge(what, ..) => format!("{what} exceeded its limit"),
         other => {
             // Rhai appends " (line L, position P)" itself; the line is reported separately.
@@ -189,8 +246,17 @@ fn failure(name: &str, error: &EvalAltResult, limits: &Sandbox) -> RuleFailure {
         }
     };
     // Errors inside script functions are wrapped: the innermost one knows the line.
-    let line = error.unwrap_inner().position().line().or_else(|| error.position().line()).unwrap_or(0);
-    RuleFailure { name: name.to_owned(), line, message }
+    let line = error
+        .unwrap_inner()
+        .position()
+        .line()
+        .or_else(|| error.position().line())
+        .unwrap_or(0);
+    RuleFailure {
+        name: name.to_owned(),
+        line,
+        message,
+    }
 }
 
 fn diff(script: &str, before: &RouteRequest, after: &RouteRequest, trace: &mut Vec<Change>) {
@@ -199,7 +265,12 @@ fn diff(script: &str, before: &RouteRequest, after: &RouteRequest, trace: &mut V
     }
     let mut note = |field: &'static str, changed: bool, b: Value, a: Value| {
         if changed {
-            trace.push(Change { script: script.to_owned(), field, before: b, after: a });
+            trace.push(Change {
+                script: script.to_owned(),
+                field,
+                before: b,
+                after: a,
+            });
         }
     };
     // Compare first: most scripts change little, and only changes are turned into JSON.
@@ -216,12 +287,22 @@ fn diff(script: &str, before: &RouteRequest, after: &RouteRequest, trace: &mut V
         note("headers", true, json(&before.headers), json(&after.headers));
     }
     if before.failover != after.failover {
-        note("failover", true, json(&before.failover), json(&after.failover));
+        note(
+            "failover",
+            true,
+            json(&before.failover),
+            json(&after.failover),
+        );
     }
     if before.tags != after.tags {
         note("tags", true, json(&before.tags), json(&after.tags));
     }
     if before.rejection != after.rejection {
-        note("rejection", true, json(&before.rejection), json(&after.rejection));
+        note(
+            "rejection",
+            true,
+            json(&before.rejection),
+            json(&after.rejection),
+        );
     }
 }

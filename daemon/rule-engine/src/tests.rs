@@ -6,7 +6,10 @@ use serde_json::json;
 use super::*;
 
 fn compile(scripts: &[(&str, &str)]) -> RuleSet {
-    let sources: Vec<(String, String)> = scripts.iter().map(|(n, s)| ((*n).to_owned(), (*s).to_owned())).collect();
+    let sources: Vec<(String, String)> = scripts
+        .iter()
+        .map(|(n, s)| ((*n).to_owned(), (*s).to_owned()))
+        .collect();
     RuleSet::compile(&sources, Sandbox::default()).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
@@ -14,7 +17,9 @@ fn request() -> RouteRequest {
     RouteRequest {
         model: "gpt-4o".into(),
         backend: "openrouter".into(),
-        params: [("temperature".to_owned(), json!(1.0))].into_iter().collect(),
+        params: [("temperature".to_owned(), json!(1.0))]
+            .into_iter()
+            .collect(),
         key: "team-a".into(),
         prompt_tokens: 120,
         max_tokens: 256,
@@ -61,11 +66,23 @@ fn scripts_change_the_request_through_the_handle() {
 #[test]
 fn scripts_run_in_order_and_a_rejection_stops_them() {
     let rules = compile(&[
-        ("10-a.rhai", r#"fn on_request(req) { if req.prompt_tokens > 100 { req.reject(413, "prompt too long"); } }"#),
-        ("20-b.rhai", r#"fn on_request(req) { req.model = "never"; }"#),
+        (
+            "10-a.rhai",
+            r#"fn on_request(req) { if req.prompt_tokens > 100 { req.reject(413, "prompt too long"); } }"#,
+        ),
+        (
+            "20-b.rhai",
+            r#"fn on_request(req) { req.model = "never"; }"#,
+        ),
     ]);
     let (out, trace) = run(&rules).unwrap();
-    assert_eq!(out.rejection, Some(Rejection { status: 413, message: "prompt too long".into() }));
+    assert_eq!(
+        out.rejection,
+        Some(Rejection {
+            status: 413,
+            message: "prompt too long".into()
+        })
+    );
     assert_eq!(out.model, "gpt-4o");
     assert_eq!(trace.len(), 1);
 }
@@ -94,14 +111,23 @@ fn read_only_facts_and_helpers() {
     assert_eq!(out.tags["left"], json!(true));
     assert_eq!(out.tags["m"], json!(true));
     assert_eq!(out.tags["r"], json!("openai/gpt-4o"));
-    assert_eq!(out.tags["facts"], json!(["team-a", 120, 256, false, 2, "10.0.0.7"]));
+    assert_eq!(
+        out.tags["facts"],
+        json!(["team-a", 120, 256, false, 2, "10.0.0.7"])
+    );
 }
 
 #[test]
 fn scripts_without_the_hook_are_fine_and_read_only_facts_stay_read_only() {
     let rules = compile(&[("const.rhai", "let x = 1;")]);
     assert_eq!(run(&rules).unwrap().0, request());
-    let err = RuleSet::compile(&[("bad.rhai".into(), "fn on_request(req) { req.key = \"x\"; }".into())], Sandbox::default());
+    let err = RuleSet::compile(
+        &[(
+            "bad.rhai".into(),
+            "fn on_request(req) { req.key = \"x\"; }".into(),
+        )],
+        Sandbox::default(),
+    );
     // Assigning a read-only property fails when the hook runs, naming the script.
     let rules = err.unwrap();
     let failure = run(&rules).unwrap_err();
@@ -110,13 +136,32 @@ fn scripts_without_the_hook_are_fine_and_read_only_facts_stay_read_only() {
 
 #[test]
 fn syntax_errors_are_located() {
-    let errors = RuleSet::compile(&[("rules/x.rhai".into(), "fn on_request(req) {\n  let = 3;\n}".into())], Sandbox::default()).unwrap_err();
+    let errors = RuleSet::compile(
+        &[(
+            "rules/x.rhai".into(),
+            "fn on_request(req) {\n  let = 3;\n}".into(),
+        )],
+        Sandbox::default(),
+    )
+    .unwrap_err();
     assert_eq!(errors[0].file, "rules/x.rhai");
     assert_eq!(errors[0].line, 2);
-    assert!(errors[0].to_string().starts_with("rules/x.rhai:2:"), "{}", errors[0]);
-    let errors = RuleSet::compile(&[("y.rhai".into(), "fn on_request(a, b) {}".into())], Sandbox::default()).unwrap_err();
+    assert!(
+        errors[0].to_string().starts_with("rules/x.rhai:2:"),
+        "{}",
+        errors[0]
+    );
+    let errors = RuleSet::compile(
+        &[("y.rhai".into(), "fn on_request(a, b) {}".into())],
+        Sandbox::default(),
+    )
+    .unwrap_err();
     assert!(errors[0].message.contains("one parameter"));
-    let errors = RuleSet::compile(&[("z.rhai".into(), "fn on_request(req) { eval(\"1\") }".into())], Sandbox::default()).unwrap_err();
+    let errors = RuleSet::compile(
+        &[("z.rhai".into(), "fn on_request(req) { eval(\"1\") }".into())],
+        Sandbox::default(),
+    )
+    .unwrap_err();
     assert_eq!(errors[0].file, "z.rhai");
 }
 
@@ -124,17 +169,36 @@ fn syntax_errors_are_located() {
 fn runaway_scripts_fail_their_request_quickly() {
     let cases = [
         ("loop.rhai", "fn on_request(req) { loop { } }", "operations"),
-        ("recurse.rhai", "fn f(x) { f(x + 1) } fn on_request(req) { f(0) }", "nested calls"),
-        ("string.rhai", "fn on_request(req) { let s = \"x\"; loop { s += s; } }", "exceeded its limit"),
-        ("type.rhai", "fn on_request(req) { let x = 1 + \"a\" * 2; }", "line"),
+        (
+            "recurse.rhai",
+            "fn f(x) { f(x + 1) } fn on_request(req) { f(0) }",
+            "nested calls",
+        ),
+        (
+            "string.rhai",
+            "fn on_request(req) { let s = \"x\"; loop { s += s; } }",
+            "exceeded its limit",
+        ),
+        (
+            "type.rhai",
+            "fn on_request(req) { let x = 1 + \"a\" * 2; }",
+            "line",
+        ),
     ];
     for (name, source, expect) in cases {
         let rules = compile(&[(name, source)]);
         let started = Instant::now();
         let failure = run(&rules).unwrap_err();
-        assert!(started.elapsed() < Duration::from_millis(500), "{name} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{name} took {:?}",
+            started.elapsed()
+        );
         assert_eq!(failure.name, name);
-        assert!(failure.to_string().contains(expect) || failure.message.contains(expect), "{name}: {failure}");
+        assert!(
+            failure.to_string().contains(expect) || failure.message.contains(expect),
+            "{name}: {failure}"
+        );
         // Rhai reports the line of runtime errors; a breached limit has no single line.
         if name == "type.rhai" {
             assert!(failure.line > 0, "{name}: {failure:?}");
@@ -144,11 +208,18 @@ fn runaway_scripts_fail_their_request_quickly() {
 
 #[test]
 fn the_wall_clock_deadline_stops_slow_operations() {
-    let limits = Sandbox { max_operations: 0, deadline: Duration::from_millis(20), ..Sandbox::default() };
-    let rules = RuleSet::compile(&[("slow.rhai".into(), "fn on_request(req) { loop { } }".into())], limits).unwrap();
+    let limits = Sandbox {
+        max_operations: 0,
+        deadline: Duration::from_millis(20),
+        ..Sandbox::default()
+    };
+    let rules = RuleSet::compile(
+        &[("slow.rhai".into(), "fn on_request(req) { loop { } }".into())],
+        limits,
+    )
+    .unwrap();
     let started = Instant::now();
     let failure = rules.run(request(), Arc::new(NoLedger), None).unwrap_err();
     assert!(failure.message.contains("deadline"), "{failure}");
     assert!(started.elapsed() < Duration::from_millis(500));
 }
-
