@@ -51,25 +51,70 @@ pub struct Rejection {
 /// The `req` object scripts receive: clones share one request, so assignments through any of
 /// them are seen by the daemon without returning anything.
 #[derive(Debug, Clone)]
-pub struct RequestHandle(Arc<Mutex<RouteRequest>>);
+pub struct RequestHandle(Arc<Mutex<Shared>>);
+
+/// The request and, for the script running now, each field's value before its first write.
+#[derive(Debug)]
+pub struct Shared {
+    /// The request.
+    pub request: RouteRequest,
+    /// `(field, value before the running script first wrote it)`, in first-write order.
+    pub written: Vec<(&'static str, Value)>,
+}
+
+impl Shared {
+    /// Notes a field's value before the running script's first write to it: scripts that only
+    /// read cost no copies.
+    fn before_write(&mut self, field: &'static str) {
+        if !self.written.iter().any(|(f, _)| *f == field) {
+            let value = self.request.field(field);
+            self.written.push((field, value));
+        }
+    }
+}
+
+impl RouteRequest {
+    /// A writable field as JSON (for the change trace).
+    pub fn field(&self, field: &str) -> Value {
+        let json = |v: Result<Value, serde_json::Error>| v.unwrap_or(Value::Null);
+        match field {
+            "model" => Value::String(self.model.clone()),
+            "backend" => Value::String(self.backend.clone()),
+            "params" => json(serde_json::to_value(&self.params)),
+            "headers" => json(serde_json::to_value(&self.headers)),
+            "failover" => json(serde_json::to_value(&self.failover)),
+            "tags" => json(serde_json::to_value(&self.tags)),
+            "rejection" => json(serde_json::to_value(&self.rejection)),
+            _ => Value::Null,
+        }
+    }
+}
 
 impl RequestHandle {
     /// Wraps a request for scripts.
     pub fn new(request: RouteRequest) -> Self {
-        RequestHandle(Arc::new(Mutex::new(request)))
+        RequestHandle(Arc::new(Mutex::new(Shared {
+            request,
+            written: Vec::new(),
+        })))
     }
 
-    /// The request as it is now.
-    pub fn lock(&self) -> MutexGuard<'_, RouteRequest> {
+    /// The shared state.
+    pub fn lock(&self) -> MutexGuard<'_, Shared> {
         // Scripts run one at a time per request; a poisoned lock only means a panic elsewhere.
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The request as it is now, copied out.
-    pub fn snapshot(&self) -> RouteRequest {
-        self.lock().clone()
+    fn read<T>(&self, f: impl FnOnce(&RouteRequest) -> T) -> T {
+        f(&self.lock().request)
+    }
+
+    fn write(&self, field: &'static str, f: impl FnOnce(&mut RouteRequest)) {
+        let mut shared = self.lock();
+        shared.before_write(field);
+        f(&mut shared.request);
     }
 }
 
@@ -114,40 +159,41 @@ pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<RequestHandle>("Request");
     engine.register_get_set(
         "model",
-        |r: &mut RequestHandle| r.lock().model.clone(),
-        |r: &mut RequestHandle, v: String| r.lock().model = v,
+        |r: &mut RequestHandle| r.read(|q| q.model.clone()),
+        |r: &mut RequestHandle, v: String| r.write("model", |q| q.model = v),
     );
     engine.register_get_set(
         "backend",
-        |r: &mut RequestHandle| r.lock().backend.clone(),
-        |r: &mut RequestHandle, v: String| r.lock().backend = v,
+        |r: &mut RequestHandle| r.read(|q| q.backend.clone()),
+        |r: &mut RequestHandle, v: String| r.write("backend", |q| q.backend = v),
     );
     engine.register_get_set(
         "params",
-        |r: &mut RequestHandle| to_map(&r.lock().params),
-        |r: &mut RequestHandle, v: Map| r.lock().params = json_map(v),
+        |r: &mut RequestHandle| r.read(|q| to_map(&q.params)),
+        |r: &mut RequestHandle, v: Map| r.write("params", |q| q.params = json_map(v)),
     );
     engine.register_get_set(
         "headers",
-        |r: &mut RequestHandle| to_map(&r.lock().headers),
-        |r: &mut RequestHandle, v: Map| r.lock().headers = string_map(v),
+        |r: &mut RequestHandle| r.read(|q| to_map(&q.headers)),
+        |r: &mut RequestHandle, v: Map| r.write("headers", |q| q.headers = string_map(v)),
     );
     engine.register_get_set(
         "tags",
-        |r: &mut RequestHandle| to_map(&r.lock().tags),
-        |r: &mut RequestHandle, v: Map| r.lock().tags = json_map(v),
+        |r: &mut RequestHandle| r.read(|q| to_map(&q.tags)),
+        |r: &mut RequestHandle, v: Map| r.write("tags", |q| q.tags = json_map(v)),
     );
     engine.register_get_set(
         "failover",
         |r: &mut RequestHandle| {
-            r.lock()
-                .failover
-                .iter()
-                .map(|s| Dynamic::from(s.clone()))
-                .collect::<rhai::Array>()
+            r.read(|q| {
+                q.failover
+                    .iter()
+                    .map(|s| Dynamic::from(s.clone()))
+                    .collect::<rhai::Array>()
+            })
         },
         |r: &mut RequestHandle, v: rhai::Array| {
-            r.lock().failover = v
+            let list = v
                 .into_iter()
                 .map(|d| {
                     if d.is_string() {
@@ -157,17 +203,20 @@ pub fn register(engine: &mut Engine) {
                     }
                 })
                 .collect();
+            r.write("failover", |q| q.failover = list);
         },
     );
-    engine.register_get("key", |r: &mut RequestHandle| r.lock().key.clone());
+    engine.register_get("key", |r: &mut RequestHandle| r.read(|q| q.key.clone()));
     engine.register_get("prompt_tokens", |r: &mut RequestHandle| {
-        r.lock().prompt_tokens
+        r.read(|q| q.prompt_tokens)
     });
-    engine.register_get("max_tokens", |r: &mut RequestHandle| r.lock().max_tokens);
-    engine.register_get("stream", |r: &mut RequestHandle| r.lock().stream);
-    engine.register_get("messages", |r: &mut RequestHandle| r.lock().messages);
+    engine.register_get("max_tokens", |r: &mut RequestHandle| {
+        r.read(|q| q.max_tokens)
+    });
+    engine.register_get("stream", |r: &mut RequestHandle| r.read(|q| q.stream));
+    engine.register_get("messages", |r: &mut RequestHandle| r.read(|q| q.messages));
     engine.register_get("client_ip", |r: &mut RequestHandle| {
-        r.lock().client_ip.clone()
+        r.read(|q| q.client_ip.clone())
     });
     engine.register_fn(
         "reject",
@@ -176,16 +225,18 @@ pub fn register(engine: &mut Engine) {
                 .ok()
                 .filter(|s| (400..=599).contains(s))
                 .unwrap_or(403);
-            r.lock().rejection = Some(Rejection {
+            let rejection = Rejection {
                 status,
                 message: message.to_owned(),
-            });
+            };
+            r.write("rejection", |q| q.rejection = Some(rejection));
         },
     );
     engine.register_fn("reject", |r: &mut RequestHandle, message: &str| {
-        r.lock().rejection = Some(Rejection {
+        let rejection = Rejection {
             status: 403,
             message: message.to_owned(),
-        });
+        };
+        r.write("rejection", |q| q.rejection = Some(rejection));
     });
 }

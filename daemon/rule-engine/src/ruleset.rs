@@ -67,6 +67,8 @@ pub struct Change {
 struct Script {
     name: String,
     ast: AST,
+    /// Whether it defines the hook (scripts may hold only helpers or constants).
+    has_hook: bool,
 }
 
 /// The compiled scripts of a rules directory.
@@ -107,10 +109,11 @@ impl RuleSet {
                                 f.params.len()
                             ),
                         }),
-                        _ => scripts.push(Script {
+                        hook => scripts.push(Script {
                             name: Path::new(name)
                                 .file_name()
                                 .map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned()),
+                            has_hook: hook.is_some(),
                             ast,
                         }),
                     }
@@ -193,33 +196,42 @@ impl RuleSet {
     ) -> Result<(RouteRequest, Vec<Change>), RuleFailure> {
         let handle = RequestHandle::new(request);
         let mut trace = Vec::new();
-        let mut before = handle.snapshot();
-        for script in &self.scripts {
-            if !script.ast.iter_functions().any(|f| f.name == HOOK) {
-                continue;
-            }
-            let deadline = Instant::now() + self.limits.deadline;
-            let result = engine::with_run(Arc::clone(&host), deadline, clock, || {
+        let outcome = engine::with_run(host, clock, || {
+            for script in self.scripts.iter().filter(|s| s.has_hook) {
+                engine::set_deadline(Instant::now() + self.limits.deadline);
                 let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-                self.engine.call_fn_with_options::<rhai::Dynamic>(
+                let result = self.engine.call_fn_with_options::<rhai::Dynamic>(
                     options,
                     &mut Scope::new(),
                     &script.ast,
                     HOOK,
                     (handle.clone(),),
-                )
-            });
-            if let Err(error) = result {
-                return Err(failure(&script.name, &error, &self.limits));
+                );
+                if let Err(error) = result {
+                    return Err(failure(&script.name, &error, &self.limits));
+                }
+                let mut shared = handle.lock();
+                let written = std::mem::take(&mut shared.written);
+                for (field, before) in written {
+                    let after = shared.request.field(field);
+                    if after != before {
+                        trace.push(Change {
+                            script: script.name.clone(),
+                            field,
+                            before,
+                            after,
+                        });
+                    }
+                }
+                if shared.request.rejection.is_some() {
+                    break;
+                }
             }
-            let after = handle.snapshot();
-            diff(&script.name, &before, &after, &mut trace);
-            if after.rejection.is_some() {
-                return Ok((after, trace));
-            }
-            before = after;
-        }
-        Ok((before, trace))
+            Ok(())
+        });
+        outcome?;
+        let request = handle.lock().request.clone();
+        Ok((request, trace))
     }
 }
 
@@ -256,53 +268,5 @@ fn failure(name: &str, error: &EvalAltResult, limits: &Sandbox) -> RuleFailure {
         name: name.to_owned(),
         line,
         message,
-    }
-}
-
-fn diff(script: &str, before: &RouteRequest, after: &RouteRequest, trace: &mut Vec<Change>) {
-    fn json<T: Serialize>(value: &T) -> Value {
-        serde_json::to_value(value).unwrap_or(Value::Null)
-    }
-    let mut note = |field: &'static str, changed: bool, b: Value, a: Value| {
-        if changed {
-            trace.push(Change {
-                script: script.to_owned(),
-                field,
-                before: b,
-                after: a,
-            });
-        }
-    };
-    // Compare first: most scripts change little, and only changes are turned into JSON.
-    if before.model != after.model {
-        note("model", true, json(&before.model), json(&after.model));
-    }
-    if before.backend != after.backend {
-        note("backend", true, json(&before.backend), json(&after.backend));
-    }
-    if before.params != after.params {
-        note("params", true, json(&before.params), json(&after.params));
-    }
-    if before.headers != after.headers {
-        note("headers", true, json(&before.headers), json(&after.headers));
-    }
-    if before.failover != after.failover {
-        note(
-            "failover",
-            true,
-            json(&before.failover),
-            json(&after.failover),
-        );
-    }
-    if before.tags != after.tags {
-        note("tags", true, json(&before.tags), json(&after.tags));
-    }
-    if before.rejection != after.rejection {
-        note(
-            "rejection",
-            true,
-            json(&before.rejection),
-            json(&after.rejection),
-        );
     }
 }
