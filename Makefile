@@ -50,6 +50,7 @@ uninstall:
 bench:
 	$(CARGO) build --release --locked -p orproxy -p orproxy-testkit
 	$(or $(CARGO_TARGET_DIR),target)/release/orproxy-bench $(BENCH_ARGS)
+	$(CARGO) bench --locked -p orproxy-rules
 
 clean:
 	$(CARGO) clean
