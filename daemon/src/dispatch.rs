@@ -414,15 +414,7 @@ pub async fn json(
                 .classify(response.status, &response.headers, &body)
         };
         record.error = Some(failure.message.clone());
-        let mut answer = response.into_answer(body);
-        if answer.status.is_success() {
-            // An error hidden in a 200 is relayed with the error's own status.
-            answer = UpstreamAnswer::from_failure(&failure);
-        }
-        let error = ProxyError::Upstream {
-            backend: backend.name.clone(),
-            answer: Box::new(answer),
-        };
+        let error = upstream_error(&backend.name, response, body, &failure);
         if !plan.failed(
             app,
             backend,
@@ -436,6 +428,24 @@ pub async fn json(
         }
     }
     Err(plan.into_error())
+}
+
+/// The error a failed attempt answers with: the upstream's own answer, or, for an error hidden
+/// in a 200, one with the error's own status.
+pub fn upstream_error(
+    backend: &str,
+    response: UpstreamResponse,
+    body: Bytes,
+    failure: &Failure,
+) -> ProxyError {
+    let mut answer = response.into_answer(body);
+    if answer.status.is_success() {
+        answer = UpstreamAnswer::from_failure(failure);
+    }
+    ProxyError::Upstream {
+        backend: backend.to_owned(),
+        answer: Box::new(answer),
+    }
 }
 
 /// A successful answer with the upstream's relayable headers.

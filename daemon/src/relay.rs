@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
-use crate::dispatch::{Cause, Exchange, Plan, attempt_error, prepare, success};
+use crate::dispatch::{Cause, Exchange, Plan, attempt_error, prepare, success, upstream_error};
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
 use crate::pipeline::ROUTE_HEADER;
 use crate::record::{Outcome, Record};
@@ -582,14 +582,7 @@ impl Relay {
                 .classify(response.status, &response.headers, &body)
         };
         self.record.error = Some(failure.message.clone());
-        let mut answer = response.into_answer(body);
-        if answer.status.is_success() {
-            answer = UpstreamAnswer::from_failure(&failure);
-        }
-        let error = ProxyError::Upstream {
-            backend: backend.name.clone(),
-            answer: Box::new(answer),
-        };
+        let error = upstream_error(&backend.name, response, body, &failure);
         AttemptEnd::Failed {
             error,
             failure: Some(failure),
