@@ -55,11 +55,11 @@ pub struct RequestHandle(Arc<Mutex<Shared>>);
 
 /// The request and, for the script running now, each field's value before its first write.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// The request.
-    pub request: RouteRequest,
+    pub(crate) request: RouteRequest,
     /// `(field, value before the running script first wrote it)`, in first-write order.
-    pub written: Vec<(&'static str, Value)>,
+    pub(crate) written: Vec<(&'static str, Value)>,
 }
 
 impl Shared {
@@ -75,7 +75,7 @@ impl Shared {
 
 impl RouteRequest {
     /// A writable field as JSON (for the change trace).
-    pub fn field(&self, field: &str) -> Value {
+    pub(crate) fn field(&self, field: &str) -> Value {
         let json = |v: Result<Value, serde_json::Error>| v.unwrap_or(Value::Null);
         match field {
             "model" => Value::String(self.model.clone()),
@@ -100,7 +100,7 @@ impl RequestHandle {
     }
 
     /// The shared state.
-    pub fn lock(&self) -> MutexGuard<'_, Shared> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared> {
         // Scripts run one at a time per request; a poisoned lock only means a panic elsewhere.
         self.0
             .lock()
