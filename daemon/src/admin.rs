@@ -98,7 +98,7 @@ async fn status(State(app): State<Arc<App>>) -> Response {
         "uptime_secs": app.started.elapsed().as_secs(),
         "table_version": app.version(),
         "files": table.files,
-        "rules_dir": table.rules_dir,
+        "rules_dir": table.restart_only.rules_dir,
         "default_backend": table.default_backend,
         "last_reload": app.last_reload(),
         "cooldowns": app.health.snapshot(),
@@ -145,7 +145,7 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
 #[derive(Debug, Default, serde::Deserialize)]
 struct ExplainQuery {
     key: Option<String>,
-    client_ip: Option<String>,
+    client_ip: Option<std::net::IpAddr>,
 }
 
 /// `POST /admin/explain`: a chat request in; its route, attempts and rule trace out.
@@ -158,7 +158,7 @@ async fn explain(
     let cx = crate::route::Context {
         key: who.key,
         client_ip: who.client_ip,
-        host: Arc::new(orproxy_rules::NoLedger),
+        host: Arc::clone(&app.spending),
         clock: None,
     };
     axum::Json(crate::explain::explain(&table, &body, &cx)).into_response()

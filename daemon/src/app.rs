@@ -37,6 +37,9 @@ pub struct App {
     pub started: Instant,
     /// The addresses actually bound (client API, admin), once listening.
     pub bound: OnceLock<(SocketAddr, SocketAddr)>,
+    /// What rule scripts' `spent_usd` and `budget_left` read (nothing is spent until a ledger
+    /// exists).
+    pub spending: Arc<dyn orproxy_rules::Host>,
     version: AtomicU64,
     last_reload: Mutex<reload::Outcome>,
 }
@@ -60,6 +63,7 @@ impl App {
             reloads,
             started: Instant::now(),
             bound: OnceLock::new(),
+            spending: Arc::new(orproxy_rules::NoLedger),
             version: AtomicU64::new(1),
             last_reload: Mutex::new(startup),
         })

@@ -174,7 +174,7 @@ async fn run(
     let admin_listen = table.restart_only.admin_listen;
     let watched = Watched {
         config: sources.config.clone(),
-        rules_dir: table.rules_dir.clone(),
+        rules_dir: table.restart_only.rules_dir.clone(),
     };
     let default_backend = table.default_backend.clone();
     // Built once here so that a TLS setup failure stops the start, not a request.
@@ -221,7 +221,7 @@ async fn run(
         default_backend = %default_backend,
         version = env!("CARGO_PKG_VERSION"),
     );
-    server::serve(app, api, admin, limits.shutdown_grace, hard_stop_tx).await?;
+    server::serve(app, api, admin, hard_stop_tx).await?;
     tracing::info!(message = "Stopped.");
     Ok(())
 }

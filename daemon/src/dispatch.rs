@@ -226,11 +226,19 @@ fn trigger(cause: &Cause<'_>) -> Option<Trigger> {
     }
 }
 
+/// A failed attempt, as the final error lists it.
+struct FailedAttempt {
+    label: String,
+    why: String,
+    retry_after: Option<Duration>,
+    rate_limited: bool,
+}
+
 /// The order of attempts for one request, and what happens after each failure.
 pub struct Plan {
     queue: VecDeque<Target>,
     triggers: HashSet<Trigger>,
-    failures: Vec<(String, String, Option<Duration>, bool)>,
+    failures: Vec<FailedAttempt>,
     last: Option<ProxyError>,
     key_retries: usize,
 }
@@ -309,13 +317,12 @@ impl Plan {
             app.health.failed(&label, &reason, failure);
         }
 
-        let rate_limited = failure.is_some_and(|f| f.kind == FailureKind::RateLimited);
-        self.failures.push((
+        self.failures.push(FailedAttempt {
             label,
-            error.to_string(),
-            failure.and_then(|f| f.retry_after),
-            rate_limited,
-        ));
+            why: error.to_string(),
+            retry_after: failure.and_then(|f| f.retry_after),
+            rate_limited: failure.is_some_and(|f| f.kind == FailureKind::RateLimited),
+        });
         self.last = Some(error);
         let moves_on =
             trigger.is_some_and(|t| self.triggers.contains(&t)) && !self.queue.is_empty();
@@ -332,10 +339,10 @@ impl Plan {
             let attempts: Vec<String> = self
                 .failures
                 .iter()
-                .map(|(label, why, _, _)| format!("{label}: {why}"))
+                .map(|f| format!("{}: {}", f.label, f.why))
                 .collect();
-            if self.failures.iter().all(|f| f.3) {
-                let retry_after = self.failures.iter().filter_map(|f| f.2).min();
+            if self.failures.iter().all(|f| f.rate_limited) {
+                let retry_after = self.failures.iter().filter_map(|f| f.retry_after).min();
                 return ProxyError::AllRateLimited {
                     retry_after,
                     attempts,

@@ -48,7 +48,7 @@ pub async fn chat_completions(
     record.known_models = Arc::clone(&table.known_models);
     let request_id = HeaderValue::try_from(record.id.as_str()).ok();
 
-    let response = match admit(&table, headers, body, peer, &mut record).await {
+    let response = match admit(&app, &table, headers, body, peer, &mut record).await {
         Err(error) => {
             let status = error.status().as_u16();
             record.error = Some(error.to_string());
@@ -80,6 +80,7 @@ pub async fn chat_completions(
 
 /// Authenticates, reads and parses the body, and routes: everything before the first upstream byte.
 async fn admit(
+    app: &App,
     table: &RoutingTable,
     headers: HeaderMap,
     body: Body,
@@ -94,8 +95,8 @@ async fn admit(
     record.model_requested = body.get_str("model")?;
     let cx = route::Context {
         key: record.key.clone(),
-        client_ip: Some(peer.ip().to_string()),
-        host: Arc::new(orproxy_rules::NoLedger),
+        client_ip: Some(peer.ip()),
+        host: Arc::clone(&app.spending),
         clock: None,
     };
     let route = route::resolve(table, &body, &cx)?;
@@ -119,17 +120,15 @@ pub fn compact_trace(trace: &[orproxy_rules::Change]) -> Option<String> {
         return None;
     }
     let mut out = String::new();
+    let mut script: Option<&str> = None;
     for change in trace {
-        let same_script = out
-            .rsplit(';')
-            .next()
-            .is_some_and(|last| last.starts_with(&format!("{}:", change.script)));
-        if same_script {
+        if script == Some(change.script.as_str()) {
             out.push(',');
         } else {
-            if !out.is_empty() {
+            if script.is_some() {
                 out.push(';');
             }
+            script = Some(&change.script);
             out.push_str(&change.script);
             out.push(':');
         }
@@ -147,7 +146,8 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
     }
 }
 
-fn with_route(mut response: Response, route: Option<&str>) -> Response {
+/// Sets `x-orproxy-route` to the route decided, if any.
+pub fn with_route(mut response: Response, route: Option<&str>) -> Response {
     if let Some(value) = route.and_then(|r| HeaderValue::try_from(r).ok()) {
         response.headers_mut().insert(ROUTE_HEADER, value);
     }

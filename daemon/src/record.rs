@@ -168,12 +168,6 @@ impl Record {
             ),
             None => (None, None, None),
         };
-        let attempts = self
-            .attempts
-            .iter()
-            .map(|a| format!("{}={}", a.route, a.result))
-            .collect::<Vec<_>>()
-            .join(",");
         tracing::info!(
             target: "orproxy::request",
             message = "Request finished.",
@@ -191,11 +185,27 @@ impl Record {
             tokens_in,
             tokens_out,
             cost_nanos = cost,
-            attempts = %attempts,
+            attempts = %Attempts(&self.attempts),
             error = self.error.as_deref(),
             tags = (!self.tags.is_empty()).then(|| serde_json::to_string(&self.tags).unwrap_or_default()),
             rules = self.rules.as_deref(),
         );
+    }
+}
+
+/// `route=result,route=result`, written straight into the log line (nothing is built when
+/// the line is filtered out).
+struct Attempts<'a>(&'a [Attempt]);
+
+impl fmt::Display for Attempts<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, a) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}={}", a.route, a.result)?;
+        }
+        Ok(())
     }
 }
 

@@ -27,7 +27,7 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 use crate::app::App;
 use crate::dispatch::{Cause, Exchange, Plan, attempt_error, prepare, success, upstream_error};
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
-use crate::pipeline::ROUTE_HEADER;
+use crate::pipeline::with_route;
 use crate::record::{Outcome, Record};
 use crate::table::{BackendEntry, RoutingTable};
 use crate::upstream::{AttemptError, UpstreamResponse};
@@ -77,10 +77,7 @@ pub async fn stream(
             headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Reverse proxies in front of orproxy must not buffer the stream either.
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            if let Ok(value) = HeaderValue::try_from(route) {
-                headers.insert(ROUTE_HEADER, value);
-            }
-            response
+            with_route(response, Some(&route))
         }
         // The relay task ended without deciding: only a panic does that.
         Err(_) => ProxyError::ShuttingDown.into_response(),
@@ -198,15 +195,7 @@ impl Relay {
         match self.commit.take() {
             Some(commit) => {
                 let status = error.status().as_u16();
-                let mut response = error.into_response();
-                if let Some(route) = self
-                    .record
-                    .route
-                    .as_deref()
-                    .and_then(|r| HeaderValue::try_from(r).ok())
-                {
-                    response.headers_mut().insert(ROUTE_HEADER, route);
-                }
+                let response = with_route(error.into_response(), self.record.route.as_deref());
                 let _ = commit.send(Commit::Response(response));
                 self.record.finish(status, outcome);
             }

@@ -5,6 +5,7 @@
 //! config chains appended → rule scripts (which may rewrite all of it) → each backend checked.
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue};
@@ -33,7 +34,7 @@ pub struct Context {
     /// The proxy key's name.
     pub key: Option<String>,
     /// The client's address.
-    pub client_ip: Option<String>,
+    pub client_ip: Option<IpAddr>,
     /// What `spent_usd` and `budget_left` read.
     pub host: Arc<dyn Host>,
     /// A pinned clock for `now()` (rule tests); `None` is the real time.
@@ -193,7 +194,7 @@ fn route_request(body: &JsonObject, route: &Route, cx: &Context) -> RouteRequest
         max_tokens,
         stream: body.get_bool("stream").ok().flatten().unwrap_or(false),
         messages: i64::try_from(count).unwrap_or(i64::MAX),
-        client_ip: cx.client_ip.clone().unwrap_or_default(),
+        client_ip: cx.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         rejection: None,
     }
 }
@@ -334,7 +335,7 @@ mod tests {
     fn cx() -> Context {
         Context {
             key: Some("team-a".into()),
-            client_ip: Some("10.1.2.3".into()),
+            client_ip: Some([10, 1, 2, 3].into()),
             host: Arc::new(orproxy_rules::NoLedger),
             clock: None,
         }

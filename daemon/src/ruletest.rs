@@ -32,7 +32,7 @@ pub struct Case {
     pub key: Option<String>,
     /// The client's IP address.
     #[serde(default)]
-    pub client_ip: Option<String>,
+    pub client_ip: Option<std::net::IpAddr>,
     /// `now()` during the case, as Unix seconds.
     #[serde(default)]
     pub now: Option<i64>,
@@ -206,7 +206,7 @@ pub fn check(table: &crate::table::RoutingTable, case: &Case) -> Vec<String> {
     };
     let cx = Context {
         key: case.key.clone(),
-        client_ip: case.client_ip.clone(),
+        client_ip: case.client_ip,
         host: Arc::new(CaseHost {
             budgets: case.budgets.clone(),
             spent: case.spent.clone(),

@@ -128,12 +128,12 @@ fn start_workers(
 }
 
 /// Serves the client API on worker threads and the admin API here until SIGTERM or SIGINT,
-/// then drains for `grace` (a second signal ends the drain at once).
+/// then drains for `limits.shutdown_grace` of the table serving then (a second signal ends the
+/// drain at once).
 pub async fn serve(
     app: Arc<App>,
     api: Vec<std::net::TcpListener>,
     admin_listener: TcpListener,
-    grace: Duration,
     hard_stop: watch::Sender<bool>,
 ) -> io::Result<()> {
     let mut signals = Signals::new()?;
@@ -161,6 +161,7 @@ pub async fn serve(
         result = &mut all => return result.map_err(io::Error::other)?,
     }
     service::stopping();
+    let grace = app.table.load().limits.shutdown_grace;
     tracing::info!(
         message = "Shutting down: no new connections, draining in-flight requests.",
         grace_ms = grace.as_millis() as u64

@@ -80,6 +80,8 @@ pub struct RestartOnly {
     pub log_format: Option<LogFormat>,
     /// Upstream connect timeout (the connection pool is built once).
     pub connect_timeout: Duration,
+    /// The rules directory in use (the watcher is set up once).
+    pub rules_dir: Option<PathBuf>,
 }
 
 impl RestartOnly {
@@ -100,6 +102,17 @@ impl RestartOnly {
         }
         if self.connect_timeout != running.connect_timeout {
             changes.push("limits.connect_timeout".to_owned());
+        }
+        if self.rules_dir != running.rules_dir {
+            let shown = |dir: &Option<PathBuf>| {
+                dir.as_deref()
+                    .map_or_else(|| "none".to_owned(), |d| d.display().to_string())
+            };
+            changes.push(format!(
+                "rules_dir ({} → {})",
+                shown(&running.rules_dir),
+                shown(&self.rules_dir)
+            ));
         }
         changes
     }
@@ -127,8 +140,6 @@ pub struct RoutingTable {
     pub restart_only: RestartOnly,
     /// Files the table was built from, in merge order.
     pub files: Vec<PathBuf>,
-    /// The rules directory in use (watched).
-    pub rules_dir: Option<PathBuf>,
     /// Non-fatal findings (logged at load).
     pub warnings: Vec<String>,
     /// Models named anywhere in the config: the only ones used as metric labels.
@@ -762,10 +773,10 @@ impl RoutingTable {
                     .log_format
                     .or(config.log_format.as_ref().map(|s| s.value)),
                 connect_timeout: limits.connect_timeout,
+                rules_dir,
             },
             limits,
             files: config.files.clone(),
-            rules_dir,
             warnings,
             known_models: Arc::new(known_models),
             rules: None,

@@ -49,6 +49,13 @@ pub fn start(
     watched: Watched,
     reloads: mpsc::Sender<Request>,
 ) -> notify::Result<RecommendedWatcher> {
+    // notify reports paths below the directory watched: with absolute ones, a relative
+    // `--config config.yaml` still matches the `./config.yaml` of an event.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let watched = Watched {
+        config: watched.config.map(absolute),
+        rules_dir: watched.rules_dir.map(absolute),
+    };
     let (events_tx, events_rx) = mpsc::channel::<()>(1024);
     let filter = watched.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -66,15 +73,10 @@ pub fn start(
         }
     })?;
     let mut dirs: Vec<PathBuf> = watched.rules_dir.iter().cloned().collect();
-    if let Some(parent) = watched.config.as_deref().and_then(Path::parent) {
-        let parent = if parent.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            parent.to_owned()
-        };
-        if !dirs.contains(&parent) {
-            dirs.push(parent);
-        }
+    if let Some(parent) = watched.config.as_deref().and_then(Path::parent)
+        && !dirs.iter().any(|d| d == parent)
+    {
+        dirs.push(parent.to_owned());
     }
     for dir in &dirs {
         watcher.watch(dir, RecursiveMode::NonRecursive)?;

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -36,6 +36,8 @@ pub struct Options {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// The working directory (the test's own when `None`).
+    pub cwd: Option<PathBuf>,
 }
 
 impl Options {
@@ -48,6 +50,11 @@ impl Options {
 
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_owned());
+        self
+    }
+
+    pub fn cwd(mut self, dir: &Path) -> Self {
+        self.cwd = Some(dir.to_owned());
         self
     }
 
@@ -119,6 +126,9 @@ impl Daemon {
         cmd.args(&options.args);
         for (k, v) in &options.env {
             cmd.env(k, v);
+        }
+        if let Some(dir) = &options.cwd {
+            cmd.current_dir(dir);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())

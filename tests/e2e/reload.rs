@@ -245,6 +245,24 @@ async fn sighup_and_the_admin_api_reload_the_config_file() {
 }
 
 #[tokio::test]
+async fn a_config_named_relative_to_the_working_directory_is_watched() {
+    let dir = temp_dir();
+    write(&dir.join("config.yaml"), &version("first"));
+    let daemon = Daemon::start(
+        Options::default()
+            .cwd(&dir)
+            .arg("--config")
+            .arg("config.yaml")
+            .arg("--rules-dir")
+            .arg(&temp_dir().display().to_string()),
+    );
+    assert_eq!(probe(&daemon).await, "mock:first");
+    write(&dir.join("config.yaml"), &version("watched"));
+    reloads(&daemon, 1).await;
+    assert_eq!(probe(&daemon).await, "mock:watched");
+}
+
+#[tokio::test]
 async fn restart_only_settings_are_refused_with_a_clear_message() {
     let dir = temp_dir();
     let config = dir.join("config.yaml");
@@ -265,6 +283,28 @@ async fn restart_only_settings_are_refused_with_a_clear_message() {
     let error = outcome["errors"][0].as_str().unwrap();
     assert!(
         error.contains("limits.connect_timeout cannot change at runtime: restart orproxy to apply"),
+        "{error}"
+    );
+
+    // The watcher is set up once: a new rules directory needs a restart too.
+    let rules = temp_dir();
+    write(
+        &config,
+        &format!(
+            "limits:\n  connect_timeout: 5s\nrules_dir: {}\n",
+            rules.display()
+        ),
+    );
+    let response = client()
+        .post(daemon.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let outcome: Value = response.json().await.unwrap();
+    let error = outcome["errors"][0].as_str().unwrap();
+    assert!(
+        error.contains("rules_dir (") && error.contains("cannot change at runtime"),
         "{error}"
     );
 }
