@@ -27,13 +27,24 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/admin/reload", post(reload))
         .route("/admin/routes", get(routes))
         .route("/admin/explain", post(explain))
+        .route("/admin/usage", get(crate::report::usage))
+        .route("/admin/budgets", get(crate::report::budgets))
+        .route("/admin/prices/refresh", post(crate::report::refresh_prices))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             require_token,
         ));
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(|| async { metrics::render() }))
+        .route(
+            "/metrics",
+            get(|State(app): State<Arc<App>>| async move {
+                if let Some(writer) = &app.accounts.writer {
+                    metrics::ledger(writer.stats());
+                }
+                metrics::render()
+            }),
+        )
         .merge(protected)
         .fallback(not_found)
         .with_state(app)

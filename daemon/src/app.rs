@@ -11,7 +11,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::budget::SpendHost;
 use crate::health::HealthBook;
+use crate::ledger::Accounts;
 use crate::models::ModelCatalog;
 use crate::reload;
 use crate::table::RoutingTable;
@@ -37,8 +39,9 @@ pub struct App {
     pub started: Instant,
     /// The addresses actually bound (client API, admin), once listening.
     pub bound: OnceLock<(SocketAddr, SocketAddr)>,
-    /// What rule scripts' `spent_usd` and `budget_left` read (nothing is spent until a ledger
-    /// exists).
+    /// The usage database, prices and budgets.
+    pub accounts: Arc<Accounts>,
+    /// What rule scripts' `spent_usd` and `budget_left` read.
     pub spending: Arc<dyn orproxy_rules::Host>,
     version: AtomicU64,
     last_reload: Mutex<reload::Outcome>,
@@ -51,8 +54,10 @@ impl App {
         connect_timeout: Duration,
         hard_stop: watch::Receiver<bool>,
         reloads: mpsc::Sender<reload::Request>,
+        accounts: Arc<Accounts>,
     ) -> Arc<App> {
         let startup = reload::Outcome::startup(table.files.clone());
+        accounts.budgets.set_rules(Arc::clone(&table.budgets));
         Arc::new(App {
             table: ArcSwap::from_pointee(table),
             connect_timeout,
@@ -63,7 +68,8 @@ impl App {
             reloads,
             started: Instant::now(),
             bound: OnceLock::new(),
-            spending: Arc::new(orproxy_rules::NoLedger),
+            spending: Arc::new(SpendHost::new(Arc::clone(&accounts.budgets))),
+            accounts,
             version: AtomicU64::new(1),
             last_reload: Mutex::new(startup),
         })

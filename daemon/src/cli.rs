@@ -33,6 +33,42 @@ pub enum Command {
     /// Rule scripts: `orproxy rules test [DIR]`.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Cost report from the usage database, offline: requests, errors, tokens, cost, latency per group.
+    Report(ReportArgs),
+}
+
+/// Flags of `orproxy report`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Usage database [default: database.path from the config, else $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db].
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Config file naming the database [default: /etc/orproxy/config.yaml if it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Start (YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds; UTC) [default: the beginning].
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// End, exclusive [default: now].
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
+    /// model, backend, key, day or tag:NAME.
+    #[arg(long, value_name = "GROUP", default_value = "model")]
+    pub group_by: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+}
+
+/// Output of `orproxy report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// Aligned columns.
+    Table,
+    /// RFC 4180 CSV.
+    Csv,
+    /// One JSON document.
+    Json,
 }
 
 /// `orproxy rules ...`.
@@ -94,6 +130,9 @@ pub struct ServeArgs {
     /// Every request's model is replaced by MODEL (full selector syntax)
     #[arg(long, value_name = "MODEL")]
     pub force_model: Option<String>,
+    /// Usage database [default: $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db]
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
     /// Log line format [default: text on a terminal, json otherwise]
     #[arg(
         long,

@@ -110,6 +110,154 @@ pub struct ConfigFile {
     /// Sizes and timeouts.
     #[schemars(with = "Option<LimitsConfig>")]
     pub limits: Option<Spanned<LimitsConfig>>,
+    /// The usage database (main config only; `ledger:` is accepted as another name).
+    #[serde(alias = "ledger")]
+    #[schemars(with = "Option<DatabaseConfig>")]
+    pub database: Option<Spanned<DatabaseConfig>>,
+    /// Prices per model pattern, used when the upstream reports no cost.
+    #[schemars(with = "Option<Vec<PricingConfig>>")]
+    pub pricing: Option<Spanned<Vec<Spanned<PricingConfig>>>>,
+    /// Spend caps.
+    #[schemars(with = "Option<Vec<BudgetConfig>>")]
+    pub budgets: Option<Spanned<Vec<Spanned<BudgetConfig>>>>,
+}
+
+/// `database:`.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// SQLite file (`--db` wins) [default: $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db]. Restart-only.
+    pub path: Option<String>,
+    /// Refuse to start when the database cannot be opened (default true); when false the daemon
+    /// proxies without recording usage.
+    pub required: Option<bool>,
+    /// How often model prices are fetched from upstreams that publish them (default 24h).
+    pub price_refresh: Option<Dur>,
+}
+
+/// One entry of `pricing:`; prices are USD per million tokens (written as numbers or strings).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PricingConfig {
+    /// Regex matched anywhere in the route, written `backend:model`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// USD per million input tokens.
+    pub input_usd_per_mtok: Usd,
+    /// USD per million output tokens.
+    pub output_usd_per_mtok: Usd,
+    /// USD per million cached input tokens (default: the input price).
+    pub cached_input_usd_per_mtok: Option<Usd>,
+    /// USD per request.
+    pub request_usd: Option<Usd>,
+    /// The model's largest answer, used for budget reservations when a request sets no
+    /// `max_tokens`.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// A USD amount, exact: a YAML number or a decimal string, converted to nano-dollars from
+/// its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usd(pub orproxy_plugin::Nanos);
+
+impl<'de> Deserialize<'de> for Usd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Num(f64),
+            Text(String),
+        }
+        // A YAML float is read as f64; its shortest round-trip text is the decimal as written
+        // for any amount with up to 15 significant digits.
+        let text = match Raw::deserialize(d)? {
+            Raw::Int(n) => n.to_string(),
+            Raw::Num(f) => f.to_string(),
+            Raw::Text(t) => t,
+        };
+        match orproxy_plugin::usage::usd_to_nanos(&text) {
+            Some(n) if n >= 0 => Ok(Usd(n)),
+            _ => Err(serde::de::Error::custom(format!(
+                "`{text}` is not a non-negative USD amount"
+            ))),
+        }
+    }
+}
+
+impl JsonSchema for Usd {
+    fn schema_name() -> Cow<'static, str> {
+        "Usd".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A USD amount: a non-negative number, or a decimal string.",
+            "oneOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": "^\\s*[0-9]*(\\.[0-9]+)?([eE][-+]?[0-9]+)?\\s*$"}
+            ]
+        })
+    }
+}
+
+/// One entry of `budgets:`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Unique name (in errors, `/admin/budgets` and `budget_left(name)`).
+    pub name: String,
+    /// What the cap counts: all requests, or those of matching keys, backends or models.
+    pub scope: BudgetScope,
+    /// Regex matched anywhere in the key name, backend or model (not for `global`; default: all).
+    #[serde(rename = "match")]
+    pub pattern: Option<String>,
+    /// The cap, in USD.
+    pub limit_usd: Usd,
+    /// The window: a UTC day, a UTC month, or all time.
+    pub period: BudgetPeriod,
+    /// What happens to a request once the cap is reached (default `reject`).
+    #[serde(default)]
+    pub action: BudgetAction,
+    /// With `action: fallback`: the selector the request is sent to instead.
+    pub fallback: Option<String>,
+}
+
+/// See [`BudgetConfig::scope`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetScope {
+    /// Every request.
+    Global,
+    /// Requests of matching proxy keys (each key has its own cap).
+    Key,
+    /// Requests served by matching backends (together).
+    Backend,
+    /// Requests for matching models (together).
+    Model,
+}
+
+/// See [`BudgetConfig::period`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    /// A UTC calendar day.
+    Day,
+    /// A UTC calendar month.
+    Month,
+    /// Since the ledger began.
+    Total,
+}
+
+/// See [`BudgetConfig::action`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetAction {
+    /// 402 `budget_exceeded`.
+    #[default]
+    Reject,
+    /// Send the request to `fallback` instead.
+    Fallback,
 }
 
 /// `admin:`.
@@ -436,6 +584,12 @@ pub struct Config {
     pub auth: Option<Sourced<AuthConfig>>,
     /// See [`ConfigFile`].
     pub limits: Option<Sourced<LimitsConfig>>,
+    /// See [`ConfigFile`].
+    pub database: Option<Sourced<DatabaseConfig>>,
+    /// See [`ConfigFile`].
+    pub pricing: Option<Sourced<Vec<Spanned<PricingConfig>>>>,
+    /// See [`ConfigFile`].
+    pub budgets: Option<Sourced<Vec<Spanned<BudgetConfig>>>>,
 }
 
 impl Config {
@@ -510,6 +664,9 @@ impl Config {
         take(&mut self.identity, file.identity, &name, "identity", errors);
         take(&mut self.auth, file.auth, &name, "auth", errors);
         take(&mut self.limits, file.limits, &name, "limits", errors);
+        take(&mut self.database, file.database, &name, "database", errors);
+        take(&mut self.pricing, file.pricing, &name, "pricing", errors);
+        take(&mut self.budgets, file.budgets, &name, "budgets", errors);
         for (backend, spanned) in file.backends {
             let mut slot = self.backends.remove(&backend);
             take(
@@ -611,6 +768,9 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                         Ok(mut file) => {
                             if let Some(key) = file.rules_dir.take() {
                                 errors.push(Diagnostic::at(&name, key.referenced, "`rules_dir` belongs in the main config, not in the rules directory"));
+                            }
+                            if let Some(key) = file.database.take() {
+                                errors.push(Diagnostic::at(&name, key.referenced, "`database` belongs in the main config, not in the rules directory"));
                             }
                             config.files.push(path.clone());
                             config.merge(&name, file, &mut errors);

@@ -4,9 +4,12 @@ use std::process::ExitCode;
 
 use tokio::sync::{mpsc, watch};
 
+use std::sync::Arc;
+
 use crate::app::App;
 use crate::cli::{CheckArgs, Cli, Command, ExplainArgs, RulesCommand, ServeArgs};
 use crate::config::{self, Sources};
+use crate::ledger::Accounts;
 use crate::logging;
 use crate::reload::{self, Reason, Request};
 use crate::server;
@@ -38,6 +41,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Some(Command::Report(args)) => crate::report::run(&args),
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     }
@@ -120,6 +124,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen.clone(),
         admin_listen: args.admin_listen.clone(),
         log_format: args.log_format,
+        db: args.db.clone(),
     };
     let table = reload::build(&sources, &overrides);
     let format = table
@@ -179,6 +184,7 @@ async fn run(
     let default_backend = table.default_backend.clone();
     // Built once here so that a TLS setup failure stops the start, not a request.
     UpstreamClient::new(limits.connect_timeout).map_err(std::io::Error::other)?;
+    let accounts = open_ledger(&table.restart_only)?;
     let (hard_stop_tx, hard_stop_rx) = watch::channel(false);
     let (reload_tx, reload_rx) = mpsc::channel(16);
     let app = App::new(
@@ -186,6 +192,7 @@ async fn run(
         limits.connect_timeout,
         hard_stop_rx,
         reload_tx.clone(),
+        Arc::new(accounts),
     );
 
     let api = server::bind_api(listen, server::worker_count())?;
@@ -195,12 +202,7 @@ async fn run(
         .transpose()?
         .unwrap_or(listen);
     let admin = server::bind_admin(admin_listen).await?;
-    tokio::spawn(reload::run(
-        std::sync::Arc::clone(&app),
-        sources,
-        overrides,
-        reload_rx,
-    ));
+    tokio::spawn(reload::run(Arc::clone(&app), sources, overrides, reload_rx));
     // Keep the watcher alive for the daemon's lifetime; without it, reloads still come from
     // SIGHUP and the admin API.
     let _watcher = match watcher::start(watched, reload_tx.clone()) {
@@ -213,6 +215,7 @@ async fn run(
     tokio::spawn(reload_on_sighup(reload_tx));
     let _ = app.bound.set((api_addr, admin.local_addr()?));
     tokio::spawn(service::watchdog());
+    tokio::spawn(crate::models::keep_prices_fresh(Arc::clone(&app)));
     service::ready(&reload::status_line(&app));
     tracing::info!(
         message = "Ready.",
@@ -221,9 +224,32 @@ async fn run(
         default_backend = %default_backend,
         version = env!("CARGO_PKG_VERSION"),
     );
+    let accounts = Arc::clone(&app.accounts);
     server::serve(app, api, admin, hard_stop_tx).await?;
+    // Every request has ended (or been ended): commit the last usage rows.
+    tokio::task::spawn_blocking(move || accounts.close())
+        .await
+        .map_err(std::io::Error::other)?;
     tracing::info!(message = "Stopped.");
     Ok(())
+}
+
+/// Opens the usage database; without it the daemon refuses to start unless
+/// `database.required: false`, in which case it proxies without recording usage.
+fn open_ledger(settings: &crate::table::RestartOnly) -> std::io::Result<Accounts> {
+    match Accounts::open(&settings.database) {
+        Ok(accounts) => {
+            tracing::info!(message = "Usage database open.", path = %settings.database.display());
+            Ok(accounts)
+        }
+        Err(error) if settings.database_required => Err(std::io::Error::other(format!(
+            "usage database {error} (set `database.required: false` to proxy without recording usage)"
+        ))),
+        Err(error) => {
+            tracing::warn!(message = "Usage database unavailable: proxying without recording usage.", %error);
+            Ok(Accounts::default())
+        }
+    }
 }
 
 async fn reload_on_sighup(reloads: mpsc::Sender<Request>) {

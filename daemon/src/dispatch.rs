@@ -156,6 +156,7 @@ pub fn outcome_of(error: &ProxyError) -> Outcome {
         | ProxyError::Prepare { .. }
         | ProxyError::AllAttemptsFailed { .. }
         | ProxyError::AllRateLimited { .. } => Outcome::UpstreamError,
+        ProxyError::BudgetExceeded { .. } | ProxyError::NoPrice { .. } => Outcome::BudgetExceeded,
         _ => Outcome::Rejected,
     }
 }

@@ -168,6 +168,26 @@ pub enum ProxyError {
         /// The rule's message.
         message: String,
     },
+    /// 402: a budget's cap is reached.
+    #[error("budget `{budget}` is exhausted ({limit_usd} USD per {period}){}", .resets.as_ref().map(|r| format!("; it resets at {r}")).unwrap_or_default())]
+    BudgetExceeded {
+        /// The budget's name.
+        budget: String,
+        /// Its cap, USD.
+        limit_usd: String,
+        /// `day`, `month` or `total`.
+        period: &'static str,
+        /// When its window starts again (RFC 3339).
+        resets: Option<String>,
+    },
+    /// 402: a budget applies and the route's price is unknown, so it cannot be enforced.
+    #[error("budget `{budget}` applies to {route}, whose price is unknown: add it to `pricing:`")]
+    NoPrice {
+        /// The budget.
+        budget: String,
+        /// `backend:model`.
+        route: String,
+    },
     /// 503: the daemon is shutting down.
     #[error("orproxy is shutting down")]
     ShuttingDown,
@@ -202,6 +222,9 @@ impl ProxyError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN)
             }
             ProxyError::AllRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BudgetExceeded { .. } | ProxyError::NoPrice { .. } => {
+                StatusCode::PAYMENT_REQUIRED
+            }
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -225,6 +248,8 @@ impl ProxyError {
             ProxyError::Rule(_) => "rule_failed",
             ProxyError::Rejected { .. } => "rejected_by_rule",
             ProxyError::AllRateLimited { .. } => "rate_limited",
+            ProxyError::BudgetExceeded { .. } => "budget_exceeded",
+            ProxyError::NoPrice { .. } => "price_unknown",
             ProxyError::ShuttingDown => "shutting_down",
         }
     }

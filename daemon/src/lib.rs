@@ -13,8 +13,9 @@
 //!   [`watch`], SIGHUP and the admin API.
 //! - [`server`]: listeners, routers, graceful shutdown. [`admin`]: the admin listener.
 //!   [`service`]: systemd readiness, reload and watchdog notifications.
-//! - [`pipeline`] → [`auth`] → [`route`] ([`selector`]) → [`dispatch`] ([`upstream`]) →
-//!   [`relay`] (streams) → [`record`].
+//! - [`pipeline`] → [`auth`] → [`route`] ([`selector`]) → [`budget`] → [`dispatch`]
+//!   ([`upstream`]) → [`relay`] (streams) → [`record`] ([`pricing`], [`ledger`]).
+//! - [`report`]: `GET /admin/usage`, `GET /admin/budgets`, `orproxy report`.
 //! - [`error`]: every failure and its single mapping to HTTP.
 //! - [`explain`]: a request's route and rule trace, nothing sent. [`ruletest`]: `orproxy rules test`.
 //! - [`models`]: `GET /v1/models`. [`health`]: cool-downs. [`metrics`]: Prometheus.
@@ -27,6 +28,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -34,13 +36,16 @@ pub mod dispatch;
 pub mod error;
 pub mod explain;
 pub mod health;
+pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;
+pub mod pricing;
 pub mod record;
 pub mod relay;
 pub mod reload;
+pub mod report;
 pub mod route;
 pub mod ruletest;
 pub mod selector;

@@ -32,8 +32,9 @@ pub fn render() -> String {
     install().map(PrometheusHandle::render).unwrap_or_default()
 }
 
-/// One finished request.
-pub fn request(backend: &str, model: &str, status: u16, duration: Duration) {
+/// One finished request: its whole duration, the part spent waiting on upstreams, and the
+/// rest (time inside orproxy).
+pub fn request(backend: &str, model: &str, status: u16, duration: Duration, upstream: Duration) {
     let labels = [
         ("backend", backend.to_owned()),
         ("model", model.to_owned()),
@@ -41,6 +42,39 @@ pub fn request(backend: &str, model: &str, status: u16, duration: Duration) {
     ];
     counter!("orproxy_requests_total", &labels).increment(1);
     histogram!("orproxy_request_duration_seconds").record(duration.as_secs_f64());
+    if !upstream.is_zero() {
+        histogram!("orproxy_upstream_duration_seconds").record(upstream.as_secs_f64());
+    }
+    histogram!("orproxy_overhead_seconds").record(duration.saturating_sub(upstream).as_secs_f64());
+}
+
+/// Tokens and cost of one request (model labels already bounded by the caller).
+pub fn usage(backend: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_nanos: i64) {
+    counter!("orproxy_tokens_total", "direction" => "in").increment(tokens_in);
+    counter!("orproxy_tokens_total", "direction" => "out").increment(tokens_out);
+    if cost_nanos > 0 {
+        let labels = [("backend", backend.to_owned()), ("model", model.to_owned())];
+        // The `metrics` facade's counters are integers; a gauge that only grows carries the
+        // fractional USD (exact sums are in the ledger).
+        gauge!("orproxy_cost_usd_total", &labels).increment(cost_nanos as f64 / 1e9);
+    }
+}
+
+/// The ledger writer's counters, read at scrape time.
+pub fn ledger(stats: &orproxy_ledger::WriterStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    gauge!("orproxy_ledger_queue_rows").set(stats.queued.load(Relaxed) as f64);
+    counter!("orproxy_ledger_rows_written_total").absolute(stats.written.load(Relaxed));
+    counter!("orproxy_ledger_batches_total").absolute(stats.batches.load(Relaxed));
+    gauge!("orproxy_ledger_batch_rows_max").set(stats.max_batch.load(Relaxed) as f64);
+    counter!("orproxy_ledger_write_errors_total").absolute(stats.errors.load(Relaxed));
+    counter!("orproxy_ledger_rows_dropped_total").absolute(stats.dropped.load(Relaxed));
+}
+
+/// A request refused (or sent to its fallback) by a budget.
+pub fn budget_rejection(budget: &str, action: &'static str) {
+    counter!("orproxy_budget_rejections_total", "budget" => budget.to_owned(), "action" => action)
+        .increment(1);
 }
 
 /// A request moved on to the next target of its chain.

@@ -92,12 +92,17 @@ async fn models_of(app: &App, backend: &BackendEntry) -> Arc<Vec<ModelInfo>> {
         return Arc::clone(models);
     }
     let stale = cached.map(|(_, models)| models).unwrap_or_default();
-    let Some(prepared) = backend
+    match fetch(app, backend).await {
+        Some(models) => models,
+        None => stale,
+    }
+}
+
+/// Fetches a backend's list now (and caches it); `None` when it has none or the fetch failed.
+pub async fn fetch(app: &App, backend: &BackendEntry) -> Option<Arc<Vec<ModelInfo>>> {
+    let prepared = backend
         .plugin
-        .list_models(backend.any_key().map(|k| k.expose()))
-    else {
-        return stale;
-    };
+        .list_models(backend.any_key().map(|k| k.expose()))?;
     let deadline = Instant::now() + FETCH_TIMEOUT;
     let fetched = async {
         let mut response = app.client().send(prepared, deadline).await.ok()?;
@@ -118,11 +123,63 @@ async fn models_of(app: &App, backend: &BackendEntry) -> Arc<Vec<ModelInfo>> {
         Some(models) => {
             let models = Arc::new(models);
             app.models.store(&backend.name, Arc::clone(&models));
-            models
+            Some(models)
         }
         None => {
             tracing::warn!(message = "Could not list models.", backend = %backend.name);
-            stale
+            None
         }
+    }
+}
+
+/// Fetches the price lists of every backend that publishes one and keeps them (in memory and
+/// in the database). With `force` false, lists younger than `price_refresh` are kept.
+/// Returns `(backend, models priced)` for each list fetched.
+pub async fn refresh_prices(app: &App, force: bool) -> Vec<(String, usize)> {
+    let table = app.table.load_full();
+    let now = crate::budget::now_ms();
+    let max_age = i64::try_from(table.price_refresh.as_millis()).unwrap_or(i64::MAX);
+    let due: Vec<&BackendEntry> = table
+        .backends
+        .values()
+        .filter(|b| {
+            force
+                || app
+                    .accounts
+                    .prices
+                    .fetched_ms(&b.name)
+                    .is_none_or(|at| now.saturating_sub(at) >= max_age)
+        })
+        .collect();
+    let lists = join_all(due.iter().map(|b| fetch(app, b))).await;
+    let mut out = Vec::new();
+    for (backend, models) in due.into_iter().zip(lists) {
+        if let Some(models) = models {
+            let priced = app.accounts.store_prices(&backend.name, &models, now);
+            if priced > 0 {
+                out.push((backend.name.clone(), priced));
+            }
+        }
+    }
+    out
+}
+
+/// Keeps price lists fresh while budgets need them (reservations are priced before any
+/// upstream reports a cost): checked at start and hourly, fetched when older than
+/// `price_refresh`. Without budgets nothing is fetched unasked; `POST /admin/prices/refresh`
+/// fetches at any time.
+pub async fn keep_prices_fresh(app: Arc<App>) {
+    loop {
+        let table = app.table.load_full();
+        if !table.budgets.is_empty() {
+            for (backend, priced) in refresh_prices(&app, false).await {
+                tracing::info!(message = "Prices fetched.", backend, models = priced);
+            }
+        }
+        let every = table
+            .price_refresh
+            .clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        drop(table);
+        tokio::time::sleep(every).await;
     }
 }

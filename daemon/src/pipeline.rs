@@ -1,12 +1,12 @@
 //! The request pipeline, in the order every chat completion goes through it:
 //!
 //! ```text
-//! accept ─► authenticate ─► read body ─► route ─► dispatch ─► relay ─► record
-//!  (axum)     auth.rs        (limits)    route.rs  dispatch.rs  relay.rs  record.rs
+//! accept ─► authenticate ─► read body ─► route ─► budget ─► dispatch ─► relay ─► record
+//!  (axum)     auth.rs        (limits)    route.rs  budget.rs  dispatch.rs  relay.rs  record.rs
 //! ```
 //!
 //! The routing table is loaded once at accept and the request finishes on that snapshot, even
-//! if a reload swaps it meanwhile. Failures before dispatch are `rejected`; the one mapping of
+//! if a reload swaps it meanwhile. Failures before dispatch are `rejected` (or `budget_exceeded`); the one mapping of
 //! errors to HTTP is [`ProxyError`]'s `IntoResponse`.
 
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use orproxy_plugin::JsonObject;
 use tokio::time::Instant;
 
 use crate::app::App;
+use crate::budget;
 use crate::dispatch::{self, Exchange, forwarded_headers, outcome_of};
 use crate::error::ProxyError;
 use crate::record::{Outcome, Record};
@@ -44,16 +45,21 @@ pub async fn chat_completions(
 ) -> Response {
     let started = Instant::now();
     let table = app.table.load_full();
-    let mut record = Record::new(app.ids.next(), started);
-    record.known_models = Arc::clone(&table.known_models);
+    let mut record = Record::new(
+        app.ids.next(),
+        started,
+        Arc::clone(&table),
+        Arc::clone(&app.accounts),
+    );
     let request_id = HeaderValue::try_from(record.id.as_str()).ok();
 
     let response = match admit(&app, &table, headers, body, peer, &mut record).await {
         Err(error) => {
             let status = error.status().as_u16();
             record.error = Some(error.to_string());
-            record.finish(status, Outcome::Rejected);
-            error.into_response()
+            let route = record.route.clone();
+            record.finish(status, outcome_of(&error));
+            with_route(error.into_response(), route.as_deref())
         }
         Ok(exchange) if exchange.stream => {
             relay::stream(Arc::clone(&app), table, exchange, record).await
@@ -78,7 +84,8 @@ pub async fn chat_completions(
     stamp(response, request_id)
 }
 
-/// Authenticates, reads and parses the body, and routes: everything before the first upstream byte.
+/// Authenticates, reads and parses the body, routes and reserves budget: everything before the
+/// first upstream byte.
 async fn admit(
     app: &App,
     table: &RoutingTable,
@@ -88,6 +95,7 @@ async fn admit(
     record: &mut Record,
 ) -> Result<Exchange, ProxyError> {
     record.key = table.auth.authenticate(&headers)?.map(str::to_owned);
+    record.client_ip = Some(peer.ip());
     let bytes = read_body(body, table.limits.max_body_bytes).await?;
     let body = JsonObject::parse(&bytes)?;
     let stream = body.get_bool("stream")?.unwrap_or(false);
@@ -99,11 +107,12 @@ async fn admit(
         host: Arc::clone(&app.spending),
         clock: None,
     };
-    let route = route::resolve(table, &body, &cx)?;
+    let mut route = route::resolve(table, &body, &cx)?;
     record.tags = route.tags.clone();
     record.rules = compact_trace(&route.trace);
     record.route = route.targets.first().map(route::Target::label);
     record.rewritten = route.rewritten.clone();
+    budget::admit(table, &app.accounts, &body, &mut route, record)?;
     Ok(Exchange {
         body,
         stream,

@@ -3,15 +3,23 @@
 //! A [`Record`] travels with the request (into the stream task for streams). If it is dropped
 //! without [`Record::finish`] (the client went away and the request future was cancelled), the
 //! drop writes it with outcome `client_disconnected`, so no request goes unrecorded.
+//!
+//! Writing prices the request (the upstream's cost, else a known price, else nothing), settles
+//! its budget reservation, and hands the row to the ledger writer; nothing here waits on disk.
 
-use std::collections::HashSet;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use orproxy_plugin::Usage;
+use orproxy_ledger::{CostSource, Row};
+use orproxy_plugin::{Nanos, Usage};
 
+use crate::budget::{Reservation, Subject};
+use crate::ledger::Accounts;
 use crate::metrics;
+use crate::pricing;
+use crate::table::RoutingTable;
 use tokio::time::Instant;
 
 /// How a request ended (the `outcome` of SPEC §9).
@@ -25,8 +33,10 @@ pub enum Outcome {
     MidstreamError,
     /// The client went away first.
     ClientDisconnected,
-    /// orproxy refused the request (auth, bad input, unknown backend).
+    /// orproxy refused the request (auth, bad input, unknown backend, a rule).
     Rejected,
+    /// A budget's cap was reached.
+    BudgetExceeded,
     /// A limit's timeout fired.
     Timeout,
 }
@@ -40,6 +50,7 @@ impl Outcome {
             Outcome::MidstreamError => "midstream_error",
             Outcome::ClientDisconnected => "client_disconnected",
             Outcome::Rejected => "rejected",
+            Outcome::BudgetExceeded => "budget_exceeded",
             Outcome::Timeout => "timeout",
         }
     }
@@ -51,17 +62,9 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// One upstream attempt and how it ended.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    /// `backend:model`.
-    pub route: String,
-    /// `ok`, or why it failed.
-    pub result: String,
-}
+pub use orproxy_ledger::Attempt;
 
 /// Everything recorded about one request.
-#[derive(Debug)]
 pub struct Record {
     /// orproxy's request id.
     pub id: String,
@@ -95,15 +98,34 @@ pub struct Record {
     pub started: Instant,
     /// When the first byte of the answer went to the client.
     pub first_byte: Option<Instant>,
-    /// Models that may appear as metric labels (others count as `other`).
-    pub known_models: Arc<HashSet<String>>,
+    /// Time spent waiting on upstreams (sending to answer complete), all attempts.
+    pub upstream: Duration,
+    /// The client's address.
+    pub client_ip: Option<IpAddr>,
+    /// Estimated prompt tokens (for pricing a stream the client cut short).
+    pub prompt_estimate: u64,
+    /// Content events relayed to the client (about one token each).
+    pub relayed_events: u64,
+    /// Worst-case costs held in budgets until the request ends.
+    pub reservation: Reservation,
+    /// Cost reported by upstreams for attempts that failed (billed on top).
+    pub failed_cost: Nanos,
+    /// Arrival, Unix milliseconds.
+    ts_ms: i64,
+    table: Arc<RoutingTable>,
+    accounts: Arc<Accounts>,
     _inflight: metrics::Inflight,
     finished: bool,
 }
 
 impl Record {
-    /// Starts the record of a request.
-    pub fn new(id: String, started: Instant) -> Self {
+    /// Starts the record of a request served on `table`.
+    pub fn new(
+        id: String,
+        started: Instant,
+        table: Arc<RoutingTable>,
+        accounts: Arc<Accounts>,
+    ) -> Self {
         Record {
             id,
             key: None,
@@ -121,7 +143,15 @@ impl Record {
             rules: None,
             started,
             first_byte: None,
-            known_models: Arc::default(),
+            upstream: Duration::ZERO,
+            client_ip: None,
+            prompt_estimate: 0,
+            relayed_events: 0,
+            reservation: Reservation::default(),
+            failed_cost: 0,
+            ts_ms: crate::budget::now_ms(),
+            table,
+            accounts,
             _inflight: metrics::Inflight::start(),
             finished: false,
         }
@@ -142,32 +172,86 @@ impl Record {
         self.write();
     }
 
+    /// The route's backend and model, split.
+    fn subject(&self) -> Option<Subject> {
+        let (backend, model) = self.route.as_deref()?.split_once(':')?;
+        Some(Subject {
+            key: self.key.clone(),
+            backend: backend.to_owned(),
+            model: model.to_owned(),
+        })
+    }
+
+    /// What the request cost and how that is known.
+    fn cost(&self, subject: Option<&Subject>) -> (Nanos, CostSource, Option<Usage>) {
+        let quote = || {
+            let s = subject?;
+            pricing::quote(
+                &self.accounts.prices,
+                &self.table.pricing,
+                &s.backend,
+                &s.model,
+            )
+        };
+        match &self.usage {
+            Some(u) => match u.cost_nanos {
+                Some(cost) => (cost, CostSource::Upstream, Some(u.clone())),
+                None => match quote() {
+                    Some(q) => (
+                        pricing::cost(&q.price, u),
+                        CostSource::Pricing,
+                        Some(u.clone()),
+                    ),
+                    None => (0, CostSource::None, Some(u.clone())),
+                },
+            },
+            // A stream the client cut short: what was relayed, priced.
+            None if self.outcome == Outcome::ClientDisconnected && self.relayed_events > 0 => {
+                let relayed = Usage {
+                    prompt_tokens: self.prompt_estimate,
+                    completion_tokens: self.relayed_events,
+                    ..Usage::default()
+                };
+                match quote() {
+                    Some(q) => (
+                        pricing::cost(&q.price, &relayed),
+                        CostSource::Estimate,
+                        Some(relayed),
+                    ),
+                    None => (0, CostSource::None, Some(relayed)),
+                }
+            }
+            None => (0, CostSource::None, None),
+        }
+    }
+
     fn write(&mut self) {
         if self.finished {
             return;
         }
         self.finished = true;
         let latency = self.started.elapsed();
-        let (backend, model) = self
-            .route
-            .as_deref()
-            .and_then(|r| r.split_once(':'))
-            .unwrap_or(("none", "none"));
-        let model = if self.known_models.contains(model) {
+        let subject = self.subject();
+        let (cost, source, usage) = self.cost(subject.as_ref());
+        let cost = cost.saturating_add(self.failed_cost);
+        let reservation = std::mem::take(&mut self.reservation);
+        self.accounts
+            .budgets
+            .settle(reservation, subject.clone(), cost, self.ts_ms);
+
+        let (backend, model) = subject
+            .as_ref()
+            .map_or(("none", "none"), |s| (s.backend.as_str(), s.model.as_str()));
+        let label = if self.table.known_models.contains(model) {
             model
         } else {
             "other"
         };
-        metrics::request(backend, model, self.status, latency);
+        metrics::request(backend, label, self.status, latency, self.upstream);
+        if let Some(u) = &usage {
+            metrics::usage(backend, label, u.prompt_tokens, u.completion_tokens, cost);
+        }
         let ttfb = self.first_byte.map(|t| t.duration_since(self.started));
-        let (tokens_in, tokens_out, cost) = match &self.usage {
-            Some(u) => (
-                Some(u.prompt_tokens),
-                Some(u.completion_tokens),
-                u.cost_nanos,
-            ),
-            None => (None, None, None),
-        };
         tracing::info!(
             target: "orproxy::request",
             message = "Request finished.",
@@ -182,14 +266,45 @@ impl Record {
             stream = self.stream,
             latency_ms = millis(latency),
             ttfb_ms = ttfb.map(millis),
-            tokens_in,
-            tokens_out,
+            tokens_in = usage.as_ref().map(|u| u.prompt_tokens),
+            tokens_out = usage.as_ref().map(|u| u.completion_tokens),
             cost_nanos = cost,
+            cost_source = source.as_str(),
             attempts = %Attempts(&self.attempts),
             error = self.error.as_deref(),
             tags = (!self.tags.is_empty()).then(|| serde_json::to_string(&self.tags).unwrap_or_default()),
             rules = self.rules.as_deref(),
         );
+        let Some(writer) = &self.accounts.writer else {
+            return;
+        };
+        let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        writer.send(Row {
+            ts_ms: self.ts_ms,
+            request_id: std::mem::take(&mut self.id),
+            key: self.key.take(),
+            client_ip: self.client_ip.map(|ip| ip.to_string()),
+            backend: subject.as_ref().map(|s| s.backend.clone()),
+            model: subject.map(|s| s.model),
+            model_requested: self.model_requested.take(),
+            model_served: self.model_served.take(),
+            status: self.status,
+            outcome: self.outcome.as_str(),
+            stream: self.stream,
+            prompt_tokens: usage.as_ref().map(|u| u.prompt_tokens),
+            completion_tokens: usage.as_ref().map(|u| u.completion_tokens),
+            cached_tokens: usage.as_ref().and_then(|u| u.cached_tokens),
+            reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning_tokens),
+            cost_nanos: cost,
+            cost_source: source,
+            latency_us: micros(latency),
+            ttfb_us: ttfb.map(micros),
+            upstream_us: (!self.upstream.is_zero()).then(|| micros(self.upstream)),
+            attempts: std::mem::take(&mut self.attempts),
+            tags: std::mem::take(&mut self.tags),
+            rules: self.rules.take(),
+            error: self.error.take(),
+        });
     }
 }
 

@@ -186,6 +186,7 @@ fn apply(app: &App, reason: Reason, built: Result<RoutingTable, Vec<Diagnostic>>
     let outcome = match built {
         Ok(table) => {
             let files = table.files.clone();
+            app.accounts.budgets.set_rules(Arc::clone(&table.budgets));
             app.table.store(Arc::new(table));
             let version = app.next_version();
             tracing::info!(

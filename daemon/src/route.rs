@@ -140,6 +140,20 @@ pub fn resolve_traced(
     Ok(route)
 }
 
+/// The targets of a selector chain (`a|b|c`), as written (no aliases, no rules).
+pub fn chain(table: &RoutingTable, text: &str) -> Result<Vec<Target>, ProxyError> {
+    selector::parse_chain(text)?
+        .into_iter()
+        .map(|s| target(table, s))
+        .collect()
+}
+
+/// A rough prompt size without tokenizing: four bytes of message JSON per token.
+pub fn prompt_estimate(body: &JsonObject) -> u64 {
+    body.get("messages")
+        .map_or(0, |raw| raw.get().len() as u64 / 4)
+}
+
 fn target(table: &RoutingTable, selector: Selector) -> Result<Target, ProxyError> {
     let backend = selector
         .backend
@@ -176,8 +190,7 @@ fn route_request(body: &JsonObject, route: &Route, cx: &Context) -> RouteRequest
     let count = messages
         .and_then(|raw| serde_json::from_str::<Vec<serde::de::IgnoredAny>>(raw.get()).ok())
         .map_or(0, |m| m.len());
-    // A rough estimate without tokenizing: four bytes of message JSON per token.
-    let prompt_tokens = messages.map_or(0, |raw| raw.get().len() / 4);
+    let prompt_tokens = prompt_estimate(body);
     let max_tokens = ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|k| params.get(*k).and_then(Value::as_i64))
@@ -221,12 +234,14 @@ fn apply_rules(
     let before = route_request(body, route, cx);
     let original_params = before.params.clone();
     let original_failover = before.failover.clone();
-    let (after, trace) = rules
-        .run(before, Arc::clone(&cx.host), cx.clock)
-        .map_err(|failure| {
-            crate::metrics::rule_error(&failure.name);
-            ProxyError::Rule(failure)
-        })?;
+    let host = cx
+        .host
+        .for_request(cx.key.as_deref(), &before.backend, &before.model)
+        .unwrap_or_else(|| Arc::clone(&cx.host));
+    let (after, trace) = rules.run(before, host, cx.clock).map_err(|failure| {
+        crate::metrics::rule_error(&failure.name);
+        ProxyError::Rule(failure)
+    })?;
     *trace_out = trace;
     if let Some(rejection) = after.rejection {
         return Err(ProxyError::Rejected {

@@ -31,6 +31,8 @@ pub const OPENROUTER_BACKEND: &str = "openrouter";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 /// Default admin address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8001";
+/// How often price lists are fetched by default.
+pub const DEFAULT_PRICE_REFRESH: Duration = Duration::from_secs(24 * 3600);
 
 /// Settings given on the command line; each wins over its config key.
 #[derive(Debug, Default, Clone)]
@@ -45,6 +47,8 @@ pub struct Overrides {
     pub admin_listen: Option<String>,
     /// `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// `--db`.
+    pub db: Option<PathBuf>,
 }
 
 /// A secret string: never printed by `Debug` or `Display`.
@@ -82,6 +86,10 @@ pub struct RestartOnly {
     pub connect_timeout: Duration,
     /// The rules directory in use (the watcher is set up once).
     pub rules_dir: Option<PathBuf>,
+    /// The usage database (`--db`, else `database.path`, else the default).
+    pub database: PathBuf,
+    /// Whether the daemon refuses to start without its database.
+    pub database_required: bool,
 }
 
 impl RestartOnly {
@@ -112,6 +120,13 @@ impl RestartOnly {
                 "rules_dir ({} → {})",
                 shown(&running.rules_dir),
                 shown(&self.rules_dir)
+            ));
+        }
+        if self.database != running.database {
+            changes.push(format!(
+                "database.path ({} → {})",
+                running.database.display(),
+                self.database.display()
             ));
         }
         changes
@@ -146,6 +161,12 @@ pub struct RoutingTable {
     pub known_models: Arc<HashSet<String>>,
     /// The rules directory's compiled scripts.
     pub rules: Option<Arc<orproxy_rules::RuleSet>>,
+    /// `pricing:`, in order.
+    pub pricing: Vec<crate::pricing::PriceRule>,
+    /// `budgets:`.
+    pub budgets: Arc<Vec<crate::budget::BudgetRule>>,
+    /// How often backends' price lists are fetched.
+    pub price_refresh: Duration,
 }
 
 /// One `model_aliases` entry, compiled.
@@ -704,6 +725,9 @@ impl RoutingTable {
         });
 
         let limits = build_limits(config.limits.as_ref());
+        let pricing = crate::pricing::build_rules(config.pricing.as_ref(), &mut errors);
+        let budgets = crate::budget::build_rules(config.budgets.as_ref(), &mut errors);
+        let database = config.database.as_ref().map(|d| &d.value);
         let listen = address(
             overrides.listen.as_deref(),
             "--listen",
@@ -774,12 +798,23 @@ impl RoutingTable {
                     .or(config.log_format.as_ref().map(|s| s.value)),
                 connect_timeout: limits.connect_timeout,
                 rules_dir,
+                database: overrides
+                    .db
+                    .clone()
+                    .or_else(|| database.and_then(|d| d.path.as_ref()).map(PathBuf::from))
+                    .unwrap_or_else(crate::ledger::default_path),
+                database_required: database.and_then(|d| d.required).unwrap_or(true),
             },
             limits,
             files: config.files.clone(),
             warnings,
             known_models: Arc::new(known_models),
             rules: None,
+            pricing,
+            budgets: Arc::new(budgets),
+            price_refresh: database
+                .and_then(|d| d.price_refresh)
+                .map_or(DEFAULT_PRICE_REFRESH, |d| d.0),
         })
     }
 

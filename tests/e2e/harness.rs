@@ -25,6 +25,8 @@ pub struct Daemon {
     logs: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
     config: Option<PathBuf>,
+    /// `$STATE_DIRECTORY` of the daemon (its default database is `usage.db` in it).
+    pub state_dir: PathBuf,
 }
 
 /// How to start a daemon.
@@ -124,6 +126,10 @@ impl Daemon {
             cmd.arg("--config").arg(path);
         }
         cmd.args(&options.args);
+        // Each daemon keeps its usage database in its own directory (`$STATE_DIRECTORY`, as
+        // under systemd) unless the test says where.
+        let state_dir = temp_dir();
+        cmd.env("STATE_DIRECTORY", &state_dir);
         for (k, v) in &options.env {
             cmd.env(k, v);
         }
@@ -168,6 +174,7 @@ impl Daemon {
                             logs,
                             lines,
                             config,
+                            state_dir,
                         });
                     }
                 }
@@ -280,6 +287,7 @@ impl Drop for Daemon {
         if let Some(path) = &self.config {
             let _ = std::fs::remove_file(path);
         }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 

@@ -47,6 +47,15 @@ pub trait Host: Send + Sync {
     fn spent_usd(&self, scope: &str, period: &str) -> f64;
     /// USD left in the named budget ([`UNLIMITED`] when the budget does not exist).
     fn budget_left(&self, name: &str) -> f64;
+    /// A host answering for one request's key, backend and model; `None`: this one does.
+    fn for_request(
+        &self,
+        _key: Option<&str>,
+        _backend: &str,
+        _model: &str,
+    ) -> Option<Arc<dyn Host>> {
+        None
+    }
 }
 
 /// What `budget_left` answers for a budget that does not exist. Finite on purpose: Rhai's

@@ -16,7 +16,7 @@ pub mod engine;
 pub mod request;
 pub mod ruleset;
 
-pub use engine::{Host, NoLedger, Sandbox};
+pub use engine::{Host, NoLedger, Sandbox, UNLIMITED};
 pub use request::{Rejection, RouteRequest};
 pub use ruleset::{Change, HOOK, RuleFailure, RuleSet, ScriptError};
 

@@ -185,7 +185,12 @@ impl Backend for Mock {
     }
 
     fn list_models(&self, _api_key: Option<&str>) -> Option<Prepared> {
-        let body = json!({"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "orproxy"}]});
+        // Prices in OpenRouter's shape (USD per token) so that budgets can reserve against them.
+        let per_token = |nanos: Nanos| format!("{}", nanos as f64 / 1e9);
+        let body = json!({"object": "list", "data": [{
+            "id": MODEL, "object": "model", "created": 0, "owned_by": "orproxy",
+            "pricing": {"prompt": per_token(PROMPT_NANOS_PER_TOKEN), "completion": per_token(COMPLETION_NANOS_PER_TOKEN)},
+        }]});
         Some(Prepared::Local(LocalReply {
             status: StatusCode::OK,
             content_type: "application/json",

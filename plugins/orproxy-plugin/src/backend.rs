@@ -235,6 +235,8 @@ pub struct ModelInfo {
     pub id: String,
     /// Its price, when the upstream publishes one.
     pub price: Option<Price>,
+    /// The largest answer it gives, when published (OpenRouter's `top_provider.max_completion_tokens`).
+    pub max_output_tokens: Option<u64>,
 }
 
 /// Prices in nano-dollars per million tokens (so fractions of a nano-dollar per token stay exact).

@@ -305,6 +305,14 @@ struct ModelEntry<'a> {
     id: String,
     #[serde(default, borrow)]
     pricing: Option<WirePricing<'a>>,
+    #[serde(default)]
+    top_provider: Option<TopProvider>,
+}
+
+#[derive(Deserialize)]
+struct TopProvider {
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -336,6 +344,7 @@ pub fn map_models(body: &[u8]) -> Result<Vec<ModelInfo>, MapError> {
                     request: p.request.and_then(|r| usd_to_nanos(r.get())).unwrap_or(0),
                 })
             }),
+            max_output_tokens: m.top_provider.and_then(|t| t.max_completion_tokens),
             id: m.id,
         })
         .collect())

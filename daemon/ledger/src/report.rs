@@ -1,0 +1,428 @@
+//! Cost reports: requests, errors, tokens, cost and latency per group over a time range.
+//!
+//! The same [`Report`] backs `GET /admin/usage` and `orproxy report`; it renders as JSON,
+//! CSV or an aligned table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use orproxy_plugin::usage::format_usd;
+use rusqlite::Connection;
+use serde::Serialize;
+
+/// What rows are grouped by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBy {
+    /// The route's upstream model.
+    Model,
+    /// The backend.
+    Backend,
+    /// The proxy key name.
+    Key,
+    /// The UTC day of arrival (`YYYY-MM-DD`).
+    Day,
+    /// The value of one rules tag.
+    Tag(String),
+}
+
+impl GroupBy {
+    /// Parses `model|backend|key|day|tag:NAME`.
+    pub fn parse(text: &str) -> Result<GroupBy, String> {
+        match text {
+            "model" => Ok(GroupBy::Model),
+            "backend" => Ok(GroupBy::Backend),
+            "key" => Ok(GroupBy::Key),
+            "day" => Ok(GroupBy::Day),
+            _ => match text.strip_prefix("tag:") {
+                Some(name) if !name.is_empty() => Ok(GroupBy::Tag(name.to_owned())),
+                _ => Err(format!(
+                    "group_by `{text}` is not one of model, backend, key, day, tag:NAME"
+                )),
+            },
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            GroupBy::Model => "model".into(),
+            GroupBy::Backend => "backend".into(),
+            GroupBy::Key => "key".into(),
+            GroupBy::Day => "day".into(),
+            GroupBy::Tag(name) => format!("tag:{name}"),
+        }
+    }
+
+    /// The SQL expression of the group column (`?3` is the tag's JSON path).
+    fn column(&self) -> &'static str {
+        match self {
+            GroupBy::Model => "model",
+            GroupBy::Backend => "backend",
+            GroupBy::Key => "key",
+            GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            GroupBy::Tag(_) => "CAST(json_extract(tags, ?3) AS TEXT)",
+        }
+    }
+}
+
+/// A report's parameters.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// Start, Unix milliseconds (inclusive).
+    pub from_ms: i64,
+    /// End, Unix milliseconds (exclusive).
+    pub to_ms: i64,
+    /// Grouping.
+    pub group_by: GroupBy,
+}
+
+/// One group's figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Group {
+    /// The group's value (`-` when the rows have none).
+    pub group: String,
+    /// Requests.
+    pub requests: u64,
+    /// Requests whose outcome was not `ok`.
+    pub errors: u64,
+    /// Input tokens.
+    pub tokens_in: u64,
+    /// Output tokens.
+    pub tokens_out: u64,
+    /// Cached input tokens.
+    pub cached_tokens: u64,
+    /// Reasoning tokens.
+    pub reasoning_tokens: u64,
+    /// Cost in nano-dollars (exact).
+    pub cost_nanos: i64,
+    /// Cost in USD, nine decimals.
+    pub cost_usd: String,
+    /// Median latency, milliseconds.
+    pub latency_p50_ms: f64,
+    /// 95th percentile latency, milliseconds.
+    pub latency_p95_ms: f64,
+}
+
+/// A whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Start, Unix milliseconds.
+    pub from_ms: i64,
+    /// End, Unix milliseconds.
+    pub to_ms: i64,
+    /// Grouping, as given.
+    pub group_by: String,
+    /// Groups, largest cost first.
+    pub groups: Vec<Group>,
+    /// Every row of the range together.
+    pub total: Group,
+}
+
+#[derive(Default)]
+struct Acc {
+    group: Group,
+    latencies: Vec<i64>,
+}
+
+impl Acc {
+    fn add(&mut self, r: &Fields) {
+        let g = &mut self.group;
+        g.requests += 1;
+        g.errors += u64::from(r.outcome != "ok");
+        g.tokens_in += r.tokens_in;
+        g.tokens_out += r.tokens_out;
+        g.cached_tokens += r.cached;
+        g.reasoning_tokens += r.reasoning;
+        g.cost_nanos += r.cost_nanos;
+        self.latencies.push(r.latency_us);
+    }
+
+    fn finish(mut self, name: String) -> Group {
+        self.latencies.sort_unstable();
+        let mut g = self.group;
+        g.group = name;
+        g.cost_usd = format_usd(g.cost_nanos);
+        g.latency_p50_ms = percentile(&self.latencies, 50);
+        g.latency_p95_ms = percentile(&self.latencies, 95);
+        g
+    }
+}
+
+struct Fields {
+    outcome: String,
+    tokens_in: u64,
+    tokens_out: u64,
+    cached: u64,
+    reasoning: u64,
+    cost_nanos: i64,
+    latency_us: i64,
+}
+
+/// Nearest-rank percentile of sorted microseconds, in milliseconds.
+fn percentile(sorted: &[i64], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1] as f64 / 1000.0
+}
+
+/// Builds the report of `query` from the database.
+pub fn usage(conn: &Connection, query: &UsageQuery) -> rusqlite::Result<Report> {
+    let sql = format!(
+        "SELECT {}, outcome, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
+         coalesce(cached_tokens, 0), coalesce(reasoning_tokens, 0), cost_nanos, latency_us
+         FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2",
+        query.group_by.column()
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let tag_path = match &query.group_by {
+        GroupBy::Tag(name) => format!("$.\"{}\"", name.replace('"', "\\\"")),
+        _ => String::new(),
+    };
+    let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(Option<String>, Fields)> {
+        let n = |i: usize| -> rusqlite::Result<u64> {
+            Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
+        };
+        Ok((
+            r.get(0)?,
+            Fields {
+                outcome: r.get(1)?,
+                tokens_in: n(2)?,
+                tokens_out: n(3)?,
+                cached: n(4)?,
+                reasoning: n(5)?,
+                cost_nanos: r.get(6)?,
+                latency_us: r.get(7)?,
+            },
+        ))
+    };
+    let rows = if matches!(query.group_by, GroupBy::Tag(_)) {
+        stmt.query_map(rusqlite::params![query.from_ms, query.to_ms, tag_path], row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    } else {
+        stmt.query_map(rusqlite::params![query.from_ms, query.to_ms], row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut total = Acc::default();
+    for (name, fields) in &rows {
+        let name = name.clone().unwrap_or_else(|| "-".to_owned());
+        groups.entry(name).or_default().add(fields);
+        total.add(fields);
+    }
+    let mut groups: Vec<Group> = groups
+        .into_iter()
+        .map(|(name, acc)| acc.finish(name))
+        .collect();
+    if query.group_by != GroupBy::Day {
+        groups.sort_by(|a, b| b.cost_nanos.cmp(&a.cost_nanos).then(a.group.cmp(&b.group)));
+    }
+    Ok(Report {
+        from_ms: query.from_ms,
+        to_ms: query.to_ms,
+        group_by: query.group_by.name(),
+        groups,
+        total: total.finish("total".to_owned()),
+    })
+}
+
+const HEADER: [&str; 10] = [
+    "group",
+    "requests",
+    "errors",
+    "tokens_in",
+    "tokens_out",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "latency_p50_ms",
+    "latency_p95_ms",
+];
+
+fn cells(g: &Group) -> [String; 10] {
+    [
+        g.group.clone(),
+        g.requests.to_string(),
+        g.errors.to_string(),
+        g.tokens_in.to_string(),
+        g.tokens_out.to_string(),
+        g.cached_tokens.to_string(),
+        g.reasoning_tokens.to_string(),
+        g.cost_usd.clone(),
+        format!("{:.3}", g.latency_p50_ms),
+        format!("{:.3}", g.latency_p95_ms),
+    ]
+}
+
+impl Report {
+    /// RFC 4180 CSV: a header line, one line per group, then the total.
+    pub fn to_csv(&self) -> String {
+        let mut out = HEADER.join(",");
+        out.push_str("\r\n");
+        for g in self.groups.iter().chain(std::iter::once(&self.total)) {
+            let line: Vec<String> = cells(g).iter().map(|c| csv_field(c)).collect();
+            out.push_str(&line.join(","));
+            out.push_str("\r\n");
+        }
+        out
+    }
+
+    /// An aligned text table for a terminal.
+    pub fn to_table(&self) -> String {
+        let mut header: Vec<String> = HEADER.iter().map(|h| (*h).to_owned()).collect();
+        header[0] = self.group_by.clone();
+        let body: Vec<[String; 10]> = self
+            .groups
+            .iter()
+            .chain(std::iter::once(&self.total))
+            .map(cells)
+            .collect();
+        let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+        for line in &body {
+            for (w, cell) in widths.iter_mut().zip(line) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let mut write_line = |cells: &[String]| {
+            for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+                if i == 0 {
+                    let _ = write!(out, "{cell:<w$}");
+                } else {
+                    let _ = write!(out, "  {cell:>w$}");
+                }
+            }
+            out.push('\n');
+        };
+        write_line(&header);
+        let total = body.len() - 1;
+        for (i, line) in body.iter().enumerate() {
+            if i == total {
+                let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+                write_line(&rule);
+            }
+            write_line(line);
+        }
+        out
+    }
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::row::Row;
+
+    fn db(rows: &[Row]) -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::migrate(&mut conn).unwrap();
+        let mut stmt = conn.prepare(crate::row::INSERT).unwrap();
+        for row in rows {
+            row.insert(&mut stmt).unwrap();
+        }
+        drop(stmt);
+        conn
+    }
+
+    fn row(id: &str, ts_ms: i64, model: &str, cost: i64, latency_us: i64, ok: bool) -> Row {
+        let mut r = Row::example(id, ts_ms, cost);
+        r.model = Some(model.into());
+        r.latency_us = latency_us;
+        if !ok {
+            r.outcome = "upstream_error";
+        }
+        r
+    }
+
+    #[test]
+    fn groups_sum_exactly_and_percentiles_are_nearest_rank() {
+        let mut rows: Vec<Row> = (1..=100)
+            .map(|i| {
+                row(
+                    &format!("a{i}"),
+                    1000 + i,
+                    "a",
+                    1_000_000_001,
+                    i * 1000,
+                    i % 10 != 0,
+                )
+            })
+            .collect();
+        rows.push(row("b1", 1000, "b", 5, 7000, true));
+        rows.push(row("late", 10_000, "a", 99, 1, true));
+        let conn = db(&rows);
+        let report = usage(
+            &conn,
+            &UsageQuery {
+                from_ms: 0,
+                to_ms: 10_000,
+                group_by: GroupBy::Model,
+            },
+        )
+        .unwrap();
+        assert_eq!(report.groups.len(), 2);
+        let a = &report.groups[0];
+        assert_eq!((a.group.as_str(), a.requests, a.errors), ("a", 100, 10));
+        assert_eq!(a.cost_nanos, 100_000_000_100);
+        assert_eq!(a.cost_usd, "100.000000100");
+        assert_eq!((a.latency_p50_ms, a.latency_p95_ms), (50.0, 95.0));
+        assert_eq!(report.total.requests, 101);
+        assert_eq!(report.total.cost_nanos, 100_000_000_105);
+    }
+
+    #[test]
+    fn tags_and_days_group_and_render() {
+        let mut tagged = row("t1", 86_400_000 * 2, "a", 10, 1000, true);
+        tagged
+            .tags
+            .insert("team".into(), serde_json::json!("search, web"));
+        let conn = db(&[tagged, row("t2", 0, "a", 20, 1000, true)]);
+        let by_tag = usage(
+            &conn,
+            &UsageQuery {
+                from_ms: 0,
+                to_ms: i64::MAX,
+                group_by: GroupBy::parse("tag:team").unwrap(),
+            },
+        )
+        .unwrap();
+        let names: Vec<&str> = by_tag.groups.iter().map(|g| g.group.as_str()).collect();
+        assert_eq!(names, ["-", "search, web"]);
+        assert!(
+            by_tag.to_csv().contains("\"search, web\",1,0,"),
+            "{}",
+            by_tag.to_csv()
+        );
+        let by_day = usage(
+            &conn,
+            &UsageQuery {
+                from_ms: 0,
+                to_ms: i64::MAX,
+                group_by: GroupBy::Day,
+            },
+        )
+        .unwrap();
+        let days: Vec<&str> = by_day.groups.iter().map(|g| g.group.as_str()).collect();
+        assert_eq!(days, ["1970-01-01", "1970-01-03"]);
+        let table = by_day.to_table();
+        assert!(table.starts_with("day "), "{table}");
+        assert!(
+            table.lines().last().unwrap().starts_with("total"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn bad_group_by_is_named() {
+        assert!(GroupBy::parse("tag:").unwrap_err().contains("tag:NAME"));
+        assert!(GroupBy::parse("colour").unwrap_err().contains("`colour`"));
+    }
+}

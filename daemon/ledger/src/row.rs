@@ -1,0 +1,175 @@
+//! One request as stored.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Statement, params};
+use serde::Serialize;
+
+/// Where a row's cost comes from (SPEC §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CostSource {
+    /// The upstream reported it (OpenRouter's `usage.cost`).
+    Upstream,
+    /// Computed from the token counts and a known price.
+    Pricing,
+    /// A stream cut short by the client: the tokens relayed so far, priced.
+    Estimate,
+    /// No cost known (nothing was billed, or no price).
+    None,
+}
+
+impl CostSource {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostSource::Upstream => "upstream",
+            CostSource::Pricing => "pricing",
+            CostSource::Estimate => "estimate",
+            CostSource::None => "none",
+        }
+    }
+}
+
+/// One upstream attempt and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Attempt {
+    /// `backend:model`.
+    pub route: String,
+    /// `ok`, or why it failed.
+    pub result: String,
+}
+
+/// Everything stored about one request (columns of `requests`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Arrival, Unix milliseconds.
+    pub ts_ms: i64,
+    /// orproxy's request id.
+    pub request_id: String,
+    /// Proxy key name.
+    pub key: Option<String>,
+    /// Client address.
+    pub client_ip: Option<String>,
+    /// Backend that served, or was last tried.
+    pub backend: Option<String>,
+    /// Upstream model of that route.
+    pub model: Option<String>,
+    /// `model` as the client sent it.
+    pub model_requested: Option<String>,
+    /// Model the upstream says served.
+    pub model_served: Option<String>,
+    /// Status sent to the client.
+    pub status: u16,
+    /// `ok`, `upstream_error`, ... (SPEC §9).
+    pub outcome: &'static str,
+    /// The client asked for a stream.
+    pub stream: bool,
+    /// Input tokens (cached included).
+    pub prompt_tokens: Option<u64>,
+    /// Output tokens (reasoning included).
+    pub completion_tokens: Option<u64>,
+    /// Cached input tokens.
+    pub cached_tokens: Option<u64>,
+    /// Reasoning tokens.
+    pub reasoning_tokens: Option<u64>,
+    /// Nano-dollars.
+    pub cost_nanos: i64,
+    /// Where the cost comes from.
+    pub cost_source: CostSource,
+    /// Arrival to last byte, microseconds.
+    pub latency_us: i64,
+    /// Arrival to first byte sent, microseconds.
+    pub ttfb_us: Option<i64>,
+    /// Time spent waiting on upstreams, microseconds.
+    pub upstream_us: Option<i64>,
+    /// Every attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// Tags set by rules.
+    pub tags: BTreeMap<String, serde_json::Value>,
+    /// Rules trace.
+    pub rules: Option<String>,
+    /// Short reason for a failure.
+    pub error: Option<String>,
+}
+
+/// The insert every row goes through (cached per connection).
+pub(crate) const INSERT: &str = "INSERT INTO requests (
+    ts_ms, request_id, key, client_ip, backend, model, model_requested, model_served, status,
+    outcome, stream, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
+    cost_nanos, cost_source, latency_us, ttfb_us, upstream_us, attempts, tags, rules, error
+) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+    ?20, ?21, ?22, ?23, ?24)";
+
+fn int(n: Option<u64>) -> Option<i64> {
+    n.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+impl Row {
+    pub(crate) fn insert(&self, stmt: &mut Statement<'_>) -> rusqlite::Result<()> {
+        let attempts = serde_json::to_string(&self.attempts).unwrap_or_else(|_| "[]".into());
+        let tags = (!self.tags.is_empty())
+            .then(|| serde_json::to_string(&self.tags).ok())
+            .flatten();
+        stmt.execute(params![
+            self.ts_ms,
+            self.request_id,
+            self.key,
+            self.client_ip,
+            self.backend,
+            self.model,
+            self.model_requested,
+            self.model_served,
+            self.status,
+            self.outcome,
+            self.stream,
+            int(self.prompt_tokens),
+            int(self.completion_tokens),
+            int(self.cached_tokens),
+            int(self.reasoning_tokens),
+            self.cost_nanos,
+            self.cost_source.as_str(),
+            self.latency_us,
+            self.ttfb_us,
+            self.upstream_us,
+            attempts,
+            tags,
+            self.rules,
+            self.error,
+        ])?;
+        Ok(())
+    }
+
+    /// A minimal row, for tests and benchmarks.
+    pub fn example(request_id: &str, ts_ms: i64, cost_nanos: i64) -> Row {
+        Row {
+            ts_ms,
+            request_id: request_id.to_owned(),
+            key: Some("team-a".into()),
+            client_ip: Some("127.0.0.1".into()),
+            backend: Some("openrouter".into()),
+            model: Some("openai/gpt-4o-mini".into()),
+            model_requested: Some("gpt-4o-mini".into()),
+            model_served: Some("openai/gpt-4o-mini-2024-07-18".into()),
+            status: 200,
+            outcome: "ok",
+            stream: false,
+            prompt_tokens: Some(12),
+            completion_tokens: Some(34),
+            cached_tokens: None,
+            reasoning_tokens: None,
+            cost_nanos,
+            cost_source: CostSource::Upstream,
+            latency_us: 1_500,
+            ttfb_us: Some(1_400),
+            upstream_us: Some(1_300),
+            attempts: vec![Attempt {
+                route: "openrouter:openai/gpt-4o-mini".into(),
+                result: "ok".into(),
+            }],
+            tags: BTreeMap::new(),
+            rules: None,
+            error: None,
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The one writer: rows arrive on an unbounded channel and are committed in batches on a
+//! dedicated thread, so a request never waits for SQLite.
+//!
+//! Each batch is everything queued when the previous commit ended (so batches grow with the
+//! load instead of the queue blocking anyone), written in one transaction. A row is on disk
+//! (in the WAL) a commit's time after it was sent, which bounds what a killed process loses.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::row::{INSERT, Row};
+
+/// Rows per transaction at most (a transaction holds the WAL lock; keep it short).
+const MAX_BATCH: usize = 8192;
+/// Waits between retries of a batch SQLite refused.
+const RETRY: [Duration; 5] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+];
+
+enum Message {
+    Row(Box<Row>),
+    Flush(SyncSender<()>),
+    Stop,
+}
+
+/// Counters of the writer, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Rows sent and not yet committed.
+    pub queued: AtomicU64,
+    /// Rows committed.
+    pub written: AtomicU64,
+    /// Transactions committed.
+    pub batches: AtomicU64,
+    /// The largest batch so far.
+    pub max_batch: AtomicU64,
+    /// Failed attempts to commit a batch (each retried).
+    pub errors: AtomicU64,
+    /// Rows given up on at shutdown (each also logged whole).
+    pub dropped: AtomicU64,
+}
+
+/// A handle to the writer thread; clones share it.
+#[derive(Clone)]
+pub struct Writer {
+    tx: Sender<Message>,
+    stats: Arc<WriterStats>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Writer {
+    /// Starts the writer thread on an open (migrated) connection.
+    pub fn start(conn: Connection, path: &Path) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(WriterStats::default());
+        let worker = Worker {
+            conn,
+            path: path.to_owned(),
+            rx,
+            stats: Arc::clone(&stats),
+        };
+        let thread = std::thread::Builder::new()
+            .name("orproxy-ledger".into())
+            .spawn(move || worker.run())?;
+        Ok(Writer {
+            tx,
+            stats,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Queues a row; never blocks. After [`Writer::stop`] the row is logged instead.
+    pub fn send(&self, row: Row) {
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::SendError(Message::Row(row))) = self.tx.send(Message::Row(Box::new(row))) {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            lost(&self.stats, &row, "the usage writer has stopped");
+        }
+    }
+
+    /// Waits until every row sent before this call is committed (or given up on).
+    pub fn flush(&self) {
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        if self.tx.send(Message::Flush(done_tx)).is_ok() {
+            let _ = done_rx.recv();
+        }
+    }
+
+    /// Commits everything queued, then ends the thread. Idempotent.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Message::Stop);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+}
+
+struct Worker {
+    conn: Connection,
+    path: PathBuf,
+    rx: Receiver<Message>,
+    stats: Arc<WriterStats>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut batch: Vec<Row> = Vec::new();
+        let mut waiting: Vec<SyncSender<()>> = Vec::new();
+        loop {
+            // Block for the first message, then take whatever else is already queued.
+            // Rows a failed commit kept are retried after a pause even if nothing new comes.
+            let first = if batch.is_empty() {
+                self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                self.rx.recv_timeout(RETRY[RETRY.len() - 1])
+            };
+            let mut stop = match first {
+                Ok(message) => self.take(message, &mut batch, &mut waiting),
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            while !stop && batch.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(message) => stop = self.take(message, &mut batch, &mut waiting),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(&mut batch, stop);
+            }
+            if batch.is_empty() || stop {
+                // Flushes wait for the rows sent before them, which are now committed.
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+            if stop {
+                // Rows sent before Stop are still in the channel only if the batch was full.
+                while let Ok(message) = self.rx.recv_timeout(Duration::ZERO) {
+                    if let Message::Row(row) = message {
+                        batch.push(*row);
+                    }
+                }
+                if !batch.is_empty() {
+                    self.commit(&mut batch, true);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Files one message; true on Stop.
+    fn take(
+        &self,
+        message: Message,
+        batch: &mut Vec<Row>,
+        waiting: &mut Vec<SyncSender<()>>,
+    ) -> bool {
+        match message {
+            Message::Row(row) => batch.push(*row),
+            Message::Flush(done) => waiting.push(done),
+            Message::Stop => return true,
+        }
+        false
+    }
+
+    /// Commits `batch`, retrying while SQLite refuses; on the way out, rows that still cannot
+    /// be written are logged whole so that nothing is lost silently.
+    fn commit(&mut self, batch: &mut Vec<Row>, stopping: bool) {
+        let mut tries = RETRY.iter();
+        loop {
+            match write_batch(&mut self.conn, batch) {
+                Ok(()) => {
+                    let n = batch.len() as u64;
+                    self.stats.queued.fetch_sub(n, Ordering::Relaxed);
+                    self.stats.written.fetch_add(n, Ordering::Relaxed);
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats.max_batch.fetch_max(n, Ordering::Relaxed);
+                    batch.clear();
+                    return;
+                }
+                Err(error) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        message = "Cannot write usage rows; retrying.",
+                        database = %self.path.display(),
+                        rows = batch.len(),
+                        %error,
+                    );
+                    match tries.next() {
+                        Some(pause) => std::thread::sleep(*pause),
+                        // While running, keep the rows and try again with the next batch;
+                        // at shutdown there is no next batch.
+                        None if !stopping => return,
+                        None => {
+                            for row in batch.drain(..) {
+                                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                                lost(&self.stats, &row, &error.to_string());
+                            }
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(INSERT)?;
+        for row in batch {
+            row.insert(&mut stmt)?;
+        }
+    }
+    tx.commit()
+}
+
+/// A row that cannot be stored goes to the log whole, so it can still be recovered.
+fn lost(stats: &WriterStats, row: &Row, why: &str) {
+    stats.dropped.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(
+        message = "Usage row not stored.",
+        why,
+        request_id = %row.request_id,
+        ts_ms = row.ts_ms,
+        key = row.key.as_deref(),
+        backend = row.backend.as_deref(),
+        model = row.model.as_deref(),
+        status = row.status,
+        outcome = row.outcome,
+        prompt_tokens = row.prompt_tokens,
+        completion_tokens = row.completion_tokens,
+        cost_nanos = row.cost_nanos,
+        cost_source = row.cost_source.as_str(),
+    );
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::testutil::temp_db;
+
+    fn count(path: &Path) -> i64 {
+        let conn = crate::open_reader(path).unwrap();
+        conn.query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn rows_from_many_threads_are_all_committed_and_stop_flushes() {
+        let (_dir, path) = temp_db("writer");
+        let writer = Writer::start(crate::open(&path).unwrap(), &path).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let writer = writer.clone();
+                s.spawn(move || {
+                    for i in 0..500 {
+                        writer.send(Row::example(&format!("req-{t}-{i}"), i, 7));
+                    }
+                });
+            }
+        });
+        writer.stop();
+        assert_eq!(count(&path), 4000);
+        assert_eq!(writer.stats().written.load(Ordering::Relaxed), 4000);
+        assert_eq!(writer.stats().queued.load(Ordering::Relaxed), 0);
+        let conn = crate::open_reader(&path).unwrap();
+        let total: i64 = conn
+            .query_row("SELECT sum(cost_nanos) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(total, 4000 * 7);
+    }
+
+    #[test]
+    fn flush_waits_for_rows_sent_before_it() {
+        let (_dir, path) = temp_db("flush");
+        let writer = Writer::start(crate::open(&path).unwrap(), &path).unwrap();
+        for i in 0..100 {
+            writer.send(Row::example(&format!("req-{i}"), i, 1));
+        }
+        writer.flush();
+        assert_eq!(count(&path), 100);
+        writer.stop();
+        // A row after stop is not lost silently: it is counted (and logged).
+        writer.send(Row::example("late", 0, 1));
+        assert_eq!(writer.stats().dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_row_keeps_every_field() {
+        let (_dir, path) = temp_db("fields");
+        let writer = Writer::start(crate::open(&path).unwrap(), &path).unwrap();
+        let mut row = Row::example("req-x", 1_700_000_000_000, 3_530_250);
+        row.tags.insert("team".into(), serde_json::json!("search"));
+        row.cached_tokens = Some(5);
+        writer.send(row);
+        writer.stop();
+        let conn = crate::open_reader(&path).unwrap();
+        let (tags, attempts, cached, source): (String, String, i64, String) = conn
+            .query_row(
+                "SELECT tags, attempts, cached_tokens, cost_source FROM requests",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(tags, r#"{"team":"search"}"#);
+        assert_eq!(
+            attempts,
+            r#"[{"route":"openrouter:openai/gpt-4o-mini","result":"ok"}]"#
+        );
+        assert_eq!((cached, source.as_str()), (5, "upstream"));
+    }
+}

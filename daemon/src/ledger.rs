@@ -1,0 +1,145 @@
+//! The usage ledger as the daemon keeps it: the database writer, the price lists and the
+//! budget book, opened at start and shared by every request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use orproxy_ledger::{LedgerError, StoredPrice, Writer};
+use orproxy_plugin::ModelInfo;
+
+use crate::budget::{self, BudgetBook, Subject};
+use crate::config::BudgetPeriod;
+use crate::pricing::{Listed, PriceLists};
+
+/// Where the database lives when neither `--db` nor `database.path` says.
+pub fn default_path() -> PathBuf {
+    match std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd may pass several directories separated by `:`; the first is ours.
+        Some(dirs) => {
+            let dirs = dirs.to_string_lossy().into_owned();
+            let first = dirs.split(':').next().unwrap_or_default().to_owned();
+            PathBuf::from(first).join("usage.db")
+        }
+        None => PathBuf::from("orproxy-data").join("usage.db"),
+    }
+}
+
+/// Money state shared by all requests.
+#[derive(Default)]
+pub struct Accounts {
+    /// The database writer; `None` when running without a database.
+    pub writer: Option<Writer>,
+    /// The database file.
+    pub path: Option<PathBuf>,
+    /// Spend and reservations.
+    pub budgets: Arc<BudgetBook>,
+    /// Fetched model prices.
+    pub prices: PriceLists,
+}
+
+impl Accounts {
+    /// Opens the database at `path`, loads the price cache and rebuilds the spend.
+    pub fn open(path: &Path) -> Result<Accounts, LedgerError> {
+        let conn = orproxy_ledger::open(path)?;
+        let sql = |e: orproxy_ledger::SqlError| LedgerError::sqlite(path, &e);
+        let prices = PriceLists::default();
+        let mut by_backend: HashMap<String, (HashMap<String, Listed>, i64)> = HashMap::new();
+        for p in orproxy_ledger::load_prices(&conn).map_err(sql)? {
+            let entry = by_backend.entry(p.backend.clone()).or_default();
+            entry.1 = entry.1.max(p.fetched_ms);
+            entry.0.insert(p.model.clone(), listed(&p));
+        }
+        for (backend, (list, fetched)) in by_backend {
+            prices.set(&backend, list, fetched);
+        }
+        let budgets = Arc::new(BudgetBook::default());
+        // Three disjoint ranges, so each sum lands in the windows it belongs to.
+        let now = budget::now_ms();
+        let (month, _) = budget::window(BudgetPeriod::Month, now);
+        let (day, _) = budget::window(BudgetPeriod::Day, now);
+        for (from, to, at) in [
+            (i64::MIN, month, 0),
+            (month, day, month),
+            (day, i64::MAX, now),
+        ] {
+            for g in orproxy_ledger::spend_between(&conn, from, to).map_err(sql)? {
+                let subject = Subject {
+                    key: g.key,
+                    backend: g.backend.unwrap_or_default(),
+                    model: g.model.unwrap_or_default(),
+                };
+                budgets.preload(subject, g.cost_nanos, at);
+            }
+        }
+        let writer = Writer::start(conn, path).map_err(|e| LedgerError::Sqlite {
+            path: path.to_owned(),
+            message: format!("cannot start the writer thread: {e}"),
+        })?;
+        Ok(Accounts {
+            writer: Some(writer),
+            path: Some(path.to_owned()),
+            budgets,
+            prices,
+        })
+    }
+
+    /// Replaces `backend`'s fetched prices, in memory and in the database.
+    pub fn store_prices(&self, backend: &str, models: &[ModelInfo], fetched_ms: i64) -> usize {
+        let stored: Vec<StoredPrice> = models
+            .iter()
+            .filter_map(|m| {
+                let p = m.price?;
+                Some(StoredPrice {
+                    backend: backend.to_owned(),
+                    model: m.id.clone(),
+                    prompt_per_mtok: p.prompt_per_mtok,
+                    completion_per_mtok: p.completion_per_mtok,
+                    cached_prompt_per_mtok: p.cached_prompt_per_mtok,
+                    request_nanos: p.request,
+                    max_output_tokens: m.max_output_tokens.and_then(|n| i64::try_from(n).ok()),
+                    fetched_ms,
+                })
+            })
+            .collect();
+        if stored.is_empty() {
+            return 0;
+        }
+        let list = stored
+            .iter()
+            .map(|p| (p.model.clone(), listed(p)))
+            .collect();
+        self.prices.set(backend, list, fetched_ms);
+        if let Some(path) = &self.path {
+            let saved = orproxy_ledger::connect(path)
+                .map_err(|e| e.to_string())
+                .and_then(|mut conn| {
+                    orproxy_ledger::store_prices(&mut conn, backend, &stored)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(error) = saved {
+                tracing::warn!(message = "Cannot keep fetched prices in the database.", backend, %error);
+            }
+        }
+        stored.len()
+    }
+
+    /// Commits every row sent so far, then stops the writer (at shutdown).
+    pub fn close(&self) {
+        if let Some(writer) = &self.writer {
+            writer.stop();
+        }
+    }
+}
+
+fn listed(p: &StoredPrice) -> Listed {
+    Listed {
+        price: orproxy_plugin::Price {
+            prompt_per_mtok: p.prompt_per_mtok,
+            completion_per_mtok: p.completion_per_mtok,
+            cached_prompt_per_mtok: p.cached_prompt_per_mtok,
+            request: p.request_nanos,
+        },
+        max_output_tokens: p.max_output_tokens.and_then(|n| u64::try_from(n).ok()),
+    }
+}

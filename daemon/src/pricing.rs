@@ -1,0 +1,300 @@
+//! Prices and costs: what a request cost when the upstream did not say, and what it may cost
+//! at worst (for budget reservations).
+//!
+//! A route's price comes from the model list its backend publishes (fetched, kept in the
+//! database, refreshed daily and on `POST /admin/prices/refresh`), else from `pricing:` in the
+//! config. All money is integer nano-dollars; prices are nano-dollars per million tokens, so
+//! even sub-nano-dollar per-token prices are exact.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use orproxy_plugin::{Nanos, Price, Usage};
+use regex::Regex;
+use serde::Serialize;
+
+use crate::config::{Diagnostic, PricingConfig, Sourced};
+use serde_saphyr::Spanned;
+
+/// Answer length assumed for a reservation when neither the request nor the price says.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
+/// One `pricing:` entry, compiled.
+#[derive(Debug, Clone)]
+pub struct PriceRule {
+    /// Matched anywhere in `backend:model`.
+    pub regex: Regex,
+    /// The price.
+    pub price: Price,
+    /// The model's largest answer, if given.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// Compiles `pricing:`; bad patterns become diagnostics.
+pub fn build_rules(
+    config: Option<&Sourced<Vec<Spanned<PricingConfig>>>>,
+    errors: &mut Vec<Diagnostic>,
+) -> Vec<PriceRule> {
+    let Some(list) = config else {
+        return Vec::new();
+    };
+    list.value
+        .iter()
+        .filter_map(|entry| {
+            let p = &entry.value;
+            match Regex::new(&p.pattern) {
+                Ok(regex) => Some(PriceRule {
+                    regex,
+                    price: Price {
+                        prompt_per_mtok: p.input_usd_per_mtok.0,
+                        completion_per_mtok: p.output_usd_per_mtok.0,
+                        cached_prompt_per_mtok: p.cached_input_usd_per_mtok.map(|u| u.0),
+                        request: p.request_usd.map_or(0, |u| u.0),
+                    },
+                    max_output_tokens: p.max_output_tokens,
+                }),
+                Err(e) => {
+                    errors.push(list.error_at(
+                        entry.referenced,
+                        format!("pricing.match: invalid regex `{}`: {e}", p.pattern),
+                    ));
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Where a price was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PriceOrigin {
+    /// The backend's published model list.
+    List,
+    /// `pricing:` in the config.
+    Config,
+}
+
+/// A price and what else is known about the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quote {
+    /// The price.
+    pub price: Price,
+    /// The model's largest answer, when known.
+    pub max_output_tokens: Option<u64>,
+    /// Where it came from.
+    pub origin: PriceOrigin,
+}
+
+/// A fetched price list entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listed {
+    /// The price.
+    pub price: Price,
+    /// The model's largest answer.
+    pub max_output_tokens: Option<u64>,
+}
+
+/// Prices fetched from backends' model lists, by backend then model.
+#[derive(Debug, Default)]
+pub struct PriceLists {
+    lists: RwLock<HashMap<String, Arc<HashMap<String, Listed>>>>,
+    /// When each backend's list was fetched (Unix milliseconds).
+    fetched: RwLock<HashMap<String, i64>>,
+}
+
+impl PriceLists {
+    /// Replaces one backend's list.
+    pub fn set(&self, backend: &str, list: HashMap<String, Listed>, fetched_ms: i64) {
+        self.lists
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(backend.to_owned(), Arc::new(list));
+        self.fetched
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(backend.to_owned(), fetched_ms);
+    }
+
+    /// The listed price of `model` on `backend`.
+    pub fn get(&self, backend: &str, model: &str) -> Option<Listed> {
+        let lists = self.lists.read().unwrap_or_else(|p| p.into_inner());
+        lists.get(backend)?.get(model).copied()
+    }
+
+    /// When `backend`'s list was fetched, if ever.
+    pub fn fetched_ms(&self, backend: &str) -> Option<i64> {
+        self.fetched
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(backend)
+            .copied()
+    }
+
+    /// How many models each backend's list prices.
+    pub fn sizes(&self) -> Vec<(String, usize, i64)> {
+        let lists = self.lists.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = lists
+            .iter()
+            .map(|(b, l)| (b.clone(), l.len(), self.fetched_ms(b).unwrap_or(0)))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// The price of `model` on `backend`: the backend's list first, then `pricing:`.
+pub fn quote(lists: &PriceLists, rules: &[PriceRule], backend: &str, model: &str) -> Option<Quote> {
+    if let Some(listed) = lists.get(backend, model) {
+        return Some(Quote {
+            price: listed.price,
+            max_output_tokens: listed.max_output_tokens,
+            origin: PriceOrigin::List,
+        });
+    }
+    if rules.is_empty() {
+        return None;
+    }
+    let route = format!("{backend}:{model}");
+    rules
+        .iter()
+        .find(|r| r.regex.is_match(&route))
+        .map(|r| Quote {
+            price: r.price,
+            max_output_tokens: r.max_output_tokens,
+            origin: PriceOrigin::Config,
+        })
+}
+
+/// `tokens × per-million price`, summed exactly, rounded half up to a nano-dollar.
+fn per_mtok(parts: &[(u64, Nanos)]) -> Nanos {
+    let micro: i128 = parts
+        .iter()
+        .map(|(tokens, price)| i128::from(*tokens) * i128::from(*price))
+        .sum();
+    let nanos = (micro + 500_000).div_euclid(1_000_000);
+    Nanos::try_from(nanos).unwrap_or(Nanos::MAX)
+}
+
+/// What `usage` costs at `price`.
+pub fn cost(price: &Price, usage: &Usage) -> Nanos {
+    let cached = usage.cached_tokens.unwrap_or(0).min(usage.prompt_tokens);
+    let cached_price = price
+        .cached_prompt_per_mtok
+        .unwrap_or(price.prompt_per_mtok);
+    per_mtok(&[
+        (usage.prompt_tokens - cached, price.prompt_per_mtok),
+        (cached, cached_price),
+        (usage.completion_tokens, price.completion_per_mtok),
+    ])
+    .saturating_add(price.request)
+}
+
+/// The most a request may cost: its estimated prompt and its longest possible answer.
+pub fn worst_case(quote: &Quote, prompt_tokens: u64, max_tokens: Option<u64>) -> Nanos {
+    let answer = max_tokens
+        .or(quote.max_output_tokens)
+        .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+    cost(
+        &quote.price,
+        &Usage {
+            prompt_tokens,
+            completion_tokens: answer,
+            ..Usage::default()
+        },
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn price(prompt: Nanos, completion: Nanos) -> Price {
+        Price {
+            prompt_per_mtok: prompt,
+            completion_per_mtok: completion,
+            cached_prompt_per_mtok: None,
+            request: 0,
+        }
+    }
+
+    #[test]
+    fn costs_are_exact_and_round_half_up_once() {
+        // $2.50 / $10 per million (gpt-4o): 17 in, 1763 out.
+        let p = price(2_500_000_000, 10_000_000_000);
+        let u = Usage {
+            prompt_tokens: 17,
+            completion_tokens: 1763,
+            ..Usage::default()
+        };
+        assert_eq!(cost(&p, &u), 17 * 2_500 + 1763 * 10_000);
+        // $0.0000375 per million: 0.0375 nano-dollars a token, 13 tokens = 0.4875 → 0; 14 → 0.525 → 1.
+        let tiny = price(37_500, 0);
+        let n = |t| Usage {
+            prompt_tokens: t,
+            ..Usage::default()
+        };
+        assert_eq!(cost(&tiny, &n(13)), 0);
+        assert_eq!(cost(&tiny, &n(14)), 1);
+    }
+
+    #[test]
+    fn cached_tokens_are_priced_once_at_the_cached_price() {
+        let mut p = price(3_000_000_000, 15_000_000_000);
+        p.cached_prompt_per_mtok = Some(300_000_000);
+        p.request = 5;
+        let u = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 10,
+            cached_tokens: Some(800),
+            ..Usage::default()
+        };
+        assert_eq!(cost(&p, &u), 200 * 3_000 + 800 * 300 + 10 * 15_000 + 5);
+    }
+
+    #[test]
+    fn the_list_wins_over_config_and_config_matches_the_route() {
+        let lists = PriceLists::default();
+        let rules = vec![PriceRule {
+            regex: Regex::new("^local:").unwrap(),
+            price: price(1, 2),
+            max_output_tokens: Some(100),
+        }];
+        assert_eq!(
+            quote(&lists, &rules, "local", "llama").unwrap().origin,
+            PriceOrigin::Config
+        );
+        assert!(quote(&lists, &rules, "openrouter", "llama").is_none());
+        let mut list = HashMap::new();
+        list.insert(
+            "llama".to_owned(),
+            Listed {
+                price: price(5, 6),
+                max_output_tokens: None,
+            },
+        );
+        lists.set("local", list, 1);
+        let q = quote(&lists, &rules, "local", "llama").unwrap();
+        assert_eq!((q.origin, q.price.prompt_per_mtok), (PriceOrigin::List, 5));
+    }
+
+    #[test]
+    fn the_worst_case_uses_max_tokens_then_the_model_then_a_default() {
+        let q = Quote {
+            price: price(1_000_000_000, 2_000_000_000),
+            max_output_tokens: Some(100),
+            origin: PriceOrigin::Config,
+        };
+        assert_eq!(worst_case(&q, 10, Some(5)), 10 * 1_000 + 5 * 2_000);
+        assert_eq!(worst_case(&q, 10, None), 10 * 1_000 + 100 * 2_000);
+        let q = Quote {
+            max_output_tokens: None,
+            ..q
+        };
+        assert_eq!(
+            worst_case(&q, 0, None),
+            DEFAULT_MAX_OUTPUT_TOKENS as i64 * 2_000
+        );
+    }
+}

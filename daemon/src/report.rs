@@ -1,0 +1,181 @@
+//! Reading the ledger: `GET /admin/usage`, `GET /admin/budgets`, `POST /admin/prices/refresh`
+//! and `orproxy report` (the same report, offline, from the database file).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use http::header::CONTENT_TYPE;
+use orproxy_ledger::{GroupBy, Report, UsageQuery};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::app::App;
+use crate::budget::{days_from_civil, now_ms};
+use crate::cli::{ReportArgs, ReportFormat};
+
+/// Query string of `GET /admin/usage`.
+#[derive(Debug, Deserialize)]
+pub struct UsageParams {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+    format: Option<String>,
+}
+
+/// Parses `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ` (UTC) or Unix seconds into Unix milliseconds.
+pub fn parse_time(text: &str) -> Result<i64, String> {
+    let bad =
+        || format!("`{text}` is not a time (use YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds)");
+    if let Ok(secs) = text.parse::<i64>() {
+        return secs.checked_mul(1000).ok_or_else(bad);
+    }
+    let (date, time) = text.split_once('T').unwrap_or((text, "00:00:00Z"));
+    let mut parts = date.splitn(3, '-').map(str::parse::<u32>);
+    let (Some(Ok(y)), Some(Ok(m)), Some(Ok(d))) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
+    let time = time.strip_suffix('Z').ok_or_else(bad)?;
+    let mut hms = time.splitn(3, ':').map(str::parse::<i64>);
+    let (Some(Ok(h)), Some(Ok(min)), Some(Ok(s))) = (hms.next(), hms.next(), hms.next()) else {
+        return Err(bad());
+    };
+    if h > 23 || min > 59 || s > 60 {
+        return Err(bad());
+    }
+    Ok((days_from_civil(i64::from(y), m, d) * 86_400 + h * 3600 + min * 60 + s) * 1000)
+}
+
+/// The report's parameters from the optional texts; defaults: all time, grouped by model.
+fn query(
+    from: Option<&str>,
+    to: Option<&str>,
+    group_by: Option<&str>,
+) -> Result<UsageQuery, String> {
+    Ok(UsageQuery {
+        from_ms: from.map(parse_time).transpose()?.unwrap_or(i64::MIN),
+        to_ms: to.map(parse_time).transpose()?.unwrap_or(i64::MAX),
+        group_by: GroupBy::parse(group_by.unwrap_or("model"))?,
+    })
+}
+
+fn read_report(path: &Path, query: &UsageQuery) -> Result<Report, String> {
+    let conn = orproxy_ledger::open_reader(path).map_err(|e| e.to_string())?;
+    orproxy_ledger::usage(&conn, query).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn bad_request(message: String) -> Response {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_query"}});
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+/// `GET /admin/usage?from=&to=&group_by=&format=json|csv`.
+pub async fn usage(State(app): State<Arc<App>>, Query(params): Query<UsageParams>) -> Response {
+    let query = match query(
+        params.from.as_deref(),
+        params.to.as_deref(),
+        params.group_by.as_deref(),
+    ) {
+        Ok(q) => q,
+        Err(message) => return bad_request(message),
+    };
+    let csv = match params.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => return bad_request(format!("format `{other}` is not json or csv")),
+    };
+    let accounts = Arc::clone(&app.accounts);
+    let report = tokio::task::spawn_blocking(move || {
+        let path = accounts
+            .path
+            .as_deref()
+            .ok_or("no usage database is open")?;
+        // Rows of requests already answered may still be queued: include them.
+        if let Some(writer) = &accounts.writer {
+            writer.flush();
+        }
+        read_report(path, &query)
+    })
+    .await;
+    match report {
+        Ok(Ok(report)) if csv => {
+            ([(CONTENT_TYPE, "text/csv; charset=utf-8")], report.to_csv()).into_response()
+        }
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(message)) => {
+            let body = json!({"error": {"message": message, "type": "server_error", "code": "ledger_unavailable"}});
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// `GET /admin/budgets`.
+pub async fn budgets(State(app): State<Arc<App>>) -> Response {
+    Json(json!({ "budgets": app.accounts.budgets.status(now_ms()) })).into_response()
+}
+
+/// `POST /admin/prices/refresh`: fetches every backend's price list now.
+pub async fn refresh_prices(State(app): State<Arc<App>>) -> Response {
+    let fetched = crate::models::refresh_prices(&app, true).await;
+    let fetched: Vec<_> = fetched
+        .into_iter()
+        .map(|(backend, models)| json!({"backend": backend, "models": models}))
+        .collect();
+    Json(json!({ "fetched": fetched })).into_response()
+}
+
+/// `orproxy report`: the usage report from the database file, offline.
+pub fn run(args: &ReportArgs) -> ExitCode {
+    let path = args.db.clone().unwrap_or_else(|| {
+        let sources = crate::config::Sources::resolve(args.config.as_deref(), None);
+        crate::config::load(&sources)
+            .ok()
+            .and_then(|(config, _)| config.database?.value.path.map(Into::into))
+            .unwrap_or_else(crate::ledger::default_path)
+    });
+    let report = query(
+        args.from.as_deref(),
+        args.to.as_deref(),
+        Some(&args.group_by),
+    )
+    .and_then(|q| read_report(&path, &q));
+    match report {
+        Ok(report) => {
+            let text = match args.format {
+                ReportFormat::Table => report.to_table(),
+                ReportFormat::Csv => report.to_csv(),
+                ReportFormat::Json => {
+                    serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
+                }
+            };
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("orproxy report: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_utc() {
+        assert_eq!(parse_time("1970-01-02"), Ok(86_400_000));
+        assert_eq!(parse_time("2025-11-24T01:02:03Z"), Ok(1_763_946_123_000));
+        assert_eq!(parse_time("1763946123"), Ok(1_763_946_123_000));
+        assert!(parse_time("2026-13-01").is_err());
+        assert!(parse_time("yesterday").unwrap_err().contains("YYYY-MM-DD"));
+    }
+}
