@@ -375,6 +375,7 @@ pub async fn json(
         let first_byte = exchange
             .deadline
             .min(Instant::now() + limits.first_byte_timeout);
+        let sent = Instant::now();
         let answer = match app.client().send(attempt.prepared, first_byte).await {
             Ok(mut response) => response
                 .collect(
@@ -386,6 +387,7 @@ pub async fn json(
                 .map(|body| (response, body)),
             Err(e) => Err(e),
         };
+        record.upstream += sent.elapsed();
         let (response, body) = match answer {
             Ok(answer) => answer,
             Err(error) => {

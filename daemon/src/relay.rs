@@ -145,10 +145,12 @@ impl Relay {
                 Ok(attempt) => attempt,
                 Err(error) => return self.fail(error).await,
             };
-            match self
+            let sent = Instant::now();
+            let end = self
                 .attempt(backend, &label, attempt.prepared, &mut tick)
-                .await
-            {
+                .await;
+            self.record.upstream += sent.elapsed();
+            match end {
                 AttemptEnd::Finished(outcome) => {
                     if outcome == Outcome::Ok {
                         app.health.succeeded(&label);
@@ -165,6 +167,10 @@ impl Relay {
                     failure,
                     how,
                 } => {
+                    // Only the attempt that served is billed, unless a failed one reported a cost.
+                    if let Some(usage) = self.record.usage.take() {
+                        self.record.failed_cost += usage.cost_nanos.unwrap_or(0);
+                    }
                     let cause = match (how, &failure) {
                         (How::Upstream, Some(f)) => Cause::Upstream(f),
                         (How::Stream, f) => Cause::Stream(f.as_ref()),
@@ -318,7 +324,9 @@ impl Relay {
         }
 
         let mut response = response;
-        let mut mapper = backend.plugin.stream_mapper();
+        let mut mapper = backend
+            .plugin
+            .stream_mapper(orproxy_plugin::openai::asks_for_usage(&self.exchange.body));
         let mut framer = SseFramer::new();
         let mut stream = StreamState::default();
         loop {
@@ -460,6 +468,7 @@ impl Relay {
             }
             EventKind::Content | EventKind::Done if !self.content_started => {
                 self.content_started = true;
+                self.record.relayed_events += u64::from(mapped.kind == EventKind::Content);
                 self.record.first_byte = Some(Instant::now());
                 for held in std::mem::take(&mut stream.held) {
                     self.pending.extend_from_slice(&held);
@@ -490,6 +499,10 @@ impl Relay {
             EventKind::Done => {
                 self.emit(mapped.out);
                 return Some(AttemptEnd::Finished(stream.outcome()));
+            }
+            EventKind::Content => {
+                self.record.relayed_events += 1;
+                self.emit(mapped.out);
             }
             _ => self.emit(mapped.out),
         }

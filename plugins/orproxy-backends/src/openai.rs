@@ -2,7 +2,7 @@
 
 use http::Uri;
 use orproxy_plugin::openai::{self, endpoint};
-use orproxy_plugin::{Backend, Call, PrepareError, Prepared};
+use orproxy_plugin::{Backend, Call, PrepareError, Prepared, StreamMapper};
 
 /// The plugin name.
 pub const KIND: &str = "openai";
@@ -33,10 +33,31 @@ impl Backend for OpenAi {
     }
 
     fn prepare(&self, call: &Call<'_>) -> Result<Prepared, PrepareError> {
+        // OpenAI-compatible servers report a stream's usage only when asked: always ask, so
+        // that every stream is priced (the chunk is stripped if the client did not ask).
+        if call.stream && !openai::asks_for_usage(call.body) {
+            let body = openai::requesting_usage(call.body);
+            let call = Call {
+                body: &body,
+                ..*call
+            };
+            return Ok(Prepared::Http(openai::json_post(
+                self.chat_url.clone(),
+                &call,
+            )?));
+        }
         Ok(Prepared::Http(openai::json_post(
             self.chat_url.clone(),
             call,
         )?))
+    }
+
+    fn stream_mapper(&self, client_asked_usage: bool) -> Box<dyn StreamMapper> {
+        Box::new(if client_asked_usage {
+            openai::ChunkMapper::default()
+        } else {
+            openai::ChunkMapper::stripping_usage()
+        })
     }
 
     fn list_models(&self, api_key: Option<&str>) -> Option<Prepared> {

@@ -18,7 +18,7 @@ use crate::usage::{Nanos, Usage};
 /// ```text
 /// prepare ──► [daemon sends, or plays a LocalReply]
 ///         ├─ 2xx JSON ─► map_response
-///         ├─ 2xx SSE ──► stream_mapper().map(event) for every event
+///         ├─ 2xx SSE ──► stream_mapper(..).map(event) for every event
 ///         └─ other ────► classify ─► retry elsewhere or answer the client
 /// ```
 ///
@@ -35,8 +35,9 @@ pub trait Backend: Send + Sync + 'static {
         openai::map_response(body)
     }
 
-    /// A fresh per-stream event mapper.
-    fn stream_mapper(&self) -> Box<dyn StreamMapper> {
+    /// A fresh per-stream event mapper; `client_asked_usage` tells whether the client's own
+    /// request asked for the usage chunk (a plugin that asks on its behalf strips it).
+    fn stream_mapper(&self, _client_asked_usage: bool) -> Box<dyn StreamMapper> {
         Box::new(openai::ChunkMapper::default())
     }
 

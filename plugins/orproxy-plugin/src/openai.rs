@@ -18,6 +18,7 @@ use crate::backend::{
     Call, EventKind, MapError, MappedEvent, MappedResponse, ModelInfo, Output, PrepareError, Price,
     StreamMapper, UpstreamRequest,
 };
+use crate::body::JsonObject;
 use crate::failure::Failure;
 use crate::sse::SseEvent;
 use crate::usage::{Usage, usd_to_nanos};
@@ -135,12 +136,47 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
     }
 }
 
-/// Classifies OpenAI chat-completion chunks; relays every event unchanged.
+/// Whether a stream request asks for the final usage chunk (`stream_options.include_usage`).
+pub fn asks_for_usage(body: &JsonObject) -> bool {
+    body.get("stream_options")
+        .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+        .is_some_and(|o| o["include_usage"] == serde_json::Value::Bool(true))
+}
+
+/// The body with `stream_options.include_usage: true` (other stream options kept), so that a
+/// stream reports what it used even when the client did not ask.
+pub fn requesting_usage(body: &JsonObject) -> JsonObject {
+    let mut options = body
+        .get("stream_options")
+        .and_then(|raw| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get()).ok()
+        })
+        .unwrap_or_default();
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let mut body = body.clone();
+    body.set("stream_options", &options);
+    body
+}
+
+/// Classifies OpenAI chat-completion chunks; relays every event unchanged, except a usage-only
+/// chunk the client did not ask for (see [`ChunkMapper::stripping_usage`]).
 #[derive(Debug, Default)]
 pub struct ChunkMapper {
     content_seen: bool,
     complete: bool,
     model: Option<String>,
+    strip_usage: bool,
+}
+
+impl ChunkMapper {
+    /// A mapper that reads the usage-only chunk but does not relay it (orproxy asked for it on
+    /// the client's behalf).
+    pub fn stripping_usage() -> Self {
+        ChunkMapper {
+            strip_usage: true,
+            ..ChunkMapper::default()
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -278,11 +314,12 @@ impl StreamMapper for ChunkMapper {
                 None => (EventKind::Unknown, None),
             }
         };
-        MappedEvent {
-            kind,
-            usage,
-            out: Output::One(event.raw().clone()),
-        }
+        let out = if self.strip_usage && kind == EventKind::Usage {
+            Output::Nothing
+        } else {
+            Output::One(event.raw().clone())
+        };
+        MappedEvent { kind, usage, out }
     }
 
     fn is_complete(&self) -> bool {
@@ -373,6 +410,28 @@ mod tests {
             .iter()
             .map(|s| mapper.map(SseEvent::new(Bytes::from(s.to_string()))).kind)
             .collect()
+    }
+
+    #[test]
+    fn usage_is_requested_for_the_client_and_its_chunk_kept_from_it() {
+        let body =
+            JsonObject::parse(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
+        assert!(!asks_for_usage(&body));
+        let asked = requesting_usage(&body);
+        assert!(asks_for_usage(&asked));
+        assert_eq!(
+            asked.get("stream_options").unwrap().get(),
+            r#"{"include_usage":true,"x":1}"#
+        );
+        let usage_chunk =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n";
+        let mut mapper = ChunkMapper::stripping_usage();
+        let mapped = mapper.map(SseEvent::new(Bytes::from(usage_chunk)));
+        assert_eq!(mapped.kind, EventKind::Usage);
+        assert_eq!(mapped.usage.unwrap().completion_tokens, 2);
+        assert!(matches!(mapped.out, Output::Nothing));
+        let mapped = ChunkMapper::default().map(SseEvent::new(Bytes::from(usage_chunk)));
+        assert!(matches!(mapped.out, Output::One(_)));
     }
 
     #[test]
