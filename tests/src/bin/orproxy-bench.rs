@@ -263,6 +263,12 @@ fn start_orproxy(bin: &Path, config: &Path, rust_log: Option<&str>) -> Result<(P
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--log-format", "json"])
         .env("FAKE_OR_KEY", FAKE_API_KEY)
+        // The usage database (written for every request, as in production) goes to a
+        // scratch directory, not the working directory.
+        .env(
+            "STATE_DIRECTORY",
+            std::env::temp_dir().join(format!("orproxy-bench-state-{}", std::process::id())),
+        )
         .env_remove("OPENROUTER_API_KEY")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
