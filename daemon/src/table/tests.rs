@@ -298,3 +298,39 @@ backends:
     let bare = table.backend("local").unwrap().identity.resolve(&empty);
     assert_eq!(bare.user_agent, Some(USER_AGENT));
 }
+
+#[test]
+fn budgets_and_pricing_are_validated_where_written() {
+    let yaml = r#"
+pricing:
+  - { match: "(", input_usd_per_mtok: 1, output_usd_per_mtok: "0.000001" }
+budgets:
+  - { name: a, scope: global, match: x, limit_usd: 1, period: day }
+  - { name: b, scope: model, match: "[", limit_usd: 1, period: day }
+  - { name: c, scope: key, limit_usd: 1, period: month, action: fallback }
+  - { name: d, scope: backend, limit_usd: 1, period: total, action: fallback, fallback: "ghost:m" }
+  - { name: d, scope: global, limit_usd: 2, period: total }
+"#;
+    let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let all = text.join("\n");
+    for expected in [
+        "c.yaml:3:5: pricing.match: invalid regex",
+        "c.yaml:5:5: budget `a`: a global budget takes no `match`",
+        "c.yaml:6:5: budget `b`: invalid regex",
+        "c.yaml:7:5: budget `c`: action fallback needs a `fallback` selector",
+        "c.yaml:9:5: budget `d` is already defined on line 8",
+        "budget `d`: fallback names unknown backend `ghost`",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in\n{all}");
+    }
+    let ok = build(
+        "budgets:\n  - { name: m, scope: global, limit_usd: 0.5, period: day }\npricing:\n  - { match: mock, input_usd_per_mtok: 0.15, output_usd_per_mtok: \"0.6\" }\n",
+        Overrides::default(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(ok.budgets[0].limit, 500_000_000);
+    assert_eq!(ok.pricing[0].price.prompt_per_mtok, 150_000_000);
+    assert_eq!(ok.pricing[0].price.completion_per_mtok, 600_000_000);
+}
