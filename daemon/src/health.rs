@@ -16,6 +16,9 @@ pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 pub const COOLDOWN: Duration = Duration::from_secs(30);
 /// The longest `Retry-After` honoured (a bigger one is capped, not ignored).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// Targets tracked before those not cooling are forgotten (clients choose model names, so the
+/// book must not grow without bound).
+const MAX_TRACKED: usize = 4096;
 
 #[derive(Debug, Default)]
 struct State {
@@ -67,6 +70,9 @@ impl HealthBook {
     pub fn failed(&self, target: &str, reason: &str, failure: Option<&Failure>) {
         let now = Instant::now();
         self.with(|t| {
+            if t.len() >= MAX_TRACKED && !t.contains_key(target) {
+                t.retain(|_, s| s.cooling_until.is_some_and(|until| until > now));
+            }
             let state = t.entry(target.to_owned()).or_default();
             state.failures = state.failures.saturating_add(1);
             state.last_failure = reason.to_owned();
@@ -156,5 +162,23 @@ mod tests {
         book.succeeded("a:m");
         assert!(book.cooling("a:m").is_none());
         assert!(book.snapshot().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_book_forgets_targets_that_are_not_cooling_when_full() {
+        let book = HealthBook::default();
+        let limited = Failure {
+            kind: FailureKind::RateLimited,
+            status: 429,
+            message: String::new(),
+            retry_after: Some(Duration::from_secs(60)),
+        };
+        book.failed("cooling:m", "429", Some(&limited));
+        for i in 0..MAX_TRACKED {
+            book.failed(&format!("b:model-{i}"), "503", None);
+        }
+        let tracked = book.snapshot().len();
+        assert!(tracked <= MAX_TRACKED, "{tracked}");
+        assert!(book.cooling("cooling:m").is_some());
     }
 }
