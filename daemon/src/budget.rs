@@ -137,8 +137,9 @@ impl BudgetRule {
         let matches = |text: &str| self.regex.as_ref().is_none_or(|r| r.is_match(text));
         match self.scope {
             BudgetScope::Global => Some(self.name.clone()),
+            // Requests without a key (auth off) are not counted by key budgets.
             BudgetScope::Key => {
-                let key = subject.key.as_deref().unwrap_or("");
+                let key = subject.key.as_deref()?;
                 matches(key).then(|| format!("{}/{key}", self.name))
             }
             BudgetScope::Backend => matches(&subject.backend).then(|| self.name.clone()),
@@ -342,16 +343,18 @@ impl BudgetBook {
 
     /// Reserves `worst` in every budget counting `subject`, or names the first one whose cap
     /// is already reached (nothing is reserved then).
+    /// Budgets named in `passed` are not checked (the request is already on their fallback).
     pub fn reserve(
         &self,
         subject: &Subject,
         worst: Nanos,
         now_ms: i64,
+        passed: &[String],
     ) -> Result<Reservation, Exceeded> {
         let mut book = self.lock();
         let rules = Arc::clone(&book.rules);
         let mut holds = Vec::new();
-        for rule in rules.iter() {
+        for rule in rules.iter().filter(|r| !passed.contains(&r.name)) {
             let Some(instance) = rule.instance(subject) else {
                 continue;
             };
@@ -506,6 +509,9 @@ pub fn admit(
                 .and_then(|(_, v)| v.as_u64())
                 .or_else(|| body.get_u64(k).ok().flatten())
         });
+    // Budgets whose fallback the request is on: it is not refused by them again (their spend
+    // still counts), so that a capped global budget can send requests to a free model.
+    let mut passed: Vec<String> = Vec::new();
     for hop in 0..=MAX_FALLBACKS {
         let first = &route.targets[0];
         let subject = Subject {
@@ -516,7 +522,7 @@ pub fn admit(
         let Some(budget) = table
             .budgets
             .iter()
-            .find(|r| r.instance(&subject).is_some())
+            .find(|r| !passed.contains(&r.name) && r.instance(&subject).is_some())
         else {
             return Ok(());
         };
@@ -539,7 +545,8 @@ pub fn admit(
                 max_tokens,
             ));
         }
-        let Exceeded { rule, resets } = match accounts.budgets.reserve(&subject, worst, now_ms()) {
+        let reserved = accounts.budgets.reserve(&subject, worst, now_ms(), &passed);
+        let Exceeded { rule, resets } = match reserved {
             Ok(reservation) => {
                 record.reservation = reservation;
                 return Ok(());
@@ -551,6 +558,7 @@ pub fn admit(
                 crate::metrics::budget_rejection(&rule.name, "fallback");
                 route.targets = route::chain(table, fallback)?;
                 record.route = route.targets.first().map(route::Target::label);
+                passed.push(rule.name);
             }
             _ => {
                 crate::metrics::budget_rejection(&rule.name, "reject");
@@ -558,9 +566,9 @@ pub fn admit(
                     budget: rule.name,
                     limit_usd: format_usd(rule.limit),
                     period: match rule.period {
-                        BudgetPeriod::Day => "day",
-                        BudgetPeriod::Month => "month",
-                        BudgetPeriod::Total => "total",
+                        BudgetPeriod::Day => "per day",
+                        BudgetPeriod::Month => "per month",
+                        BudgetPeriod::Total => "in total",
                     },
                     resets,
                 });
@@ -689,7 +697,7 @@ mod tests {
         let s = subject("k", "b", "m");
         let worst = 300;
         let admitted: Vec<Reservation> = (0..64)
-            .filter_map(|_| book.reserve(&s, worst, 0).ok())
+            .filter_map(|_| book.reserve(&s, worst, 0, &[]).ok())
             .collect();
         // 0, 300, 600, 900 are below the cap: four are admitted, holding 1200.
         assert_eq!(admitted.len(), 4);
@@ -699,7 +707,7 @@ mod tests {
         let status = &book.status(0)[0];
         assert_eq!((status.spent_nanos, status.reserved_nanos), (1_200, 0));
         assert!(status.spent_nanos <= 1_000 + worst);
-        let exceeded = book.reserve(&s, 1, 0).unwrap_err();
+        let exceeded = book.reserve(&s, 1, 0, &[]).unwrap_err();
         assert_eq!(exceeded.rule.name, "cap");
         assert!(exceeded.resets.is_none());
     }
@@ -726,11 +734,11 @@ mod tests {
         let a = subject("team-a", "or", "anthropic/claude-3");
         let b = subject("team-b", "or", "openai/gpt-4o");
         book.settle(Reservation::default(), Some(a.clone()), 150, 10);
-        assert!(book.reserve(&a, 1, 20).is_err());
-        assert!(book.reserve(&b, 1, 20).is_ok());
-        assert!(book.reserve(&subject("ops", "or", "x"), 1, 20).is_ok());
+        assert!(book.reserve(&a, 1, 20, &[]).is_err());
+        assert!(book.reserve(&b, 1, 20, &[]).is_ok());
+        assert!(book.reserve(&subject("ops", "or", "x"), 1, 20, &[]).is_ok());
         // The next UTC day opens a new window.
-        assert!(book.reserve(&a, 1, DAY_MS + 1).is_ok());
+        assert!(book.reserve(&a, 1, DAY_MS + 1, &[]).is_ok());
         let names: Vec<String> = book.status(20).into_iter().map(|s| s.name).collect();
         assert!(names.contains(&"per-team/team-a".to_owned()), "{names:?}");
         assert!(names.contains(&"claude".to_owned()), "{names:?}");

@@ -169,13 +169,13 @@ pub enum ProxyError {
         message: String,
     },
     /// 402: a budget's cap is reached.
-    #[error("budget `{budget}` is exhausted ({limit_usd} USD per {period}){}", .resets.as_ref().map(|r| format!("; it resets at {r}")).unwrap_or_default())]
+    #[error("budget `{budget}` is exhausted ({limit_usd} USD {period}){}", .resets.as_ref().map(|r| format!("; it resets at {r}")).unwrap_or_default())]
     BudgetExceeded {
         /// The budget's name.
         budget: String,
         /// Its cap, USD.
         limit_usd: String,
-        /// `day`, `month` or `total`.
+        /// `per day`, `per month` or `in total`.
         period: &'static str,
         /// When its window starts again (RFC 3339).
         resets: Option<String>,

@@ -165,21 +165,21 @@ pub async fn refresh_prices(app: &App, force: bool) -> Vec<(String, usize)> {
 }
 
 /// Keeps price lists fresh while budgets need them (reservations are priced before any
-/// upstream reports a cost): checked at start and hourly, fetched when older than
-/// `price_refresh`. Without budgets nothing is fetched unasked; `POST /admin/prices/refresh`
+/// upstream reports a cost): checked hourly (the daemon fetches once before it is ready),
+/// fetched when older than `price_refresh`. Without budgets nothing is fetched unasked; `POST /admin/prices/refresh`
 /// fetches at any time.
 pub async fn keep_prices_fresh(app: Arc<App>) {
     loop {
-        let table = app.table.load_full();
-        if !table.budgets.is_empty() {
+        let every = app
+            .table
+            .load()
+            .price_refresh
+            .clamp(Duration::from_secs(60), Duration::from_secs(3600));
+        tokio::time::sleep(every).await;
+        if !app.table.load().budgets.is_empty() {
             for (backend, priced) in refresh_prices(&app, false).await {
                 tracing::info!(message = "Prices fetched.", backend, models = priced);
             }
         }
-        let every = table
-            .price_refresh
-            .clamp(Duration::from_secs(60), Duration::from_secs(3600));
-        drop(table);
-        tokio::time::sleep(every).await;
     }
 }

@@ -170,7 +170,7 @@ pub fn status_line(app: &App) -> String {
 }
 
 /// Swaps in a valid table, or keeps the old one and records why.
-fn apply(app: &App, reason: Reason, built: Result<RoutingTable, Vec<Diagnostic>>) -> Outcome {
+fn apply(app: &Arc<App>, reason: Reason, built: Result<RoutingTable, Vec<Diagnostic>>) -> Outcome {
     let current = app.table.load();
     let built = built.and_then(|table| {
         let changes = table.restart_only.changes_from(&current.restart_only);
@@ -187,7 +187,15 @@ fn apply(app: &App, reason: Reason, built: Result<RoutingTable, Vec<Diagnostic>>
         Ok(table) => {
             let files = table.files.clone();
             app.accounts.budgets.set_rules(Arc::clone(&table.budgets));
+            let priced = !table.budgets.is_empty();
             app.table.store(Arc::new(table));
+            if priced {
+                // Budgets may be new: fetch the price lists they need (only those missing or stale).
+                let app = Arc::clone(app);
+                tokio::spawn(async move {
+                    crate::models::refresh_prices(&app, false).await;
+                });
+            }
             let version = app.next_version();
             tracing::info!(
                 message = "Routing table reloaded.",

@@ -9,10 +9,12 @@ mod harness;
 
 mod admin;
 mod auth;
+mod budgets;
 mod chat;
 mod cli;
 mod errors;
 mod install;
+mod ledger;
 mod reload;
 mod routing;
 mod rules;

@@ -1,0 +1,581 @@
+//! The usage ledger: one row per request with the upstream's exact cost, flushed on SIGTERM,
+//! intact after SIGKILL, reported by `/admin/usage` and `orproxy report`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use orproxy_plugin::usage::usd_to_nanos;
+use orproxy_testkit::{BillingEntry, FakeOpenRouter};
+use serde_json::Value;
+use tokio::task::JoinSet;
+
+use crate::harness::{
+    Daemon, Options, chat, client, command, daemon_for, events, temp_dir, temp_file,
+};
+
+/// One row of `requests`, as the tests look at it.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub request_id: String,
+    pub key: Option<String>,
+    pub backend: Option<String>,
+    pub model: Option<String>,
+    pub status: i64,
+    pub outcome: String,
+    pub stream: bool,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub cost_nanos: i64,
+    pub cost_source: String,
+    pub attempts: Value,
+    pub error: Option<String>,
+}
+
+/// Every row of the database at `db`, in insertion order.
+pub fn rows(db: &Path) -> Vec<StoredRow> {
+    let conn = orproxy_ledger::open_reader(db)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", db.display()));
+    let mut stmt = conn
+        .prepare(
+            "SELECT request_id, key, backend, model, status, outcome, stream, prompt_tokens,
+             completion_tokens, cost_nanos, cost_source, attempts, error FROM requests ORDER BY id",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        let attempts: String = r.get(11)?;
+        Ok(StoredRow {
+            request_id: r.get(0)?,
+            key: r.get(1)?,
+            backend: r.get(2)?,
+            model: r.get(3)?,
+            status: r.get(4)?,
+            outcome: r.get(5)?,
+            stream: r.get::<_, i64>(6)? != 0,
+            prompt_tokens: r.get(7)?,
+            completion_tokens: r.get(8)?,
+            cost_nanos: r.get(9)?,
+            cost_source: r.get(10)?,
+            attempts: serde_json::from_str(&attempts).unwrap_or(Value::Null),
+            error: r.get(12)?,
+        })
+    })
+    .unwrap()
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap()
+}
+
+/// The daemon's default database (in its `$STATE_DIRECTORY`).
+pub fn default_db(daemon: &Daemon) -> PathBuf {
+    daemon.state_dir.join("usage.db")
+}
+
+/// `GET /admin/usage?QUERY` as JSON (the daemon flushes its writer first).
+pub async fn usage(daemon: &Daemon, query: &str) -> Value {
+    let response = client()
+        .get(daemon.admin_url(&format!("/admin/usage?{query}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// Rows of a running daemon's database at `db`, after its writer has flushed.
+pub async fn flushed_rows(daemon: &Daemon, db: &Path) -> Vec<StoredRow> {
+    usage(daemon, "group_by=model").await;
+    rows(db)
+}
+
+/// The row of request `id`.
+pub fn row_of<'a>(rows: &'a [StoredRow], id: &str) -> &'a StoredRow {
+    rows.iter()
+        .find(|r| r.request_id == id)
+        .unwrap_or_else(|| panic!("no row for request {id}: {rows:#?}"))
+}
+
+/// The `x-orproxy-request-id` of a response.
+pub fn request_id(response: &reqwest::Response) -> String {
+    response.headers()["x-orproxy-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// POSTs a chat completion to the daemon.
+pub async fn post(daemon: &Daemon, body: &Value) -> reqwest::Response {
+    client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Nano-dollars of a billing entry.
+pub fn billed_nanos(entry: &BillingEntry) -> i64 {
+    usd_to_nanos(&entry.cost).unwrap_or_else(|| panic!("unparsable cost {entry:?}"))
+}
+
+/// Runs `cmd` to completion (failing the test after 30 s); returns its status, stdout, stderr.
+pub fn run(cmd: &mut Command) -> (ExitStatus, String, String) {
+    let dir = temp_dir();
+    let (out, err) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).unwrap())
+        .stderr(File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn orproxy");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "command did not exit: {cmd:?}\n{}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let result = (status, read(&out), read(&err));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// `orproxy report --db DB ARGS...`.
+pub fn report(db: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+    run(command().arg("report").arg("--db").arg(db).args(args))
+}
+
+/// `orproxy report --db DB --format json --group-by GROUP`, parsed; the command must succeed.
+pub fn report_json(db: &Path, group_by: &str) -> Value {
+    let (status, stdout, stderr) = report(db, &["--format", "json", "--group-by", group_by]);
+    assert!(status.success(), "orproxy report failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// A fresh directory for a database the test controls (the daemon's own goes with it).
+fn db_in_temp_dir() -> (PathBuf, PathBuf) {
+    let dir = temp_dir();
+    let db = dir.join("usage.db");
+    (dir, db)
+}
+
+/// Sends `n` mock requests, `parallel` at a time; returns their request ids and the instant
+/// the last answer arrived.
+async fn mock_burst(daemon: &Daemon, n: usize, parallel: usize) -> (Vec<String>, Instant) {
+    let http = client();
+    let url = daemon.url("/v1/chat/completions");
+    let mut ids = Vec::with_capacity(n);
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        if set.len() >= parallel {
+            ids.push(set.join_next().await.unwrap().unwrap());
+        }
+        let (http, url) = (http.clone(), url.clone());
+        set.spawn(async move {
+            let response = http
+                .post(url)
+                .json(&chat("mock", &format!("request {i}"), i % 2 == 0))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let id = request_id(&response);
+            // Read the whole answer: the request counts as answered once the body is in.
+            response.bytes().await.unwrap();
+            id
+        });
+    }
+    while let Some(id) = set.join_next().await {
+        ids.push(id.unwrap());
+    }
+    (ids, Instant::now())
+}
+
+/// Streamed and non-streamed answers are recorded with the upstream's cost, exactly: the
+/// usage report's totals equal the fake OpenRouter's billing log to the nano-dollar.
+#[tokio::test]
+async fn usage_totals_equal_the_upstream_bill_exactly() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let asks = [
+        ("openai/gpt-4o", "hello world", false),
+        ("anthropic/claude-3-5-sonnet", "what does it cost", false),
+        ("fake/echo", "one two three four five", false),
+        ("openai/gpt-4o", "streamed answer please", true),
+        ("google/gemini-2.5-flash", "another stream", true),
+    ];
+    let mut ids = Vec::new();
+    for (model, text, stream) in asks {
+        let response = post(&daemon, &chat(model, text, stream)).await;
+        assert_eq!(response.status(), 200, "{model}");
+        ids.push(request_id(&response));
+        if stream {
+            let (got, error) = events(response).await;
+            assert_eq!(error, None);
+            assert_eq!(got.last().unwrap().1, "data: [DONE]\n\n");
+        } else {
+            response.bytes().await.unwrap();
+        }
+    }
+    let billing = fake.billing();
+    assert_eq!(billing.len(), asks.len(), "{billing:?}");
+    let billed: i64 = billing.iter().map(billed_nanos).sum();
+    assert!(billed > 0);
+
+    let report = usage(&daemon, "group_by=model&format=json").await;
+    let total = &report["total"];
+    assert_eq!(report["group_by"], "model");
+    assert_eq!(total["requests"], 5);
+    assert_eq!(total["errors"], 0);
+    assert_eq!(total["cost_nanos"].as_i64(), Some(billed), "{report:#}");
+    assert_eq!(
+        total["cost_usd"],
+        orproxy_plugin::usage::format_usd(billed),
+        "{report:#}"
+    );
+    let tokens_in: u64 = billing.iter().map(|b| b.prompt_tokens).sum();
+    let tokens_out: u64 = billing.iter().map(|b| b.completion_tokens).sum();
+    assert_eq!(total["tokens_in"], tokens_in);
+    assert_eq!(total["tokens_out"], tokens_out);
+    // Per model, too.
+    let gpt = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == "openai/gpt-4o")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    let gpt_billed: i64 = billing
+        .iter()
+        .filter(|b| b.model == "openai/gpt-4o")
+        .map(billed_nanos)
+        .sum();
+    assert_eq!(gpt["requests"], 2);
+    assert_eq!(gpt["cost_nanos"].as_i64(), Some(gpt_billed));
+    assert_eq!(report["groups"].as_array().unwrap().len(), 4);
+
+    // Row by row: the upstream's cost, the tokens it reported, outcome ok.
+    let stored = rows(&default_db(&daemon));
+    assert_eq!(stored.len(), asks.len(), "{stored:#?}");
+    for (id, (model, _, stream)) in ids.iter().zip(asks) {
+        let row = row_of(&stored, id);
+        assert_eq!(row.outcome, "ok", "{row:?}");
+        assert_eq!(row.status, 200);
+        assert_eq!(row.stream, stream);
+        assert_eq!(row.backend.as_deref(), Some("openrouter"));
+        assert_eq!(row.model.as_deref(), Some(model));
+        assert_eq!(row.cost_source, "upstream", "{row:?}");
+        let bill = billing
+            .iter()
+            .find(|b| {
+                b.model == model
+                    && Some(b.prompt_tokens as i64) == row.prompt_tokens
+                    && Some(b.completion_tokens as i64) == row.completion_tokens
+                    && billed_nanos(b) == row.cost_nanos
+            })
+            .unwrap_or_else(|| panic!("no billing entry matches {row:?} in {billing:?}"));
+        assert!(bill.id.starts_with("gen-"));
+    }
+}
+
+/// Failed requests are rows too, each with its outcome and the status the client got: a
+/// stream broken by an in-band error, an upstream 429 and an upstream 402.
+#[tokio::test]
+async fn failures_are_recorded_with_their_outcome_and_status() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+
+    let midstream = post(&daemon, &chat("fake/midstream-error", "a b c d e f", true)).await;
+    assert_eq!(midstream.status(), 200);
+    let midstream_id = request_id(&midstream);
+    let (got, _) = events(midstream).await;
+    assert!(got.iter().any(|(_, e)| e.contains("error")), "{got:?}");
+
+    let limited = post(&daemon, &chat("fake/status-429-retry-1", "x", false)).await;
+    assert_eq!(limited.status(), 429);
+    let limited_id = request_id(&limited);
+    let payment = post(&daemon, &chat("fake/status-402", "x", false)).await;
+    assert_eq!(payment.status(), 402);
+    let payment_id = request_id(&payment);
+    let fine = post(&daemon, &chat("fake/echo", "x", false)).await;
+    assert_eq!(fine.status(), 200);
+    let fine_id = request_id(&fine);
+
+    let stored = flushed_rows(&daemon, &default_db(&daemon)).await;
+    assert_eq!(stored.len(), 4, "one row per request: {stored:#?}");
+    let row = row_of(&stored, &midstream_id);
+    assert_eq!(
+        (row.outcome.as_str(), row.status, row.stream),
+        ("midstream_error", 200, true),
+        "{row:?}"
+    );
+    assert_eq!(row.model.as_deref(), Some("fake/midstream-error"));
+    let row = row_of(&stored, &limited_id);
+    assert_eq!(
+        (row.outcome.as_str(), row.status),
+        ("upstream_error", 429),
+        "{row:?}"
+    );
+    assert!(!row.stream);
+    assert_eq!(row.cost_nanos, 0, "nothing was billed: {row:?}");
+    assert!(row.error.is_some(), "the failure is described: {row:?}");
+    let row = row_of(&stored, &payment_id);
+    assert_eq!(
+        (row.outcome.as_str(), row.status),
+        ("upstream_error", 402),
+        "{row:?}"
+    );
+    assert_eq!(row.attempts.as_array().map(Vec::len), Some(1), "{row:?}");
+    let row = row_of(&stored, &fine_id);
+    assert_eq!((row.outcome.as_str(), row.status), ("ok", 200));
+
+    let report = usage(&daemon, "group_by=backend").await;
+    assert_eq!(report["total"]["requests"], 4);
+    assert_eq!(report["total"]["errors"], 3, "{report:#}");
+}
+
+/// A failover is one row listing both attempts, and it costs only what the attempt that
+/// served was billed.
+#[tokio::test]
+async fn a_failover_is_one_row_with_both_attempts_and_the_served_cost() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let response = post(
+        &daemon,
+        &chat(
+            "openrouter:fake/status-503|openrouter:fake/echo",
+            "fail over",
+            false,
+        ),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-orproxy-route"],
+        "openrouter:fake/echo"
+    );
+    let id = request_id(&response);
+    response.bytes().await.unwrap();
+
+    let stored = flushed_rows(&daemon, &default_db(&daemon)).await;
+    assert_eq!(stored.len(), 1, "{stored:#?}");
+    let row = row_of(&stored, &id);
+    assert_eq!(row.outcome, "ok");
+    assert_eq!(row.model.as_deref(), Some("fake/echo"));
+    let attempts = row.attempts.as_array().unwrap_or_else(|| panic!("{row:?}"));
+    assert_eq!(attempts.len(), 2, "{row:?}");
+    assert_eq!(attempts[0]["route"], "openrouter:fake/status-503");
+    assert_ne!(attempts[0]["result"], "ok");
+    assert_eq!(attempts[1]["route"], "openrouter:fake/echo");
+    assert_eq!(attempts[1]["result"], "ok");
+    let billing = fake.billing();
+    assert_eq!(billing.len(), 1, "{billing:?}");
+    assert_eq!(billing[0].model, "fake/echo");
+    assert_eq!(row.cost_nanos, billed_nanos(&billing[0]));
+    assert_eq!(row.cost_source, "upstream");
+}
+
+/// SIGTERM right after the last answer of a burst: every row is committed before exit.
+#[tokio::test]
+async fn sigterm_commits_every_row_before_exit() {
+    let (dir, db) = db_in_temp_dir();
+    let mut daemon = Daemon::start(Options::default().arg("--db").arg(db.to_str().unwrap()));
+    let (ids, _) = mock_burst(&daemon, 200, 16).await;
+    daemon.terminate();
+    assert!(daemon.wait_exit().success());
+
+    let report = report_json(&db, "model");
+    assert_eq!(report["total"]["requests"], 200, "{report:#}");
+    assert_eq!(report["total"]["errors"], 0);
+    let stored = rows(&db);
+    assert_eq!(stored.len(), 200);
+    for id in &ids {
+        assert_eq!(row_of(&stored, id).outcome, "ok");
+    }
+    assert!(stored.iter().any(|r| r.stream) && stored.iter().any(|r| !r.stream));
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// SIGKILL does not corrupt the database, and every request answered 300 ms before the kill
+/// is in it.
+#[tokio::test]
+async fn sigkill_keeps_the_database_sound_and_the_answered_rows() {
+    let (dir, db) = db_in_temp_dir();
+    let mut daemon = Daemon::start(Options::default().arg("--db").arg(db.to_str().unwrap()));
+    let (ids, last) = mock_burst(&daemon, 60, 8).await;
+    // The property under test: what was answered 300 ms ago is on disk.
+    tokio::time::sleep_until((last + Duration::from_millis(300)).into()).await;
+    daemon.signal("KILL");
+    let status = daemon.wait_exit();
+    assert!(!status.success());
+
+    let report = report_json(&db, "day");
+    assert_eq!(report["total"]["requests"], 60, "{report:#}");
+    let stored = rows(&db);
+    for id in &ids {
+        row_of(&stored, id);
+    }
+    // The killed database opens for writing again: a new daemon starts on it and adds rows.
+    let restarted = Daemon::start(Options::default().arg("--db").arg(db.to_str().unwrap()));
+    let response = post(&restarted, &chat("mock", "after the crash", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(flushed_rows(&restarted, &db).await.len(), 61);
+    drop((daemon, restarted));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A file that is not a database stops the start with exit status 1 and a message naming
+/// it; with `database.required: false` the daemon proxies anyway and leaves the file alone.
+#[tokio::test]
+async fn a_corrupt_database_stops_the_start_unless_not_required() {
+    let garbage: String = (0..4096)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let bad = temp_file(&garbage, ".db");
+    let state = temp_dir();
+    let (status, _, stderr) = run(command()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(&bad)
+        .env("STATE_DIRECTORY", &state));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(bad.to_str().unwrap()), "{stderr}");
+    assert!(
+        stderr.contains("not a database")
+            || stderr.contains("not an SQLite database")
+            || stderr.contains("corrupt"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Ready."), "{stderr}");
+
+    let daemon = Daemon::start(
+        Options::config("database:\n  required: false\n")
+            .arg("--db")
+            .arg(bad.to_str().unwrap()),
+    );
+    assert!(
+        daemon.logs().join("\n").contains(bad.to_str().unwrap()),
+        "the warning names the file: {:?}",
+        daemon.logs()
+    );
+    let response = post(&daemon, &chat("mock", "still proxying", false)).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "still proxying");
+    // No database to report from, said as such.
+    let response = client()
+        .get(daemon.admin_url("/admin/usage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        std::fs::read_to_string(&bad).unwrap(),
+        garbage,
+        "the file is left as it was"
+    );
+    drop(daemon);
+    let _ = std::fs::remove_file(&bad);
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+/// `orproxy report --format csv --group-by key` prints the header, a line per key and a total
+/// line (the same text as `/admin/usage?format=csv`); an unknown grouping is refused.
+#[tokio::test]
+async fn report_prints_csv_per_key_and_refuses_an_unknown_grouping() {
+    let (dir, db) = db_in_temp_dir();
+    let mut daemon = Daemon::start(
+        Options::config(
+            "auth:\n  keys:\n    - { name: team-a, key_env: TEAM_A_KEY }\n    - { name: team-b, key_env: TEAM_B_KEY }\n",
+        )
+        .env("TEAM_A_KEY", "sk-team-a")
+        .env("TEAM_B_KEY", "sk-team-b")
+        .arg("--db")
+        .arg(db.to_str().unwrap()),
+    );
+    let http = client();
+    for key in [
+        "sk-team-a",
+        "sk-team-a",
+        "sk-team-a",
+        "sk-team-b",
+        "sk-team-b",
+    ] {
+        let response = http
+            .post(daemon.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat("mock", "count me", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let anonymous = post(&daemon, &chat("mock", "no key", false)).await;
+    assert_eq!(anonymous.status(), 401);
+    let admin_csv = client()
+        .get(daemon.admin_url("/admin/usage?group_by=key&format=csv"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin_csv.status(), 200);
+    assert!(
+        admin_csv.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let admin_csv = admin_csv.text().await.unwrap();
+    daemon.terminate();
+    assert!(daemon.wait_exit().success());
+
+    let (status, csv, stderr) = report(&db, &["--format", "csv", "--group-by", "key"]);
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "group,requests,errors,tokens_in,tokens_out,cached_tokens,reasoning_tokens,cost_usd,latency_p50_ms,latency_p95_ms"
+    );
+    let line = |group: &str| {
+        lines
+            .iter()
+            .find(|l| l.split(',').next() == Some(group))
+            .unwrap_or_else(|| panic!("no `{group}` line in:\n{csv}"))
+            .split(',')
+            .map(str::to_owned)
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(&line("team-a")[1..3], ["3", "0"], "{csv}");
+    assert_eq!(&line("team-b")[1..3], ["2", "0"], "{csv}");
+    assert_eq!(&line("-")[1..3], ["1", "1"], "the refused request: {csv}");
+    let total = lines.last().unwrap().split(',').collect::<Vec<_>>();
+    assert_eq!(total[..3], ["total", "6", "1"], "{csv}");
+    assert_eq!(lines.len(), 5, "{csv}");
+    assert_eq!(csv, admin_csv, "the CLI and the admin API report alike");
+    let stored = rows(&db);
+    let keyed = |name: &str| {
+        stored
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(name))
+            .count()
+    };
+    assert_eq!((keyed("team-a"), keyed("team-b")), (3, 2));
+
+    let (status, stdout, stderr) = report(&db, &["--group-by", "bogus"]);
+    assert!(!status.success());
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("bogus") && stderr.contains("model, backend, key, day"),
+        "{stderr}"
+    );
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(dir);
+}
