@@ -51,6 +51,7 @@ bench:
 	$(CARGO) build --release --locked -p orproxy -p orproxy-testkit
 	$(or $(CARGO_TARGET_DIR),target)/release/orproxy-bench $(BENCH_ARGS)
 	$(CARGO) bench --locked -p orproxy-rules
+	$(CARGO) bench --locked -p orproxy-ledger --bench writer
 
 clean:
 	$(CARGO) clean

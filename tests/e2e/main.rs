@@ -9,6 +9,7 @@ mod harness;
 
 mod admin;
 mod auth;
+mod billing;
 mod budgets;
 mod chat;
 mod cli;

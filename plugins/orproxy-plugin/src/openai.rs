@@ -246,10 +246,11 @@ impl ChunkMapper {
         if self.model.is_none() {
             self.model = chunk.model.map(Cow::into_owned);
         }
-        if let Some(err) = chunk.error.filter(|e| e.get() != "null") {
-            return (EventKind::Failed(Failure::from_error_object(err)), None);
-        }
+        // An error chunk may report what the stream used so far: keep it for the bill.
         let usage = chunk.usage.and_then(Usage::from_openai_json);
+        if let Some(err) = chunk.error.filter(|e| e.get() != "null") {
+            return (EventKind::Failed(Failure::from_error_object(err)), usage);
+        }
         let finished = chunk
             .choices
             .iter()
