@@ -335,12 +335,6 @@ impl BudgetBook {
             .add(cost, at_ms);
     }
 
-    /// Whether any budget applies to `subject`.
-    pub fn applies(&self, subject: &Subject) -> bool {
-        let book = self.lock();
-        book.rules.iter().any(|r| r.instance(subject).is_some())
-    }
-
     /// Reserves `worst` in every budget counting `subject`, or names the first one whose cap
     /// is already reached (nothing is reserved then).
     /// Budgets named in `passed` are not checked (the request is already on their fallback).

@@ -130,17 +130,6 @@ impl PriceLists {
             .get(backend)
             .copied()
     }
-
-    /// How many models each backend's list prices.
-    pub fn sizes(&self) -> Vec<(String, usize, i64)> {
-        let lists = self.lists.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<_> = lists
-            .iter()
-            .map(|(b, l)| (b.clone(), l.len(), self.fetched_ms(b).unwrap_or(0)))
-            .collect();
-        out.sort();
-        out
-    }
 }
 
 /// The price of `model` on `backend`: the backend's list first, then `pricing:`.
