@@ -131,6 +131,9 @@ pub struct DatabaseConfig {
     /// Refuse to start when the database cannot be opened (default true); when false the daemon
     /// proxies without recording usage.
     pub required: Option<bool>,
+    /// Record usage at all (default true). Off: no database; budgets then count from zero at
+    /// every start. Restart-only.
+    pub enabled: Option<bool>,
     /// How often model prices are fetched from upstreams that publish them (default 24h).
     pub price_refresh: Option<Dur>,
 }

@@ -243,9 +243,13 @@ async fn run(
 /// Opens the usage database; without it the daemon refuses to start unless
 /// `database.required: false`, in which case it proxies without recording usage.
 fn open_ledger(settings: &crate::table::RestartOnly) -> std::io::Result<Accounts> {
-    match Accounts::open(&settings.database) {
+    let Some(path) = &settings.database else {
+        tracing::info!(message = "Usage recording is off (database.enabled: false).");
+        return Ok(Accounts::default());
+    };
+    match Accounts::open(path) {
         Ok(accounts) => {
-            tracing::info!(message = "Usage database open.", path = %settings.database.display());
+            tracing::info!(message = "Usage database open.", path = %path.display());
             Ok(accounts)
         }
         Err(error) if settings.database_required => Err(std::io::Error::other(format!(

@@ -86,8 +86,9 @@ pub struct RestartOnly {
     pub connect_timeout: Duration,
     /// The rules directory in use (the watcher is set up once).
     pub rules_dir: Option<PathBuf>,
-    /// The usage database (`--db`, else `database.path`, else the default).
-    pub database: PathBuf,
+    /// The usage database (`--db`, else `database.path`, else the default); `None` when
+    /// `database.enabled: false`.
+    pub database: Option<PathBuf>,
     /// Whether the daemon refuses to start without its database.
     pub database_required: bool,
 }
@@ -123,10 +124,14 @@ impl RestartOnly {
             ));
         }
         if self.database != running.database {
+            let shown = |db: &Option<PathBuf>| {
+                db.as_deref()
+                    .map_or_else(|| "disabled".to_owned(), |d| d.display().to_string())
+            };
             changes.push(format!(
-                "database.path ({} → {})",
-                running.database.display(),
-                self.database.display()
+                "database ({} → {})",
+                shown(&running.database),
+                shown(&self.database)
             ));
         }
         changes
@@ -813,11 +818,13 @@ impl RoutingTable {
                     .or(config.log_format.as_ref().map(|s| s.value)),
                 connect_timeout: limits.connect_timeout,
                 rules_dir,
-                database: overrides
-                    .db
-                    .clone()
-                    .or_else(|| database.and_then(|d| d.path.as_ref()).map(PathBuf::from))
-                    .unwrap_or_else(crate::ledger::default_path),
+                database: database.and_then(|d| d.enabled).unwrap_or(true).then(|| {
+                    overrides
+                        .db
+                        .clone()
+                        .or_else(|| database.and_then(|d| d.path.as_ref()).map(PathBuf::from))
+                        .unwrap_or_else(crate::ledger::default_path)
+                }),
                 database_required: database.and_then(|d| d.required).unwrap_or(true),
             },
             limits,

@@ -26,11 +26,12 @@ use orproxy_testkit::FAKE_API_KEY;
 use serde_json::Value;
 
 const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--concurrency C] \
-[--markdown PATH]
+[--no-ledger] [--markdown PATH]
 
   --requests N      requests per path at concurrency 1, per mode (default 2000)
   --duration SECS   measured seconds per path under load, per mode (default 10)
   --concurrency C   connections under load (default 64)
+  --no-ledger       run orproxy without its usage database (database.enabled: false)
   --markdown PATH   also write the results (Markdown) to PATH";
 
 /// Calls per path before anything is measured: connections, pools and caches are then warm.
@@ -84,6 +85,7 @@ struct Args {
     duration: Duration,
     concurrency: usize,
     markdown: Option<PathBuf>,
+    ledger: bool,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -92,6 +94,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         duration: Duration::from_secs(10),
         concurrency: 64,
         markdown: None,
+        ledger: true,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -112,6 +115,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 parsed.concurrency = positive("--concurrency", value("--concurrency")?)?;
             }
             "--markdown" => parsed.markdown = Some(PathBuf::from(value("--markdown")?)),
+            "--no-ledger" => parsed.ledger = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -256,7 +260,12 @@ fn start_fake(bin: &Path) -> Result<(Proc, String)> {
 }
 
 /// Starts orproxy in front of the fake; `rust_log` of `None` is the default (`info`) logging.
-fn start_orproxy(bin: &Path, config: &Path, rust_log: Option<&str>) -> Result<(Proc, SocketAddr)> {
+fn start_orproxy(
+    bin: &Path,
+    config: &Path,
+    rust_log: Option<&str>,
+    state_dir: &Path,
+) -> Result<(Proc, SocketAddr)> {
     let mut cmd = Command::new(bin);
     cmd.arg("--config")
         .arg(config)
@@ -264,11 +273,8 @@ fn start_orproxy(bin: &Path, config: &Path, rust_log: Option<&str>) -> Result<(P
         .args(["--log-format", "json"])
         .env("FAKE_OR_KEY", FAKE_API_KEY)
         // The usage database (written for every request, as in production) goes to a
-        // scratch directory, not the working directory.
-        .env(
-            "STATE_DIRECTORY",
-            std::env::temp_dir().join(format!("orproxy-bench-state-{}", std::process::id())),
-        )
+        // scratch directory of its own, not the working directory.
+        .env("STATE_DIRECTORY", state_dir)
         .env_remove("OPENROUTER_API_KEY")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -289,16 +295,33 @@ fn start_orproxy(bin: &Path, config: &Path, rust_log: Option<&str>) -> Result<(P
     Ok((daemon, listen))
 }
 
+/// The daemons' state directories (their usage databases), removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> Result<ScratchDir> {
+        let path = std::env::temp_dir().join(format!("orproxy-bench-state-{}", std::process::id()));
+        std::fs::create_dir_all(&path).context(format_args!("cannot create {}", path.display()))?;
+        Ok(ScratchDir(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The daemon's config file, removed when dropped.
 struct ConfigFile(PathBuf);
 
 impl ConfigFile {
-    fn write(base_url: &str) -> Result<ConfigFile> {
+    fn write(base_url: &str, ledger: bool) -> Result<ConfigFile> {
         let path = std::env::temp_dir().join(format!("orproxy-bench-{}.yaml", std::process::id()));
         // A JSON string is a valid YAML scalar, so the URL needs no YAML quoting rules.
         let yaml = format!(
             "backends:\n  openrouter:\n    type: openrouter\n    base_url: {}\n    \
-             api_key_env: FAKE_OR_KEY\ndefault_backend: openrouter\n",
+             api_key_env: FAKE_OR_KEY\ndefault_backend: openrouter\ndatabase:\n  enabled: {ledger}\n",
             Value::from(base_url)
         );
         std::fs::write(&path, yaml).context(format_args!("cannot write {}", path.display()))?;
@@ -1143,7 +1166,8 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
     format!(
         "## Results\n\n\
          Machine: {machine}. The fake upstream, orproxy and the load generator \
-         ({threads} runtime threads) run on it together and share its cores. {noise}\n\n\
+         ({threads} runtime threads) run on it together and share its cores. {noise} \
+         orproxy's usage database: {ledger}.\n\n\
          ### Concurrency 1, non-stream\n\n\
          {n} calls per path on one kept-alive connection each, after {WARMUP_REQUESTS} \
          warm-up calls, interleaved in blocks of {BLOCK}; time until the last body byte.\n\n\
@@ -1164,6 +1188,11 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
          {memory}\n\
          ### Targets, this run\n\n\
          {targets}",
+        ledger = if args.ledger {
+            "on (a row per request, as in production)"
+        } else {
+            "off (`database.enabled: false`)"
+        },
         machine = machine(),
         noise = noise.describe(),
         whole = sequential_table(&r.whole, WHOLE_METRICS),
@@ -1227,10 +1256,12 @@ fn run(args: &Args) -> Result<String> {
         eprintln!("orproxy-bench: warning: this is a debug build; measure with --release");
     }
     let (fake, base_url) = start_fake(&sibling("fake-upstream")?)?;
-    let config = ConfigFile::write(&base_url)?;
+    let config = ConfigFile::write(&base_url, args.ledger)?;
     let orproxy = sibling("orproxy")?;
-    let (quiet, quiet_addr) = start_orproxy(&orproxy, &config.0, Some(QUIET_LOG))?;
-    let (chatty, chatty_addr) = start_orproxy(&orproxy, &config.0, None)?;
+    let state = ScratchDir::new()?;
+    let (quiet, quiet_addr) =
+        start_orproxy(&orproxy, &config.0, Some(QUIET_LOG), &state.0.join("quiet"))?;
+    let (chatty, chatty_addr) = start_orproxy(&orproxy, &config.0, None, &state.0.join("chatty"))?;
     let idle = memory(quiet.pid())?;
     let info_idle = memory(chatty.pid())?;
     let setup = Setup {
