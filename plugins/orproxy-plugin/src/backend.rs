@@ -46,6 +46,36 @@ pub trait Backend: Send + Sync + 'static {
         Failure::from_openai_error(status, headers, body)
     }
 
+    /// Whether the upstream speaks the Anthropic Messages API itself: requests that arrive in
+    /// that format are then passed through untranslated ([`Backend::prepare_messages`]).
+    fn speaks_messages(&self) -> bool {
+        false
+    }
+
+    /// Builds the upstream request for an Anthropic Messages body passed through as it is
+    /// (`call.body` is that body, `model` already replaced). Only called when
+    /// [`Backend::speaks_messages`].
+    fn prepare_messages(&self, _call: &Call<'_>) -> Result<Prepared, PrepareError> {
+        Err(PrepareError::Unsupported(
+            "this backend does not speak the Anthropic Messages API".into(),
+        ))
+    }
+
+    /// Reads usage and the served model from a passed-through Messages answer.
+    fn map_messages_response(&self, _body: &Bytes) -> MappedResponse {
+        MappedResponse::default()
+    }
+
+    /// Classifies the events of a passed-through Messages stream, relaying them unchanged.
+    fn messages_stream_mapper(&self) -> Box<dyn StreamMapper> {
+        Box::new(openai::ChunkMapper::default())
+    }
+
+    /// The upstream's own `count_tokens` request for a Messages body, if it has one.
+    fn count_tokens(&self, _call: &Call<'_>) -> Option<Prepared> {
+        None
+    }
+
     /// The request that lists the upstream's models, if it can list them.
     fn list_models(&self, _api_key: Option<&str>) -> Option<Prepared> {
         None
