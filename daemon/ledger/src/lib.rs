@@ -85,7 +85,7 @@ impl LedgerError {
 }
 
 /// How long a statement waits for another connection's lock before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens (creating if needed) the database at `path`, checks it, and applies pending
 /// migrations. The returned connection is the writer's.
@@ -116,6 +116,9 @@ pub fn open(path: &Path) -> Result<Connection, LedgerError> {
             ),
         });
     }
+    // A database another process keeps locked would only show when the first row fails to
+    // commit: take the write lock once now, so that the start fails with the reason instead.
+    conn.execute_batch("BEGIN IMMEDIATE; COMMIT").map_err(err)?;
     migrate(&mut conn).map_err(|e| match e {
         migrate::MigrateError::Sqlite(e) => err(e),
         migrate::MigrateError::TooNew { found, known } => LedgerError::TooNew {
@@ -203,6 +206,20 @@ mod tests {
         let error = open(&path).unwrap_err().to_string();
         assert!(error.starts_with(&path.display().to_string()), "{error}");
         assert!(error.contains("not an SQLite database"), "{error}");
+    }
+
+    #[test]
+    fn a_database_locked_by_another_process_is_named_with_a_hint() {
+        let (_dir, path) = temp_db("locked");
+        drop(open(&path).unwrap());
+        let holder = connect(&path).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let started = std::time::Instant::now();
+        let error = open(&path).unwrap_err().to_string();
+        assert!(started.elapsed() >= BUSY_TIMEOUT, "gave up before the busy timeout");
+        assert!(error.contains("another process holds a lock"), "{error}");
+        holder.execute_batch("COMMIT").unwrap();
+        assert!(open(&path).is_ok());
     }
 
     #[test]
