@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::app::App;
 use crate::config::Trigger;
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
+use crate::front::{self, Api, MessagesRequest};
 use crate::health::HealthBook;
 use crate::metrics;
 use crate::record::{Outcome, Record};
@@ -35,6 +36,10 @@ pub struct Exchange {
     pub forward: Vec<(HeaderName, HeaderValue)>,
     /// `limits.total_timeout` from arrival.
     pub deadline: Instant,
+    /// The API the client speaks.
+    pub api: Api,
+    /// For a Messages request: the client's own body and model.
+    pub messages: Option<MessagesRequest>,
 }
 
 /// Client headers that carry meaning for upstreams and are safe to forward.
@@ -47,6 +52,7 @@ pub fn forwarded_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> 
             (n.starts_with("x-openrouter-") && n != "x-openrouter-title")
                 || n == "x-session-id"
                 || n == "anthropic-beta"
+                || n == "anthropic-version"
                 || n == "x-anthropic-beta"
         })
         .map(|(name, value)| (name.clone(), value.clone()))
@@ -59,6 +65,8 @@ pub struct Attempt {
     pub prepared: Prepared,
     /// The key's position in the backend, to rest it if the upstream refuses it.
     pub key: Option<usize>,
+    /// The client's Messages body goes through untranslated (the backend speaks Messages).
+    pub native: bool,
 }
 
 /// Builds one attempt: the body with this target's model and parameters, through the plugin.
@@ -68,7 +76,12 @@ pub fn prepare(
     target: &Target,
     request_id: &str,
 ) -> Result<Attempt, ProxyError> {
-    let mut body = exchange.body.clone();
+    // A Messages client and a backend that speaks Messages: the client's body as it came.
+    let native = exchange
+        .messages
+        .as_ref()
+        .filter(|_| backend.plugin.speaks_messages());
+    let mut body = native.map_or(&exchange.body, |m| &m.body).clone();
     body.set("model", &target.model);
     for name in &target.unset {
         body.remove(name);
@@ -86,13 +99,14 @@ pub fn prepare(
         identity: backend.identity.resolve(&exchange.client_headers),
         headers: &exchange.forward,
     };
-    let mut prepared = backend
-        .plugin
-        .prepare(&call)
-        .map_err(|source| ProxyError::Prepare {
-            backend: backend.name.clone(),
-            source,
-        })?;
+    let prepared = match native {
+        Some(_) => backend.plugin.prepare_messages(&call),
+        None => backend.plugin.prepare(&call),
+    };
+    let mut prepared = prepared.map_err(|source| ProxyError::Prepare {
+        backend: backend.name.clone(),
+        source,
+    })?;
     // Headers set by rules win over identity and plugin defaults.
     if let Prepared::Http(request) = &mut prepared {
         for (name, value) in &exchange.route.headers {
@@ -102,6 +116,7 @@ pub fn prepare(
     Ok(Attempt {
         prepared,
         key: key.map(|k| k.index),
+        native: native.is_some(),
     })
 }
 
@@ -407,14 +422,19 @@ pub async fn json(
             }
         };
         let failure = if response.status.is_success() {
-            let mapped = backend.plugin.map_response(&body);
+            let mapped = if attempt.native {
+                backend.plugin.map_messages_response(&body)
+            } else {
+                backend.plugin.map_response(&body)
+            };
             match mapped.failure {
                 None => {
                     app.health.succeeded(&label);
                     record.usage = mapped.usage;
                     record.model_served = mapped.model;
                     record.attempt(&label, "ok");
-                    return Ok(success(response, mapped.body.unwrap_or(body)));
+                    let body = client_body(exchange, attempt.native, mapped.body.unwrap_or(body))?;
+                    return Ok(success(response, body));
                 }
                 Some(failure) => failure,
             }
@@ -455,6 +475,15 @@ pub fn upstream_error(
     ProxyError::Upstream {
         backend: backend.to_owned(),
         answer: Box::new(answer),
+    }
+}
+
+/// A successful answer's body as the client's API wants it: translated back for a Messages
+/// client whose backend answered in the pipeline's format.
+pub fn client_body(exchange: &Exchange, native: bool, body: Bytes) -> Result<Bytes, ProxyError> {
+    match &exchange.messages {
+        Some(request) if !native => front::messages_answer(&body, request),
+        _ => Ok(body),
     }
 }
 

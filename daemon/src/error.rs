@@ -85,6 +85,9 @@ pub enum ProxyError {
     /// 400: the body is not a usable JSON object.
     #[error("{0}")]
     BadBody(#[from] BodyError),
+    /// 400: a Messages request that cannot be expressed in the pipeline's format.
+    #[error("{0}")]
+    Translate(String),
     /// 400: no `model` and no `--force-model`.
     #[error("the request has no `model`")]
     MissingModel,
@@ -207,6 +210,7 @@ impl ProxyError {
         match self {
             ProxyError::Auth(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BadBody(_)
+            | ProxyError::Translate(_)
             | ProxyError::MissingModel
             | ProxyError::Selector(_)
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
@@ -235,6 +239,7 @@ impl ProxyError {
             ProxyError::Auth(AuthError::Missing) => "missing_api_key",
             ProxyError::Auth(AuthError::Invalid) => "invalid_api_key",
             ProxyError::BadBody(_) => "invalid_json",
+            ProxyError::Translate(_) => "invalid_request",
             ProxyError::MissingModel => "missing_model",
             ProxyError::Selector(_) => "invalid_model",
             ProxyError::BodyTooLarge { .. } => "body_too_large",

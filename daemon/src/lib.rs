@@ -15,6 +15,7 @@
 //!   [`service`]: systemd readiness, reload and watchdog notifications.
 //! - [`pipeline`] → [`auth`] → [`route`] ([`selector`]) → [`budget`] → [`dispatch`]
 //!   ([`upstream`]) → [`relay`] (streams) → [`record`] ([`pricing`], [`ledger`]).
+//! - [`front`]: the Anthropic Messages API at the edges of the same pipeline.
 //! - [`report`]: `GET /admin/usage`, `GET /admin/budgets`, `orproxy report`.
 //! - [`error`]: every failure and its single mapping to HTTP.
 //! - [`explain`]: a request's route and rule trace, nothing sent. [`ruletest`]: `orproxy rules test`.
@@ -35,6 +36,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod error;
 pub mod explain;
+pub mod front;
 pub mod health;
 pub mod ledger;
 pub mod logging;

@@ -5,9 +5,14 @@
 //!  (axum)     auth.rs        (limits)    route.rs  budget.rs  dispatch.rs  relay.rs  record.rs
 //! ```
 //!
+//! `POST /v1/chat/completions` and `POST /v1/messages` share it; a Messages request is
+//! translated to the OpenAI format after the body is read and its answer translated back
+//! ([`crate::front`]).
+//!
 //! The routing table is loaded once at accept and the request finishes on that snapshot, even
-//! if a reload swaps it meanwhile. Failures before dispatch are `rejected` (or `budget_exceeded`); the one mapping of
-//! errors to HTTP is [`ProxyError`]'s `IntoResponse`.
+//! if a reload swaps it meanwhile. Failures before dispatch are `rejected` (or
+//! `budget_exceeded`); errors map to HTTP in one place, [`ProxyError`]'s `IntoResponse`, shaped
+//! for the client's API by [`Api::error_response`].
 
 use std::sync::Arc;
 
@@ -15,7 +20,7 @@ use axum::body::Body;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -26,6 +31,7 @@ use crate::app::App;
 use crate::budget;
 use crate::dispatch::{self, Exchange, forwarded_headers, outcome_of};
 use crate::error::ProxyError;
+use crate::front::{self, Api};
 use crate::record::{Outcome, Record};
 use crate::relay;
 use crate::route;
@@ -43,6 +49,27 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    handle(app, peer, headers, body, Api::Chat).await
+}
+
+/// `POST /v1/messages` (Anthropic Messages): the same pipeline, translated at its edges
+/// ([`crate::front`]).
+pub async fn messages(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(app, peer, headers, body, Api::Messages).await
+}
+
+async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    body: Body,
+    api: Api,
+) -> Response {
     let started = Instant::now();
     let table = app.table.load_full();
     let mut record = Record::new(
@@ -53,13 +80,13 @@ pub async fn chat_completions(
     );
     let request_id = HeaderValue::try_from(record.id.as_str()).ok();
 
-    let response = match admit(&app, &table, headers, body, peer, &mut record).await {
+    let response = match admit(&app, &table, headers, body, peer, api, &mut record).await {
         Err(error) => {
             let status = error.status().as_u16();
             record.error = Some(error.to_string());
             let route = record.route.clone();
             record.finish(status, outcome_of(&error));
-            with_route(error.into_response(), route.as_deref())
+            with_route(api.error_response(error), route.as_deref())
         }
         Ok(exchange) if exchange.stream => {
             relay::stream(Arc::clone(&app), table, exchange, record).await
@@ -77,7 +104,7 @@ pub async fn chat_completions(
                 let route = record.route.clone();
                 record.error.get_or_insert_with(|| error.to_string());
                 record.finish(status, outcome_of(&error));
-                with_route(error.into_response(), route.as_deref())
+                with_route(api.error_response(error), route.as_deref())
             }
         },
     };
@@ -92,12 +119,20 @@ async fn admit(
     headers: HeaderMap,
     body: Body,
     peer: SocketAddr,
+    api: Api,
     record: &mut Record,
 ) -> Result<Exchange, ProxyError> {
     record.key = table.auth.authenticate(&headers)?.map(str::to_owned);
     record.client_ip = Some(peer.ip());
     let bytes = read_body(body, table.limits.max_body_bytes).await?;
     let body = JsonObject::parse(&bytes)?;
+    let (body, messages) = match api {
+        Api::Chat => (body, None),
+        Api::Messages => {
+            let (openai, request) = front::messages_to_openai(&bytes, body)?;
+            (openai, Some(request))
+        }
+    };
     let stream = body.get_bool("stream")?.unwrap_or(false);
     record.stream = stream;
     record.model_requested = body.get_str("model")?;
@@ -120,6 +155,8 @@ async fn admit(
         forward: forwarded_headers(&headers),
         client_headers: headers,
         deadline: record.started + table.limits.total_timeout,
+        api,
+        messages,
     })
 }
 
@@ -147,7 +184,7 @@ pub fn compact_trace(trace: &[orproxy_rules::Change]) -> Option<String> {
 }
 
 /// Reads the request body, refusing more than `limit` bytes (before buffering them).
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),

@@ -20,13 +20,15 @@ use http::HeaderValue;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http_body::Frame;
 use orproxy_plugin::{EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer};
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
-use crate::dispatch::{Cause, Exchange, Plan, attempt_error, prepare, success, upstream_error};
+use crate::dispatch::{
+    Cause, Exchange, Plan, attempt_error, client_body, prepare, success, upstream_error,
+};
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
+use crate::front::StreamOut;
 use crate::pipeline::with_route;
 use crate::record::{Outcome, Record};
 use crate::table::{BackendEntry, RoutingTable};
@@ -61,6 +63,7 @@ pub async fn stream(
         hard_stop,
         content_started: false,
         pending: BytesMut::new(),
+        translator: None,
     };
     tokio::spawn(relay.run());
     match commit_rx.await {
@@ -119,6 +122,9 @@ struct Relay {
     content_started: bool,
     /// Output of the current upstream read, sent in one piece by [`Relay::flush`].
     pending: BytesMut,
+    /// For a Messages client on a backend answering in the pipeline's format: the attempt's
+    /// events translated back.
+    translator: Option<StreamOut>,
 }
 
 /// What interrupted [`Relay::wait`].
@@ -145,9 +151,15 @@ impl Relay {
                 Ok(attempt) => attempt,
                 Err(error) => return self.fail(error).await,
             };
+            self.translator = match &self.exchange.messages {
+                Some(request) if !attempt.native => {
+                    Some(StreamOut::new(&self.record.id, &request.model))
+                }
+                _ => None,
+            };
             let sent = Instant::now();
             let end = self
-                .attempt(backend, &label, attempt.prepared, &mut tick)
+                .attempt(backend, &label, attempt.prepared, attempt.native, &mut tick)
                 .await;
             self.record.upstream += sent.elapsed();
             match end {
@@ -201,12 +213,16 @@ impl Relay {
         match self.commit.take() {
             Some(commit) => {
                 let status = error.status().as_u16();
-                let response = with_route(error.into_response(), self.record.route.as_deref());
+                let response = self.exchange.api.error_response(error);
+                let response = with_route(response, self.record.route.as_deref());
                 let _ = commit.send(Commit::Response(response));
                 self.record.finish(status, outcome);
             }
             None => {
-                let _ = self.events.send(error_event(&error)).await;
+                let _ = self
+                    .events
+                    .send(self.exchange.api.error_event(&error))
+                    .await;
                 self.record.finish(200, outcome);
             }
         }
@@ -243,10 +259,8 @@ impl Relay {
                 Woke::Gone => return Err(AttemptEnd::Stop(Outcome::ClientDisconnected)),
                 Woke::Stop => {
                     if self.commit.is_none() {
-                        let _ = self
-                            .events
-                            .send(error_event(&ProxyError::ShuttingDown))
-                            .await;
+                        let event = self.exchange.api.error_event(&ProxyError::ShuttingDown);
+                        let _ = self.events.send(event).await;
                     }
                     self.record.error = Some(ProxyError::ShuttingDown.to_string());
                     return Err(AttemptEnd::Stop(Outcome::UpstreamError));
@@ -274,8 +288,13 @@ impl Relay {
             .map_err(|_| AttemptEnd::Stop(Outcome::ClientDisconnected))
     }
 
-    /// Queues output for the client; [`Relay::flush`] sends it.
+    /// Queues output for the client (translated for a Messages client); [`Relay::flush`]
+    /// sends it.
     fn emit(&mut self, out: Output) {
+        if let Some(translator) = &mut self.translator {
+            translator.translate(out, &mut self.pending);
+            return;
+        }
         match out {
             Output::One(bytes) => self.pending.extend_from_slice(&bytes),
             Output::Many(list) => list.iter().for_each(|b| self.pending.extend_from_slice(b)),
@@ -305,6 +324,7 @@ impl Relay {
         backend: &BackendEntry,
         label: &str,
         prepared: Prepared,
+        native: bool,
         tick: &mut Instant,
     ) -> AttemptEnd {
         let limits = self.table.limits;
@@ -320,13 +340,19 @@ impl Relay {
             Ok(Err(error)) => return self.no_answer(&backend.name, error),
         };
         if !response.status.is_success() || !response.is_event_stream() {
-            return self.plain_answer(backend, label, response, tick).await;
+            return self
+                .plain_answer(backend, label, response, native, tick)
+                .await;
         }
 
         let mut response = response;
-        let mut mapper = backend
-            .plugin
-            .stream_mapper(orproxy_plugin::openai::asks_for_usage(&self.exchange.body));
+        let mut mapper = if native {
+            backend.plugin.messages_stream_mapper()
+        } else {
+            backend
+                .plugin
+                .stream_mapper(orproxy_plugin::openai::asks_for_usage(&self.exchange.body))
+        };
         let mut framer = SseFramer::new();
         let mut stream = StreamState::default();
         loop {
@@ -430,6 +456,9 @@ impl Relay {
 
     /// Closes an attempt: sends what is queued and notes a success.
     async fn ended(&mut self, end: AttemptEnd, served: Option<String>, label: &str) -> AttemptEnd {
+        if let Some(translator) = &mut self.translator {
+            translator.finish(&mut self.pending);
+        }
         if let Err(stopped) = self.flush().await {
             return stopped;
         }
@@ -470,9 +499,8 @@ impl Relay {
                 self.content_started = true;
                 self.record.relayed_events += u64::from(mapped.kind == EventKind::Content);
                 self.record.first_byte = Some(Instant::now());
-                for held in std::mem::take(&mut stream.held) {
-                    self.pending.extend_from_slice(&held);
-                }
+                let held = std::mem::take(&mut stream.held);
+                self.emit(Output::Many(held));
                 self.emit(mapped.out);
                 if mapped.kind == EventKind::Done {
                     return Some(AttemptEnd::Finished(stream.outcome()));
@@ -530,7 +558,10 @@ impl Relay {
             return stopped;
         }
         if !stream.midstream_error {
-            let _ = self.events.send(error_event(&error)).await;
+            let _ = self
+                .events
+                .send(self.exchange.api.error_event(&error))
+                .await;
         }
         AttemptEnd::Finished(Outcome::MidstreamError)
     }
@@ -541,6 +572,7 @@ impl Relay {
         backend: &BackendEntry,
         label: &str,
         mut response: UpstreamResponse,
+        native: bool,
         tick: &mut Instant,
     ) -> AttemptEnd {
         let limits = self.table.limits;
@@ -555,16 +587,22 @@ impl Relay {
             Ok(Ok(body)) => body,
         };
         let failure = if response.status.is_success() {
-            let mapped = backend.plugin.map_response(&body);
+            let mapped = if native {
+                backend.plugin.map_messages_response(&body)
+            } else {
+                backend.plugin.map_response(&body)
+            };
             match (mapped.failure, self.commit.take()) {
                 (None, Some(commit)) => {
                     self.record.usage = mapped.usage;
                     self.record.model_served = mapped.model;
                     self.record.attempt(label, "ok");
-                    let _ = commit.send(Commit::Response(success(
-                        response,
-                        mapped.body.unwrap_or(body),
-                    )));
+                    let body = client_body(&self.exchange, native, mapped.body.unwrap_or(body));
+                    let response = match body {
+                        Ok(body) => success(response, body),
+                        Err(error) => self.exchange.api.error_response(error),
+                    };
+                    let _ = commit.send(Commit::Response(response));
                     return AttemptEnd::Finished(Outcome::Ok);
                 }
                 (None, None) => Failure {
@@ -618,11 +656,6 @@ impl StreamState {
             Outcome::Ok
         }
     }
-}
-
-fn error_event(error: &ProxyError) -> Bytes {
-    let payload = json!({"error": {"message": error.to_string(), "type": "upstream_error", "code": error.code()}});
-    orproxy_plugin::sse::data_event(payload.to_string().as_bytes())
 }
 
 async fn client_gone(commit: &mut Option<oneshot::Sender<Commit>>, events: &mpsc::Sender<Bytes>) {

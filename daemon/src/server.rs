@@ -23,6 +23,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::admin;
 use crate::app::App;
+use crate::front;
 use crate::models;
 use crate::pipeline;
 use crate::service;
@@ -34,6 +35,8 @@ const LAST_WORDS: Duration = Duration::from_secs(2);
 pub fn api_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(pipeline::chat_completions))
+        .route("/v1/messages", post(pipeline::messages))
+        .route("/v1/messages/count_tokens", post(front::count_tokens))
         .route("/v1/models", get(models::list))
         .fallback(admin::not_found)
         .with_state(app)

@@ -5,7 +5,8 @@
 //!
 //! | model | behaviour |
 //! |---|---|
-//! | any non-`fake/` id, `fake/echo` | success; answer `"echo: " + <last user message text>` |
+//! | any non-`fake/` id, `fake/echo` | success; answer `"echo: " + <last user message text>`, or a tool call / reasoning (below) |
+//! | `fake/two-tools` | as `fake/echo`, but a tool-call answer calls the first two tools; streamed, their argument pieces interleave by index (0, 1, 0, 1, ...) |
 //! | `fake/fast` | precomputed answer (10 content events when streamed), for benchmarks |
 //! | `fake/status-CODE[-retry-S \| -noretry]` | HTTP CODE (400..=599) with OpenRouter's body for it |
 //! | `fake/context-length`, `fake/content-policy` | 400 with the typed `metadata.error_type` |
@@ -18,18 +19,49 @@
 //! | `fake/hang`, `fake/reset` | never answer / close without answering |
 //! | `fake/malformed`, `fake/no-done`, `fake/200-error`, `fake/usage-variant` | wire anomalies |
 //!
-//! Token counts: `prompt_tokens = ceil(chars of all message texts / 4) + 3 * messages`,
-//! `completion_tokens` = number of whitespace-separated words of the answer; `max_tokens` /
-//! `max_completion_tokens` cut the answer to that many words with `finish_reason: "length"`.
+//! The request shapes the answer of the echo-like behaviours (the first two rows, the delays,
+//! the wire anomalies; not `fast`, `events-N`, `midstream-error`, `cut-after-N`,
+//! `stall-after-N`), in both stream and non-stream form:
+//!
+//! * **Tool calls**: with a non-empty `tools` array of function tools, `tool_choice` other
+//!   than `"none"` and a last message that is not `role: "tool"`, the answer calls the first
+//!   tool (or the one `tool_choice: {"type":"function","function":{"name"}}` names; one call
+//!   only). Message: `content: ""`, `tool_calls: [{id: "call_<24 alnum>", index, type:
+//!   "function", function: {name, arguments: "{\"q\":<last user text>}"}}]`,
+//!   `finish_reason` and `native_finish_reason` `"tool_calls"`. Streamed: each call's head
+//!   (`index, id, type, function: {name, arguments: ""}`), then its arguments in 3 pieces
+//!   (`index` and `function.arguments` only), next to `content: null` as OpenRouter sends it.
+//!   `parallel_tool_calls: false` keeps `fake/two-tools` to one call.
+//! * **Tool results**: when the last message is `role: "tool"`, the answer is the text
+//!   `"tool said: " + <that message's content text>`.
+//! * **Reasoning**: `reasoning` with `effort`, `max_tokens` or `enabled: true` (and not
+//!   `enabled: false` or `effort: "none"`), `reasoning_effort`, or `include_reasoning: true`
+//!   makes the model think `"Thinking about: " + <last user text>` before answering:
+//!   `message.reasoning` plus one `reasoning.text` entry in `reasoning_details`, or, streamed,
+//!   2 chunks with `delta.reasoning` / `delta.reasoning_details` before the answer. With
+//!   `exclude: true` the reasoning is billed but not sent (`{"exclude": true}` alone asks for
+//!   none). Catalog models without reasoning (`openai/gpt-4o`, `openai/gpt-4o-mini`,
+//!   `anthropic/claude-3-5-sonnet`, the `:free` Llama) ignore it, as OpenRouter ignores
+//!   unsupported parameters; the OpenAI dialect never returns reasoning.
+//!
+//! Token counts: `prompt_tokens = ceil(chars of all message texts / 4) + 3 * messages`;
+//! `completion_tokens` = number of whitespace-separated words of the answer text, plus
+//! `ceil(characters of all tool-call arguments / 4)`, plus the words of the reasoning (also
+//! reported as `completion_tokens_details.reasoning_tokens` and in `/generation`);
+//! `max_tokens` / `max_completion_tokens` cut the answer text (not reasoning or tool calls)
+//! to that many words with `finish_reason: "length"`.
 //! Cost is `prompt_tokens * price.prompt + completion_tokens * price.completion` from the
-//! `/models` catalog (unlisted models: $1/M prompt, $2/M completion; `:free`: 0).
+//! `/models` catalog (unlisted models: $1/M prompt, $2/M completion; `:free`: 0), so
+//! reasoning is priced as completion.
 
 mod body;
 mod chat;
 mod errors;
+mod reasoning;
 mod routes;
 mod scenario;
 pub(crate) mod server;
+mod tools;
 mod wire;
 
 #[cfg(test)]

@@ -216,7 +216,10 @@ mod tests {
         holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
         let started = std::time::Instant::now();
         let error = open(&path).unwrap_err().to_string();
-        assert!(started.elapsed() >= BUSY_TIMEOUT, "gave up before the busy timeout");
+        assert!(
+            started.elapsed() >= BUSY_TIMEOUT,
+            "gave up before the busy timeout"
+        );
         assert!(error.contains("another process holds a lock"), "{error}");
         holder.execute_batch("COMMIT").unwrap();
         assert!(open(&path).is_ok());

@@ -4,6 +4,7 @@
 //!
 //! - [`openrouter`]: OpenRouter, with its attribution headers and body extensions.
 //! - [`openai`]: any OpenAI-compatible server (vLLM, Ollama, llama.cpp, OpenAI).
+//! - [`anthropic`]: Anthropic's native Messages API, translated both ways or passed through.
 //! - [`mock`]: a deterministic local echo so that the daemon works with no key at all.
 //!
 //! [`build`] is the only place that names every plugin.
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use orproxy_plugin::Backend;
 
+pub mod anthropic;
 pub mod mock;
 pub mod openai;
 pub mod openrouter;
@@ -48,19 +50,20 @@ pub enum BuildError {
 }
 
 /// Every plugin name accepted by `type:`.
-pub const KINDS: &[&str] = &[openrouter::KIND, openai::KIND, mock::KIND];
+pub const KINDS: &[&str] = &[openrouter::KIND, openai::KIND, anthropic::KIND, mock::KIND];
 
 /// The environment variable holding a plugin's key when config names none.
 pub fn default_key_env(kind: &str) -> Option<&'static str> {
     match kind {
         openrouter::KIND => Some("OPENROUTER_API_KEY"),
+        anthropic::KIND => Some("ANTHROPIC_API_KEY"),
         _ => None,
     }
 }
 
 /// Whether a plugin refuses to work without a key.
 pub fn requires_key(kind: &str) -> bool {
-    kind == openrouter::KIND
+    kind == openrouter::KIND || kind == anthropic::KIND
 }
 
 /// Instantiates the plugin named by `kind`.
@@ -95,6 +98,11 @@ pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildE
             mock_only(openai::KIND)?;
             let bad = |_| BuildError::BadBaseUrl(settings.base_url.clone().unwrap_or_default());
             Arc::new(openai::OpenAi::new(settings.base_url.clone()).map_err(bad)?)
+        }
+        anthropic::KIND => {
+            mock_only(anthropic::KIND)?;
+            let bad = |_| BuildError::BadBaseUrl(settings.base_url.clone().unwrap_or_default());
+            Arc::new(anthropic::Anthropic::new(settings.base_url.clone()).map_err(bad)?)
         }
         mock::KIND => {
             if settings.base_url.is_some() {

@@ -7,11 +7,13 @@
 //!
 //! - [`backend`]: the [`Backend`] trait, its phases, and the values that cross it.
 //! - [`openai`]: the OpenAI wire format, the default of every phase.
+//! - [`anthropic`]: the Anthropic Messages API translated to and from the OpenAI format.
 //! - [`body`]: request bodies as top-level fields over raw JSON text.
 //! - [`sse`]: server-sent event framing.
 //! - [`failure`]: upstream failures, classified for failover.
 //! - [`usage`]: token counts and exact nano-dollar money.
 
+pub mod anthropic;
 pub mod backend;
 pub mod body;
 pub mod failure;

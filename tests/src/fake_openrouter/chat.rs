@@ -16,10 +16,15 @@ use tokio::time::Instant;
 
 use super::body::{DisconnectGuard, FakeBody, Msg};
 use super::errors::{self, ErrorSpec, Quote};
+use super::reasoning::{REASONING_PIECES, Reasoning, Thought};
 use super::routes::{self, check_auth, error_response};
 use super::scenario::Scenario;
 use super::server::{Dialect, GenerationRecord, Shared};
-use super::wire::{DONE, FAKE_USER_ID, GenCtx, KEEPALIVE, provider_for, split_pieces};
+use super::tools::{self, ToolCall, ToolRequest, tool_tokens};
+use super::wire::{
+    Billed, DONE, FAKE_USER_ID, GenCtx, KEEPALIVE, Reply, provider_for, reasons, split_evenly,
+    split_pieces,
+};
 
 /// Model used when a request names none (OpenRouter would use the account default).
 const DEFAULT_MODEL: &str = "openai/gpt-4o";
@@ -29,6 +34,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(100);
 const ABORT_GRACE: Duration = Duration::from_millis(20);
 
 /// The parts of a chat request the fake acts on; everything else is accepted and ignored.
+#[derive(Default)]
 pub(crate) struct ChatRequest {
     pub(crate) model: String,
     pub(crate) fallbacks: Vec<String>,
@@ -38,9 +44,14 @@ pub(crate) struct ChatRequest {
     pub(crate) last_user_text: String,
     pub(crate) prompt_chars: u64,
     pub(crate) messages: u64,
+    /// Text of the final message when it is a `role: "tool"` result.
+    pub(crate) tool_result: Option<String>,
+    pub(crate) tools: ToolRequest,
+    pub(crate) reasoning: Reasoning,
 }
 
-/// Text of a message `content`: a string, or the `text` of every part joined by one space.
+/// Text of a message `content` (user, tool or any other role): a string, or the `text` of
+/// every part joined by one space; non-text parts (images, ...) contribute nothing.
 fn content_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
@@ -85,6 +96,7 @@ impl ChatRequest {
             .and_then(Value::as_u64)
             .or_else(|| obj.get("max_tokens").and_then(Value::as_u64));
         let (mut last_user_text, mut prompt_chars, mut messages) = (String::new(), 0u64, 0u64);
+        let mut tool_result = None;
         if let Some(list) = obj.get("messages") {
             let list = list
                 .as_array()
@@ -93,7 +105,10 @@ impl ChatRequest {
                 let text = msg.get("content").map(content_text).unwrap_or_default();
                 prompt_chars += text.chars().count() as u64;
                 messages += 1;
-                if msg.get("role").and_then(Value::as_str) == Some("user") {
+                let role = msg.get("role").and_then(Value::as_str);
+                // Only the final message decides whether this turn answers a tool result.
+                tool_result = (role == Some("tool")).then(|| text.clone());
+                if role == Some("user") {
                     last_user_text = text;
                 }
             }
@@ -117,6 +132,9 @@ impl ChatRequest {
             last_user_text,
             prompt_chars,
             messages,
+            tool_result,
+            tools: ToolRequest::parse(obj),
+            reasoning: Reasoning::parse(obj),
         })
     }
 
@@ -159,7 +177,7 @@ impl ClientInfo {
 
 fn record(
     ctx: &GenCtx,
-    billed: &super::wire::Billed,
+    billed: &Billed,
     api_type: &'static str,
     streamed: bool,
     finish_reason: &str,
@@ -174,6 +192,7 @@ fn record(
         streamed,
         prompt_tokens: billed.usage.prompt_tokens,
         completion_tokens: billed.usage.completion_tokens,
+        reasoning_tokens: billed.usage.completion_tokens_details.reasoning_tokens,
         cost_text: billed.cost_text.clone(),
         cost_pico: billed.cost_pico,
         finish_reason: Some(finish_reason.to_owned()),
@@ -212,7 +231,13 @@ impl FastResponses {
         };
         let pieces = split_pieces(FAST_ANSWER);
         let billed = ctx.bill(FAST_PROMPT_TOKENS, pieces.len() as u64, true);
-        let json = ctx.completion(FAST_ANSWER, "stop", Some("stop"), None, &billed.usage);
+        let json = ctx.completion(
+            &Reply::text(FAST_ANSWER),
+            "stop",
+            Some("stop"),
+            None,
+            &billed.usage,
+        );
         let mut events = Vec::with_capacity(pieces.len() + 4);
         events.push(ctx.preamble());
         events.extend(pieces.iter().map(|p| ctx.content(p)));
@@ -358,22 +383,69 @@ pub(crate) async fn chat_completions(
     serve(shared, req, model, scenario, client, guard).await
 }
 
-/// The content deltas of an answer and its finish reason.
+/// What a generation produces: content deltas or tool calls, optionally after reasoning.
 struct Answer {
+    /// Content deltas; empty for a tool-call answer.
     pieces: Vec<String>,
+    tool_calls: Vec<ToolCall>,
+    thought: Option<Thought>,
     finish: &'static str,
+}
+
+impl Answer {
+    fn text(pieces: Vec<String>, finish: &'static str) -> Answer {
+        Answer {
+            pieces,
+            tool_calls: Vec::new(),
+            thought: None,
+            finish,
+        }
+    }
+
+    /// Tool calls come with `content: ""` and `finish_reason: "tool_calls"`; `max_tokens`
+    /// does not cut them.
+    fn tool_calls(calls: Vec<ToolCall>) -> Answer {
+        Answer {
+            tool_calls: calls,
+            ..Answer::text(Vec::new(), "tool_calls")
+        }
+    }
+
+    fn reasoning_tokens(&self) -> u64 {
+        self.thought.as_ref().map_or(0, Thought::tokens)
+    }
+
+    /// Words of the text, plus the tool calls' tokens, plus the reasoning words (OpenRouter
+    /// counts and prices reasoning as completion tokens).
+    fn completion_tokens(&self) -> u64 {
+        self.pieces.len() as u64 + tool_tokens(&self.tool_calls) + self.reasoning_tokens()
+    }
+
+    fn shown_reasoning(&self) -> Option<&str> {
+        self.thought.as_ref().and_then(Thought::visible)
+    }
+
+    /// The non-streaming `message` of this answer with `content` as its (possibly cut) text.
+    fn reply<'a>(&'a self, content: &'a str) -> Reply<'a> {
+        Reply {
+            content,
+            reasoning: self.shown_reasoning(),
+            tool_calls: &self.tool_calls,
+        }
+    }
+
+    fn bill(&self, ctx: &GenCtx, prompt_tokens: u64, charge: bool) -> Billed {
+        ctx.bill(prompt_tokens, self.completion_tokens(), charge)
+            .with_reasoning(self.reasoning_tokens())
+    }
 }
 
 fn truncate(pieces: Vec<String>, max_tokens: Option<u64>) -> Answer {
     match max_tokens {
-        Some(max) if pieces.len() as u64 > max => Answer {
-            pieces: pieces.into_iter().take(max as usize).collect(),
-            finish: "length",
-        },
-        _ => Answer {
-            pieces,
-            finish: "stop",
-        },
+        Some(max) if pieces.len() as u64 > max => {
+            Answer::text(pieces.into_iter().take(max as usize).collect(), "length")
+        }
+        _ => Answer::text(pieces, "stop"),
     }
 }
 
@@ -381,7 +453,7 @@ fn owned_pieces(text: &str) -> Vec<String> {
     split_pieces(text).into_iter().map(str::to_owned).collect()
 }
 
-fn answer_for(scenario: &Scenario, req: &ChatRequest) -> Answer {
+fn answer_for(scenario: &Scenario, req: &ChatRequest, ctx: &GenCtx) -> Answer {
     let echo = || owned_pieces(&format!("echo: {}", req.last_user_text));
     match scenario {
         Scenario::Events(n) => {
@@ -394,13 +466,39 @@ fn answer_for(scenario: &Scenario, req: &ChatRequest) -> Answer {
                 pieces.push(format!(" w{}", pieces.len() + 1));
             }
             pieces.truncate(*n);
-            Answer {
-                pieces,
-                finish: "stop",
+            Answer::text(pieces, "stop")
+        }
+        _ => conversation(scenario, req, ctx),
+    }
+}
+
+/// The answer of every behaviour that talks back: tool calls when function tools are
+/// offered, the tool's result echoed when one came back, the user's text otherwise, with
+/// reasoning before any of them when asked for.
+fn conversation(scenario: &Scenario, req: &ChatRequest, ctx: &GenCtx) -> Answer {
+    let text = |text: String| truncate(owned_pieces(&text), req.max_tokens);
+    let mut answer = match &req.tool_result {
+        Some(result) => text(format!("tool said: {result}")),
+        None => {
+            let wanted = if *scenario == Scenario::TwoTools {
+                2
+            } else {
+                1
+            };
+            let calls = req.tools.calls(&req.last_user_text, wanted);
+            if calls.is_empty() {
+                text(format!("echo: {}", req.last_user_text))
+            } else {
+                Answer::tool_calls(calls)
             }
         }
-        _ => truncate(echo(), req.max_tokens),
+    };
+    // OpenAI's chat completions never return reasoning text, and OpenRouter ignores
+    // `reasoning` for models that do not support it.
+    if ctx.dialect == Dialect::OpenRouter && reasons(&ctx.model) {
+        answer.thought = req.reasoning.thought(&req.last_user_text);
     }
+    answer
 }
 
 fn midstream_error() -> Value {
@@ -445,7 +543,7 @@ async fn serve(
         _ => {}
     }
     let ctx = GenCtx::new(shared.dialect, &model);
-    let answer = answer_for(&scenario, &req);
+    let answer = answer_for(&scenario, &req, &ctx);
     if req.stream {
         return Ok(start_stream(
             shared, ctx, &req, scenario, answer, client, guard,
@@ -457,7 +555,7 @@ async fn serve(
         Dialect::OpenAi => Vec::new(),
     };
     let content = answer.pieces.concat();
-    let completion_tokens = answer.pieces.len() as u64;
+    let reply = answer.reply(&content);
     let prompt_tokens = req.prompt_tokens();
     let response = match scenario {
         Scenario::Error200 => {
@@ -470,13 +568,13 @@ async fn serve(
             &gen_header(),
         ),
         Scenario::MidstreamError(_) => {
-            let billed = ctx.bill(prompt_tokens, completion_tokens, false);
+            let billed = answer.bill(&ctx, prompt_tokens, false);
             let error = json!({
                 "code": 502,
                 "message": "Provider returned error",
                 "metadata": { "error_type": "provider_unavailable" },
             });
-            let body = ctx.completion(&content, "error", None, Some(&error), &billed.usage);
+            let body = ctx.completion(&reply, "error", None, Some(&error), &billed.usage);
             shared.record_generation(record(
                 &ctx,
                 &billed,
@@ -488,8 +586,8 @@ async fn serve(
             routes::json_response(dialect, 200, FakeBody::full(body, guard), &gen_header())
         }
         Scenario::CutAfter(_) | Scenario::StallAfter(_) => {
-            let billed = ctx.bill(prompt_tokens, completion_tokens, true);
-            let body = ctx.completion(&content, "stop", Some("stop"), None, &billed.usage);
+            let billed = answer.bill(&ctx, prompt_tokens, true);
+            let body = ctx.completion(&reply, "stop", Some("stop"), None, &billed.usage);
             let half = body.slice(..body.len() / 2);
             let (tx, rx) = mpsc::channel(4);
             let stall = matches!(scenario, Scenario::StallAfter(_));
@@ -506,9 +604,9 @@ async fn serve(
             routes::json_response(dialect, 200, FakeBody::channel(rx, guard), &gen_header())
         }
         _ => {
-            let billed = ctx.bill(prompt_tokens, completion_tokens, true);
+            let billed = answer.bill(&ctx, prompt_tokens, true);
             let body = ctx.completion(
-                &content,
+                &reply,
                 answer.finish,
                 Some(answer.finish),
                 None,
@@ -645,6 +743,22 @@ fn start_stream(
     routes::sse_response(dialect, FakeBody::channel(rx, guard), &id)
 }
 
+/// Every delta of an answer in stream order: reasoning pieces, then content pieces or
+/// tool-call fragments.
+fn delta_events<'a>(ctx: &'a GenCtx, answer: &'a Answer) -> impl Iterator<Item = Bytes> + 'a {
+    let reasoning = answer
+        .shown_reasoning()
+        .map(|text| split_evenly(text, REASONING_PIECES))
+        .unwrap_or_default()
+        .into_iter()
+        .map(move |piece| ctx.reasoning(piece));
+    let content = answer.pieces.iter().map(move |piece| ctx.content(piece));
+    let calls = tools::stream_order(&answer.tool_calls)
+        .into_iter()
+        .map(move |fragment| ctx.tool_call(fragment));
+    reasoning.chain(content).chain(calls)
+}
+
 async fn run_stream(job: StreamJob, em: Emitter) -> Option<()> {
     let keepalive = || Bytes::from_static(KEEPALIVE);
     match job.keepalives {
@@ -674,19 +788,18 @@ async fn run_stream(job: StreamJob, em: Emitter) -> Option<()> {
         return em.send_last(Bytes::from_static(DONE)).await;
     }
     em.send(ctx.preamble()).await?;
-    for (i, piece) in job.answer.pieces.iter().enumerate() {
-        em.send(ctx.content(piece)).await?;
+    for (i, event) in delta_events(ctx, &job.answer).enumerate() {
+        em.send(event).await?;
         if job.malformed && i == 0 {
             em.send(Bytes::from_static(b"data: {not json\n\n")).await?;
         }
     }
-    let completion_tokens = job.answer.pieces.len() as u64;
     match job.tail {
         Tail::Cut => em.abort().await,
         Tail::Stall => em.stall().await,
         Tail::Error200 => {}
         Tail::MidstreamError => {
-            let billed = ctx.bill(job.prompt_tokens, completion_tokens, false);
+            let billed = job.answer.bill(ctx, job.prompt_tokens, false);
             em.send(ctx.error_chunk(&midstream_error(), &billed.usage))
                 .await?;
             job.shared.record_generation(record(
@@ -710,7 +823,7 @@ async fn run_stream(job: StreamJob, em: Emitter) -> Option<()> {
             }
             em.send(finish).await?;
             if usage {
-                let billed = ctx.bill(job.prompt_tokens, completion_tokens, true);
+                let billed = job.answer.bill(ctx, job.prompt_tokens, true);
                 let chunk = ctx.usage_chunk(&billed.usage, repeat_choice);
                 if done {
                     em.send(chunk).await?;
@@ -760,13 +873,11 @@ pub(crate) async fn legacy_completions(
         .to_owned();
     let req = ChatRequest {
         model: model.clone(),
-        fallbacks: Vec::new(),
-        stream: false,
-        include_usage: false,
         max_tokens: value.get("max_tokens").and_then(Value::as_u64),
         prompt_chars: prompt.chars().count() as u64,
         last_user_text: prompt,
         messages: 1,
+        ..ChatRequest::default()
     };
     let scenario = Scenario::parse(&model);
     if let Some(spec) = upfront_error(&shared, &scenario, &req.quote(&model)) {

@@ -17,7 +17,9 @@ use super::chat::{self, upfront_error};
 use super::errors::{ErrorSpec, Quote};
 use super::scenario::Scenario;
 use super::server::{Dialect, GenerationRecord, Shared};
-use super::wire::{self, CATALOG, FAKE_USER_ID, PICO_PER_USD, format_usd, raw_number, unix_secs};
+use super::wire::{
+    self, CATALOG, CatalogModel, FAKE_USER_ID, PICO_PER_USD, format_usd, raw_number, unix_secs,
+};
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -267,7 +269,7 @@ fn models() -> Bytes {
                     "is_moderated": false,
                 },
                 "per_request_limits": null,
-                "supported_parameters": ["max_tokens", "temperature", "top_p", "stop", "seed", "stream"],
+                "supported_parameters": supported_parameters(m),
                 "default_parameters": null,
                 "supported_voices": null,
                 "knowledge_cutoff": null,
@@ -278,6 +280,24 @@ fn models() -> Bytes {
         .collect();
     let total = data.len();
     to_bytes(&json!({ "data": data, "total_count": total, "links": { "next": null } }))
+}
+
+/// Every catalog model calls tools; only some honour `reasoning`.
+fn supported_parameters(model: &CatalogModel) -> Vec<&'static str> {
+    let mut params = vec![
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "stream",
+        "tools",
+        "tool_choice",
+    ];
+    if model.reasoning {
+        params.extend(["reasoning", "include_reasoning"]);
+    }
+    params
 }
 
 fn model_detail(id: &str) -> Result<Bytes, ErrorSpec> {
@@ -392,7 +412,7 @@ fn generation_json(g: &GenerationRecord) -> Value {
             "native_tokens_prompt": g.prompt_tokens,
             "native_tokens_completion": g.completion_tokens,
             "native_tokens_completion_images": 0,
-            "native_tokens_reasoning": 0,
+            "native_tokens_reasoning": g.reasoning_tokens,
             "native_tokens_cached": 0,
             "num_media_prompt": 0,
             "num_input_audio_prompt": 0,
@@ -546,6 +566,7 @@ fn embeddings(shared: &Shared, body: &Bytes) -> Result<Bytes, ErrorSpec> {
             streamed: false,
             prompt_tokens: tokens,
             completion_tokens: 0,
+            reasoning_tokens: 0,
             cost_text,
             cost_pico,
             finish_reason: None,

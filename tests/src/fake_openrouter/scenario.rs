@@ -19,6 +19,8 @@ pub(crate) enum RetryAfter {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Scenario {
     Echo,
+    /// Like `Echo`, but a tool-call answer calls the first two tools in parallel.
+    TwoTools,
     Fast,
     Status {
         code: u16,
@@ -75,6 +77,7 @@ impl Scenario {
     fn parse_fake(name: &str) -> Option<Scenario> {
         let fixed = match name {
             "echo" => Some(Scenario::Echo),
+            "two-tools" => Some(Scenario::TwoTools),
             "fast" => Some(Scenario::Fast),
             "context-length" => Some(Scenario::ContextLength),
             "content-policy" => Some(Scenario::ContentPolicy),
@@ -131,6 +134,7 @@ mod tests {
     fn names_parse() {
         assert_eq!(Scenario::parse("openai/gpt-4o"), Scenario::Echo);
         assert_eq!(Scenario::parse("fake/echo:free"), Scenario::Echo);
+        assert_eq!(Scenario::parse("fake/two-tools"), Scenario::TwoTools);
         assert_eq!(
             Scenario::parse("fake/status-429"),
             Scenario::Status {

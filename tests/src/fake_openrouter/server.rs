@@ -45,6 +45,8 @@ pub(crate) struct GenerationRecord {
     pub(crate) streamed: bool,
     pub(crate) prompt_tokens: u64,
     pub(crate) completion_tokens: u64,
+    /// The part of `completion_tokens` that was reasoning.
+    pub(crate) reasoning_tokens: u64,
     pub(crate) cost_text: String,
     pub(crate) cost_pico: u128,
     pub(crate) finish_reason: Option<String>,

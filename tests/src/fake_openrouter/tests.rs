@@ -941,3 +941,461 @@ async fn dropping_the_fake_closes_open_streams() {
     drop(fake);
     assert!(matches!(client.read_chunk().await, Chunk::Eof));
 }
+
+// --- Tool calls and reasoning ---------------------------------------------------------
+
+/// The JSON data events of a stream, without keep-alive comments and `[DONE]`.
+fn data_chunks(resp: &Response) -> Vec<Value> {
+    resp.events()
+        .iter()
+        .filter(|e| !e.starts_with(':') && *e != "[DONE]")
+        .map(|e| chunk(e))
+        .collect()
+}
+
+/// `body` offering OpenAI function tools with the given names.
+fn with_tools(mut body: Value, names: &[&str]) -> Value {
+    body["tools"] = names
+        .iter()
+        .map(|name| {
+            json!({
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "description": "a test tool",
+                    "parameters": { "type": "object", "properties": { "q": { "type": "string" } } },
+                },
+            })
+        })
+        .collect();
+    body
+}
+
+/// The concatenated `delta.content` of a stream's chunks.
+fn streamed_text(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+/// Usage as sent must match the billing log and `/generation`, and be priced at the rate of
+/// `fake/...` models ($1/M prompt, $2/M completion). `raw` is the text that carried it.
+async fn assert_billed(fake: &FakeOpenRouter, id: &str, usage: &Value, raw: &str) {
+    let entry = fake
+        .billing()
+        .into_iter()
+        .find(|b| b.id == id)
+        .expect("generation is billed");
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert_eq!(
+        (entry.prompt_tokens, entry.completion_tokens),
+        (prompt, completion)
+    );
+    assert_eq!(usage["total_tokens"], prompt + completion);
+    assert!(raw.contains(&format!("\"cost\":{},", entry.cost)), "{raw}");
+    let expected = (prompt + 2 * completion) as f64 / 1e6;
+    assert!((usage["cost"].as_f64().unwrap() - expected).abs() < 1e-15);
+    let path = format!("/api/v1/generation?id={id}");
+    let generation = call(fake.addr(), "GET", &path, Some(FAKE_API_KEY), None).await;
+    let data = &generation.json()["data"];
+    assert_eq!(data["tokens_completion"], completion);
+    assert_eq!(
+        data["native_tokens_reasoning"],
+        usage["completion_tokens_details"]["reasoning_tokens"]
+    );
+}
+
+#[tokio::test]
+async fn tool_call_non_stream_has_the_openrouter_shape() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let body = with_tools(
+        json!({
+            "model": "fake/echo",
+            "messages": [{ "role": "user", "content": [{ "type": "text", "text": "find cats" }] }],
+        }),
+        &["search", "fetch"],
+    );
+    let resp = chat(&fake, body.clone()).await;
+    assert_eq!(resp.status, 200);
+    let v = resp.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["native_finish_reason"], "tool_calls");
+    let message = &choice["message"];
+    assert_eq!(message["role"], "assistant");
+    assert_eq!(message["content"], "");
+    let calls = message["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    let id = calls[0]["id"].as_str().unwrap();
+    let suffix = id.strip_prefix("call_").unwrap();
+    assert!(!suffix.is_empty() && suffix.chars().all(|c| c.is_ascii_alphanumeric()));
+    assert_eq!(
+        calls[0],
+        json!({
+            "id": id, "index": 0, "type": "function",
+            "function": { "name": "search", "arguments": r#"{"q":"find cats"}"# },
+        })
+    );
+    // 9 chars -> 3 + 3 prompt tokens; 17 argument characters -> ceil(17 / 4) = 5.
+    let usage = &v["usage"];
+    assert_eq!(usage["prompt_tokens"], 6);
+    assert_eq!(usage["completion_tokens"], 5);
+    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 0);
+    // 6 * $1/M + 5 * $2/M
+    assert_eq!(fake.billing()[0].cost, "1.6e-05");
+    assert_billed(&fake, v["id"].as_str().unwrap(), usage, &resp.text()).await;
+
+    let mut named = body.clone();
+    named["tool_choice"] = json!({ "type": "function", "function": { "name": "fetch" } });
+    let v = chat(&fake, named).await.json();
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "fetch");
+    assert_ne!(call["id"], id, "every call gets a fresh id");
+
+    let mut none = body;
+    none["tool_choice"] = json!("none");
+    let v = chat(&fake, none).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: find cats");
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+}
+
+#[tokio::test]
+async fn streamed_tool_call_pieces_reassemble() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let body = streamed(with_tools(user("fake/echo", "hello world"), &["search"]));
+    let resp = chat(&fake, body).await;
+    assert!(resp.complete);
+    let events = resp.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks = data_chunks(&resp);
+    let id = chunks[0]["id"].as_str().unwrap().to_owned();
+    for c in &chunks {
+        assert_chunk_shape(c, &id);
+    }
+    // preamble, head, 3 argument pieces, finish, usage
+    assert_eq!(chunks.len(), 7);
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({ "role": "assistant", "content": "" })
+    );
+    let head = &chunks[1]["choices"][0]["delta"];
+    let call_id = head["tool_calls"][0]["id"].as_str().unwrap();
+    assert!(call_id.starts_with("call_"));
+    assert_eq!(
+        *head,
+        json!({
+            "role": "assistant", "content": null,
+            "tool_calls": [{
+                "index": 0, "id": call_id, "type": "function",
+                "function": { "name": "search", "arguments": "" },
+            }],
+        })
+    );
+    let mut arguments = String::new();
+    for c in &chunks[2..5] {
+        assert!(c["choices"][0]["finish_reason"].is_null());
+        let delta = &c["choices"][0]["delta"];
+        let piece = delta["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap();
+        assert!(!piece.is_empty());
+        assert_eq!(
+            *delta,
+            json!({
+                "role": "assistant", "content": null,
+                "tool_calls": [{ "index": 0, "function": { "arguments": piece } }],
+            })
+        );
+        arguments.push_str(piece);
+    }
+    assert_eq!(arguments, r#"{"q":"hello world"}"#);
+    let finish = &chunks[5]["choices"][0];
+    assert_eq!(finish["finish_reason"], "tool_calls");
+    assert_eq!(finish["native_finish_reason"], "tool_calls");
+    assert_eq!(
+        finish["delta"],
+        json!({ "role": "assistant", "content": "" })
+    );
+    let usage = &chunks[6];
+    assert_eq!(usage["choices"], json!([]));
+    // 19 argument characters -> 5 tokens.
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+    assert_billed(&fake, &id, &usage["usage"], &events[events.len() - 2]).await;
+}
+
+#[tokio::test]
+async fn two_tools_stream_interleaved_by_index() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let body = with_tools(user("fake/two-tools", "ab"), &["first", "second", "third"]);
+    let whole = chat(&fake, body.clone()).await.json();
+    assert_eq!(whole["choices"][0]["finish_reason"], "tool_calls");
+    let calls = whole["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap();
+    let summary: Vec<(u64, &str, &str)> = calls
+        .iter()
+        .map(|c| {
+            let f = &c["function"];
+            (
+                c["index"].as_u64().unwrap(),
+                f["name"].as_str().unwrap(),
+                f["arguments"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (0, "first", r#"{"q":"ab"}"#),
+            (1, "second", r#"{"q":"ab"}"#)
+        ]
+    );
+    assert_ne!(calls[0]["id"], calls[1]["id"]);
+    // 2 x 10 argument characters -> ceil(20 / 4) = 5.
+    assert_eq!(whole["usage"]["completion_tokens"], 5);
+
+    let resp = chat(&fake, streamed(body)).await;
+    let chunks = data_chunks(&resp);
+    let fragments: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .map(|calls| {
+            assert_eq!(calls.as_array().unwrap().len(), 1, "one fragment per chunk");
+            &calls[0]
+        })
+        .collect();
+    let order: Vec<u64> = fragments
+        .iter()
+        .map(|f| f["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, [0, 1, 0, 1, 0, 1, 0, 1]);
+    assert_eq!(fragments[0]["function"]["name"], "first");
+    assert_eq!(fragments[1]["function"]["name"], "second");
+    let mut arguments = [String::new(), String::new()];
+    for f in &fragments[2..] {
+        assert!(f.get("id").is_none() && f["function"].get("name").is_none());
+        let index = usize::try_from(f["index"].as_u64().unwrap()).unwrap();
+        arguments[index].push_str(f["function"]["arguments"].as_str().unwrap());
+    }
+    assert_eq!(arguments, [r#"{"q":"ab"}"#, r#"{"q":"ab"}"#]);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+    let usage = &chunks[chunks.len() - 1]["usage"];
+    assert_eq!(usage["completion_tokens"], 5);
+    let id = chunks[0]["id"].as_str().unwrap();
+    let events = resp.events();
+    assert_billed(&fake, id, usage, &events[events.len() - 2]).await;
+
+    // With a single tool there is nothing to call in parallel.
+    let single = chat(&fake, with_tools(user("fake/two-tools", "ab"), &["only"])).await;
+    let calls = &single.json()["choices"][0]["message"]["tool_calls"];
+    assert_eq!(calls.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn tool_result_is_answered_with_text() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut body = with_tools(
+        json!({
+            "model": "fake/echo",
+            "messages": [
+                { "role": "user", "content": "weather in Paris?" },
+                { "role": "assistant", "content": null, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": { "name": "weather", "arguments": r#"{"q":"weather in Paris?"}"# },
+                }] },
+                { "role": "tool", "tool_call_id": "call_1", "content": "sunny" },
+            ],
+        }),
+        &["weather"],
+    );
+    let resp = chat(&fake, body.clone()).await;
+    let v = resp.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(choice["native_finish_reason"], "stop");
+    assert_eq!(choice["message"]["content"], "tool said: sunny");
+    assert!(choice["message"].get("tool_calls").is_none());
+    // 17 + 0 + 5 chars -> 6, + 3 per message -> 15; three words.
+    assert_eq!(v["usage"]["prompt_tokens"], 15);
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    assert_billed(&fake, v["id"].as_str().unwrap(), &v["usage"], &resp.text()).await;
+
+    body["messages"][2]["content"] = json!([
+        { "type": "text", "text": "sunny" },
+        { "type": "text", "text": "and warm" },
+    ]);
+    let chunks = data_chunks(&chat(&fake, streamed(body.clone())).await);
+    assert_eq!(streamed_text(&chunks), "tool said: sunny and warm");
+    assert_eq!(
+        chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+        "stop"
+    );
+
+    // Only the final message counts: a new user turn gets a tool call again.
+    let messages = body["messages"].as_array_mut().unwrap();
+    messages.push(json!({ "role": "assistant", "content": "It is sunny." }));
+    messages.push(json!({ "role": "user", "content": "and Rome?" }));
+    let v = chat(&fake, body).await.json();
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["arguments"], r#"{"q":"and Rome?"}"#);
+}
+
+#[tokio::test]
+async fn reasoning_non_stream_is_returned_counted_and_billed() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut body = user("fake/echo", "hello there");
+    body["reasoning"] = json!({ "effort": "high" });
+    let resp = chat(&fake, body.clone()).await;
+    let v = resp.json();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["content"], "echo: hello there");
+    assert_eq!(message["reasoning"], "Thinking about: hello there");
+    assert_eq!(
+        message["reasoning_details"],
+        json!([{
+            "type": "reasoning.text", "text": "Thinking about: hello there",
+            "format": "unknown", "index": 0,
+        }])
+    );
+    let usage = &v["usage"];
+    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 4);
+    // Three answer words plus four reasoning words.
+    assert_eq!(usage["completion_tokens"], 7);
+    // 6 * $1/M + 7 * $2/M
+    assert!(resp.text().contains("\"cost\":2e-05,"), "{}", resp.text());
+    assert_billed(&fake, v["id"].as_str().unwrap(), usage, &resp.text()).await;
+
+    // `exclude`: the model still reasons and bills it, but the text stays out.
+    body["reasoning"] = json!({ "effort": "high", "exclude": true });
+    let v = chat(&fake, body.clone()).await.json();
+    let message = &v["choices"][0]["message"];
+    assert!(message["reasoning"].is_null());
+    assert!(message.get("reasoning_details").is_none());
+    assert_eq!(
+        v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        4
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 7);
+
+    for off in [
+        json!({ "exclude": true }),
+        json!({ "effort": "high", "enabled": false }),
+    ] {
+        body["reasoning"] = off;
+        let v = chat(&fake, body.clone()).await.json();
+        assert!(v["choices"][0]["message"]["reasoning"].is_null());
+        assert_eq!(v["usage"]["completion_tokens"], 3);
+    }
+
+    // The top-level shorthand on a catalog model that reasons.
+    let mut gemini = user("google/gemini-2.5-flash", "x");
+    gemini["reasoning_effort"] = json!("low");
+    let v = chat(&fake, gemini).await.json();
+    assert_eq!(v["choices"][0]["message"]["reasoning"], "Thinking about: x");
+}
+
+#[tokio::test]
+async fn reasoning_streams_before_the_answer() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut body = streamed(user("fake/echo", "hi"));
+    body["reasoning"] = json!({ "max_tokens": 100 });
+    let resp = chat(&fake, body).await;
+    assert!(resp.complete);
+    let chunks = data_chunks(&resp);
+    let id = chunks[0]["id"].as_str().unwrap().to_owned();
+    // preamble, 2 reasoning pieces, 2 content pieces, finish, usage
+    assert_eq!(chunks.len(), 7);
+    let mut reasoning = String::new();
+    for c in &chunks[1..3] {
+        assert_chunk_shape(c, &id);
+        let delta = &c["choices"][0]["delta"];
+        let piece = delta["reasoning"].as_str().unwrap();
+        assert_eq!(
+            *delta,
+            json!({
+                "role": "assistant", "content": "", "reasoning": piece,
+                "reasoning_details": [{ "type": "reasoning.text", "text": piece, "format": "unknown", "index": 0 }],
+            })
+        );
+        reasoning.push_str(piece);
+    }
+    assert_eq!(reasoning, "Thinking about: hi");
+    assert!(
+        chunks[3..]
+            .iter()
+            .all(|c| c["choices"][0]["delta"].get("reasoning").is_none())
+    );
+    assert_eq!(streamed_text(&chunks[3..5]), "echo: hi");
+    let usage = &chunks[6]["usage"];
+    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 3);
+    assert_eq!(usage["completion_tokens"], 2 + 3);
+    let events = resp.events();
+    assert_billed(&fake, &id, usage, &events[events.len() - 2]).await;
+
+    // Reasoning comes before tool calls too.
+    let mut both = streamed(with_tools(user("fake/echo", "hi"), &["search"]));
+    both["reasoning_effort"] = json!("medium");
+    let chunks = data_chunks(&chat(&fake, both).await);
+    assert!(chunks[1]["choices"][0]["delta"]["reasoning"].is_string());
+    assert!(chunks[2]["choices"][0]["delta"]["reasoning"].is_string());
+    assert_eq!(
+        chunks[3]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"],
+        "search"
+    );
+    // `{"q":"hi"}` is 10 characters -> 3 tokens, plus 3 reasoning words.
+    assert_eq!(chunks[chunks.len() - 1]["usage"]["completion_tokens"], 6);
+}
+
+#[tokio::test]
+async fn openai_dialect_tool_calls_and_no_reasoning_text() {
+    let fake = FakeOpenAi::start().await.unwrap();
+    let mut body = with_tools(user("gpt-4o", "hi"), &["search"]);
+    body["reasoning_effort"] = json!("high");
+    let v = call(
+        fake.addr(),
+        "POST",
+        "/v1/chat/completions",
+        None,
+        Some(body.clone()),
+    )
+    .await
+    .json();
+    let message = &v["choices"][0]["message"];
+    assert!(
+        message["content"].is_null(),
+        "OpenAI sends null content with tool calls"
+    );
+    assert!(message.get("reasoning").is_none());
+    let call0 = &message["tool_calls"][0];
+    assert!(call0.get("index").is_none());
+    assert_eq!(call0["function"]["arguments"], r#"{"q":"hi"}"#);
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        0
+    );
+
+    let resp = call(
+        fake.addr(),
+        "POST",
+        "/v1/chat/completions",
+        None,
+        Some(streamed(body)),
+    )
+    .await;
+    let chunks = data_chunks(&resp);
+    let fragments: Vec<&Value> = chunks
+        .iter()
+        .map(|c| &c["choices"][0]["delta"])
+        .filter(|d| d.get("tool_calls").is_some())
+        .collect();
+    assert_eq!(fragments.len(), 4);
+    assert!(
+        fragments.iter().all(|d| d.as_object().unwrap().len() == 1),
+        "{fragments:?}"
+    );
+}

@@ -10,6 +10,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::server::Dialect;
+use super::tools::{ToolCall, ToolDelta};
 
 /// The SSE comment OpenRouter sends while it waits for a provider.
 pub(crate) const KEEPALIVE: &[u8] = b": OPENROUTER PROCESSING\n\n";
@@ -140,6 +141,8 @@ pub(crate) struct CatalogModel {
     pub(crate) max_completion_tokens: u64,
     pub(crate) created: u64,
     pub(crate) pricing: Pricing,
+    /// Honours `reasoning`; OpenRouter ignores parameters a model does not support.
+    pub(crate) reasoning: bool,
 }
 
 pub(crate) const CATALOG: &[CatalogModel] = &[
@@ -154,6 +157,7 @@ pub(crate) const CATALOG: &[CatalogModel] = &[
             prompt: 2_500_000,
             completion: 10_000_000,
         },
+        reasoning: false,
     },
     CatalogModel {
         id: "openai/gpt-4o-mini",
@@ -166,6 +170,7 @@ pub(crate) const CATALOG: &[CatalogModel] = &[
             prompt: 150_000,
             completion: 600_000,
         },
+        reasoning: false,
     },
     CatalogModel {
         id: "anthropic/claude-3-5-sonnet",
@@ -178,6 +183,7 @@ pub(crate) const CATALOG: &[CatalogModel] = &[
             prompt: 3_000_000,
             completion: 15_000_000,
         },
+        reasoning: false,
     },
     CatalogModel {
         id: "google/gemini-2.5-flash",
@@ -190,6 +196,7 @@ pub(crate) const CATALOG: &[CatalogModel] = &[
             prompt: 300_000,
             completion: 2_500_000,
         },
+        reasoning: true,
     },
     CatalogModel {
         id: "meta-llama/llama-3.3-70b-instruct:free",
@@ -199,6 +206,7 @@ pub(crate) const CATALOG: &[CatalogModel] = &[
         max_completion_tokens: 8_192,
         created: 1_733_506_137,
         pricing: FREE,
+        reasoning: false,
     },
     CatalogModel {
         id: "fake/echo",
@@ -208,6 +216,7 @@ pub(crate) const CATALOG: &[CatalogModel] = &[
         max_completion_tokens: 4_096,
         created: 1_700_000_000,
         pricing: DEFAULT_PRICING,
+        reasoning: true,
     },
     CatalogModel {
         id: "fake/fast",
@@ -217,6 +226,7 @@ pub(crate) const CATALOG: &[CatalogModel] = &[
         max_completion_tokens: 4_096,
         created: 1_700_000_000,
         pricing: DEFAULT_PRICING,
+        reasoning: false,
     },
 ];
 
@@ -237,6 +247,15 @@ pub(crate) fn pricing_for(model: &str) -> Pricing {
         return DEFAULT_PRICING;
     }
     lookup(model).map_or(DEFAULT_PRICING, |m| m.pricing)
+}
+
+/// Whether `model` reasons when asked to: catalog models as flagged, every other model
+/// (including all `fake/...` behaviours) yes.
+pub(crate) fn reasons(model: &str) -> bool {
+    if model.starts_with("fake/") {
+        return true;
+    }
+    lookup(model).is_none_or(|m| m.reasoning)
 }
 
 /// Provider display name (OpenRouter reports names, not slugs).
@@ -317,6 +336,14 @@ pub(crate) struct Billed {
     /// Empty for the OpenAI dialect, whose usage has no cost.
     pub(crate) cost_text: String,
     pub(crate) cost_pico: u128,
+}
+
+impl Billed {
+    /// Marks `tokens` of the (already counted and priced) completion tokens as reasoning.
+    pub(crate) fn with_reasoning(mut self, tokens: u64) -> Billed {
+        self.usage.completion_tokens_details.reasoning_tokens = tokens;
+        self
+    }
 }
 
 /// Builds the usage object; `charge == false` is OpenRouter's zero-completion insurance
@@ -436,10 +463,111 @@ struct Choice<'a> {
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    /// `null` only for OpenAI tool calls; OpenRouter sends `""` (2025-11 capture).
+    content: Option<&'a str>,
     refusal: Option<()>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    reasoning: Option<Option<()>>,
+    reasoning: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_details: Option<[ReasoningDetail<'a>; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<WireToolCall<'a>>>,
+}
+
+/// One `reasoning_details` entry, shaped like captures of non-Anthropic providers
+/// (`format: "unknown"`).
+#[derive(Serialize)]
+struct ReasoningDetail<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    format: &'static str,
+    index: u32,
+}
+
+impl ReasoningDetail<'_> {
+    fn text(text: &str) -> [ReasoningDetail<'_>; 1] {
+        [ReasoningDetail {
+            kind: "reasoning.text",
+            text,
+            format: "unknown",
+            index: 0,
+        }]
+    }
+}
+
+/// A whole tool call (`message.tool_calls[i]`) or one streamed fragment of it.
+#[derive(Serialize)]
+struct WireToolCall<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    function: WireFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct WireFunction<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    arguments: &'a str,
+}
+
+impl<'a> WireToolCall<'a> {
+    fn whole(index: Option<usize>, call: &'a ToolCall) -> WireToolCall<'a> {
+        WireToolCall {
+            index,
+            id: Some(&call.id),
+            kind: Some("function"),
+            function: WireFunction {
+                name: Some(&call.name),
+                arguments: &call.arguments,
+            },
+        }
+    }
+
+    /// A streamed fragment: the head names the call, later pieces carry only arguments.
+    fn fragment(delta: ToolDelta<'a>) -> WireToolCall<'a> {
+        match delta {
+            ToolDelta::Head { index, call } => WireToolCall {
+                function: WireFunction {
+                    name: Some(&call.name),
+                    arguments: "",
+                },
+                ..WireToolCall::whole(Some(index), call)
+            },
+            ToolDelta::Arguments { index, piece } => WireToolCall {
+                index: Some(index),
+                id: None,
+                kind: None,
+                function: WireFunction {
+                    name: None,
+                    arguments: piece,
+                },
+            },
+        }
+    }
+}
+
+/// What a non-streaming choice's `message` says besides its fixed fields.
+pub(crate) struct Reply<'a> {
+    pub(crate) content: &'a str,
+    /// Shown reasoning text (OpenRouter only).
+    pub(crate) reasoning: Option<&'a str>,
+    pub(crate) tool_calls: &'a [ToolCall],
+}
+
+impl<'a> Reply<'a> {
+    /// A plain text answer.
+    pub(crate) fn text(content: &'a str) -> Reply<'a> {
+        Reply {
+            content,
+            reasoning: None,
+            tool_calls: &[],
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -471,9 +599,15 @@ struct ChunkChoice<'a> {
 #[derive(Serialize, Default)]
 struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
+    content: Option<Option<&'a str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_details: Option<[ReasoningDetail<'a>; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<[WireToolCall<'a>; 1]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     refusal: Option<Option<()>>,
 }
@@ -576,9 +710,10 @@ impl GenCtx {
     /// The role-only first chunk.
     pub(crate) fn preamble(&self) -> Bytes {
         let delta = Delta {
-            content: Some(""),
+            content: Some(Some("")),
             role: Some("assistant"),
             refusal: (!self.is_openrouter()).then_some(None),
+            ..Delta::default()
         };
         self.event(&[self.choice(delta, None)], None, None)
     }
@@ -586,9 +721,39 @@ impl GenCtx {
     /// One content delta; OpenRouter repeats `role` on every chunk, OpenAI does not.
     pub(crate) fn content(&self, text: &str) -> Bytes {
         let delta = Delta {
-            content: Some(text),
+            content: Some(Some(text)),
             role: self.is_openrouter().then_some("assistant"),
-            refusal: None,
+            ..Delta::default()
+        };
+        self.event(&[self.choice(delta, None)], None, None)
+    }
+
+    /// One reasoning delta, as real reasoning streams send it: `content: ""` next to the
+    /// `reasoning` piece and the same piece as a `reasoning.text` detail.
+    pub(crate) fn reasoning(&self, piece: &str) -> Bytes {
+        let delta = Delta {
+            content: Some(Some("")),
+            role: Some("assistant"),
+            reasoning: Some(piece),
+            reasoning_details: Some(ReasoningDetail::text(piece)),
+            ..Delta::default()
+        };
+        self.event(&[self.choice(delta, None)], None, None)
+    }
+
+    /// One tool-call fragment. OpenRouter sends `content: null` (not `""`) next to
+    /// `tool_calls`, as in a 2026-03 Bedrock capture; OpenAI sends the fragment alone.
+    pub(crate) fn tool_call(&self, fragment: ToolDelta<'_>) -> Bytes {
+        let (content, role) = if self.is_openrouter() {
+            (Some(None), Some("assistant"))
+        } else {
+            (None, None)
+        };
+        let delta = Delta {
+            content,
+            role,
+            tool_calls: Some([WireToolCall::fragment(fragment)]),
+            ..Delta::default()
         };
         self.event(&[self.choice(delta, None)], None, None)
     }
@@ -596,9 +761,9 @@ impl GenCtx {
     pub(crate) fn finish(&self, reason: &str) -> Bytes {
         let delta = if self.is_openrouter() {
             Delta {
-                content: Some(""),
+                content: Some(Some("")),
                 role: Some("assistant"),
-                refusal: None,
+                ..Delta::default()
             }
         } else {
             Delta::default()
@@ -613,9 +778,9 @@ impl GenCtx {
             let choice = ChunkChoice {
                 index: 0,
                 delta: Delta {
-                    content: Some(""),
+                    content: Some(Some("")),
                     role: Some("assistant"),
-                    refusal: None,
+                    ..Delta::default()
                 },
                 finish_reason: None,
                 native_finish_reason: self.is_openrouter().then_some(None),
@@ -633,9 +798,9 @@ impl GenCtx {
         let choice = ChunkChoice {
             index: 0,
             delta: Delta {
-                content: Some(""),
+                content: Some(Some("")),
                 role: Some("assistant"),
-                refusal: None,
+                ..Delta::default()
             },
             finish_reason: None,
             native_finish_reason: self.is_openrouter().then_some(None),
@@ -647,7 +812,7 @@ impl GenCtx {
     /// A whole non-streaming `chat.completion` body.
     pub(crate) fn completion(
         &self,
-        content: &str,
+        reply: &Reply<'_>,
         finish_reason: &str,
         native_finish_reason: Option<&str>,
         error: Option<&Value>,
@@ -665,18 +830,35 @@ impl GenCtx {
                 logprobs: None,
                 finish_reason,
                 native_finish_reason: or.then_some(native_finish_reason),
-                message: Message {
-                    role: "assistant",
-                    content,
-                    refusal: None,
-                    reasoning: or.then_some(None),
-                },
+                message: self.message(reply),
                 error,
             }],
             system_fingerprint: (!or).then_some(None),
             usage,
         };
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    }
+
+    /// The `message` of a non-streaming choice. Tool calls carry `index` on OpenRouter
+    /// (2025-11 capture) but not on OpenAI, whose `content` is then `null`.
+    fn message<'a>(&self, reply: &Reply<'a>) -> Message<'a> {
+        let or = self.is_openrouter();
+        let calls = reply.tool_calls;
+        let tool_calls = (!calls.is_empty()).then(|| {
+            calls
+                .iter()
+                .enumerate()
+                .map(|(i, call)| WireToolCall::whole(or.then_some(i), call))
+                .collect()
+        });
+        Message {
+            role: "assistant",
+            content: (or || calls.is_empty()).then_some(reply.content),
+            refusal: None,
+            reasoning: or.then_some(reply.reasoning),
+            reasoning_details: reply.reasoning.filter(|_| or).map(ReasoningDetail::text),
+            tool_calls,
+        }
     }
 
     /// A legacy `text_completion` body.
@@ -733,6 +915,28 @@ pub(crate) fn split_pieces(text: &str) -> Vec<&str> {
     pieces
 }
 
+/// Splits `text` into `n` pieces of nearly equal length in characters (earlier pieces one
+/// longer), never inside a character, for values streamed in a fixed number of deltas
+/// (tool arguments, reasoning). With fewer than `n` characters some pieces are empty.
+pub(crate) fn split_evenly(text: &str, n: usize) -> Vec<&str> {
+    let n = n.max(1);
+    let chars = text.chars().count();
+    let (base, longer) = (chars / n, chars % n);
+    let mut rest = text;
+    (0..n)
+        .map(|i| {
+            let len = base + usize::from(i < longer);
+            let cut = rest
+                .char_indices()
+                .nth(len)
+                .map_or(rest.len(), |(at, _)| at);
+            let (piece, tail) = rest.split_at(cut);
+            rest = tail;
+            piece
+        })
+        .collect()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -772,6 +976,20 @@ mod tests {
     }
 
     #[test]
+    fn even_split_keeps_every_character() {
+        assert_eq!(split_evenly("abcdefgh", 3), ["abc", "def", "gh"]);
+        assert_eq!(split_evenly("éàü", 2), ["éà", "ü"]);
+        assert_eq!(split_evenly("a", 3), ["a", "", ""]);
+        for text in [r#"{"q":"hello there"}"#, "Thinking about: x", ""] {
+            for n in 1..5 {
+                let pieces = split_evenly(text, n);
+                assert_eq!(pieces.len(), n);
+                assert_eq!(pieces.concat(), text);
+            }
+        }
+    }
+
+    #[test]
     fn ids_have_the_real_shape() {
         let id = generation_id(Dialect::OpenRouter, 1_770_044_198);
         let rest = id.strip_prefix("gen-1770044198-").unwrap();
@@ -787,5 +1005,9 @@ mod tests {
         assert_eq!(pricing_for("some/unknown"), DEFAULT_PRICING);
         assert_eq!(provider_for("anthropic/claude-3-5-sonnet"), "Anthropic");
         assert_eq!(provider_for("acme/thing"), "Acme");
+        assert!(!reasons("openai/gpt-4o"));
+        assert!(reasons("google/gemini-2.5-flash:free"));
+        assert!(reasons("fake/two-tools"));
+        assert!(reasons("acme/thinker"));
     }
 }

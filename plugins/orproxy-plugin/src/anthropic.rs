@@ -1,0 +1,177 @@
+//! The Anthropic Messages API in front of an OpenAI-compatible backend: pure translation.
+//!
+//! A client speaking Messages is served by the daemon's OpenAI pipeline: its request is
+//! translated to a chat completion on the way in, the answer (or its stream) back on the way out.
+//!
+//! # Layout
+//!
+//! - `request`: Messages request → chat-completions request, and the token estimate.
+//! - `response`: chat completion → Messages response.
+//! - `stream`: chat-completion chunks → Messages stream events ([`StreamTranslator`]).
+//! - here: errors, usage and the stop-reason mapping the three share.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::usage::Usage;
+
+mod request;
+mod response;
+mod stream;
+
+pub use request::{count_tokens_estimate, request_to_openai};
+pub use response::response_from_openai;
+pub use stream::StreamTranslator;
+
+/// Why an Anthropic request (or an upstream answer) cannot be translated.
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    /// The body is not JSON, or not a JSON object.
+    #[error("body is not a JSON object: {0}")]
+    Json(#[source] serde_json::Error),
+    /// A field is missing, has the wrong type, or has no OpenAI equivalent; `path` names it
+    /// (`messages[2].content[0]`).
+    #[error("{path}: {message}")]
+    Field {
+        /// Where in the request, in JSON-path style.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The upstream's answer is not a chat completion.
+    #[error("upstream answer is not a chat completion: {0}")]
+    Upstream(String),
+}
+
+/// Anthropic usage (`input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
+/// `cache_read_input_tokens`) → [`Usage`]; `None` unless it holds input or output tokens.
+pub fn usage_from_anthropic(usage: &Value) -> Option<Usage> {
+    let object = usage.as_object()?;
+    let count = |key: &str| object.get(key).and_then(Value::as_u64);
+    let (input, output) = (count("input_tokens"), count("output_tokens"));
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    let cache_read = count("cache_read_input_tokens");
+    // Anthropic's input_tokens excludes both cache kinds; Usage counts every input token.
+    let prompt_tokens = input
+        .unwrap_or(0)
+        .saturating_add(count("cache_creation_input_tokens").unwrap_or(0))
+        .saturating_add(cache_read.unwrap_or(0));
+    Some(Usage {
+        prompt_tokens,
+        completion_tokens: output.unwrap_or(0),
+        cached_tokens: cache_read,
+        reasoning_tokens: None,
+        cost_nanos: None,
+    })
+}
+
+/// [`Usage`] → an Anthropic usage object; `input_tokens` excludes the cache-read tokens.
+pub fn usage_to_anthropic(u: &Usage) -> Value {
+    let cached = u.cached_tokens.unwrap_or(0);
+    serde_json::json!({
+        "input_tokens": u.prompt_tokens.saturating_sub(cached),
+        "output_tokens": u.completion_tokens,
+        // OpenAI usage does not report cache writes; 0 keeps client-side sums working.
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    })
+}
+
+/// An Anthropic error body `{"type":"error","error":{"type":<kind>,"message":...}}`, the kind
+/// following Anthropic's mapping from `status`.
+pub fn error_body(status: u16, message: &str) -> Bytes {
+    Bytes::from(error_json(status, message))
+}
+
+/// The same error as an SSE `event: error` event, for a stream already under way.
+pub fn error_event(status: u16, message: &str) -> Bytes {
+    let json = error_json(status, message);
+    let mut out = Vec::with_capacity(json.len() + 24);
+    out.extend_from_slice(b"event: error\ndata: ");
+    out.extend_from_slice(&json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
+}
+
+fn error_json(status: u16, message: &str) -> Vec<u8> {
+    let envelope = ErrorEnvelope {
+        kind: "error",
+        error: ErrorDetail {
+            kind: error_kind(status),
+            message,
+        },
+    };
+    // Two static strings and one &str: serialization cannot fail.
+    serde_json::to_vec(&envelope).unwrap_or_default()
+}
+
+/// Anthropic's error `type` for an HTTP status.
+fn error_kind(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        // Other client errors are still the request's fault; everything else is ours or upstream's.
+        405..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+/// How an OpenAI choice ended, as far as it says.
+#[derive(Debug, Default, Clone)]
+struct Finish {
+    /// `finish_reason`.
+    reason: Option<String>,
+    /// OpenRouter's `native_finish_reason` (the provider's own word, `stop_sequence` for Claude).
+    native: Option<String>,
+    /// vLLM's `stop_reason`: the stop string that matched, when one did.
+    matched: Option<String>,
+}
+
+impl Finish {
+    /// Anthropic's `stop_reason` and `stop_sequence`. A reply that called tools reports
+    /// `tool_use` even when the backend said `stop`, because agent loops key on it.
+    fn to_anthropic(&self, called_tools: bool) -> (&'static str, Option<String>) {
+        let natural = if called_tools { "tool_use" } else { "end_turn" };
+        match self.reason.as_deref() {
+            None | Some("stop" | "end_turn") => {
+                if let Some(sequence) = &self.matched {
+                    ("stop_sequence", Some(sequence.clone()))
+                } else if self.native.as_deref() == Some("stop_sequence") {
+                    ("stop_sequence", None)
+                } else {
+                    (natural, None)
+                }
+            }
+            Some("length" | "max_tokens") => ("max_tokens", None),
+            Some("tool_calls" | "function_call" | "tool_use") => ("tool_use", None),
+            Some("content_filter") => ("refusal", None),
+            Some(_) => (natural, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
