@@ -17,6 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
 PROXY_KEY = "sk-orproxy-test-key"
+FAKE_ANTHROPIC_KEY = "sk-ant-test-upstream-key"
 READY_TIMEOUT = 30
 
 
@@ -83,6 +84,65 @@ def fake_openrouter():
     info = fake.wait_for(json_line)
     yield info["base_url"]
     fake.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_anthropic():
+    fake = Process(
+        [binary("fake-upstream"), "--dialect", "anthropic", "--api-key", FAKE_ANTHROPIC_KEY],
+        dict(os.environ),
+        "stdout",
+    )
+    info = fake.wait_for(json_line)
+    yield info["base_url"]
+    fake.stop()
+
+
+def start_orproxy(config, env_extra):
+    """Starts orproxy with `config` (YAML text); returns the process and its /v1 base URL."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(config)
+    env = dict(os.environ)
+    env.pop("OPENROUTER_API_KEY", None)
+    env.pop("ANTHROPIC_API_KEY", None)
+    env["ORPROXY_TEST_KEY"] = PROXY_KEY
+    env["STATE_DIRECTORY"] = tempfile.mkdtemp(prefix="orproxy-sdk-")
+    env.update(env_extra)
+    env.setdefault("RUST_LOG", "info")
+    args = [
+        binary("orproxy"), "--config", f.name,
+        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json",
+    ]
+    proxy = Process(args, env, "stderr")
+
+    def ready(line):
+        event = json_line(line)
+        return event if event and event.get("message") == "Ready." else None
+
+    event = proxy.wait_for(ready)
+    os.unlink(f.name)
+    return proxy, f"http://{event['listen']}/v1"
+
+
+@pytest.fixture(scope="session")
+def orproxy_anthropic(fake_anthropic):
+    """orproxy whose default backend is the fake Anthropic. Yields its /v1 base URL."""
+    proxy, base = start_orproxy(
+        f"""
+backends:
+  claude:
+    type: anthropic
+    base_url: {fake_anthropic}
+default_backend: claude
+auth:
+  keys:
+    - name: tests
+      key_env: ORPROXY_TEST_KEY
+""",
+        {"ANTHROPIC_API_KEY": FAKE_ANTHROPIC_KEY},
+    )
+    yield base
+    proxy.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-//! `fake-upstream`: the fake OpenRouter (or OpenAI) upstream as a standalone process, for the
+//! `fake-upstream`: the fake OpenRouter (or OpenAI, or Anthropic) upstream as a standalone process, for the
 //! Python SDK tests and the benchmark harness.
 //!
 //! Prints one line `{"base_url":"...","addr":"..."}` once listening, then serves until
@@ -8,17 +8,19 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use orproxy_testkit::{FakeOpenAi, FakeOpenRouter, FakeOptions};
+use orproxy_testkit::{FAKE_ANTHROPIC_KEY, FakeAnthropic, FakeOpenAi, FakeOpenRouter, FakeOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 
-const USAGE: &str = "usage: fake-upstream [--dialect openrouter|openai] [--listen ADDR:PORT] \
+const USAGE: &str = "usage: fake-upstream [--dialect openrouter|openai|anthropic] [--listen ADDR:PORT] \
 [--no-record] [--keepalives N] [--api-key KEY]... [--any-key] [--threads N] [--ignore-stdin]";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dialect {
     OpenRouter,
     OpenAi,
+    /// The Anthropic Messages API; it takes only `--api-key` (default its own test key).
+    Anthropic,
 }
 
 struct Args {
@@ -39,6 +41,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 dialect = match value("--dialect")?.as_str() {
                     "openrouter" => Dialect::OpenRouter,
                     "openai" => Dialect::OpenAi,
+                    "anthropic" => Dialect::Anthropic,
                     other => return Err(format!("unknown dialect {other:?}")),
                 }
             }
@@ -72,9 +75,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         }
     }
     let mut opts = match dialect {
-        Dialect::OpenRouter => FakeOptions::default(),
+        Dialect::OpenRouter | Dialect::Anthropic => FakeOptions::default(),
         Dialect::OpenAi => FakeOpenAi::default_options(),
     };
+    if dialect == Dialect::Anthropic {
+        opts.api_keys = vec![FAKE_ANTHROPIC_KEY.to_owned()];
+    }
     opts.record = record;
     if let Some(listen) = listen {
         opts.listen = listen;
@@ -122,16 +128,22 @@ fn stdin_eof() -> oneshot::Receiver<()> {
 enum Running {
     OpenRouter(FakeOpenRouter),
     OpenAi(FakeOpenAi),
+    Anthropic(FakeAnthropic),
 }
 
 async fn run(args: Args) -> std::io::Result<()> {
     let running = match args.dialect {
         Dialect::OpenRouter => Running::OpenRouter(FakeOpenRouter::start_with(args.opts).await?),
         Dialect::OpenAi => Running::OpenAi(FakeOpenAi::start_with(args.opts).await?),
+        Dialect::Anthropic => {
+            let key = args.opts.api_keys.first().cloned().unwrap_or_default();
+            Running::Anthropic(FakeAnthropic::start_with_key(key).await?)
+        }
     };
     let (base_url, addr) = match &running {
         Running::OpenRouter(f) => (f.base_url(), f.addr()),
         Running::OpenAi(f) => (f.base_url(), f.addr()),
+        Running::Anthropic(f) => (f.base_url(), f.addr()),
     };
     let line = format!(
         "{{\"base_url\":{},\"addr\":{}}}",
