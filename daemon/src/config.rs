@@ -287,7 +287,7 @@ pub enum LogFormat {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
-    /// The plugin: `openrouter`, `openai` or `mock`.
+    /// The plugin: `openrouter`, `openai`, `anthropic` or `mock`.
     #[serde(rename = "type")]
     pub kind: String,
     /// Upstream base URL (each plugin has a default).

@@ -111,7 +111,8 @@ pub enum ProxyError {
         /// Configured backends, comma-separated.
         known: String,
     },
-    /// 500: the plugin could not build the request (a configuration problem).
+    /// The plugin could not build the request: 500 for a missing key (configuration), 400 for
+    /// a request the backend cannot express.
     #[error("backend `{backend}` cannot send this request: {source}")]
     Prepare {
         /// The backend.
@@ -216,7 +217,12 @@ impl ProxyError {
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UnknownBackend { .. } => StatusCode::NOT_FOUND,
-            ProxyError::Prepare { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            // The backend cannot express this request (a client matter); a missing key is ours.
+            ProxyError::Prepare {
+                source: PrepareError::MissingKey,
+                ..
+            } => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Prepare { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { answer, .. } => answer.status,
@@ -245,7 +251,11 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "invalid_body",
             ProxyError::UnknownBackend { .. } => "unknown_backend",
-            ProxyError::Prepare { .. } => "backend_misconfigured",
+            ProxyError::Prepare {
+                source: PrepareError::MissingKey,
+                ..
+            } => "backend_misconfigured",
+            ProxyError::Prepare { .. } => "invalid_request",
             ProxyError::Unreachable { .. } => "upstream_unreachable",
             ProxyError::Timeout { kind, .. } => kind.key(),
             ProxyError::Upstream { .. } => "upstream_error",

@@ -1,4 +1,4 @@
-//! Test kit for orproxy: fake upstreams (OpenRouter and plain OpenAI) that reproduce the real
+//! Test kit for orproxy: fake upstreams (OpenRouter, plain OpenAI and Anthropic) that reproduce the real
 //! wire format and can be told, through the model name, to fail in the ways real upstreams do.
 
 pub mod fake_anthropic;
