@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::error::ProxyError;
+use crate::pipeline::{stamp, with_route};
 use crate::route;
 
 /// Which API the client speaks.
@@ -169,10 +170,13 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match count(&app, peer, headers, body).await {
+    let request_id = HeaderValue::try_from(app.ids.next()).ok();
+    let mut route = None;
+    let response = match count(&app, peer, headers, body, &mut route).await {
         Ok(response) => response,
         Err(error) => Api::Messages.error_response(error),
-    }
+    };
+    stamp(with_route(response, route.as_deref()), request_id)
 }
 
 async fn count(
@@ -180,6 +184,7 @@ async fn count(
     peer: SocketAddr,
     headers: HeaderMap,
     body: Body,
+    route_label: &mut Option<String>,
 ) -> Result<Response, ProxyError> {
     let table = app.table.load_full();
     let key = table.auth.authenticate(&headers)?.map(str::to_owned);
@@ -194,6 +199,7 @@ async fn count(
     };
     let route = route::resolve(&table, &openai, &cx)?;
     let target = &route.targets[0];
+    *route_label = Some(target.label());
     if let Some(backend) = table
         .backend(&target.backend)
         .filter(|b| b.plugin.speaks_messages())
