@@ -715,13 +715,6 @@ impl Sources {
             rules_dir_flag: rules_dir_flag.map(Path::to_owned),
         }
     }
-
-    /// The config file's name for diagnostics.
-    pub fn config_name(&self) -> String {
-        self.config
-            .as_ref()
-            .map_or_else(|| "<built-in>".to_owned(), |p| p.display().to_string())
-    }
 }
 
 /// Reads the main config and the rules directory's YAML fragments, in file-name order.

@@ -24,10 +24,17 @@ pub fn main(cli: Cli) -> ExitCode {
         Some(Command::Check(args)) => check(&args),
         Some(Command::Explain(args)) => explain(&args),
         Some(Command::Rules(RulesCommand::Test(args))) => {
-            let dir = args.dir.clone().or_else(|| {
-                let sources = Sources::resolve(args.config.as_deref(), None);
-                config::load(&sources).ok().and_then(|(_, dir)| dir)
-            });
+            let dir = match &args.dir {
+                Some(dir) => Some(dir.clone()),
+                // The rules directory named by the config: a config that does not load says why.
+                None => match config::load(&Sources::resolve(args.config.as_deref(), None)) {
+                    Ok((_, dir)) => dir,
+                    Err(errors) => {
+                        errors.iter().for_each(|e| eprintln!("{e}"));
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             match dir {
                 Some(dir) if crate::ruletest::run(args.config.as_deref(), &dir) => {
                     ExitCode::SUCCESS
