@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -50,8 +50,16 @@ pub fn request(backend: &str, model: &str, status: u16, duration: Duration, upst
 
 /// Tokens and cost of one request (model labels already bounded by the caller).
 pub fn usage(backend: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_nanos: i64) {
-    counter!("orproxy_tokens_total", "direction" => "in").increment(tokens_in);
-    counter!("orproxy_tokens_total", "direction" => "out").increment(tokens_out);
+    // Handles of fixed label sets are looked up once, not on every request.
+    static TOKENS: OnceLock<(Counter, Counter)> = OnceLock::new();
+    let (tokens_in_total, tokens_out_total) = TOKENS.get_or_init(|| {
+        (
+            counter!("orproxy_tokens_total", "direction" => "in"),
+            counter!("orproxy_tokens_total", "direction" => "out"),
+        )
+    });
+    tokens_in_total.increment(tokens_in);
+    tokens_out_total.increment(tokens_out);
     if cost_nanos > 0 {
         let labels = [("backend", backend.to_owned()), ("model", model.to_owned())];
         // The `metrics` facade's counters are integers; a gauge that only grows carries the

@@ -237,7 +237,7 @@ impl Record {
         let reservation = std::mem::take(&mut self.reservation);
         self.accounts
             .budgets
-            .settle(reservation, subject.clone(), cost, self.ts_ms);
+            .settle(reservation, subject.as_ref(), cost, self.ts_ms);
 
         let (backend, model) = subject
             .as_ref()

@@ -12,4 +12,3 @@ CREATE TABLE prices (
     fetched_ms              INTEGER NOT NULL,
     PRIMARY KEY (backend, model)
 ) WITHOUT ROWID;
-CREATE INDEX requests_request_id ON requests (request_id);

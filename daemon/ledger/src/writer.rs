@@ -1,9 +1,10 @@
 //! The one writer: rows arrive on an unbounded channel and are committed in batches on a
 //! dedicated thread, so a request never waits for SQLite.
 //!
-//! Each batch is everything queued when the previous commit ended (so batches grow with the
-//! load instead of the queue blocking anyone), written in one transaction. A row is on disk
-//! (in the WAL) a commit's time after it was sent, which bounds what a killed process loses.
+//! A batch gathers rows for [`COMMIT_EVERY`] (a flush or a stop commits at once) and is
+//! written in one transaction, so batches grow with the load instead of the queue blocking
+//! anyone. A row is on disk (in the WAL) at most [`COMMIT_EVERY`] plus a commit's time after
+//! it was sent, which bounds what a killed process loses.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,8 @@ use crate::row::{INSERT, Row};
 
 /// Rows per transaction at most (a transaction holds the WAL lock; keep it short).
 const MAX_BATCH: usize = 8192;
+/// How long a batch gathers rows before it is committed: what a killed process can lose.
+pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 /// Waits between retries of a batch SQLite refused.
 const RETRY: [Duration; 5] = [
     Duration::from_millis(50),
@@ -122,6 +125,7 @@ impl Worker {
     fn run(mut self) {
         let mut batch: Vec<Row> = Vec::new();
         let mut waiting: Vec<SyncSender<()>> = Vec::new();
+        let mut behind = false;
         loop {
             // Block for the first message, then take whatever else is already queued.
             // Rows a failed commit kept are retried after a pause even if nothing new comes.
@@ -135,12 +139,21 @@ impl Worker {
                 Err(RecvTimeoutError::Timeout) => false,
                 Err(RecvTimeoutError::Disconnected) => true,
             };
+            // Let rows gather for COMMIT_EVERY: each transaction rewrites the same few pages and
+            // takes the WAL locks, so one commit per row would cost far more than the rows.
+            // Sleeping rather than waiting on the channel matters as much: a waiting receiver
+            // is woken (a futex call and a context switch) by every single send.
+            // A full last batch means rows arrive faster than batches fill: no pause then.
+            if !stop && waiting.is_empty() && !behind {
+                std::thread::sleep(COMMIT_EVERY);
+            }
             while !stop && batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
                     Ok(message) => stop = self.take(message, &mut batch, &mut waiting),
                     Err(_) => break,
                 }
             }
+            behind = batch.len() >= MAX_BATCH;
             if !batch.is_empty() {
                 self.commit(&mut batch, stop);
             }
