@@ -279,6 +279,22 @@ impl ProxyError {
         }
     }
 
+    /// The `Retry-After` the client should see: the upstream's, the earliest of a rate-limited
+    /// chain (whole seconds, rounded up), or a second while shutting down.
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        match self {
+            ProxyError::Upstream { answer, .. } => answer.headers.get(RETRY_AFTER).cloned(),
+            ProxyError::AllRateLimited {
+                retry_after: Some(after),
+                ..
+            } => Some(HeaderValue::from(
+                after.as_secs() + u64::from(after.subsec_nanos() > 0),
+            )),
+            ProxyError::ShuttingDown => Some(HeaderValue::from_static("1")),
+            _ => None,
+        }
+    }
+
     /// The OpenAI-shaped JSON body.
     pub fn body(&self) -> Bytes {
         Bytes::from(
@@ -301,21 +317,12 @@ impl IntoResponse for ProxyError {
             *response.headers_mut() = headers;
             return response;
         }
+        let retry_after = self.retry_after();
         let mut response = (self.status(), self.body()).into_response();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        match self {
-            ProxyError::ShuttingDown => {
-                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            ProxyError::AllRateLimited {
-                retry_after: Some(after),
-                ..
-            } => {
-                let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
-            }
-            _ => {}
+        if let Some(value) = retry_after {
+            headers.insert(RETRY_AFTER, value);
         }
         response
     }

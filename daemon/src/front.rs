@@ -42,7 +42,7 @@ impl Api {
             Api::Messages => {
                 let status = error.status();
                 let message = client_message(&error);
-                let retry_after = retry_after(&error);
+                let retry_after = error.retry_after();
                 let mut response =
                     (status, anthropic::error_body(status.as_u16(), &message)).into_response();
                 let headers = response.headers_mut();
@@ -78,20 +78,6 @@ fn client_message(error: &ProxyError) -> String {
         return message.to_owned();
     }
     error.to_string()
-}
-
-fn retry_after(error: &ProxyError) -> Option<HeaderValue> {
-    match error {
-        ProxyError::Upstream { answer, .. } => answer.headers.get(RETRY_AFTER).cloned(),
-        ProxyError::AllRateLimited {
-            retry_after: Some(after),
-            ..
-        } => Some(HeaderValue::from(
-            after.as_secs() + u64::from(after.subsec_nanos() > 0),
-        )),
-        ProxyError::ShuttingDown => Some(HeaderValue::from_static("1")),
-        _ => None,
-    }
 }
 
 /// What a Messages request keeps beside its OpenAI translation.
