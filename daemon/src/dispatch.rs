@@ -377,7 +377,7 @@ pub async fn json(
     table: &RoutingTable,
     exchange: &Exchange,
     record: &mut Record,
-) -> Result<Response, ProxyError> {
+) -> Result<(Response, Outcome), ProxyError> {
     let limits = table.limits;
     let mut plan = Plan::new(&exchange.route, &app.health);
     while let Some(target) = plan.next_target() {
@@ -433,8 +433,9 @@ pub async fn json(
                     record.usage = mapped.usage;
                     record.model_served = mapped.model;
                     record.attempt(&label, "ok");
+                    let outcome = served(record, mapped.partial);
                     let body = client_body(exchange, attempt.native, mapped.body.unwrap_or(body))?;
-                    return Ok(success(response, body));
+                    return Ok((success(response, body), outcome));
                 }
                 Some(failure) => failure,
             }
@@ -475,6 +476,17 @@ pub fn upstream_error(
     ProxyError::Upstream {
         backend: backend.to_owned(),
         answer: Box::new(answer),
+    }
+}
+
+/// The outcome of an answer that was served: `midstream_error` when the upstream cut it short.
+pub fn served(record: &mut Record, partial: Option<Failure>) -> Outcome {
+    match partial {
+        Some(failure) => {
+            record.error = Some(failure.message);
+            Outcome::MidstreamError
+        }
+        None => Outcome::Ok,
     }
 }
 

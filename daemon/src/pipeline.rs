@@ -32,7 +32,7 @@ use crate::budget;
 use crate::dispatch::{self, Exchange, forwarded_headers, outcome_of};
 use crate::error::ProxyError;
 use crate::front::{self, Api};
-use crate::record::{Outcome, Record};
+use crate::record::Record;
 use crate::relay;
 use crate::route;
 use crate::table::RoutingTable;
@@ -92,11 +92,11 @@ async fn handle(
             relay::stream(Arc::clone(&app), table, exchange, record).await
         }
         Ok(exchange) => match dispatch::json(&app, &table, &exchange, &mut record).await {
-            Ok(response) => {
+            Ok((response, outcome)) => {
                 record.first_byte = Some(Instant::now());
                 let status = response.status().as_u16();
                 let route = record.route.clone();
-                record.finish(status, Outcome::Ok);
+                record.finish(status, outcome);
                 with_route(response, route.as_deref())
             }
             Err(error) => {

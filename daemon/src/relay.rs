@@ -25,7 +25,7 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
 use crate::dispatch::{
-    Cause, Exchange, Plan, attempt_error, client_body, prepare, success, upstream_error,
+    Cause, Exchange, Plan, attempt_error, client_body, prepare, served, success, upstream_error,
 };
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
 use crate::front::StreamOut;
@@ -597,13 +597,14 @@ impl Relay {
                     self.record.usage = mapped.usage;
                     self.record.model_served = mapped.model;
                     self.record.attempt(label, "ok");
+                    let outcome = served(&mut self.record, mapped.partial);
                     let body = client_body(&self.exchange, native, mapped.body.unwrap_or(body));
                     let response = match body {
                         Ok(body) => success(response, body),
                         Err(error) => self.exchange.api.error_response(error),
                     };
                     let _ = commit.send(Commit::Response(response));
-                    return AttemptEnd::Finished(Outcome::Ok);
+                    return AttemptEnd::Finished(outcome);
                 }
                 (None, None) => Failure {
                     kind: FailureKind::Server,

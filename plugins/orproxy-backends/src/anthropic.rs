@@ -199,6 +199,7 @@ impl Backend for Anthropic {
             failure: message.failure(),
             usage: message.usage.map(WireUsage::to_usage),
             model: message.model,
+            partial: None,
         }
     }
 
@@ -983,6 +984,7 @@ fn to_completion(body: &[u8], created: u64) -> MappedResponse {
         usage: message.usage.map(WireUsage::to_usage),
         model: (!model.is_empty()).then_some(model),
         failure: None,
+        partial: None,
     }
 }
 

@@ -194,6 +194,9 @@ pub struct MappedResponse {
     pub model: Option<String>,
     /// Set when the 200 carries an error instead of an answer.
     pub failure: Option<Failure>,
+    /// Set when the answer is there but cut short by an upstream failure (OpenRouter's
+    /// choice-level `error` with `finish_reason: "error"`): relayed, recorded as broken.
+    pub partial: Option<Failure>,
 }
 
 /// Maps one stream's events, keeping whatever state the translation needs.

@@ -115,11 +115,17 @@ struct ResponseView<'a> {
     usage: Option<&'a RawValue>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
-    #[serde(default)]
-    choices: Option<IgnoredAny>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ResponseChoice<'a>>>,
 }
 
-/// Reads usage, served model and a 200-with-error from a chat completion.
+#[derive(Deserialize)]
+struct ResponseChoice<'a> {
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+/// Reads usage, served model, a 200-with-error and an answer cut short from a chat completion.
 pub fn map_response(body: &Bytes) -> MappedResponse {
     let Ok(view) = serde_json::from_slice::<ResponseView<'_>>(body) else {
         return MappedResponse::default();
@@ -128,11 +134,18 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
         (Some(err), None) if err.get() != "null" => Some(Failure::from_error_object(err)),
         _ => None,
     };
+    let partial = view
+        .choices
+        .iter()
+        .flatten()
+        .find_map(|c| c.error.filter(|e| e.get() != "null"))
+        .map(Failure::from_error_object);
     MappedResponse {
         body: None,
         usage: view.usage.and_then(Usage::from_openai_json),
         model: view.model.map(Cow::into_owned),
         failure,
+        partial,
     }
 }
 
@@ -411,6 +424,22 @@ mod tests {
             .iter()
             .map(|s| mapper.map(SseEvent::new(Bytes::from(s.to_string()))).kind)
             .collect()
+    }
+
+    #[test]
+    fn a_non_stream_answer_cut_short_is_partial_not_failed() {
+        // OPENROUTER.md: provider failure after partial output, HTTP 200.
+        let body = Bytes::from_static(
+            br#"{"id":"gen-1","model":"m","choices":[{"message":{"role":"assistant","content":"partial output..."},"finish_reason":"error","error":{"code":502,"message":"provider went away","metadata":{"error_type":"provider_unavailable"}}}],"usage":{"prompt_tokens":3,"completion_tokens":2,"cost":0.00001}}"#,
+        );
+        let mapped = map_response(&body);
+        assert!(mapped.failure.is_none());
+        assert_eq!(mapped.partial.unwrap().message, "provider went away");
+        assert_eq!(mapped.usage.unwrap().completion_tokens, 2);
+        let whole = Bytes::from_static(
+            br#"{"choices":[{"message":{"content":"ok"},"finish_reason":"stop","error":null}]}"#,
+        );
+        assert!(map_response(&whole).partial.is_none());
     }
 
     #[test]
