@@ -117,8 +117,26 @@ async fn status(State(app): State<Arc<App>>) -> Response {
         "last_reload": app.last_reload(),
         "cooldowns": app.health.snapshot(),
         "keys": keys,
+        "ledger": ledger_status(&app),
     }))
     .into_response()
+}
+
+/// The usage database: where it is and how its writer is doing (`null` when off).
+fn ledger_status(app: &App) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (Some(path), Some(writer)) = (&app.accounts.path, &app.accounts.writer) else {
+        return Value::Null;
+    };
+    let stats = writer.stats();
+    json!({
+        "path": path,
+        "rows_written": stats.written.load(Relaxed),
+        "rows_queued": stats.queued.load(Relaxed),
+        "write_errors": stats.errors.load(Relaxed),
+        "rows_dropped": stats.dropped.load(Relaxed),
+        "prices": app.accounts.prices.fetched_backends(),
+    })
 }
 
 async fn reload(State(app): State<Arc<App>>) -> Response {

@@ -6,7 +6,7 @@
 //! config. All money is integer nano-dollars; prices are nano-dollars per million tokens, so
 //! even sub-nano-dollar per-token prices are exact.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use orproxy_plugin::{Nanos, Price, Usage};
@@ -120,6 +120,12 @@ impl PriceLists {
     pub fn get(&self, backend: &str, model: &str) -> Option<Listed> {
         let lists = self.lists.read().unwrap_or_else(|p| p.into_inner());
         lists.get(backend)?.get(model).copied()
+    }
+
+    /// Each backend with a fetched list, and when it was fetched (Unix milliseconds).
+    pub fn fetched_backends(&self) -> BTreeMap<String, i64> {
+        let fetched = self.fetched.read().unwrap_or_else(|p| p.into_inner());
+        fetched.iter().map(|(b, at)| (b.clone(), *at)).collect()
     }
 
     /// When `backend`'s list was fetched, if ever.

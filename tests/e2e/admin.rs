@@ -95,6 +95,9 @@ async fn admin_routes_need_the_token_and_never_show_secrets() {
         .unwrap();
     assert_eq!(status["table_version"], 1);
     assert_eq!(status["last_reload"]["result"], "ok");
+    let db = daemon.state_dir.join("usage.db");
+    assert_eq!(status["ledger"]["path"], db.display().to_string());
+    assert_eq!(status["ledger"]["write_errors"], 0);
     assert!(!daemon.logs().join("\n").contains("secret"));
 }
 
