@@ -40,7 +40,7 @@ pub enum Command {
 /// Flags of `orproxy report`.
 #[derive(Debug, Clone, Args)]
 pub struct ReportArgs {
-    /// Usage database [default: database.path from the config, else $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db].
+    /// Usage database [default: database.path from the config, else $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db, else the service's /var/lib/orproxy/usage.db].
     #[arg(long, value_name = "PATH")]
     pub db: Option<PathBuf>,
     /// Config file naming the database [default: /etc/orproxy/config.yaml if it exists].

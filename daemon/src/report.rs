@@ -18,6 +18,9 @@ use crate::app::App;
 use crate::budget::{days_from_civil, now_ms};
 use crate::cli::{ReportArgs, ReportFormat};
 
+/// Where the systemd unit's database is (`StateDirectory=orproxy`).
+const SERVICE_DATABASE: &str = "/var/lib/orproxy/usage.db";
+
 /// Query string of `GET /admin/usage`.
 #[derive(Debug, Deserialize)]
 pub struct UsageParams {
@@ -139,7 +142,16 @@ pub fn run(args: &ReportArgs) -> ExitCode {
         crate::config::load(&sources)
             .ok()
             .and_then(|(config, _)| config.database?.value.path.map(Into::into))
-            .unwrap_or_else(crate::ledger::default_path)
+            .unwrap_or_else(|| {
+                // An operator's shell has no $STATE_DIRECTORY: find the service's database.
+                let default = crate::ledger::default_path();
+                let service = std::path::Path::new(SERVICE_DATABASE);
+                if !default.exists() && service.exists() {
+                    service.to_owned()
+                } else {
+                    default
+                }
+            })
     });
     let report = query(
         args.from.as_deref(),
