@@ -96,7 +96,12 @@ pub fn command() -> Command {
     let mut cmd = Command::new(binary());
     cmd.env_remove("OPENROUTER_API_KEY")
         .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        // A daemon started this way keeps its usage database out of the source tree.
+        .env(
+            "STATE_DIRECTORY",
+            std::env::temp_dir().join(format!("orproxy-e2e-state-{}", std::process::id())),
+        );
     cmd
 }
 

@@ -148,7 +148,8 @@ auth:
 @pytest.fixture(scope="session")
 def orproxy(fake_openrouter):
     """orproxy in front of the fake OpenRouter, with one proxy key. Yields its /v1 base URL."""
-    config = f"""
+    proxy, base = start_orproxy(
+        f"""
 backends:
   openrouter:
     type: openrouter
@@ -161,25 +162,8 @@ auth:
       key_env: ORPROXY_TEST_KEY
 limits:
   commit_after: 5s
-"""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(config)
-    env = dict(os.environ)
-    env.pop("OPENROUTER_API_KEY", None)
-    env["FAKE_OPENROUTER_KEY"] = "sk-or-v1-fake-" + "0" * 64
-    env["ORPROXY_TEST_KEY"] = PROXY_KEY
-    env.setdefault("RUST_LOG", "info")
-    args = [
-        binary("orproxy"), "--config", f.name,
-        "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json",
-    ]
-    proxy = Process(args, env, "stderr")
-
-    def ready(line):
-        event = json_line(line)
-        return event if event and event.get("message") == "Ready." else None
-
-    event = proxy.wait_for(ready)
-    yield f"http://{event['listen']}/v1"
+""",
+        {"FAKE_OPENROUTER_KEY": "sk-or-v1-fake-" + "0" * 64},
+    )
+    yield base
     proxy.stop()
-    os.unlink(f.name)
