@@ -279,13 +279,17 @@ impl Record {
             return;
         };
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let (key, backend, model) = match subject {
+            Some(s) => (s.key, Some(s.backend), Some(s.model)),
+            None => (self.key.take(), None, None),
+        };
         writer.send(Row {
             ts_ms: self.ts_ms,
             request_id: std::mem::take(&mut self.id),
-            key: self.key.take(),
+            key,
             client_ip: self.client_ip.map(|ip| ip.to_string()),
-            backend: subject.as_ref().map(|s| s.backend.clone()),
-            model: subject.map(|s| s.model),
+            backend,
+            model,
             model_requested: self.model_requested.take(),
             model_served: self.model_served.take(),
             status: self.status,

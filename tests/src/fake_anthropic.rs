@@ -218,28 +218,8 @@ impl Shared {
     }
 
     fn record(&self, parts: &Parts, body: &Bytes) -> usize {
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
-        let headers = parts
-            .headers
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_owned(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
         let mut requests = self.lock();
-        requests.push(RecordedRequest {
-            method: parts.method.as_str().to_owned(),
-            path,
-            headers,
-            body: body.clone(),
-            disconnected: false,
-        });
+        requests.push(RecordedRequest::from_parts(parts, body));
         requests.len() - 1
     }
 

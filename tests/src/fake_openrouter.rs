@@ -129,6 +129,31 @@ impl RecordedRequest {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The request as it arrived (header names lowercase).
+    pub(crate) fn from_parts(parts: &http::request::Parts, body: &Bytes) -> Self {
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        RecordedRequest {
+            method: parts.method.as_str().to_owned(),
+            path,
+            headers,
+            body: body.clone(),
+            disconnected: false,
+        }
+    }
+
     /// The body parsed as JSON, `Value::Null` if it is not JSON.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)

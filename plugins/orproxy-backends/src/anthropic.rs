@@ -1225,23 +1225,31 @@ impl ChunkTranslator {
         )
     }
 
+    /// A chunk carrying answer text.
+    fn text_chunk(&self, text: &str) -> Bytes {
+        let delta = Delta {
+            content: Some(text),
+            ..Delta::default()
+        };
+        self.chunk(delta, None)
+    }
+
+    /// A chunk carrying reasoning text.
+    fn reasoning_chunk(&self, thinking: &str) -> Bytes {
+        let delta = Delta {
+            reasoning: Some(thinking),
+            ..Delta::default()
+        };
+        self.chunk(delta, None)
+    }
+
     /// The chunk for a block's opening, if it carries anything.
     fn block_start(&mut self, index: usize, block: &WireBlock) -> Option<Bytes> {
         match block {
-            WireBlock::Text { text } if !text.is_empty() => Some(self.chunk(
-                Delta {
-                    content: Some(text),
-                    ..Delta::default()
-                },
-                None,
-            )),
-            WireBlock::Thinking { thinking } if !thinking.is_empty() => Some(self.chunk(
-                Delta {
-                    reasoning: Some(thinking),
-                    ..Delta::default()
-                },
-                None,
-            )),
+            WireBlock::Text { text } if !text.is_empty() => Some(self.text_chunk(text)),
+            WireBlock::Thinking { thinking } if !thinking.is_empty() => {
+                Some(self.reasoning_chunk(thinking))
+            }
             WireBlock::ToolUse { id, name, .. } => {
                 self.tool_blocks.push(index);
                 Some(self.tool_chunk(ToolCallDelta {
@@ -1261,20 +1269,10 @@ impl ChunkTranslator {
     /// The chunk for a block's delta, if it carries anything.
     fn block_delta(&self, index: usize, delta: &WireDelta) -> Option<Bytes> {
         match delta {
-            WireDelta::TextDelta { text } if !text.is_empty() => Some(self.chunk(
-                Delta {
-                    content: Some(text),
-                    ..Delta::default()
-                },
-                None,
-            )),
-            WireDelta::ThinkingDelta { thinking } if !thinking.is_empty() => Some(self.chunk(
-                Delta {
-                    reasoning: Some(thinking),
-                    ..Delta::default()
-                },
-                None,
-            )),
+            WireDelta::TextDelta { text } if !text.is_empty() => Some(self.text_chunk(text)),
+            WireDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
+                Some(self.reasoning_chunk(thinking))
+            }
             WireDelta::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
                 let tool = self.tool_blocks.iter().position(|b| *b == index)?;
                 Some(self.tool_chunk(ToolCallDelta {

@@ -83,28 +83,10 @@ impl Shared {
         if !self.opts.record {
             return None;
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
-        let headers = parts
-            .headers
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
         let mut inner = self.lock();
-        inner.requests.push(RecordedRequest {
-            method: parts.method.as_str().to_owned(),
-            path,
-            headers,
-            body: body.clone(),
-            disconnected: false,
-        });
+        inner
+            .requests
+            .push(RecordedRequest::from_parts(parts, body));
         Some(inner.requests.len() - 1)
     }
 
