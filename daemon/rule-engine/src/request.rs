@@ -59,7 +59,7 @@ pub(crate) struct Shared {
     /// The request.
     pub(crate) request: RouteRequest,
     /// `(field, value before the running script first wrote it)`, in first-write order.
-    pub(crate) written: Vec<(&'static str, Value)>,
+    pub(crate) written: Vec<(&'static str, Snapshot)>,
 }
 
 impl Shared {
@@ -67,25 +67,52 @@ impl Shared {
     /// read cost no copies.
     fn before_write(&mut self, field: &'static str) {
         if !self.written.iter().any(|(f, _)| *f == field) {
-            let value = self.request.field(field);
+            let value = self.request.snapshot(field);
             self.written.push((field, value));
         }
     }
 }
 
-impl RouteRequest {
-    /// A writable field as JSON (for the change trace).
-    pub(crate) fn field(&self, field: &str) -> Value {
+/// A copy of one writable field, compared after the script ran and turned into JSON only when
+/// it changed (most writes of a typical script are the only JSON the trace needs).
+#[derive(Debug, PartialEq)]
+pub(crate) enum Snapshot {
+    Text(String),
+    Json(BTreeMap<String, Value>),
+    Strings(BTreeMap<String, String>),
+    List(Vec<String>),
+    Rejection(Option<Rejection>),
+}
+
+impl Snapshot {
+    /// The value as the change trace shows it.
+    pub(crate) fn into_json(self) -> Value {
         let json = |v: Result<Value, serde_json::Error>| v.unwrap_or(Value::Null);
+        match self {
+            Snapshot::Text(text) => Value::String(text),
+            Snapshot::Json(map) => Value::Object(map.into_iter().collect()),
+            Snapshot::Strings(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect(),
+            ),
+            Snapshot::List(list) => Value::Array(list.into_iter().map(Value::String).collect()),
+            Snapshot::Rejection(rejection) => json(serde_json::to_value(rejection)),
+        }
+    }
+}
+
+impl RouteRequest {
+    /// A copy of a writable field (for the change trace).
+    pub(crate) fn snapshot(&self, field: &str) -> Snapshot {
         match field {
-            "model" => Value::String(self.model.clone()),
-            "backend" => Value::String(self.backend.clone()),
-            "params" => json(serde_json::to_value(&self.params)),
-            "headers" => json(serde_json::to_value(&self.headers)),
-            "failover" => json(serde_json::to_value(&self.failover)),
-            "tags" => json(serde_json::to_value(&self.tags)),
-            "rejection" => json(serde_json::to_value(&self.rejection)),
-            _ => Value::Null,
+            "model" => Snapshot::Text(self.model.clone()),
+            "backend" => Snapshot::Text(self.backend.clone()),
+            "params" => Snapshot::Json(self.params.clone()),
+            "headers" => Snapshot::Strings(self.headers.clone()),
+            "failover" => Snapshot::List(self.failover.clone()),
+            "tags" => Snapshot::Json(self.tags.clone()),
+            _ => Snapshot::Rejection(self.rejection.clone()),
         }
     }
 }
@@ -107,6 +134,20 @@ impl RequestHandle {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The request as the scripts left it. Scripts hold no handle once their hook returned, so
+    /// this is normally a move, not a copy.
+    pub(crate) fn into_request(self) -> RouteRequest {
+        match Arc::try_unwrap(self.0) {
+            Ok(shared) => {
+                shared
+                    .into_inner()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .request
+            }
+            Err(shared) => RequestHandle(shared).lock().request.clone(),
+        }
+    }
+
     fn read<T>(&self, f: impl FnOnce(&RouteRequest) -> T) -> T {
         f(&self.lock().request)
     }
@@ -118,26 +159,68 @@ impl RequestHandle {
     }
 }
 
-fn to_map<V: Serialize>(values: &BTreeMap<String, V>) -> Map {
+// Direct conversions between JSON and Rhai values: Rhai's serde bridge costs about half a
+// microsecond per map access, which a request pays for every header or tag a script writes.
+
+fn json_to_dynamic(value: &Value) -> Dynamic {
+    match value {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(rhai::ImmutableString::from(s.as_str())),
+        Value::Array(items) => Dynamic::from_array(items.iter().map(json_to_dynamic).collect()),
+        Value::Object(fields) => Dynamic::from_map(
+            fields
+                .iter()
+                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// A script's value as JSON; values JSON cannot hold (NaN, a request handle) become `null`.
+fn dynamic_to_json(value: &Dynamic) -> Value {
+    if value.is_unit() {
+        Value::Null
+    } else if let Ok(b) = value.as_bool() {
+        Value::Bool(b)
+    } else if let Ok(i) = value.as_int() {
+        Value::from(i)
+    } else if let Ok(f) = value.as_float() {
+        serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+    } else if let Ok(c) = value.as_char() {
+        Value::String(c.to_string())
+    } else if let Some(s) = value.read_lock::<rhai::ImmutableString>() {
+        Value::String(s.to_string())
+    } else if let Some(items) = value.read_lock::<rhai::Array>() {
+        Value::Array(items.iter().map(dynamic_to_json).collect())
+    } else if let Some(fields) = value.read_lock::<Map>() {
+        Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
+                .collect(),
+        )
+    } else if let Some(bytes) = value.read_lock::<rhai::Blob>() {
+        Value::Array(bytes.iter().map(|b| Value::from(*b)).collect())
+    } else {
+        Value::Null
+    }
+}
+
+fn to_map(values: &BTreeMap<String, Value>) -> Map {
     values
         .iter()
-        .map(|(k, v)| {
-            (
-                k.into(),
-                rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT),
-            )
-        })
+        .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
         .collect()
 }
 
 fn json_map(map: Map) -> BTreeMap<String, Value> {
     map.into_iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                rhai::serde::from_dynamic::<Value>(&v).unwrap_or(Value::Null),
-            )
-        })
+        .map(|(k, v)| (k.to_string(), dynamic_to_json(&v)))
         .collect()
 }
 
@@ -174,7 +257,19 @@ pub fn register(engine: &mut Engine) {
     );
     engine.register_get_set(
         "headers",
-        |r: &mut RequestHandle| r.read(|q| to_map(&q.headers)),
+        |r: &mut RequestHandle| {
+            r.read(|q| {
+                q.headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().into(),
+                            Dynamic::from(rhai::ImmutableString::from(v.as_str())),
+                        )
+                    })
+                    .collect::<Map>()
+            })
+        },
         |r: &mut RequestHandle, v: Map| r.write("headers", |q| q.headers = string_map(v)),
     );
     engine.register_get_set(

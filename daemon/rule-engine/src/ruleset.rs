@@ -197,12 +197,14 @@ impl RuleSet {
         let handle = RequestHandle::new(request);
         let mut trace = Vec::new();
         let outcome = engine::with_run(host, clock, || {
+            // One scope for every hook call: it is emptied after each, and keeps its storage.
+            let mut scope = Scope::new();
             for script in self.scripts.iter().filter(|s| s.has_hook) {
                 engine::set_deadline(Instant::now() + self.limits.deadline);
                 let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
                 let result = self.engine.call_fn_with_options::<rhai::Dynamic>(
                     options,
-                    &mut Scope::new(),
+                    &mut scope,
                     &script.ast,
                     HOOK,
                     (handle.clone(),),
@@ -213,13 +215,13 @@ impl RuleSet {
                 let mut shared = handle.lock();
                 let written = std::mem::take(&mut shared.written);
                 for (field, before) in written {
-                    let after = shared.request.field(field);
+                    let after = shared.request.snapshot(field);
                     if after != before {
                         trace.push(Change {
                             script: script.name.clone(),
                             field,
-                            before,
-                            after,
+                            before: before.into_json(),
+                            after: after.into_json(),
                         });
                     }
                 }
@@ -230,8 +232,7 @@ impl RuleSet {
             Ok(())
         });
         outcome?;
-        let request = handle.lock().request.clone();
-        Ok((request, trace))
+        Ok((handle.into_request(), trace))
     }
 }
 

@@ -64,6 +64,40 @@ fn scripts_change_the_request_through_the_handle() {
 }
 
 #[test]
+fn values_cross_between_json_and_scripts_unchanged() {
+    let rules = compile(&[(
+        "20-values.rhai",
+        r#"
+        fn on_request(req) {
+            // Read back what the request holds, then write every kind of value.
+            req.tags.seen = req.params;
+            req.tags.kinds = [(), true, 7, 1.5, "text", 'c', [1, [2]], #{ a: #{ b: "c" } }];
+            req.tags.nan = 0.0 / 0.0;
+            req.tags.handle = req;
+            req.headers["x-number"] = 42;
+            // Written but left as it was: no change in the trace.
+            req.model = req.model;
+        }
+        "#,
+    )]);
+    let (out, trace) = run(&rules).unwrap();
+    assert_eq!(
+        out.tags["seen"],
+        serde_json::to_value(&request().params).unwrap()
+    );
+    assert_eq!(
+        out.tags["kinds"],
+        json!([null, true, 7, 1.5, "text", "c", [1, [2]], {"a": {"b": "c"}}])
+    );
+    assert_eq!(out.tags["nan"], json!(null));
+    assert_eq!(out.tags["handle"], json!(null));
+    assert_eq!(out.headers["x-number"], "42");
+    let fields: Vec<&str> = trace.iter().map(|c| c.field).collect();
+    assert_eq!(fields, ["tags", "headers"]);
+    assert_eq!(trace[1].after, json!({"x-number": "42"}));
+}
+
+#[test]
 fn scripts_run_in_order_and_a_rejection_stops_them() {
     let rules = compile(&[
         (

@@ -317,7 +317,12 @@ struct ConfigFile(PathBuf);
 
 impl ConfigFile {
     fn write(base_url: &str, ledger: bool) -> Result<ConfigFile> {
-        let path = std::env::temp_dir().join(format!("orproxy-bench-{}.yaml", std::process::id()));
+        let name = format!(
+            "orproxy-bench-{}-{}.yaml",
+            std::process::id(),
+            if ledger { "ledger" } else { "no-ledger" }
+        );
+        let path = std::env::temp_dir().join(name);
         // A JSON string is a valid YAML scalar, so the URL needs no YAML quoting rules.
         let yaml = format!(
             "backends:\n  openrouter:\n    type: openrouter\n    base_url: {}\n    \
@@ -965,6 +970,8 @@ struct Results {
     streamed: Vec<Sequential>,
     load_whole: [Load; 2],
     load_stream: [Load; 2],
+    /// The measured daemon against one without a database, under load: non-stream, stream.
+    ledger: Option<[[Load; 2]; 2]>,
     idle: Memory,
     after_sequential: Memory,
     after_load: Memory,
@@ -1034,7 +1041,7 @@ fn sequential_table(samples: &[Sequential], metrics: &[Metric]) -> String {
     t.render()
 }
 
-fn load_table(loads: &[Load; 2], labels: [&str; 2]) -> String {
+fn load_table(loads: &[Load; 2], labels: [&str; 2], ratio_label: &str) -> String {
     let mut t = Table::new(&[
         "path",
         "req/s",
@@ -1060,9 +1067,12 @@ fn load_table(loads: &[Load; 2], labels: [&str; 2]) -> String {
             per_call(load.cpu.bench, load.completed),
         ]);
     }
+    let (a, b) = (Dist::of(&loads[0].latencies), Dist::of(&loads[1].latencies));
     t.row(vec![
-        "ratio orproxy / direct".to_owned(),
+        ratio_label.to_owned(),
         format!("{:.2}×", loads[1].per_second() / loads[0].per_second()),
+        ratio(b.p50, a.p50),
+        ratio(b.p99, a.p99),
     ]);
     t.render()
 }
@@ -1184,6 +1194,7 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
          {load_whole}\n\
          ### Concurrency {c}, stream\n\n\
          {load_stream}\n\
+         {ledger_section}\
          ### Memory\n\n\
          {memory}\n\
          ### Targets, this run\n\n\
@@ -1198,8 +1209,21 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
         whole = sequential_table(&r.whole, WHOLE_METRICS),
         streamed = sequential_table(&r.streamed, STREAM_METRICS),
         warm = LOAD_WARMUP.as_secs_f64(),
-        load_whole = load_table(&r.load_whole, load_labels),
-        load_stream = load_table(&r.load_stream, load_labels),
+        load_whole = load_table(&r.load_whole, load_labels, "ratio orproxy / direct"),
+        load_stream = load_table(&r.load_stream, load_labels, "ratio orproxy / direct"),
+        ledger_section = r.ledger.as_ref().map_or(String::new(), |[whole, stream]| {
+            let labels = ["orproxy, ledger off", "orproxy, ledger on"];
+            let ratio = "ratio on / off";
+            format!(
+                "### The ledger under load, on and off\n\n\
+                 The measured daemon (a row per request) and a third one with \
+                 `database.enabled: false`, same logging, {c} connections, {secs:.0} s each \
+                 (two halves, in the order off, on, on, off).\n\n\
+                 Non-stream:\n\n{}\nStream:\n\n{}\n",
+                load_table(whole, labels, ratio),
+                load_table(stream, labels, ratio),
+            )
+        }),
         memory = memory_table(r),
         targets = targets_table(r),
     )
@@ -1212,6 +1236,8 @@ struct Setup {
     direct: Target,
     quiet: Target,
     chatty: Target,
+    /// The same daemon as `quiet` without its database, when `quiet` has one.
+    unrecorded: Option<Target>,
 }
 
 async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) -> Result<Results> {
@@ -1239,11 +1265,23 @@ async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) ->
     let load_whole = compare_under_load(&client, pair, &whole_body, false, args).await?;
     eprintln!("orproxy-bench: concurrency {c}, stream");
     let load_stream = compare_under_load(&client, pair, &stream_body, true, args).await?;
+    let ledger = match &setup.unrecorded {
+        Some(off) => {
+            eprintln!("orproxy-bench: concurrency {c}, ledger on and off");
+            let pair = [off, &setup.quiet];
+            Some([
+                compare_under_load(&client, pair, &whole_body, false, args).await?,
+                compare_under_load(&client, pair, &stream_body, true, args).await?,
+            ])
+        }
+        None => None,
+    };
     Ok(Results {
         whole,
         streamed,
         load_whole,
         load_stream,
+        ledger,
         idle,
         after_sequential,
         after_load: memory(proxy_pid)?,
@@ -1262,12 +1300,25 @@ fn run(args: &Args) -> Result<String> {
     let (quiet, quiet_addr) =
         start_orproxy(&orproxy, &config.0, Some(QUIET_LOG), &state.0.join("quiet"))?;
     let (chatty, chatty_addr) = start_orproxy(&orproxy, &config.0, None, &state.0.join("chatty"))?;
+    let unrecorded = if args.ledger {
+        let config = ConfigFile::write(&base_url, false)?;
+        let started = start_orproxy(&orproxy, &config.0, Some(QUIET_LOG), &state.0.join("off"))?;
+        Some((config, started))
+    } else {
+        None
+    };
     let idle = memory(quiet.pid())?;
     let info_idle = memory(chatty.pid())?;
     let setup = Setup {
         direct: Target::direct(&base_url, fake.pid())?,
         quiet: Target::proxy("orproxy (RUST_LOG=warn)", quiet_addr, &fake, &quiet)?,
         chatty: Target::proxy("orproxy (info logging)", chatty_addr, &fake, &chatty)?,
+        unrecorded: match &unrecorded {
+            Some((_, (off, addr))) => {
+                Some(Target::proxy("orproxy, ledger off", *addr, &fake, off)?)
+            }
+            None => None,
+        },
     };
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1275,7 +1326,8 @@ fn run(args: &Args) -> Result<String> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let pids = [std::process::id(), fake.pid(), quiet.pid(), chatty.pid()];
+    let mut pids = vec![std::process::id(), fake.pid(), quiet.pid(), chatty.pid()];
+    pids.extend(unrecorded.as_ref().map(|(_, (off, _))| off.pid()));
     let (results, noise) = Noise::watch(&pids, || {
         runtime.block_on(measure(args, &setup, idle, info_idle))
     })?;
