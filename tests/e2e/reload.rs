@@ -37,28 +37,39 @@ async fn probe(daemon: &Daemon) -> String {
 }
 
 /// Waits until the daemon has finished `n` reloads since it started (ok or error).
+/// Waits until `n` reloads have ended, refused or not.
 async fn reloads(daemon: &Daemon, n: usize) {
+    wait_until(daemon, n, "reloads", outcomes).await;
+}
+
+/// Waits until `count` reaches `n`: log lines reach the test a moment after the daemon wrote them.
+async fn wait_until(daemon: &Daemon, n: usize, what: &str, count: fn(&Daemon) -> usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let done = daemon
-            .logs()
-            .iter()
-            .filter(|l| {
-                l.contains("\"Routing table reloaded.\"")
-                    || l.contains("\"Reload refused; the running table is kept.\"")
-            })
-            .count();
-        // One refused reload logs one line per error; count distinct reloads by their outcome lines.
+        let done = count(daemon);
         if done >= n {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "only {done} of {n} reloads; logs:\n{}",
+            "only {done} of {n} {what}; logs:\n{}",
             daemon.logs().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Reloads ended so far: one refused reload logs one line per error, so they are counted by
+/// their outcome lines.
+fn outcomes(daemon: &Daemon) -> usize {
+    daemon
+        .logs()
+        .iter()
+        .filter(|l| {
+            l.contains("\"Routing table reloaded.\"")
+                || l.contains("\"Reload refused; the running table is kept.\"")
+        })
+        .count()
 }
 
 fn ok_reloads(daemon: &Daemon) -> usize {
@@ -202,6 +213,8 @@ async fn editors_bursts_and_partial_writes_end_in_one_reload_of_the_final_conten
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    // The answer comes after the swap, but its log line may still be on its way to the test.
+    wait_until(&daemon, 5, "successful reloads", ok_reloads).await;
     assert_eq!(ok_reloads(&daemon), 5, "each edit was exactly one reload");
 }
 
