@@ -31,7 +31,8 @@ const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--co
   --requests N      requests per path at concurrency 1, per mode (default 2000)
   --duration SECS   measured seconds per path under load, per mode (default 10)
   --concurrency C   connections under load (default 64)
-  --no-ledger       run orproxy without its usage database (database.enabled: false)
+  --no-ledger       run orproxy without its usage database (database.enabled: false);
+                    the comparison of the daemon with and without it is then skipped
   --markdown PATH   also write the results (Markdown) to PATH";
 
 /// Calls per path before anything is measured: connections, pools and caches are then warm.
