@@ -73,8 +73,8 @@ impl Shared {
     }
 }
 
-/// A copy of one writable field, compared after the script ran and turned into JSON only when
-/// it changed (most writes of a typical script are the only JSON the trace needs).
+/// A copy of one writable field, compared with the field after the script ran; only a field
+/// that changed is turned into JSON for the trace.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Snapshot {
     Text(String),
@@ -159,8 +159,8 @@ impl RequestHandle {
     }
 }
 
-// Direct conversions between JSON and Rhai values: Rhai's serde bridge costs about half a
-// microsecond per map access, which a request pays for every header or tag a script writes.
+// Direct conversions between JSON and Rhai values: Rhai's serde bridge takes every value through
+// serde's data model, and a request pays for a conversion on every map a script reads or writes.
 
 fn json_to_dynamic(value: &Value) -> Dynamic {
     match value {
