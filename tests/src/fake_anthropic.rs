@@ -39,14 +39,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::RecordedRequest;
+use crate::serve::accept_loop;
 
 /// The `x-api-key` a [`FakeAnthropic::start`] fake accepts.
 pub const FAKE_ANTHROPIC_KEY: &str = "sk-ant-api03-fake-000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000-AAAAAAAA";
@@ -139,7 +137,13 @@ impl FakeAnthropic {
             requests: Mutex::new(Vec::new()),
         });
         let (tx, rx) = watch::channel(());
-        tokio::spawn(accept_loop(listener, Arc::clone(&shared), rx));
+        let serving = Arc::clone(&shared);
+        tokio::spawn(accept_loop(
+            listener,
+            rx,
+            || {},
+            move |req| handle(Arc::clone(&serving), req),
+        ));
         Ok(FakeAnthropic {
             addr,
             shared,
@@ -173,39 +177,6 @@ impl std::fmt::Debug for FakeAnthropic {
         f.debug_struct("FakeAnthropic")
             .field("addr", &self.addr)
             .finish_non_exhaustive()
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<()>,
-) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                // EMFILE and friends: back off instead of spinning.
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        // Streamed events are small writes; Nagle would delay them behind the client's ACKs.
-        let _ = stream.set_nodelay(true);
-        let shared = Arc::clone(&shared);
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(Arc::clone(&shared), req));
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = shutdown.changed() => {}
-            }
-        });
     }
 }
 
@@ -796,6 +767,7 @@ mod tests {
     use http_body_util::Full;
     use hyper_util::client::legacy::Client;
     use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
 
     struct Answered {
         status: u16,

@@ -14,7 +14,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, CONTENT_TYPE, USER_AGENT};
+use http::header::ACCEPT;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use orproxy_plugin::openai::{self, endpoint, header_value};
 use orproxy_plugin::sse::data_event;
@@ -95,19 +95,8 @@ impl Anthropic {
         body: Bytes,
     ) -> Result<UpstreamRequest, PrepareError> {
         let key = call.api_key.ok_or(PrepareError::MissingKey)?;
-        let mut headers = auth_headers(key)?;
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            ACCEPT,
-            HeaderValue::from_static(if call.stream {
-                "text/event-stream"
-            } else {
-                "application/json"
-            }),
-        );
-        if let Some(ua) = call.identity.user_agent {
-            headers.insert(USER_AGENT, header_value(ua, "User-Agent")?);
-        }
+        let mut headers = openai::json_headers(call, 8)?;
+        headers.extend(auth_headers(key)?);
         // Only Anthropic's own headers: the others forwarded by the daemon (OpenRouter's) mean
         // nothing here. Beta flags may come as several headers, so they are appended.
         for (name, value) in call.headers {

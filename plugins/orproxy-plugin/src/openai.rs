@@ -25,21 +25,9 @@ use crate::usage::{Usage, usd_to_nanos};
 
 /// Builds a JSON POST to `url` with the call's body, bearer key, identity and extra headers.
 pub fn json_post(url: Uri, call: &Call<'_>) -> Result<UpstreamRequest, PrepareError> {
-    let mut headers = HeaderMap::with_capacity(8 + call.headers.len());
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(
-        ACCEPT,
-        HeaderValue::from_static(if call.stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        }),
-    );
+    let mut headers = json_headers(call, 8 + call.headers.len())?;
     if let Some(key) = call.api_key {
         headers.insert(AUTHORIZATION, bearer(key)?);
-    }
-    if let Some(ua) = call.identity.user_agent {
-        headers.insert(USER_AGENT, header_value(ua, "User-Agent")?);
     }
     for (name, value) in call.headers {
         headers.insert(name.clone(), value.clone());
@@ -50,6 +38,25 @@ pub fn json_post(url: Uri, call: &Call<'_>) -> Result<UpstreamRequest, PrepareEr
         headers,
         body: call.body.to_bytes(),
     })
+}
+
+/// The headers every JSON POST carries: `Content-Type`, `Accept` (an event stream when the call
+/// streams) and the identity's `User-Agent`; room for `capacity` headers in all.
+pub fn json_headers(call: &Call<'_>, capacity: usize) -> Result<HeaderMap, PrepareError> {
+    let mut headers = HeaderMap::with_capacity(capacity);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        ACCEPT,
+        HeaderValue::from_static(if call.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
+    );
+    if let Some(ua) = call.identity.user_agent {
+        headers.insert(USER_AGENT, header_value(ua, "User-Agent")?);
+    }
+    Ok(headers)
 }
 
 /// Builds a GET with an optional bearer key.

@@ -5,18 +5,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::chat::FastResponses;
 use super::{BillingEntry, FakeOptions, RecordedRequest, routes};
+use crate::serve::accept_loop;
 
 /// Which upstream the engine imitates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,7 +148,15 @@ impl Server {
             inner: Mutex::new(Inner::default()),
         });
         let (tx, rx) = watch::channel(());
-        tokio::spawn(accept_loop(listener, Arc::clone(&shared), rx));
+        let (counted, serving) = (Arc::clone(&shared), Arc::clone(&shared));
+        tokio::spawn(accept_loop(
+            listener,
+            rx,
+            move || {
+                counted.connections.fetch_add(1, Ordering::SeqCst);
+            },
+            move |req| routes::handle(Arc::clone(&serving), req),
+        ));
         Ok(Server {
             addr,
             shared,
@@ -177,39 +182,5 @@ impl Server {
 
     pub(crate) fn connections(&self) -> usize {
         self.shared.connections.load(Ordering::SeqCst)
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<()>,
-) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    // Typically EMFILE under a benchmark: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        // Streamed events are small writes; Nagle would delay them behind the client's ACKs.
-        let _ = stream.set_nodelay(true);
-        shared.connections.fetch_add(1, Ordering::SeqCst);
-        let shared = Arc::clone(&shared);
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| routes::handle(Arc::clone(&shared), req));
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = shutdown.changed() => {}
-            }
-        });
     }
 }

@@ -401,15 +401,20 @@ fn text_part(block: &Map<String, Value>, path: &str) -> Result<Part, TranslateEr
     })
 }
 
+/// A base64 `source` as the `data:` URL OpenAI-style parts carry.
+fn data_url(source: &Map<String, Value>, path: &str) -> Result<String, TranslateError> {
+    Ok(format!(
+        "data:{};base64,{}",
+        str_field(source, "media_type", path)?,
+        str_field(source, "data", path)?
+    ))
+}
+
 fn image_part(block: &Map<String, Value>, path: &str) -> Result<Part, TranslateError> {
     let path = format!("{path}.source");
     let source = as_object(block.get("source").unwrap_or(&Value::Null), &path)?;
     let url = match str_field(source, "type", &path)? {
-        "base64" => format!(
-            "data:{};base64,{}",
-            str_field(source, "media_type", &path)?,
-            str_field(source, "data", &path)?
-        ),
+        "base64" => data_url(source, &path)?,
         "url" => str_field(source, "url", &path)?.to_owned(),
         other => return Err(unsupported_source(other, &path)),
     };
@@ -432,11 +437,7 @@ fn document_part(block: &Map<String, Value>, path: &str) -> Result<Part, Transla
                 cache_control: None,
             });
         }
-        "base64" => format!(
-            "data:{};base64,{}",
-            str_field(source, "media_type", &path)?,
-            str_field(source, "data", &path)?
-        ),
+        "base64" => data_url(source, &path)?,
         // OpenRouter fetches PDF URLs given as file data.
         "url" => str_field(source, "url", &path)?.to_owned(),
         other => return Err(unsupported_source(other, &path)),
