@@ -168,7 +168,7 @@ pub fn compact_trace(trace: &[orproxy_rules::Change]) -> Option<String> {
     let mut out = String::new();
     let mut script: Option<&str> = None;
     for change in trace {
-        if script == Some(change.script.as_str()) {
+        if script == Some(&*change.script) {
             out.push(',');
         } else {
             if script.is_some() {

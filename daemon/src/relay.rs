@@ -412,7 +412,7 @@ impl Relay {
                     None => {
                         // hyper hands a body over one chunk at a time from its connection
                         // task: let that task run once before deciding nothing is left.
-                        tokio::task::yield_now().await;
+                        run_others_once().await;
                         match response.chunk().now_or_never() {
                             Some(next) => next,
                             None => break,
@@ -664,4 +664,22 @@ async fn client_gone(commit: &mut Option<oneshot::Sender<Commit>>, events: &mpsc
         Some(commit) => commit.closed().await,
         None => events.closed().await,
     }
+}
+
+/// Lets every task already woken on this thread run once, then continues. Unlike
+/// `tokio::task::yield_now`, which also polls the I/O driver (a syscall) before resuming, this
+/// only requeues the task behind those already woken: hyper's connection task, woken when the
+/// body was polled, decodes the next chunk it has already read.
+async fn run_others_once() {
+    let mut requeued = false;
+    std::future::poll_fn(|cx| {
+        if requeued {
+            std::task::Poll::Ready(())
+        } else {
+            requeued = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }

@@ -320,7 +320,7 @@ fn bad_header(trace: &[Change], name: &str) -> orproxy_rules::RuleFailure {
         .iter()
         .rev()
         .find(|c| c.field == "headers")
-        .map_or_else(String::new, |c| c.script.clone());
+        .map_or_else(String::new, |c| c.script.to_string());
     orproxy_rules::RuleFailure {
         name: script,
         line: 0,

@@ -17,7 +17,7 @@ pub mod request;
 pub mod ruleset;
 
 pub use engine::{Host, NoLedger, Sandbox, UNLIMITED};
-pub use request::{Rejection, RouteRequest};
+pub use request::{Rejection, RouteRequest, Snapshot};
 pub use ruleset::{Change, HOOK, RuleFailure, RuleSet, ScriptError};
 
 #[cfg(test)]

@@ -73,33 +73,21 @@ impl Shared {
     }
 }
 
-/// A copy of one writable field, compared with the field after the script ran; only a field
-/// that changed is turned into JSON for the trace.
-#[derive(Debug, PartialEq)]
-pub(crate) enum Snapshot {
+/// A copy of one writable field, compared with the field after the script ran. It serializes as
+/// the field's JSON, so the trace costs no conversion unless someone reads it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Snapshot {
+    /// `model` or `backend`.
     Text(String),
+    /// `params` or `tags`.
     Json(BTreeMap<String, Value>),
+    /// `headers`.
     Strings(BTreeMap<String, String>),
+    /// `failover`.
     List(Vec<String>),
+    /// `rejection`.
     Rejection(Option<Rejection>),
-}
-
-impl Snapshot {
-    /// The value as the change trace shows it.
-    pub(crate) fn into_json(self) -> Value {
-        let json = |v: Result<Value, serde_json::Error>| v.unwrap_or(Value::Null);
-        match self {
-            Snapshot::Text(text) => Value::String(text),
-            Snapshot::Json(map) => Value::Object(map.into_iter().collect()),
-            Snapshot::Strings(map) => Value::Object(
-                map.into_iter()
-                    .map(|(k, v)| (k, Value::String(v)))
-                    .collect(),
-            ),
-            Snapshot::List(list) => Value::Array(list.into_iter().map(Value::String).collect()),
-            Snapshot::Rejection(rejection) => json(serde_json::to_value(rejection)),
-        }
-    }
 }
 
 impl RouteRequest {

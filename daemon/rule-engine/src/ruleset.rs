@@ -6,10 +6,9 @@ use std::time::Instant;
 
 use rhai::{AST, CallFnOptions, Engine, EvalAltResult, Position, Scope};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::engine::{self, Host, Sandbox};
-use crate::request::{RequestHandle, RouteRequest};
+use crate::request::{RequestHandle, RouteRequest, Snapshot};
 
 /// The hook every script may define.
 pub const HOOK: &str = "on_request";
@@ -55,17 +54,17 @@ pub struct RuleFailure {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Change {
     /// The script's file name.
-    pub script: String,
+    pub script: Arc<str>,
     /// `model`, `backend`, `params`, `headers`, `failover`, `tags` or `rejection`.
     pub field: &'static str,
     /// The value before the script ran.
-    pub before: Value,
+    pub before: Snapshot,
     /// The value after.
-    pub after: Value,
+    pub after: Snapshot,
 }
 
 struct Script {
-    name: String,
+    name: Arc<str>,
     ast: AST,
     /// Whether it defines the hook (scripts may hold only helpers or constants).
     has_hook: bool,
@@ -110,9 +109,10 @@ impl RuleSet {
                             ),
                         }),
                         hook => scripts.push(Script {
-                            name: Path::new(name)
-                                .file_name()
-                                .map_or_else(|| name.clone(), |n| n.to_string_lossy().into_owned()),
+                            name: Path::new(name).file_name().map_or_else(
+                                || name.as_str().into(),
+                                |n| n.to_string_lossy().into(),
+                            ),
                             has_hook: hook.is_some(),
                             ast,
                         }),
@@ -178,7 +178,7 @@ impl RuleSet {
 
     /// The script names, in run order.
     pub fn names(&self) -> Vec<&str> {
-        self.scripts.iter().map(|s| s.name.as_str()).collect()
+        self.scripts.iter().map(|s| &*s.name).collect()
     }
 
     /// True when no script is loaded.
@@ -218,10 +218,10 @@ impl RuleSet {
                     let after = shared.request.snapshot(field);
                     if after != before {
                         trace.push(Change {
-                            script: script.name.clone(),
+                            script: Arc::clone(&script.name),
                             field,
-                            before: before.into_json(),
-                            after: after.into_json(),
+                            before,
+                            after,
                         });
                     }
                 }

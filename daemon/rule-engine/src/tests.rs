@@ -59,8 +59,13 @@ fn scripts_change_the_request_through_the_handle() {
     assert_eq!(out.tags["tier"], json!("gold"));
     let fields: Vec<&str> = trace.iter().map(|c| c.field).collect();
     assert_eq!(fields, ["model", "params", "headers", "failover", "tags"]);
-    assert_eq!(trace[0].before, json!("gpt-4o"));
-    assert_eq!(trace[0].script, "10-route.rhai");
+    assert_eq!(json!(trace[0].before), json!("gpt-4o"));
+    assert_eq!(
+        json!(trace[1].after),
+        json!({"temperature": 0.2, "top_p": 0.9})
+    );
+    assert_eq!(json!(trace[4].before), json!({}));
+    assert_eq!(&*trace[0].script, "10-route.rhai");
 }
 
 #[test]
@@ -94,7 +99,7 @@ fn values_cross_between_json_and_scripts_unchanged() {
     assert_eq!(out.headers["x-number"], "42");
     let fields: Vec<&str> = trace.iter().map(|c| c.field).collect();
     assert_eq!(fields, ["tags", "headers"]);
-    assert_eq!(trace[1].after, json!({"x-number": "42"}));
+    assert_eq!(json!(trace[1].after), json!({"x-number": "42"}));
 }
 
 #[test]
