@@ -3,10 +3,12 @@
 //! The Prometheus recorder is installed once per process; `/metrics` on the admin listener
 //! renders it. Labels stay low-cardinality: models outside the routing table count as `other`.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Counter, counter, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -32,40 +34,116 @@ pub fn render() -> String {
     install().map(PrometheusHandle::render).unwrap_or_default()
 }
 
+/// Handles of the metrics every request touches. The recorder's registry is a map from a
+/// name and its labels to a handle: looking one up costs a hash, a comparison and, for labels,
+/// owned copies, so each worker thread keeps the handles it has used.
+struct Handles {
+    request_duration: Histogram,
+    upstream_duration: Histogram,
+    overhead: Histogram,
+    inflight: Gauge,
+    tokens_in: Counter,
+    tokens_out: Counter,
+    /// `orproxy_requests_total` by backend, model and status.
+    requests: ByRoute<HashMap<u16, Counter>>,
+    /// `orproxy_cost_usd_total` by backend and model.
+    cost: ByRoute<Gauge>,
+}
+
+impl Handles {
+    fn new() -> Handles {
+        Handles {
+            request_duration: histogram!("orproxy_request_duration_seconds"),
+            upstream_duration: histogram!("orproxy_upstream_duration_seconds"),
+            overhead: histogram!("orproxy_overhead_seconds"),
+            inflight: gauge!("orproxy_inflight_requests"),
+            tokens_in: counter!("orproxy_tokens_total", "direction" => "in"),
+            tokens_out: counter!("orproxy_tokens_total", "direction" => "out"),
+            requests: HashMap::new(),
+            cost: HashMap::new(),
+        }
+    }
+}
+
+/// Values by backend, then model; looked up with borrowed names, so a hit allocates nothing.
+type ByRoute<T> = HashMap<Box<str>, HashMap<Box<str>, T>>;
+
+fn by_route<'a, T>(
+    map: &'a mut ByRoute<T>,
+    backend: &str,
+    model: &str,
+    make: impl FnOnce() -> T,
+) -> &'a mut T {
+    if !map.contains_key(backend) {
+        map.insert(backend.into(), HashMap::new());
+    }
+    let models = map.get_mut(backend).expect("inserted above");
+    if !models.contains_key(model) {
+        models.insert(model.into(), make());
+    }
+    models.get_mut(model).expect("inserted above")
+}
+
+thread_local! {
+    static HANDLES: RefCell<Option<Handles>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's handles; they are made on first use after [`install`], so a
+/// handle is never a no-op one fetched before the recorder existed.
+fn with_handles<T>(f: impl FnOnce(&mut Handles) -> T) -> T {
+    HANDLES.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() && HANDLE.get().is_some() {
+            *slot = Some(Handles::new());
+        }
+        match slot.as_mut() {
+            Some(handles) => f(handles),
+            None => f(&mut Handles::new()),
+        }
+    })
+}
+
 /// One finished request: its whole duration, the part spent waiting on upstreams, and the
 /// rest (time inside orproxy).
 pub fn request(backend: &str, model: &str, status: u16, duration: Duration, upstream: Duration) {
-    let labels = [
-        ("backend", backend.to_owned()),
-        ("model", model.to_owned()),
-        ("status", status.to_string()),
-    ];
-    counter!("orproxy_requests_total", &labels).increment(1);
-    histogram!("orproxy_request_duration_seconds").record(duration.as_secs_f64());
-    if !upstream.is_zero() {
-        histogram!("orproxy_upstream_duration_seconds").record(upstream.as_secs_f64());
-    }
-    histogram!("orproxy_overhead_seconds").record(duration.saturating_sub(upstream).as_secs_f64());
+    with_handles(|h| {
+        // Label values are bounded (backends and models of the table, `other`, statuses), so
+        // the map stays small.
+        by_route(&mut h.requests, backend, model, HashMap::new)
+            .entry(status)
+            .or_insert_with(|| {
+                let labels = [
+                    ("backend", backend.to_owned()),
+                    ("model", model.to_owned()),
+                    ("status", status.to_string()),
+                ];
+                counter!("orproxy_requests_total", &labels)
+            })
+            .increment(1);
+        h.request_duration.record(duration.as_secs_f64());
+        if !upstream.is_zero() {
+            h.upstream_duration.record(upstream.as_secs_f64());
+        }
+        h.overhead
+            .record(duration.saturating_sub(upstream).as_secs_f64());
+    });
 }
 
 /// Tokens and cost of one request (model labels already bounded by the caller).
 pub fn usage(backend: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_nanos: i64) {
-    // Handles of fixed label sets are looked up once, not on every request.
-    static TOKENS: OnceLock<(Counter, Counter)> = OnceLock::new();
-    let (tokens_in_total, tokens_out_total) = TOKENS.get_or_init(|| {
-        (
-            counter!("orproxy_tokens_total", "direction" => "in"),
-            counter!("orproxy_tokens_total", "direction" => "out"),
-        )
+    with_handles(|h| {
+        h.tokens_in.increment(tokens_in);
+        h.tokens_out.increment(tokens_out);
+        if cost_nanos > 0 {
+            // The `metrics` facade's counters are integers; a gauge that only grows carries
+            // the fractional USD (exact sums are in the ledger).
+            by_route(&mut h.cost, backend, model, || {
+                let labels = [("backend", backend.to_owned()), ("model", model.to_owned())];
+                gauge!("orproxy_cost_usd_total", &labels)
+            })
+            .increment(cost_nanos as f64 / 1e9);
+        }
     });
-    tokens_in_total.increment(tokens_in);
-    tokens_out_total.increment(tokens_out);
-    if cost_nanos > 0 {
-        let labels = [("backend", backend.to_owned()), ("model", model.to_owned())];
-        // The `metrics` facade's counters are integers; a gauge that only grows carries the
-        // fractional USD (exact sums are in the ledger).
-        gauge!("orproxy_cost_usd_total", &labels).increment(cost_nanos as f64 / 1e9);
-    }
 }
 
 /// The ledger writer's counters, read at scrape time.
@@ -107,13 +185,13 @@ pub struct Inflight(());
 impl Inflight {
     /// Starts counting.
     pub fn start() -> Inflight {
-        gauge!("orproxy_inflight_requests").increment(1.0);
+        with_handles(|h| h.inflight.increment(1.0));
         Inflight(())
     }
 }
 
 impl Drop for Inflight {
     fn drop(&mut self) {
-        gauge!("orproxy_inflight_requests").decrement(1.0);
+        with_handles(|h| h.inflight.decrement(1.0));
     }
 }
