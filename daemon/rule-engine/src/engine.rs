@@ -78,20 +78,20 @@ impl Host for NoLedger {
 thread_local! {
     /// The host of the run in progress on this thread (scripts run synchronously).
     static HOST: RefCell<Option<Arc<dyn Host>>> = const { RefCell::new(None) };
-    /// When the run in progress on this thread must stop.
-    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The wall-clock limit of the hook running on this thread.
+    static DEADLINE: Cell<Deadline> = const { Cell::new(Deadline::None) };
     /// The clock scripts see (tests pin it).
     static CLOCK: Cell<Option<i64>> = const { Cell::new(None) };
 }
 
-/// Sets the host and clock for the duration of `f` on this thread ([`set_deadline`] before
+/// Sets the host and clock for the duration of `f` on this thread ([`start_deadline`] before
 /// each script).
 pub fn with_run<T>(host: Arc<dyn Host>, clock: Option<i64>, f: impl FnOnce() -> T) -> T {
     HOST.with(|h| *h.borrow_mut() = Some(host));
     CLOCK.with(|c| c.set(clock));
     let out = f();
     HOST.with(|h| *h.borrow_mut() = None);
-    DEADLINE.with(|d| d.set(None));
+    DEADLINE.with(|d| d.set(Deadline::None));
     CLOCK.with(|c| c.set(None));
     out
 }
@@ -101,9 +101,31 @@ fn host<T>(f: impl FnOnce(&dyn Host) -> T, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Sets when the script about to run must stop.
-pub fn set_deadline(deadline: Instant) {
-    DEADLINE.with(|d| d.set(Some(deadline)));
+/// A hook's wall-clock limit. The clock is first read at the first check, after
+/// [`DEADLINE_CHECK_EVERY`] operations: most hooks end before that and never read it, and the
+/// few microseconds those operations take are nothing against a limit in milliseconds.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    None,
+    After(Duration),
+    At(Instant),
+}
+
+/// Gives the script about to run `limit` of wall-clock time.
+pub fn start_deadline(limit: Duration) {
+    DEADLINE.with(|d| d.set(Deadline::After(limit)));
+}
+
+/// Whether the running hook is past its deadline (starting the clock at the first look).
+fn past_deadline() -> bool {
+    DEADLINE.with(|d| match d.get() {
+        Deadline::None => false,
+        Deadline::After(limit) => {
+            d.set(Deadline::At(Instant::now() + limit));
+            false
+        }
+        Deadline::At(deadline) => Instant::now() >= deadline,
+    })
 }
 
 /// How many operations run between two looks at the clock.
@@ -129,8 +151,7 @@ pub fn harden(limits: &Sandbox) -> Engine {
         if operations % DEADLINE_CHECK_EVERY != 0 {
             return None;
         }
-        let late = DEADLINE.with(|d| d.get().is_some_and(|deadline| Instant::now() >= deadline));
-        late.then(|| Dynamic::from("deadline"))
+        past_deadline().then(|| Dynamic::from("deadline"))
     });
     // Scripts have no stdout: `print` and `debug` would only be noise in the daemon's output.
     engine.on_print(|_| {});

@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use rhai::{AST, CallFnOptions, Engine, EvalAltResult, Position, Scope};
 use serde::Serialize;
@@ -200,7 +199,7 @@ impl RuleSet {
             // One scope for every hook call: it is emptied after each, and keeps its storage.
             let mut scope = Scope::new();
             for script in self.scripts.iter().filter(|s| s.has_hook) {
-                engine::set_deadline(Instant::now() + self.limits.deadline);
+                engine::start_deadline(self.limits.deadline);
                 let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
                 let result = self.engine.call_fn_with_options::<rhai::Dynamic>(
                     options,
