@@ -128,5 +128,14 @@ async fn metrics_count_requests() {
         text.contains("orproxy_request_duration_seconds_bucket"),
         "{text}"
     );
+    assert!(text.contains("orproxy_overhead_seconds_count 3"), "{text}");
+    assert!(
+        text.contains("orproxy_tokens_total{direction=\"out\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("orproxy_cost_usd_total{backend=\"mock\",model=\"other\"}"),
+        "{text}"
+    );
     assert!(text.contains("orproxy_inflight_requests 0"), "{text}");
 }
