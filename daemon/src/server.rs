@@ -95,8 +95,8 @@ async fn drained(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|draining| *draining).await;
 }
 
-/// How often [`timer_heartbeat`] wakes; shorter than any request timer (the shortest default,
-/// `limits.commit_after`, is 10 s).
+/// How often [`timer_heartbeat`] wakes: sooner than the request timers' defaults (the shortest,
+/// `limits.commit_after`, is 10 s). Limits configured shorter only lose the saving.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Keeps a timer due within [`HEARTBEAT`] on the worker's runtime. Tokio wakes its driver
