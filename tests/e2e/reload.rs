@@ -36,8 +36,7 @@ async fn probe(daemon: &Daemon) -> String {
         .to_owned()
 }
 
-/// Waits until the daemon has finished `n` reloads since it started (ok or error).
-/// Waits until `n` reloads have ended, refused or not.
+/// Waits until `n` reloads have ended since the daemon started, refused or not.
 async fn reloads(daemon: &Daemon, n: usize) {
     wait_until(daemon, n, "reloads", outcomes).await;
 }

@@ -96,7 +96,7 @@ impl Anthropic {
     ) -> Result<UpstreamRequest, PrepareError> {
         let key = call.api_key.ok_or(PrepareError::MissingKey)?;
         let mut headers = openai::json_headers(call, 8)?;
-        headers.extend(auth_headers(key)?);
+        insert_auth(&mut headers, key)?;
         // Only Anthropic's own headers: the others forwarded by the daemon (OpenRouter's) mean
         // nothing here. Beta flags may come as several headers, so they are appended.
         for (name, value) in call.headers {
@@ -115,14 +115,13 @@ impl Anthropic {
     }
 }
 
-/// `x-api-key` (marked sensitive, so it never shows in debug output) and `anthropic-version`.
-fn auth_headers(key: &str) -> Result<HeaderMap, PrepareError> {
+/// Adds `x-api-key` (marked sensitive, so it never shows in debug output) and `anthropic-version`.
+fn insert_auth(headers: &mut HeaderMap, key: &str) -> Result<(), PrepareError> {
     let mut key = header_value(key, "x-api-key")?;
     key.set_sensitive(true);
-    let mut headers = HeaderMap::with_capacity(8);
     headers.insert(X_API_KEY, key);
     headers.insert(ANTHROPIC_VERSION, HeaderValue::from_static(API_VERSION));
-    Ok(headers)
+    Ok(())
 }
 
 fn unix_now() -> u64 {
@@ -208,7 +207,8 @@ impl Backend for Anthropic {
 
     fn list_models(&self, api_key: Option<&str>) -> Option<Prepared> {
         // Anthropic lists models only to a key holder.
-        let mut headers = auth_headers(api_key?).ok()?;
+        let mut headers = HeaderMap::with_capacity(4);
+        insert_auth(&mut headers, api_key?).ok()?;
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         Some(Prepared::Http(UpstreamRequest {
             method: Method::GET,
