@@ -131,6 +131,23 @@ fn past_deadline() -> bool {
 /// How many operations run between two looks at the clock.
 const DEADLINE_CHECK_EVERY: u64 = 256;
 
+/// Fails the running hook if it is past its deadline. Helpers that can take long in one call
+/// (regex work on a long string) look before they run: a few hundred such calls fit inside the
+/// operation count between two [`DEADLINE_CHECK_EVERY`] checks.
+fn check_deadline() -> Result<(), Box<rhai::EvalAltResult>> {
+    if past_deadline() {
+        Err(rhai::EvalAltResult::ErrorTerminated("deadline".into(), rhai::Position::NONE).into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The largest compiled regex a script may build. A counted repetition of a Unicode class
+/// (`\w{100}`) compiles to megabytes, takes tens of milliseconds to build and as long to search
+/// with a cold cache; at this size a build takes a few milliseconds and a search of the longest
+/// string a script can hold well under one.
+const REGEX_SIZE_LIMIT: usize = 1024 * 1024;
+
 /// Builds an engine with every limit set, no modules, no `eval`, and the script API registered.
 pub fn harden(limits: &Sandbox) -> Engine {
     let mut engine = Engine::new();
@@ -202,20 +219,47 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
-/// Compiled regexes, shared by all scripts (patterns in scripts are usually constants).
-fn regex(pattern: &str) -> Result<Regex, Box<rhai::EvalAltResult>> {
-    static CACHE: Mutex<Option<HashMap<String, Regex>>> = Mutex::new(None);
+/// How many compiled regexes are kept. Scripts use a few constant patterns; one building
+/// patterns from input must not grow the cache (each entry can be a megabyte).
+const REGEX_CACHE_ENTRIES: usize = 128;
+
+/// Compiled regexes, shared by all scripts (patterns in scripts are usually constants). Checks
+/// the hook's deadline first: every regex helper goes through here. The regex is shared, not
+/// cloned: a clone starts with empty search caches, and rebuilding them is most of a search's
+/// cost for a large pattern.
+fn regex(pattern: &str) -> Result<Arc<Regex>, Box<rhai::EvalAltResult>> {
+    check_deadline()?;
+    static CACHE: Mutex<Option<HashMap<String, Arc<Regex>>>> = Mutex::new(None);
+    if let Some(re) = CACHE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|cache| cache.get(pattern))
+    {
+        return Ok(Arc::clone(re));
+    }
+    // Built outside the lock: other scripts' lookups do not wait for a large pattern.
+    let re = regex::RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map(Arc::new)
+        .map_err(|e| format!("invalid regex `{pattern}`: {}", one_line(&e.to_string())))?;
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let cache = cache.get_or_insert_with(HashMap::new);
-    if let Some(re) = cache.get(pattern) {
-        return Ok(re.clone());
-    }
-    let re = Regex::new(pattern).map_err(|e| format!("invalid regex `{pattern}`: {e}"))?;
-    // A script building patterns from input must not grow the cache without bound.
-    if cache.len() < 1_000 {
-        cache.insert(pattern.to_owned(), re.clone());
+    if cache.len() < REGEX_CACHE_ENTRIES {
+        cache.insert(pattern.to_owned(), Arc::clone(&re));
     }
     Ok(re)
+}
+
+/// The regex crate's messages draw a caret diagram over several lines; errors here are one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == ' '))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn register_helpers(engine: &mut Engine) {

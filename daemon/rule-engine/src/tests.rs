@@ -262,3 +262,31 @@ fn the_wall_clock_deadline_stops_slow_operations() {
     assert!(failure.message.contains("deadline"), "{failure}");
     assert!(started.elapsed() < Duration::from_millis(500));
 }
+
+#[test]
+fn the_deadline_stops_a_hook_spending_its_time_in_regex_helpers() {
+    // Fewer than 512 operations (the operation count alone would start the clock and never look
+    // at it again), each a regex built and run on a long string: the helpers look themselves.
+    let script = r#"fn on_request(req) {
+        let s = "a"; for i in 0..15 { s += s; }
+        for i in 0..40 { let r = matches(s, "\\w{8}x" + i); }
+    }"#;
+    let limits = Sandbox {
+        deadline: Duration::from_millis(20),
+        ..Sandbox::default()
+    };
+    let rules = RuleSet::compile(&[("slow.rhai".into(), script.into())], limits).unwrap();
+    let started = Instant::now();
+    let failure = rules.run(request(), Arc::new(NoLedger), None).unwrap_err();
+    assert!(failure.message.contains("deadline"), "{failure}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn a_regex_too_large_to_search_quickly_is_refused_in_one_line() {
+    let script = r#"fn on_request(req) { let r = matches("abc", "\\w{100}x"); }"#;
+    let rules = RuleSet::compile(&[("big.rhai".into(), script.into())], Sandbox::default()).unwrap();
+    let failure = rules.run(request(), Arc::new(NoLedger), None).unwrap_err();
+    assert!(failure.message.contains("size limit"), "{failure}");
+    assert!(!failure.message.contains('\n'), "{failure}");
+}
