@@ -305,17 +305,46 @@ fn apply_rules(
     route.targets[0] = first;
     route.targets.extend(rest);
     for (name, value) in &after.headers {
-        let name = HeaderName::try_from(name.as_str())
-            .map_err(|_| ProxyError::Rule(bad_header(trace_out, name)))?;
-        let value = HeaderValue::try_from(value.as_str())
-            .map_err(|_| ProxyError::Rule(bad_header(trace_out, name.as_str())))?;
+        let invalid = |name: &str| {
+            ProxyError::Rule(bad_header(
+                trace_out,
+                format!("header `{name}` is not a valid HTTP header"),
+            ))
+        };
+        let name = HeaderName::try_from(name.as_str()).map_err(|_| invalid(name))?;
+        let value = HeaderValue::try_from(value.as_str()).map_err(|_| invalid(name.as_str()))?;
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(ProxyError::Rule(bad_header(
+                trace_out,
+                format!("header `{name}` is set by orproxy, not by rules"),
+            )));
+        }
         route.headers.push((name, value));
     }
     route.tags = after.tags;
     Ok(())
 }
 
-fn bad_header(trace: &[Change], name: &str) -> orproxy_rules::RuleFailure {
+/// Headers a rule may not set: the ones that frame the message (a wrong `content-length`
+/// hangs or corrupts the upstream exchange), address it, or carry the backend's credentials
+/// (those come from the config's key variables, never from a script).
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+];
+
+fn bad_header(trace: &[Change], message: String) -> orproxy_rules::RuleFailure {
     let script = trace
         .iter()
         .rev()
@@ -324,7 +353,7 @@ fn bad_header(trace: &[Change], name: &str) -> orproxy_rules::RuleFailure {
     orproxy_rules::RuleFailure {
         name: script,
         line: 0,
-        message: format!("header `{name}` is not a valid HTTP header"),
+        message,
     }
 }
 
@@ -428,6 +457,31 @@ mod tests {
         let err = route(&t, r#"{"model":"x"}"#).unwrap_err();
         assert_eq!((err.status().as_u16(), err.code()), (500, "rule_failed"));
         assert!(err.to_string().starts_with("rule r.rhai failed"), "{err}");
+    }
+
+    #[test]
+    fn rules_cannot_set_framing_or_credential_headers() {
+        let mut t = table("", None);
+        for (name, value) in [
+            ("Content-Length", "5"),
+            ("host", "evil.example"),
+            ("Authorization", "Bearer stolen"),
+            ("transfer-encoding", "chunked"),
+            ("bad name", "x"),
+        ] {
+            with_rules(
+                &mut t,
+                &format!(r#"fn on_request(req) {{ req.headers["{name}"] = "{value}"; }}"#),
+            );
+            let err = route(&t, r#"{"model":"x"}"#).unwrap_err();
+            assert_eq!((err.status().as_u16(), err.code()), (500, "rule_failed"));
+            let message = err.to_string();
+            assert!(
+                message.starts_with("rule r.rhai failed")
+                    && message.contains(&format!("`{}`", name.to_ascii_lowercase())),
+                "{message}"
+            );
+        }
     }
 
     fn labels(route: &Route) -> Vec<String> {
