@@ -48,6 +48,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .merge(protected)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
 }
 
@@ -61,6 +62,15 @@ pub async fn not_found(uri: http::Uri) -> Response {
         StatusCode::NOT_FOUND,
         "not_found",
         &format!("no route for {}", uri.path()),
+    )
+}
+
+/// 405 in the OpenAI error shape, for a known path asked with the wrong method.
+pub async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{method} is not allowed on {}", uri.path()),
     )
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use http::HeaderMap;
 use futures_util::future::join_all;
 use orproxy_plugin::ModelInfo;
 use serde_json::json;
@@ -20,10 +21,13 @@ use crate::table::BackendEntry;
 
 /// How long a fetched list is served from cache.
 const TTL: Duration = Duration::from_secs(300);
+/// How long after a failed fetch the last list (or none) is served before trying again: a
+/// backend that does not answer must not make every listing wait [`FETCH_TIMEOUT`].
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// How long one backend may take to list its models.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A backend's model list and when it was fetched.
+/// A backend's model list and until when it is served without asking the backend again.
 type Cached = (Instant, Arc<Vec<ModelInfo>>);
 
 /// Cached model lists per backend.
@@ -41,18 +45,22 @@ impl ModelCatalog {
         cache.get(backend).cloned()
     }
 
-    fn store(&self, backend: &str, models: Arc<Vec<ModelInfo>>) {
+    fn store(&self, backend: &str, models: Arc<Vec<ModelInfo>>, fresh_for: Duration) {
         let mut cache = self
             .cache
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache.insert(backend.to_owned(), (Instant::now(), models));
+        cache.insert(backend.to_owned(), (Instant::now() + fresh_for, models));
     }
 }
 
-/// `GET /v1/models`.
-pub async fn list(State(app): State<Arc<App>>) -> Response {
+/// `GET /v1/models`: needs a proxy key like every client route when auth is on (listing makes
+/// orproxy call each backend with its own keys).
+pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let table = app.table.load_full();
+    if let Err(error) = table.auth.authenticate(&headers) {
+        return crate::error::ProxyError::from(error).into_response();
+    }
     let lists = join_all(
         table
             .backends
@@ -83,18 +91,23 @@ pub async fn list(State(app): State<Arc<App>>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// One backend's list: fresh from cache, else fetched; a failed fetch serves the stale copy.
+/// One backend's list: fresh from cache, else fetched; a failed fetch serves the stale copy
+/// (and is not retried for [`RETRY_AFTER_FAILURE`]).
 async fn models_of(app: &App, backend: &BackendEntry) -> Arc<Vec<ModelInfo>> {
     let cached = app.models.cached(&backend.name);
-    if let Some((at, models)) = &cached
-        && at.elapsed() < TTL
+    if let Some((fresh_until, models)) = &cached
+        && Instant::now() < *fresh_until
     {
         return Arc::clone(models);
     }
     let stale = cached.map(|(_, models)| models).unwrap_or_default();
     match fetch(app, backend).await {
         Some(models) => models,
-        None => stale,
+        None => {
+            app.models
+                .store(&backend.name, Arc::clone(&stale), RETRY_AFTER_FAILURE);
+            stale
+        }
     }
 }
 
@@ -122,7 +135,7 @@ pub async fn fetch(app: &App, backend: &BackendEntry) -> Option<Arc<Vec<ModelInf
     match fetched {
         Some(models) => {
             let models = Arc::new(models);
-            app.models.store(&backend.name, Arc::clone(&models));
+            app.models.store(&backend.name, Arc::clone(&models), TTL);
             Some(models)
         }
         None => {

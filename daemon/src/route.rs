@@ -88,6 +88,11 @@ pub fn resolve(table: &RoutingTable, body: &JsonObject, cx: &Context) -> Result<
     Ok(route)
 }
 
+/// The most targets one request may try (its selector's chain, the config's `failover:` chain
+/// and the rules' changes together): one short request must not fan out into hundreds of
+/// upstream calls.
+pub const MAX_TARGETS: usize = 16;
+
 /// [`resolve`], leaving what the rules changed in `trace` even when they reject the request
 /// (for `/admin/explain`).
 pub fn resolve_traced(
@@ -136,6 +141,15 @@ pub fn resolve_traced(
     };
     if let Some(rules) = table.rules.as_deref().filter(|r| !r.is_empty()) {
         apply_rules(table, rules, body, cx, &mut route, trace)?;
+    }
+    if route.targets.len() > MAX_TARGETS {
+        return Err(ProxyError::Selector(selector::SelectorError {
+            selector: route.targets[0].label(),
+            reason: format!(
+                "the failover chain has {} targets, more than the {MAX_TARGETS} one request may try",
+                route.targets.len()
+            ),
+        }));
     }
     Ok(route)
 }
@@ -482,6 +496,26 @@ mod tests {
                 "{message}"
             );
         }
+    }
+
+    #[test]
+    fn a_chain_longer_than_the_limit_is_refused_whoever_built_it() {
+        let t = table("", None);
+        let chain = |n: usize| (0..n).map(|i| format!("local:m{i}")).collect::<Vec<_>>();
+        let body = |n: usize| format!(r#"{{"model":"{}"}}"#, chain(n).join("|"));
+        assert_eq!(route(&t, &body(MAX_TARGETS)).unwrap().targets.len(), MAX_TARGETS);
+        let err = route(&t, &body(MAX_TARGETS + 1)).unwrap_err();
+        assert_eq!((err.status().as_u16(), err.code()), (400, "invalid_model"));
+        assert!(err.to_string().contains("17 targets"), "{err}");
+        let mut t = table("", None);
+        with_rules(
+            &mut t,
+            &format!(
+                "fn on_request(req) {{ req.failover = {:?}; }}",
+                chain(MAX_TARGETS)
+            ),
+        );
+        assert_eq!(route(&t, &body(1)).unwrap_err().status(), 400);
     }
 
     fn labels(route: &Route) -> Vec<String> {

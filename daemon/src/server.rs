@@ -39,7 +39,25 @@ pub fn api_router(app: Arc<App>) -> Router {
         .route("/v1/messages/count_tokens", post(front::count_tokens))
         .route("/v1/models", get(models::list))
         .fallback(admin::not_found)
+        .method_not_allowed_fallback(admin::method_not_allowed)
+        .layer(axum::middleware::map_response_with_state(
+            Arc::clone(&app),
+            stamp_unstamped,
+        ))
         .with_state(app)
+}
+
+/// Gives the responses the pipeline did not make (unknown paths, wrong methods) their request
+/// id and `x-orproxy-route: none`, so that every response carries both.
+async fn stamp_unstamped(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    if response.headers().contains_key(pipeline::REQUEST_ID_HEADER) {
+        return response;
+    }
+    let id = http::HeaderValue::try_from(app.ids.next()).ok();
+    pipeline::stamp(response, id)
 }
 
 /// How many client API workers to run: one per core.

@@ -54,6 +54,40 @@ async fn keys_are_checked_and_named_in_the_log() {
     assert!(!logs.contains("sk-team-a-secret") && !logs.contains("sk-wrong"));
 }
 
+#[tokio::test]
+async fn every_client_route_needs_a_key_and_every_answer_is_stamped() {
+    let daemon = Daemon::start(Options::config(KEYS).env("TEAM_A_KEY", "sk-team-a-secret"));
+    let http = client();
+    let stamped = |response: &reqwest::Response| {
+        let headers = response.headers();
+        assert!(headers.contains_key("x-orproxy-request-id"), "{headers:?}");
+        assert_eq!(headers["x-orproxy-route"], "none");
+    };
+    let anonymous = http.get(daemon.url("/v1/models")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    stamped(&anonymous);
+    let listed = http
+        .get(daemon.url("/v1/models"))
+        .bearer_auth("sk-team-a-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    stamped(&listed);
+    let unknown = http.get(daemon.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    stamped(&unknown);
+    let wrong_method = http
+        .get(daemon.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    stamped(&wrong_method);
+    let body: Value = wrong_method.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
+
 #[test]
 fn open_mode_refuses_a_public_address_unless_allowed() {
     let output = command()

@@ -213,6 +213,33 @@ async fn models_lists_every_backend() {
 }
 
 #[tokio::test]
+async fn a_backend_failing_to_list_its_models_is_not_asked_on_every_listing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A backend that takes connections and closes them unanswered.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let daemon = Daemon::start(Options::config(format!(
+        "backends:\n  broken:\n    type: openai\n    base_url: http://127.0.0.1:{port}/v1\n"
+    )));
+    for _ in 0..3 {
+        let response = client().get(daemon.url("/v1/models")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // One listing asked it (the client may retry a connection closed unanswered once).
+    let asked = accepted.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&asked), "{asked} connections");
+}
+
+#[tokio::test]
 async fn openai_compatible_backend() {
     let fake = orproxy_testkit::FakeOpenAi::start().await.unwrap();
     let daemon = Daemon::start(Options::config(format!(
