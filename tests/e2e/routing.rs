@@ -243,6 +243,21 @@ async fn malformed_and_unterminated_streams() {
         "a malformed event is relayed, not interpreted"
     );
     assert_eq!(got.last().unwrap().1, "data: [DONE]\n\n");
+
+    // A whole answer that is no JSON is no answer: 502 alone, the next target in a chain.
+    let response = ask(&daemon, "fake/malformed", false).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unreadable answer"),
+        "{body}"
+    );
+    let response = ask(&daemon, "fake/malformed|openrouter:fake/echo", false).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(route_of(&response), "openrouter:fake/echo");
 }
 
 #[tokio::test]

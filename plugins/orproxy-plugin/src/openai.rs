@@ -19,7 +19,7 @@ use crate::backend::{
     StreamMapper, UpstreamRequest,
 };
 use crate::body::JsonObject;
-use crate::failure::Failure;
+use crate::failure::{Failure, FailureKind};
 use crate::sse::SseEvent;
 use crate::usage::{Usage, usd_to_nanos};
 
@@ -134,8 +134,21 @@ struct ResponseChoice<'a> {
 
 /// Reads usage, served model, a 200-with-error and an answer cut short from a chat completion.
 pub fn map_response(body: &Bytes) -> MappedResponse {
-    let Ok(view) = serde_json::from_slice::<ResponseView<'_>>(body) else {
-        return MappedResponse::default();
+    let view = match serde_json::from_slice::<ResponseView<'_>>(body) {
+        Ok(view) => view,
+        // A success status over a body that is no answer (a proxy's HTML page, a cut body):
+        // nothing usable reached us, so it fails over like a 502.
+        Err(e) => {
+            return MappedResponse {
+                failure: Some(Failure {
+                    kind: FailureKind::Server,
+                    status: 502,
+                    message: format!("unreadable answer: {e}"),
+                    retry_after: None,
+                }),
+                ..MappedResponse::default()
+            };
+        }
     };
     let failure = match (view.error, &view.choices) {
         (Some(err), None) if err.get() != "null" => Some(Failure::from_error_object(err)),
@@ -431,6 +444,15 @@ mod tests {
             .iter()
             .map(|s| mapper.map(SseEvent::new(Bytes::from(s.to_string()))).kind)
             .collect()
+    }
+
+    #[test]
+    fn a_success_status_over_a_body_that_is_no_answer_fails_like_a_502() {
+        for body in [&b"{not json"[..], b"<html>gateway</html>", b""] {
+            let failure = map_response(&Bytes::copy_from_slice(body)).failure.unwrap();
+            assert_eq!((failure.kind, failure.status), (FailureKind::Server, 502));
+            assert!(failure.message.starts_with("unreadable answer"), "{failure:?}");
+        }
     }
 
     #[test]
