@@ -99,11 +99,18 @@ fn mentions_context_length(message: &str) -> bool {
         || lower.contains("maximum context")
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare for APIs and is ignored).
+/// `Retry-After` as a wait: seconds, or an HTTP-date (RFC 9110) counted from now; at most a day.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
-    let secs: f64 = value.trim().parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(86_400.0)),
+        Ok(_) => return None,
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(Duration::from_secs(86_400)))
 }
 
 #[derive(Default)]
@@ -213,6 +220,21 @@ mod tests {
         );
         assert_eq!(f.kind, FailureKind::RateLimited);
         assert_eq!(f.retry_after, Some(Duration::from_secs(7)));
+        let in_a_minute = httpdate::fmt_http_date(
+            std::time::SystemTime::now() + Duration::from_secs(60),
+        );
+        let mut dated = HeaderMap::new();
+        dated.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_str(&in_a_minute).unwrap(),
+        );
+        let wait = retry_after(&dated).unwrap();
+        assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60), "{wait:?}");
+        dated.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&dated), Some(Duration::ZERO));
         assert_eq!(classify(402, "{}").kind, FailureKind::PaymentRequired);
         assert_eq!(classify(503, "oops").kind, FailureKind::Server);
         assert_eq!(classify(503, "oops").message, "oops");
