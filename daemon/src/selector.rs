@@ -38,6 +38,13 @@ pub fn parse_chain(text: &str) -> Result<Vec<Selector>, SelectorError> {
         selector: text.to_owned(),
         reason,
     };
+    // No model name has one, and it could not travel in `x-orproxy-route` or a log line.
+    if let Some(at) = text.find(char::is_control) {
+        return Err(SelectorError {
+            selector: text.escape_debug().to_string(),
+            reason: format!("a control character at byte {at}"),
+        });
+    }
     text.split('|')
         .enumerate()
         .map(|(i, part)| {
@@ -254,6 +261,15 @@ mod tests {
             (s.backend.as_deref(), s.model.as_str()),
             (Some("local"), "llama3:8b")
         );
+    }
+
+    #[test]
+    fn control_characters_are_refused_and_shown_escaped() {
+        for text in ["openai/gpt-4o\r\nx-evil: 1", "a\u{0}b", "echo\u{7f}"] {
+            let message = err(text);
+            assert!(message.contains("control character"), "{message}");
+            assert!(!message.contains(|c: char| c.is_control()), "{message:?}");
+        }
     }
 
     #[test]
