@@ -46,6 +46,14 @@ impl Api {
                 let mut response =
                     (status, anthropic::error_body(status.as_u16(), &message)).into_response();
                 let headers = response.headers_mut();
+                // An upstream's rate-limit headers tell the client as much in either shape.
+                if let ProxyError::Upstream { answer, .. } = &error {
+                    for (name, value) in &answer.headers {
+                        if name.as_str().starts_with("x-ratelimit-") {
+                            headers.insert(name.clone(), value.clone());
+                        }
+                    }
+                }
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 if let Some(value) = retry_after {
                     headers.insert(RETRY_AFTER, value);

@@ -692,6 +692,7 @@ async fn an_upstream_rate_limit_is_a_rate_limit_error_with_retry_after() {
     let response = post_messages(&daemon, &message("fake/status-429-retry-1", "hi", false)).await;
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(response.headers()["x-ratelimit-remaining"], "0");
     assert_eq!(
         response.headers()["x-orproxy-route"],
         "openrouter:fake/status-429-retry-1"
