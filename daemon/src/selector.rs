@@ -147,6 +147,10 @@ pub fn typed(text: &str) -> Value {
         if let Ok(i) = text.parse::<i64>() {
             return Value::Number(i.into());
         }
+        // A seed or id above i64::MAX is still exact as u64; a float would round it.
+        if let Ok(u) = text.parse::<u64>() {
+            return Value::Number(u.into());
+        }
         if let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
             return Value::Number(n);
         }
@@ -261,6 +265,13 @@ mod tests {
             (s.backend.as_deref(), s.model.as_str()),
             (Some("local"), "llama3:8b")
         );
+    }
+
+    #[test]
+    fn integers_up_to_u64_stay_exact() {
+        assert_eq!(typed("12345678901234567890"), json!(12_345_678_901_234_567_890_u64));
+        assert_eq!(typed("-9223372036854775808"), json!(i64::MIN));
+        assert!(typed("123456789012345678901234").is_f64());
     }
 
     #[test]
