@@ -63,7 +63,11 @@ impl Usage {
             reasoning_tokens: wire
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens),
-            cost_nanos: wire.cost.and_then(|c| usd_to_nanos(c.get())),
+            // A negative cost is no charge anyone made: it would lower a budget's spend.
+            cost_nanos: wire
+                .cost
+                .and_then(|c| usd_to_nanos(c.get()))
+                .filter(|nanos| *nanos >= 0),
         })
     }
 }
@@ -192,6 +196,11 @@ mod tests {
         );
         let null = RawValue::from_string("null".to_owned()).unwrap();
         assert_eq!(Usage::from_openai_json(&null), None);
+        let negative = RawValue::from_string(
+            r#"{"prompt_tokens":1,"completion_tokens":1,"cost":-0.000001}"#.to_owned(),
+        )
+        .unwrap();
+        assert_eq!(Usage::from_openai_json(&negative).unwrap().cost_nanos, None);
     }
 
     #[test]
