@@ -434,7 +434,12 @@ pub async fn json(
                     record.model_served = mapped.model;
                     record.attempt(&label, "ok");
                     let outcome = served(record, mapped.partial);
-                    let body = client_body(exchange, attempt.native, mapped.body.unwrap_or(body))?;
+                    let body = client_body(
+                        exchange,
+                        attempt.native,
+                        mapped.body.unwrap_or(body),
+                        &backend.name,
+                    )?;
                     return Ok((success(response, body), outcome));
                 }
                 Some(failure) => failure,
@@ -492,9 +497,14 @@ pub fn served(record: &mut Record, partial: Option<Failure>) -> Outcome {
 
 /// A successful answer's body as the client's API wants it: translated back for a Messages
 /// client whose backend answered in the pipeline's format.
-pub fn client_body(exchange: &Exchange, native: bool, body: Bytes) -> Result<Bytes, ProxyError> {
+pub fn client_body(
+    exchange: &Exchange,
+    native: bool,
+    body: Bytes,
+    backend: &str,
+) -> Result<Bytes, ProxyError> {
     match &exchange.messages {
-        Some(request) if !native => front::messages_answer(&body, request),
+        Some(request) if !native => front::messages_answer(&body, request, backend),
         _ => Ok(body),
     }
 }

@@ -109,9 +109,13 @@ pub fn messages_to_openai(
 }
 
 /// A successful OpenAI answer body for a Messages client.
-pub fn messages_answer(body: &Bytes, request: &MessagesRequest) -> Result<Bytes, ProxyError> {
+pub fn messages_answer(
+    body: &Bytes,
+    request: &MessagesRequest,
+    backend: &str,
+) -> Result<Bytes, ProxyError> {
     anthropic::response_from_openai(body, &request.model).map_err(|e| ProxyError::Unreachable {
-        backend: "orproxy".into(),
+        backend: backend.to_owned(),
         reason: format!("cannot translate the answer to the Messages format: {e}"),
     })
 }

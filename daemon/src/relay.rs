@@ -598,7 +598,12 @@ impl Relay {
                     self.record.model_served = mapped.model;
                     self.record.attempt(label, "ok");
                     let outcome = served(&mut self.record, mapped.partial);
-                    let body = client_body(&self.exchange, native, mapped.body.unwrap_or(body));
+                    let body = client_body(
+                        &self.exchange,
+                        native,
+                        mapped.body.unwrap_or(body),
+                        &backend.name,
+                    );
                     let response = match body {
                         Ok(body) => success(response, body),
                         Err(error) => self.exchange.api.error_response(error),
