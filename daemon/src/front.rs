@@ -168,13 +168,30 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let request_id = HeaderValue::try_from(app.ids.next()).ok();
+    let started = Instant::now();
+    let id = app.ids.next();
     let mut route = None;
-    let response = match count(&app, peer, headers, body, &mut route).await {
-        Ok(response) => response,
-        Err(error) => Api::Messages.error_response(error),
+    let (response, error) = match count(&app, peer, headers, body, &mut route).await {
+        Ok(response) => (response, None),
+        Err(error) => {
+            let reason = error.to_string();
+            (Api::Messages.error_response(error), Some(reason))
+        }
     };
-    stamp(with_route(response, route.as_deref()), request_id)
+    // Not a model call (nothing is billed, so no usage row), but still one log line per request.
+    tracing::info!(
+        target: "orproxy::request",
+        message = "Token count answered.",
+        request_id = %id,
+        route = route.as_deref().unwrap_or("-"),
+        status = response.status().as_u16(),
+        latency_ms = crate::record::millis(started.elapsed()),
+        error = error.as_deref(),
+    );
+    stamp(
+        with_route(response, route.as_deref()),
+        HeaderValue::try_from(id).ok(),
+    )
 }
 
 async fn count(

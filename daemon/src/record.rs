@@ -328,7 +328,7 @@ impl fmt::Display for Attempts<'_> {
     }
 }
 
-fn millis(d: Duration) -> f64 {
+pub(crate) fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 

@@ -503,7 +503,10 @@ mod tests {
         let t = table("", None);
         let chain = |n: usize| (0..n).map(|i| format!("local:m{i}")).collect::<Vec<_>>();
         let body = |n: usize| format!(r#"{{"model":"{}"}}"#, chain(n).join("|"));
-        assert_eq!(route(&t, &body(MAX_TARGETS)).unwrap().targets.len(), MAX_TARGETS);
+        assert_eq!(
+            route(&t, &body(MAX_TARGETS)).unwrap().targets.len(),
+            MAX_TARGETS
+        );
         let err = route(&t, &body(MAX_TARGETS + 1)).unwrap_err();
         assert_eq!((err.status().as_u16(), err.code()), (400, "invalid_model"));
         assert!(err.to_string().contains("17 targets"), "{err}");

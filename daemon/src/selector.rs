@@ -269,7 +269,10 @@ mod tests {
 
     #[test]
     fn integers_up_to_u64_stay_exact() {
-        assert_eq!(typed("12345678901234567890"), json!(12_345_678_901_234_567_890_u64));
+        assert_eq!(
+            typed("12345678901234567890"),
+            json!(12_345_678_901_234_567_890_u64)
+        );
         assert_eq!(typed("-9223372036854775808"), json!(i64::MIN));
         assert!(typed("123456789012345678901234").is_f64());
     }

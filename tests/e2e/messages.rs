@@ -1241,9 +1241,17 @@ async fn count_tokens_asks_anthropic_or_estimates() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    let id = response.headers()["x-orproxy-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let answer: Value = response.json().await.unwrap();
     // The fake's count: ceil((4 + 8) / 4).
     assert_eq!(answer, json!({"input_tokens": 3}));
+    let line =
+        daemon.wait_log(|v| v["message"] == "Token count answered." && v["request_id"] == id);
+    assert_eq!(line["route"], format!("claude:{FAKE_ANTHROPIC_MODEL}"));
+    assert_eq!(line["status"], 200);
     let sent = anthropic_requests(&ant, "/v1/messages/count_tokens");
     assert_eq!(sent.len(), 1, "forwarded to Anthropic's count_tokens");
     let mut expected = body.clone();

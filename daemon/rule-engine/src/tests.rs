@@ -285,7 +285,8 @@ fn the_deadline_stops_a_hook_spending_its_time_in_regex_helpers() {
 #[test]
 fn a_regex_too_large_to_search_quickly_is_refused_in_one_line() {
     let script = r#"fn on_request(req) { let r = matches("abc", "\\w{100}x"); }"#;
-    let rules = RuleSet::compile(&[("big.rhai".into(), script.into())], Sandbox::default()).unwrap();
+    let rules =
+        RuleSet::compile(&[("big.rhai".into(), script.into())], Sandbox::default()).unwrap();
     let failure = rules.run(request(), Arc::new(NoLedger), None).unwrap_err();
     assert!(failure.message.contains("size limit"), "{failure}");
     assert!(!failure.message.contains('\n'), "{failure}");

@@ -101,7 +101,11 @@ fn mentions_context_length(message: &str) -> bool {
 
 /// `Retry-After` as a wait: seconds, or an HTTP-date (RFC 9110) counted from now; at most a day.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     let wait = match value.parse::<f64>() {
         Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(86_400.0)),
         Ok(_) => return None,
@@ -220,16 +224,18 @@ mod tests {
         );
         assert_eq!(f.kind, FailureKind::RateLimited);
         assert_eq!(f.retry_after, Some(Duration::from_secs(7)));
-        let in_a_minute = httpdate::fmt_http_date(
-            std::time::SystemTime::now() + Duration::from_secs(60),
-        );
+        let in_a_minute =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
         let mut dated = HeaderMap::new();
         dated.insert(
             http::header::RETRY_AFTER,
             http::HeaderValue::from_str(&in_a_minute).unwrap(),
         );
         let wait = retry_after(&dated).unwrap();
-        assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(50) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
         dated.insert(
             http::header::RETRY_AFTER,
             http::HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),

@@ -451,7 +451,10 @@ mod tests {
         for body in [&b"{not json"[..], b"<html>gateway</html>", b""] {
             let failure = map_response(&Bytes::copy_from_slice(body)).failure.unwrap();
             assert_eq!((failure.kind, failure.status), (FailureKind::Server, 502));
-            assert!(failure.message.starts_with("unreadable answer"), "{failure:?}");
+            assert!(
+                failure.message.starts_with("unreadable answer"),
+                "{failure:?}"
+            );
         }
     }
 
