@@ -123,6 +123,7 @@ async fn status(State(app): State<Arc<App>>) -> Response {
         "table_version": app.version(),
         "files": table.files,
         "rules_dir": table.restart_only.rules_dir,
+        "scripts": table.rules.as_deref().map(orproxy_rules::RuleSet::names).unwrap_or_default(),
         "default_backend": table.default_backend,
         "last_reload": app.last_reload(),
         "cooldowns": app.health.snapshot(),

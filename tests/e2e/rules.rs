@@ -47,6 +47,9 @@ async fn ask(daemon: &Daemon, key: &str, body: &Value) -> reqwest::Response {
 async fn the_example_scripts_route_real_requests() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_with_examples(&fake);
+    let scripts = daemon.status().await["scripts"].clone();
+    assert_eq!(scripts[0], "10-gpt-via-openrouter.rhai");
+    assert_eq!(scripts.as_array().unwrap().len(), 7, "{scripts}");
 
     // 10: gpt-* through OpenRouter; 50: the key's own app title.
     let response = ask(&daemon, "sk-team-a", &chat("gpt-4o", "hi", false)).await;
