@@ -489,7 +489,8 @@ async fn a_corrupt_database_stops_the_start_unless_not_required() {
 }
 
 /// `orproxy report --format csv --group-by key` prints the header, a line per key and a total
-/// line (the same text as `/admin/usage?format=csv`); an unknown grouping is refused.
+/// line (the same text as `/admin/usage?format=csv`); an unknown grouping or a date that does
+/// not exist is refused.
 #[tokio::test]
 async fn report_prints_csv_per_key_and_refuses_an_unknown_grouping() {
     let (dir, db) = db_in_temp_dir();
@@ -534,6 +535,20 @@ async fn report_prints_csv_per_key_and_refuses_an_unknown_grouping() {
             .starts_with("text/csv")
     );
     let admin_csv = admin_csv.text().await.unwrap();
+    // A date that does not exist is refused, not rolled into the next month.
+    let impossible = client()
+        .get(daemon.admin_url("/admin/usage?from=2026-02-30"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(impossible.status(), 400);
+    let error: Value = impossible.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2026-02-30")),
+        "{error}"
+    );
     daemon.terminate();
     assert!(daemon.wait_exit().success());
 
