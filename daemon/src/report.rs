@@ -171,12 +171,12 @@ pub fn run(args: &ReportArgs) -> ExitCode {
                 }
             })
     });
-    let report = query(
-        args.from.as_deref(),
-        args.to.as_deref(),
-        Some(&args.group_by),
-    )
-    .and_then(|q| read_report(&path, &q));
+    let query = UsageQuery {
+        from_ms: args.from.unwrap_or(i64::MIN),
+        to_ms: args.to.unwrap_or(i64::MAX),
+        group_by: args.group_by.clone(),
+    };
+    let report = read_report(&path, &query);
     match report {
         Ok(report) => {
             let text = match args.format {

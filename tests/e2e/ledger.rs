@@ -584,13 +584,18 @@ async fn report_prints_csv_per_key_and_refuses_an_unknown_grouping() {
     };
     assert_eq!((keyed("team-a"), keyed("team-b")), (3, 2));
 
+    // Bad values on the command line are usage errors (exit status 2), naming the value.
     let (status, stdout, stderr) = report(&db, &["--group-by", "bogus"]);
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
     assert!(
         stderr.contains("bogus") && stderr.contains("model, backend, key, day"),
         "{stderr}"
     );
+    let (status, stdout, stderr) = report(&db, &["--from", "2026-02-30"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("2026-02-30"), "{stderr}");
     drop(daemon);
     let _ = std::fs::remove_dir_all(dir);
 }
