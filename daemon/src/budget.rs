@@ -352,8 +352,9 @@ impl BudgetBook {
             let Some(instance) = rule.instance(subject) else {
                 continue;
             };
-            let used = book.spent(rule, &instance, now_ms)
-                + book.reserved.get(&instance).copied().unwrap_or(0);
+            let used = book
+                .spent(rule, &instance, now_ms)
+                .saturating_add(book.reserved.get(&instance).copied().unwrap_or(0));
             if used >= rule.limit {
                 return Err(Exceeded {
                     rule: rule.clone(),
@@ -363,7 +364,8 @@ impl BudgetBook {
             holds.push((instance, worst));
         }
         for (instance, worst) in &holds {
-            *book.reserved.entry(instance.clone()).or_default() += worst;
+            let held = book.reserved.entry(instance.clone()).or_default();
+            *held = held.saturating_add(*worst);
         }
         Ok(Reservation { holds })
     }
@@ -501,16 +503,6 @@ pub fn admit(
     if table.budgets.is_empty() {
         return Ok(());
     }
-    let max_tokens = ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|k| {
-            route.targets[0]
-                .params
-                .iter()
-                .find(|(name, _)| name == k)
-                .and_then(|(_, v)| v.as_u64())
-                .or_else(|| body.get_u64(k).ok().flatten())
-        });
     // Budgets whose fallback the request is on: it is not refused by them again (their spend
     // still counts), so that a capped global budget can send requests to a free model.
     let mut passed: Vec<String> = Vec::new();
@@ -541,10 +533,12 @@ pub fn admit(
                 budget: budget.name.clone(),
                 route: target.label(),
             })?;
+            let (max_tokens, choices) = answer_limits(target, body);
             worst = worst.max(pricing::worst_case(
                 &quote,
                 record.prompt_estimate,
                 max_tokens,
+                choices,
             ));
         }
         let reserved = accounts.budgets.reserve(&subject, worst, now_ms(), &passed);
@@ -578,6 +572,40 @@ pub fn admit(
         }
     }
     Ok(())
+}
+
+/// What a target will be sent as the answer's bounds: `max_completion_tokens` or `max_tokens`
+/// (none: the model's own limit applies), and the number of choices `n` (at least 1). The
+/// target's parameters (URI or rules) win over the body's, and a field a rule removed counts
+/// as absent, as in the body each attempt sends.
+pub fn answer_limits(target: &route::Target, body: &JsonObject) -> (Option<u64>, u64) {
+    let param = |name: &str| -> Option<serde_json::Value> {
+        if let Some((_, value)) = target.params.iter().find(|(k, _)| k == name) {
+            return Some(value.clone());
+        }
+        if target.unset.iter().any(|k| k == name) {
+            return None;
+        }
+        serde_json::from_str(body.get(name)?.get()).ok()
+    };
+    let max_tokens = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| param(k).as_ref().and_then(serde_json::Value::as_u64));
+    // Upstreams read `n: 2.0` or `n: "2"` as two choices; anything that is not a whole
+    // number is refused upstream, and counts as one.
+    let choices = param("n")
+        .and_then(|v| match v {
+            serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 1.0)
+                    .map(|f| f as u64)
+            }),
+            serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        })
+        .unwrap_or(1)
+        .max(1);
+    (max_tokens, choices)
 }
 
 /// Now, Unix milliseconds.
@@ -712,6 +740,96 @@ mod tests {
         let exceeded = book.reserve(&s, 1, 0, &[]).unwrap_err();
         assert_eq!(exceeded.rule.name, "cap");
         assert!(exceeded.resets.is_none());
+    }
+
+    fn target(params: &[(&str, serde_json::Value)], unset: &[&str]) -> route::Target {
+        route::Target {
+            backend: "b".into(),
+            model: "m".into(),
+            params: params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            unset: unset.iter().map(|k| (*k).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn answer_limits_count_every_choice_from_the_body_or_the_parameters() {
+        use serde_json::json;
+        let body = |text: &str| JsonObject::parse(text.as_bytes()).unwrap();
+        let plain = target(&[], &[]);
+        let limits = |t: &route::Target, text: &str| answer_limits(t, &body(text));
+        assert_eq!(limits(&plain, r#"{"messages":[]}"#), (None, 1));
+        assert_eq!(
+            limits(&plain, r#"{"n":100,"max_tokens":100}"#),
+            (Some(100), 100)
+        );
+        assert_eq!(
+            limits(&plain, r#"{"max_completion_tokens":7,"max_tokens":100}"#),
+            (Some(7), 1)
+        );
+        // Whole numbers in other clothes are choices too; the rest count as one.
+        for (n, choices) in [
+            ("2.0", 2),
+            (r#""3""#, 3),
+            ("0", 1),
+            ("-4", 1),
+            ("2.5", 1),
+            ("null", 1),
+            (r#""many""#, 1),
+            ("[5]", 1),
+        ] {
+            assert_eq!(
+                limits(&plain, &format!(r#"{{"n":{n}}}"#)).1,
+                choices,
+                "n: {n}"
+            );
+        }
+        // URI parameters and rules win over the body; a removed field is not sent.
+        let with_params = target(&[("n", json!(8)), ("max_tokens", json!(50))], &[]);
+        assert_eq!(
+            limits(&with_params, r#"{"n":1,"max_tokens":5}"#),
+            (Some(50), 8)
+        );
+        let unset = target(&[], &["n", "max_tokens"]);
+        assert_eq!(limits(&unset, r#"{"n":9,"max_tokens":5}"#), (None, 1));
+    }
+
+    #[test]
+    fn requests_with_many_choices_overspend_by_at_most_one_worst_case() {
+        use orproxy_plugin::Price;
+        let quote = pricing::Quote {
+            price: Price {
+                prompt_per_mtok: 1_000_000_000,
+                completion_per_mtok: 2_000_000_000,
+                cached_prompt_per_mtok: None,
+                request: 0,
+            },
+            max_output_tokens: None,
+            origin: pricing::PriceOrigin::Config,
+        };
+        let request = JsonObject::parse(br#"{"n":100,"max_tokens":100,"messages":[]}"#).unwrap();
+        let (max_tokens, choices) = answer_limits(&target(&[], &[]), &request);
+        let worst = pricing::worst_case(&quote, 10, max_tokens, choices);
+        assert_eq!(worst, 10 * 1_000 + 100 * 100 * 2_000);
+        let limit = 10_000_000;
+        let book = BudgetBook::default();
+        book.set_rules(Arc::new(vec![rule(
+            "cap",
+            BudgetScope::Global,
+            None,
+            limit,
+            BudgetPeriod::Total,
+        )]));
+        let s = subject("k", "b", "m");
+        let admitted: Vec<Reservation> = (0..32)
+            .filter_map(|_| book.reserve(&s, worst, 0, &[]).ok())
+            .collect();
+        // Every admitted request may really produce n answers of max_tokens each.
+        let could_spend = admitted.len() as i64 * worst;
+        assert!(could_spend <= limit + worst, "{} admitted", admitted.len());
+        assert_eq!(admitted.len(), 1);
     }
 
     #[test]

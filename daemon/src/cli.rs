@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use orproxy_ledger::GroupBy;
 
 use crate::config::LogFormat;
 
@@ -47,14 +48,14 @@ pub struct ReportArgs {
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Start (YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds; UTC) [default: the beginning].
-    #[arg(long, value_name = "TIME")]
-    pub from: Option<String>,
+    #[arg(long, value_name = "TIME", value_parser = crate::report::parse_time)]
+    pub from: Option<i64>,
     /// End, exclusive [default: now].
-    #[arg(long, value_name = "TIME")]
-    pub to: Option<String>,
+    #[arg(long, value_name = "TIME", value_parser = crate::report::parse_time)]
+    pub to: Option<i64>,
     /// model, backend, key, day or tag:NAME.
-    #[arg(long, value_name = "GROUP", default_value = "model")]
-    pub group_by: String,
+    #[arg(long, value_name = "GROUP", default_value = "model", value_parser = GroupBy::parse)]
+    pub group_by: GroupBy,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: ReportFormat,
@@ -223,5 +224,26 @@ mod tests {
             matches!(cli.command, Some(Command::Serve(a)) if a.force_model.as_deref() == Some("mock:x"))
         );
         assert!(Cli::try_parse_from(["orproxy", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn bad_report_values_are_usage_errors() {
+        for args in [
+            ["--group-by", "nope"],
+            ["--format", "xml"],
+            ["--from", "2026-02-30"],
+            ["--to", "yesterday"],
+        ] {
+            let error =
+                Cli::try_parse_from(["orproxy", "report"].into_iter().chain(args)).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+            assert!(error.to_string().contains(args[1]), "{error}");
+        }
+        let cli = Cli::try_parse_from(["orproxy", "report", "--from", "2026-02-28"]).unwrap();
+        let Some(Command::Report(args)) = cli.command else {
+            panic!("not a report");
+        };
+        assert_eq!(args.from, Some(1_772_236_800_000));
+        assert_eq!(args.group_by, GroupBy::Model);
     }
 }

@@ -391,6 +391,7 @@ pub async fn json(
             .deadline
             .min(Instant::now() + limits.first_byte_timeout);
         let sent = Instant::now();
+        record.attempt_open = true;
         let answer = match app.client().send(attempt.prepared, first_byte).await {
             Ok(mut response) => response
                 .collect(

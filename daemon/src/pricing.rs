@@ -185,16 +185,28 @@ pub fn cost(price: &Price, usage: &Usage) -> Nanos {
     .saturating_add(price.request)
 }
 
-/// The most a request may cost: its estimated prompt and its longest possible answer.
-pub fn worst_case(quote: &Quote, prompt_tokens: u64, max_tokens: Option<u64>) -> Nanos {
+/// Answer tokens a reservation counts at most, whatever `max_tokens × n` says: far beyond any
+/// real answer, and small enough that its price cannot overflow.
+const MAX_RESERVED_TOKENS: u64 = 1 << 32;
+
+/// The most a request may cost: its estimated prompt and its longest possible answer, once
+/// per choice (`n`; each choice is an answer of up to `max_tokens`).
+pub fn worst_case(
+    quote: &Quote,
+    prompt_tokens: u64,
+    max_tokens: Option<u64>,
+    choices: u64,
+) -> Nanos {
     let answer = max_tokens
         .or(quote.max_output_tokens)
         .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
     cost(
         &quote.price,
         &Usage {
-            prompt_tokens,
-            completion_tokens: answer,
+            prompt_tokens: prompt_tokens.min(MAX_RESERVED_TOKENS),
+            completion_tokens: answer
+                .saturating_mul(choices.max(1))
+                .min(MAX_RESERVED_TOKENS),
             ..Usage::default()
         },
     )
@@ -281,15 +293,40 @@ mod tests {
             max_output_tokens: Some(100),
             origin: PriceOrigin::Config,
         };
-        assert_eq!(worst_case(&q, 10, Some(5)), 10 * 1_000 + 5 * 2_000);
-        assert_eq!(worst_case(&q, 10, None), 10 * 1_000 + 100 * 2_000);
+        assert_eq!(worst_case(&q, 10, Some(5), 1), 10 * 1_000 + 5 * 2_000);
+        assert_eq!(worst_case(&q, 10, None, 1), 10 * 1_000 + 100 * 2_000);
         let q = Quote {
             max_output_tokens: None,
             ..q
         };
         assert_eq!(
-            worst_case(&q, 0, None),
+            worst_case(&q, 0, None, 1),
             DEFAULT_MAX_OUTPUT_TOKENS as i64 * 2_000
+        );
+    }
+
+    #[test]
+    fn the_worst_case_counts_every_choice() {
+        let q = Quote {
+            price: price(1_000_000_000, 2_000_000_000),
+            max_output_tokens: Some(300),
+            origin: PriceOrigin::Config,
+        };
+        // The prompt is paid once; each of the `n` answers may be `max_tokens` long.
+        assert_eq!(
+            worst_case(&q, 10, Some(100), 100),
+            10 * 1_000 + 100 * 100 * 2_000
+        );
+        assert_eq!(worst_case(&q, 10, None, 3), 10 * 1_000 + 3 * 300 * 2_000);
+        assert_eq!(
+            worst_case(&q, 10, Some(100), 0),
+            worst_case(&q, 10, Some(100), 1)
+        );
+        // Absurd figures are bounded instead of overflowing.
+        let most = worst_case(&q, u64::MAX, Some(u64::MAX), u64::MAX);
+        assert_eq!(
+            most,
+            (MAX_RESERVED_TOKENS as i64) * 1_000 + (MAX_RESERVED_TOKENS as i64) * 2_000
         );
     }
 }

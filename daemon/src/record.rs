@@ -110,6 +110,8 @@ pub struct Record {
     pub reservation: Reservation,
     /// Cost reported by upstreams for attempts that failed (billed on top).
     pub failed_cost: Nanos,
+    /// An attempt to `route` was sent and its result is not noted yet.
+    pub attempt_open: bool,
     /// Arrival, Unix milliseconds.
     ts_ms: i64,
     table: Arc<RoutingTable>,
@@ -149,6 +151,7 @@ impl Record {
             relayed_events: 0,
             reservation: Reservation::default(),
             failed_cost: 0,
+            attempt_open: false,
             ts_ms: crate::budget::now_ms(),
             table,
             accounts,
@@ -159,6 +162,7 @@ impl Record {
 
     /// Notes an attempt's result.
     pub fn attempt(&mut self, route: &str, result: impl Into<String>) {
+        self.attempt_open = false;
         self.attempts.push(Attempt {
             route: route.to_owned(),
             result: result.into(),
@@ -205,8 +209,13 @@ impl Record {
                     None => (0, CostSource::None, Some(u.clone())),
                 },
             },
-            // A stream the client cut short: what was relayed, priced.
-            None if self.outcome == Outcome::ClientDisconnected && self.relayed_events > 0 => {
+            // A stream cut short (by the client, a broken or stalled upstream, or shutdown) that
+            // reported no usage: what was relayed, priced, so that budgets count it.
+            None if matches!(
+                self.outcome,
+                Outcome::ClientDisconnected | Outcome::MidstreamError
+            ) && self.relayed_events > 0 =>
+            {
                 let relayed = Usage {
                     prompt_tokens: self.prompt_estimate,
                     completion_tokens: self.relayed_events,
@@ -337,6 +346,11 @@ impl Drop for Record {
         if !self.finished {
             // Dropped mid-flight: the client went away and hyper cancelled the request.
             self.outcome = Outcome::ClientDisconnected;
+            if self.attempt_open
+                && let Some(route) = self.route.clone()
+            {
+                self.attempt(&route, "client_disconnected");
+            }
             if self.status == 0 {
                 self.status = 499;
             }

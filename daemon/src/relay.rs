@@ -97,6 +97,15 @@ enum How {
     Stream,
 }
 
+/// Why an attempt was abandoned midway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// The client went away.
+    ClientGone,
+    /// The daemon's `limits.shutdown_grace` ran out.
+    Shutdown,
+}
+
 /// How one attempt ended.
 enum AttemptEnd {
     /// Failed before content: the plan decides whether another target follows.
@@ -106,8 +115,8 @@ enum AttemptEnd {
         how: How,
     },
     /// The client left or the daemon ran out of grace: stop everything.
-    Stop(Outcome),
-    /// The answer went through (possibly ending in a relayed upstream error).
+    Stop(Stop),
+    /// The answer went through (possibly ending in an upstream error after content).
     Finished(Outcome),
 }
 
@@ -170,10 +179,7 @@ impl Relay {
                     let status = if self.commit.is_none() { 200 } else { 502 };
                     return self.record.finish(status, outcome);
                 }
-                AttemptEnd::Stop(outcome) => {
-                    let status = if self.commit.is_none() { 200 } else { 499 };
-                    return self.record.finish(status, outcome);
-                }
+                AttemptEnd::Stop(stop) => return self.stopped(stop, &label).await,
                 AttemptEnd::Failed {
                     error,
                     failure,
@@ -228,6 +234,49 @@ impl Relay {
         }
     }
 
+    /// Ends a request whose attempt was abandoned: the client left, or the daemon shut down
+    /// before the stream ended. The attempt is recorded with why; what was relayed is priced
+    /// when the record is written.
+    async fn stopped(mut self, stop: Stop, label: &str) {
+        match stop {
+            Stop::ClientGone => {
+                self.record.attempt(label, "client_disconnected");
+                // 499 only when the client left before the answer's head was sent.
+                let status = if self.commit.is_none() { 200 } else { 499 };
+                self.record.finish(status, Outcome::ClientDisconnected);
+            }
+            Stop::Shutdown => {
+                self.record.attempt(label, "shutdown");
+                self.record.error = Some(format!(
+                    "orproxy shut down before the answer was complete (limits.shutdown_grace of {:?} ran out)",
+                    self.table.limits.shutdown_grace
+                ));
+                let status = match self.commit.take() {
+                    None => {
+                        let event = self.exchange.api.error_event(&ProxyError::ShuttingDown);
+                        let _ = self.events.send(event).await;
+                        200
+                    }
+                    Some(commit) => {
+                        let error = ProxyError::ShuttingDown;
+                        let status = error.status().as_u16();
+                        let response = self.exchange.api.error_response(error);
+                        let response = with_route(response, self.record.route.as_deref());
+                        let _ = commit.send(Commit::Response(response));
+                        status
+                    }
+                };
+                // Cut after content, the stream broke midway; before it, a limit ran out.
+                let outcome = if self.content_started {
+                    Outcome::MidstreamError
+                } else {
+                    Outcome::Timeout
+                };
+                self.record.finish(status, outcome);
+            }
+        }
+    }
+
     /// Sends the stream's head to the client (once).
     fn commit_stream(&mut self) {
         if let Some(commit) = self.commit.take() {
@@ -256,15 +305,8 @@ impl Relay {
             };
             match woke {
                 Woke::Done(out) => return Ok(out),
-                Woke::Gone => return Err(AttemptEnd::Stop(Outcome::ClientDisconnected)),
-                Woke::Stop => {
-                    if self.commit.is_none() {
-                        let event = self.exchange.api.error_event(&ProxyError::ShuttingDown);
-                        let _ = self.events.send(event).await;
-                    }
-                    self.record.error = Some(ProxyError::ShuttingDown.to_string());
-                    return Err(AttemptEnd::Stop(Outcome::UpstreamError));
-                }
+                Woke::Gone => return Err(AttemptEnd::Stop(Stop::ClientGone)),
+                Woke::Stop => return Err(AttemptEnd::Stop(Stop::Shutdown)),
                 Woke::Tick => {
                     self.commit_stream();
                     if self
@@ -273,7 +315,7 @@ impl Relay {
                         .await
                         .is_err()
                     {
-                        return Err(AttemptEnd::Stop(Outcome::ClientDisconnected));
+                        return Err(AttemptEnd::Stop(Stop::ClientGone));
                     }
                     *tick = Instant::now() + interval;
                 }
@@ -285,7 +327,7 @@ impl Relay {
         self.events
             .send(bytes)
             .await
-            .map_err(|_| AttemptEnd::Stop(Outcome::ClientDisconnected))
+            .map_err(|_| AttemptEnd::Stop(Stop::ClientGone))
     }
 
     /// Queues output for the client (translated for a Messages client); [`Relay::flush`]
@@ -345,7 +387,6 @@ impl Relay {
                 .await;
         }
 
-        let mut response = response;
         let mut mapper = if native {
             backend.plugin.messages_stream_mapper()
         } else {
@@ -353,6 +394,29 @@ impl Relay {
                 .plugin
                 .stream_mapper(orproxy_plugin::openai::asks_for_usage(&self.exchange.body))
         };
+        let end = self
+            .relay_events(backend, label, response, &mut *mapper, first_content, tick)
+            .await;
+        // Whatever ended a stream that served, the model the upstream named is the record's.
+        if !matches!(end, AttemptEnd::Failed { .. })
+            && let Some(model) = mapper.served_model()
+        {
+            self.record.model_served = Some(model.to_owned());
+        }
+        end
+    }
+
+    /// Relays an upstream event stream to the client until it ends, breaks or is abandoned.
+    async fn relay_events(
+        &mut self,
+        backend: &BackendEntry,
+        label: &str,
+        mut response: UpstreamResponse,
+        mapper: &mut dyn orproxy_plugin::StreamMapper,
+        first_content: Instant,
+        tick: &mut Instant,
+    ) -> AttemptEnd {
+        let limits = self.table.limits;
         let mut framer = SseFramer::new();
         let mut stream = StreamState::default();
         loop {
@@ -378,7 +442,7 @@ impl Relay {
             // and one read often brings many) is relayed in one write before the next wait.
             loop {
                 match read {
-                    Err(error) => return self.broken(&backend.name, error, &stream).await,
+                    Err(error) => return self.broken(&backend.name, label, error, &stream).await,
                     Ok(None) => {
                         return self
                             .stream_ended(
@@ -396,9 +460,7 @@ impl Relay {
                             if let Some(end) =
                                 self.on_event(mapper.map(event), &backend.name, &mut stream)
                             {
-                                return self
-                                    .ended(end, mapper.served_model().map(str::to_owned), label)
-                                    .await;
+                                return self.ended(end, label).await;
                             }
                         }
                     }
@@ -439,32 +501,34 @@ impl Relay {
         if let Some(event) = framer.finish()
             && let Some(end) = self.on_event(mapper.map(event), backend, stream)
         {
-            return self
-                .ended(end, mapper.served_model().map(str::to_owned), label)
-                .await;
+            return self.ended(end, label).await;
         }
         if self.content_started && mapper.is_complete() {
-            let served = mapper.served_model().map(str::to_owned);
             return self
-                .ended(AttemptEnd::Finished(stream.outcome()), served, label)
+                .ended(AttemptEnd::Finished(stream.outcome()), label)
                 .await;
         }
         let error =
             AttemptError::Broken("the upstream stream ended before the answer was complete".into());
-        self.broken(backend, error, stream).await
+        self.broken(backend, label, error, stream).await
     }
 
-    /// Closes an attempt: sends what is queued and notes a success.
-    async fn ended(&mut self, end: AttemptEnd, served: Option<String>, label: &str) -> AttemptEnd {
+    /// Closes an attempt: sends what is queued and notes how the answer ended.
+    async fn ended(&mut self, end: AttemptEnd, label: &str) -> AttemptEnd {
         if let Some(translator) = &mut self.translator {
             translator.finish(&mut self.pending);
         }
         if let Err(stopped) = self.flush().await {
             return stopped;
         }
-        if matches!(end, AttemptEnd::Finished(_)) {
-            self.record.model_served = served;
-            self.record.attempt(label, "ok");
+        match &end {
+            AttemptEnd::Finished(Outcome::MidstreamError) => {
+                let why = self.record.error.as_deref().unwrap_or("upstream error");
+                let result = format!("midstream_error: {why}");
+                self.record.attempt(label, result);
+            }
+            AttemptEnd::Finished(_) => self.record.attempt(label, "ok"),
+            _ => {}
         }
         end
     }
@@ -542,6 +606,7 @@ impl Relay {
     async fn broken(
         &mut self,
         backend: &str,
+        label: &str,
         error: AttemptError,
         stream: &StreamState,
     ) -> AttemptEnd {
@@ -557,6 +622,8 @@ impl Relay {
         if let Err(stopped) = self.flush().await {
             return stopped;
         }
+        self.record
+            .attempt(label, format!("midstream_error: {error}"));
         if !stream.midstream_error {
             let _ = self
                 .events

@@ -31,6 +31,7 @@ pub struct UsageParams {
 }
 
 /// Parses `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ` (UTC) or Unix seconds into Unix milliseconds.
+/// A date that does not exist (`2026-02-30`) is refused, not rolled into the next month.
 pub fn parse_time(text: &str) -> Result<i64, String> {
     let bad =
         || format!("`{text}` is not a time (use YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds)");
@@ -42,8 +43,15 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
     let (Some(Ok(y)), Some(Ok(m)), Some(Ok(d))) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad());
     };
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    // Four-digit years keep the arithmetic below far from overflowing.
+    if y > 9999 || !(1..=12).contains(&m) || d == 0 {
         return Err(bad());
+    }
+    let month_days = days_in_month(y, m);
+    if d > month_days {
+        return Err(format!(
+            "`{text}` is not a date: {y:04}-{m:02} has {month_days} days"
+        ));
     }
     let time = time.strip_suffix('Z').ok_or_else(bad)?;
     let mut hms = time.splitn(3, ':').map(str::parse::<i64>);
@@ -54,6 +62,16 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
         return Err(bad());
     }
     Ok((days_from_civil(i64::from(y), m, d) * 86_400 + h * 3600 + min * 60 + s) * 1000)
+}
+
+/// Days of month `m` (1–12) of year `y`, Gregorian.
+fn days_in_month(y: u32, m: u32) -> u32 {
+    match m {
+        2 if y.is_multiple_of(4) && (!y.is_multiple_of(100) || y.is_multiple_of(400)) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 /// The report's parameters from the optional texts; defaults: all time, grouped by model.
@@ -153,12 +171,12 @@ pub fn run(args: &ReportArgs) -> ExitCode {
                 }
             })
     });
-    let report = query(
-        args.from.as_deref(),
-        args.to.as_deref(),
-        Some(&args.group_by),
-    )
-    .and_then(|q| read_report(&path, &q));
+    let query = UsageQuery {
+        from_ms: args.from.unwrap_or(i64::MIN),
+        to_ms: args.to.unwrap_or(i64::MAX),
+        group_by: args.group_by.clone(),
+    };
+    let report = read_report(&path, &query);
     match report {
         Ok(report) => {
             let text = match args.format {
@@ -189,5 +207,32 @@ mod tests {
         assert_eq!(parse_time("1763946123"), Ok(1_763_946_123_000));
         assert!(parse_time("2026-13-01").is_err());
         assert!(parse_time("yesterday").unwrap_err().contains("YYYY-MM-DD"));
+    }
+
+    #[test]
+    fn dates_that_do_not_exist_are_refused() {
+        for text in [
+            "2026-02-30",
+            "2026-04-31",
+            "2025-02-29",
+            "1900-02-29",
+            "2026-02-29T00:00:00Z",
+            "2026-01-00",
+            "2026-01-32",
+        ] {
+            let error = parse_time(text).unwrap_err();
+            assert!(error.contains(&format!("`{text}`")), "{error}");
+        }
+        assert!(
+            parse_time("2026-02-30")
+                .unwrap_err()
+                .contains("has 28 days")
+        );
+        // The last day of each month, leap days included, still parses.
+        assert_eq!(parse_time("2024-02-29"), Ok(1_709_164_800_000));
+        assert_eq!(parse_time("2000-02-29"), Ok(951_782_400_000));
+        assert_eq!(parse_time("2026-04-30"), Ok(1_777_507_200_000));
+        assert_eq!(parse_time("2026-12-31T23:59:59Z"), Ok(1_798_761_599_000));
+        assert!(parse_time("99999-01-01").is_err());
     }
 }

@@ -162,10 +162,27 @@ pub fn chain(table: &RoutingTable, text: &str) -> Result<Vec<Target>, ProxyError
         .collect()
 }
 
-/// A rough prompt size without tokenizing: four bytes of message JSON per token.
+/// Body fields the upstream reads as prompt input (and bills as such): the conversation, and
+/// the tool and output schemas that are rendered into the prompt.
+const PROMPT_FIELDS: &[&str] = &[
+    "messages",
+    "prompt",
+    "tools",
+    "functions",
+    "tool_choice",
+    "function_call",
+    "response_format",
+];
+
+/// A rough prompt size without tokenizing: four bytes of JSON per token, over every field
+/// that is prompt input.
 pub fn prompt_estimate(body: &JsonObject) -> u64 {
-    body.get("messages")
-        .map_or(0, |raw| raw.get().len() as u64 / 4)
+    let bytes: usize = PROMPT_FIELDS
+        .iter()
+        .filter_map(|field| body.get(field))
+        .map(|raw| raw.get().len())
+        .sum();
+    bytes as u64 / 4
 }
 
 fn target(table: &RoutingTable, selector: Selector) -> Result<Target, ProxyError> {
@@ -575,6 +592,33 @@ mod tests {
         assert_eq!(r.triggers, [Trigger::Connect].into_iter().collect());
         let r = route(&t, r#"{"model":"mock:m"}"#).unwrap();
         assert_eq!(r.triggers.len(), Trigger::ALL.len());
+    }
+
+    #[test]
+    fn the_prompt_estimate_counts_tools_and_schemas_too() {
+        let messages = r#"[{"role":"user","content":"what is the weather"}]"#;
+        let tools = r#"[{"type":"function","function":{"name":"weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}]"#;
+        let schema =
+            r#"{"type":"json_schema","json_schema":{"name":"answer","schema":{"type":"object"}}}"#;
+        let estimate = |body: String| prompt_estimate(&JsonObject::parse(body.as_bytes()).unwrap());
+        assert_eq!(
+            estimate(format!(
+                r#"{{"model":"m","messages":{messages},"max_tokens":5}}"#
+            )),
+            messages.len() as u64 / 4
+        );
+        assert_eq!(
+            estimate(format!(
+                r#"{{"model":"m","messages":{messages},"tools":{tools},"tool_choice":"auto","response_format":{schema}}}"#
+            )),
+            (messages.len() + tools.len() + r#""auto""#.len() + schema.len()) as u64 / 4
+        );
+        assert_eq!(
+            estimate(format!(
+                r#"{{"model":"m","messages":[],"functions":{tools}}}"#
+            )),
+            (2 + tools.len()) as u64 / 4
+        );
     }
 
     #[test]

@@ -24,13 +24,28 @@ fn body(model: &str, max_tokens: u64) -> String {
 /// The daemon's worst case for [`body`]: `messages` bytes / 4 prompt tokens and `max_tokens`
 /// answer tokens, at per-million prices in nano-dollars, rounded half up.
 fn worst_case(prompt_per_mtok: i64, completion_per_mtok: i64, max_tokens: u64) -> i64 {
+    worst_case_of_choices(prompt_per_mtok, completion_per_mtok, max_tokens, 1)
+}
+
+/// [`worst_case`] of a request asking for `n` choices: each may be `max_tokens` long.
+fn worst_case_of_choices(
+    prompt_per_mtok: i64,
+    completion_per_mtok: i64,
+    max_tokens: u64,
+    n: u64,
+) -> i64 {
     let prompt = (MESSAGES.len() / 4) as i64;
-    (prompt * prompt_per_mtok + max_tokens as i64 * completion_per_mtok + 500_000) / 1_000_000
+    (prompt * prompt_per_mtok + (max_tokens * n) as i64 * completion_per_mtok + 500_000) / 1_000_000
 }
 
 /// POSTs a raw JSON body.
 async fn post_raw(http: &reqwest::Client, daemon: &Daemon, body: String) -> reqwest::Response {
-    http.post(daemon.url("/v1/chat/completions"))
+    post_to(http.clone(), daemon.url("/v1/chat/completions"), body).await
+}
+
+/// POSTs a raw JSON body to `url` (owning its arguments, for spawned tasks).
+async fn post_to(http: reqwest::Client, url: String, body: String) -> reqwest::Response {
+    http.post(url)
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -206,6 +221,81 @@ async fn concurrent_requests_overspend_by_at_most_one_worst_case() {
         assert_eq!((row.outcome.as_str(), row.status), ("budget_exceeded", 402));
         assert_eq!(row.cost_nanos, 0);
     }
+}
+
+/// A request asking for `n` choices reserves `n` answers of `max_tokens` (`n` from the body or
+/// from the selector's parameters): while one such request is in flight, a cap it fills
+/// refuses 31 concurrent ones that single-answer reservations would all have let through, so
+/// the spend can pass the cap by one request's worst case at most.
+#[tokio::test]
+async fn a_reservation_counts_every_choice() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let limit: i64 = 10_000_000; // USD 0.01
+    let daemon = Daemon::start(
+        Options::config(openrouter_config(
+            &fake.base_url(),
+            &format!(
+                "{FAKE_PRICING}budgets:\n  - {{ name: cap, scope: global, limit_usd: 0.01, period: total }}\n"
+            ),
+        ))
+        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    );
+    let (max_tokens, n) = (100, 100);
+    let one_answer = worst_case(1_000_000_000, 2_000_000_000, max_tokens);
+    let every_answer = worst_case_of_choices(1_000_000_000, 2_000_000_000, max_tokens, n);
+    assert!(32 * one_answer < limit && every_answer >= limit);
+    let http = client();
+    for (held_model, n_field) in [("fake/hang", ",\"n\":100"), ("fake/hang?n=100", "")] {
+        // A request the upstream never answers holds its reservation until it is dropped.
+        let text = format!(
+            r#"{{"model":"{held_model}","max_tokens":{max_tokens}{n_field},"messages":{MESSAGES}}}"#
+        );
+        let held = tokio::spawn(
+            http.post(daemon.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(text)
+                .send(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let reserved = loop {
+            let b = budget(&daemon, "cap").await;
+            if b["reserved_nanos"] != 0 {
+                break nanos(&b["reserved_nanos"]);
+            }
+            assert!(Instant::now() < deadline, "never reserved: {b:#}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(reserved, every_answer, "{held_model}");
+
+        let mut set = JoinSet::new();
+        for _ in 0..31 {
+            let text = format!(
+                r#"{{"model":"fake/first-byte-100","n":{n},"max_tokens":{max_tokens},"messages":{MESSAGES}}}"#
+            );
+            set.spawn(post_to(
+                http.clone(),
+                daemon.url("/v1/chat/completions"),
+                text,
+            ));
+        }
+        while let Some(done) = set.join_next().await {
+            let response = done.unwrap();
+            assert_eq!(response.status(), 402, "admitted past a full cap");
+            assert_eq!(error_of(response).await["code"], "budget_exceeded");
+        }
+        held.abort();
+        let status = settled(&daemon, "cap").await;
+        assert_eq!(nanos(&status["spent_nanos"]), 0, "{status:#}");
+    }
+    let refused_reached_upstream = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .any(|r| String::from_utf8_lossy(&r.body).contains("fake/first-byte-100"));
+    assert!(
+        !refused_reached_upstream,
+        "a refused request reached the upstream"
+    );
 }
 
 /// Spend is rebuilt from the database at start: after a restart (with the upstream gone, so

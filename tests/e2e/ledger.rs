@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::harness::{
     Daemon, Options, chat, client, command, daemon_for, events, temp_dir, temp_file,
 };
+use crate::streaming::wait_until;
 
 /// One row of `requests`, as the tests look at it.
 #[derive(Debug, Clone)]
@@ -31,6 +32,7 @@ pub struct StoredRow {
     pub cost_source: String,
     pub attempts: Value,
     pub error: Option<String>,
+    pub model_served: Option<String>,
 }
 
 /// Every row of the database at `db`, in insertion order.
@@ -40,7 +42,8 @@ pub fn rows(db: &Path) -> Vec<StoredRow> {
     let mut stmt = conn
         .prepare(
             "SELECT request_id, key, backend, model, status, outcome, stream, prompt_tokens,
-             completion_tokens, cost_nanos, cost_source, attempts, error FROM requests ORDER BY id",
+             completion_tokens, cost_nanos, cost_source, attempts, error, model_served
+             FROM requests ORDER BY id",
         )
         .unwrap();
     stmt.query_map([], |r| {
@@ -59,6 +62,7 @@ pub fn rows(db: &Path) -> Vec<StoredRow> {
             cost_source: r.get(10)?,
             attempts: serde_json::from_str(&attempts).unwrap_or(Value::Null),
             error: r.get(12)?,
+            model_served: r.get(13)?,
         })
     })
     .unwrap()
@@ -342,6 +346,145 @@ async fn failures_are_recorded_with_their_outcome_and_status() {
     assert_eq!(report["total"]["errors"], 3, "{report:#}");
 }
 
+/// `pricing:` for the fake's `fake/...` models (USD 1 / 2 per million tokens), so that what a
+/// cut stream relayed can be priced.
+const FAKE_PRICING: &str = "pricing:\n  - { match: \"^openrouter:fake/\", input_usd_per_mtok: 1, output_usd_per_mtok: 2 }\n";
+
+/// Starts a stream of `model` and reads until its first content arrived; returns the response
+/// (to read on or drop), its request id and the estimate of its prompt the daemon makes.
+async fn stream_until_content(daemon: &Daemon, model: &str) -> (reqwest::Response, String, i64) {
+    let body = chat(model, "one two three four five six seven eight", true);
+    let prompt = (serde_json::to_string(&body["messages"]).unwrap().len() / 4) as i64;
+    let mut response = post(daemon, &body).await;
+    assert_eq!(response.status(), 200, "{model}");
+    let id = request_id(&response);
+    let mut seen = String::new();
+    let has_content = |sse: &str| {
+        sse.split("\"content\":\"")
+            .skip(1)
+            .any(|rest| !rest.starts_with('"'))
+    };
+    while !has_content(&seen) {
+        let chunk = response
+            .chunk()
+            .await
+            .unwrap()
+            .expect("content before the end");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (response, id, prompt)
+}
+
+/// The row of a stream cut short after `relayed` content events: committed (200), the attempt
+/// that served listed with `result`, the served model named, and what was relayed priced
+/// (the prompt estimate and one token per content event) as an estimate.
+fn assert_cut_short(row: &StoredRow, route: &str, result: &str, prompt: i64, relayed: i64) {
+    assert_eq!(row.status, 200, "{row:?}");
+    let attempts = row.attempts.as_array().unwrap_or_else(|| panic!("{row:?}"));
+    assert_eq!(attempts.len(), 1, "{row:?}");
+    assert_eq!(attempts[0]["route"], route, "{row:?}");
+    let got = attempts[0]["result"].as_str().unwrap_or_default();
+    assert!(got.starts_with(result), "{result} expected: {row:?}");
+    assert!(row.model_served.is_some(), "{row:?}");
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens),
+        (Some(prompt), Some(relayed)),
+        "{row:?}"
+    );
+    assert_eq!(row.cost_source, "estimate", "{row:?}");
+    assert_eq!(row.cost_nanos, prompt * 1_000 + relayed * 2_000, "{row:?}");
+}
+
+/// A stream that ends abnormally after content is recorded like any other: the attempt that
+/// served and how it ended, the model served, and the tokens relayed priced as an estimate
+/// (so budgets count them) — whether the upstream cut it, stalled, or the client left.
+#[tokio::test]
+async fn a_stream_cut_short_keeps_its_attempt_and_its_estimated_cost() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(
+        &fake.base_url(),
+        &format!("{FAKE_PRICING}limits:\n  idle_timeout: 500ms\n"),
+    );
+    let (cut, cut_id, prompt) = stream_until_content(&daemon, "fake/cut-after-2").await;
+    let (got, _) = events(cut).await;
+    assert!(got.last().unwrap().1.contains("\"error\""), "{got:?}");
+    let (stalled, stalled_id, _) = stream_until_content(&daemon, "fake/stall-after-2").await;
+    let (got, _) = events(stalled).await;
+    assert!(got.last().unwrap().1.contains("idle_timeout"), "{got:?}");
+    let (left, left_id, _) = stream_until_content(&daemon, "fake/slow-100").await;
+    drop(left);
+    // Polled, not waited on: the fake runs on this test's runtime.
+    let finished = format!("\"request_id\":\"{left_id}\"");
+    wait_until(|| {
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains(&finished) && l.contains("Request finished."))
+    })
+    .await;
+
+    let stored = flushed_rows(&daemon, &default_db(&daemon)).await;
+    let row = row_of(&stored, &cut_id);
+    assert_eq!(row.outcome, "midstream_error", "{row:?}");
+    assert_cut_short(
+        row,
+        "openrouter:fake/cut-after-2",
+        "midstream_error: ",
+        prompt,
+        2,
+    );
+    let row = row_of(&stored, &stalled_id);
+    assert_eq!(row.outcome, "midstream_error", "{row:?}");
+    assert_cut_short(
+        row,
+        "openrouter:fake/stall-after-2",
+        "midstream_error: ",
+        prompt,
+        2,
+    );
+    assert!(
+        row.error.as_deref().is_some_and(|e| e.contains("idle")),
+        "{row:?}"
+    );
+    let row = row_of(&stored, &left_id);
+    assert_eq!(row.outcome, "client_disconnected", "{row:?}");
+    let relayed = row.completion_tokens.unwrap_or(0);
+    assert!(relayed >= 1, "{row:?}");
+    assert_cut_short(
+        row,
+        "openrouter:fake/slow-100",
+        "client_disconnected",
+        prompt,
+        relayed,
+    );
+}
+
+/// A stream still open when SIGTERM's grace runs out is a `midstream_error` saying the daemon
+/// shut down, with its attempt and the tokens relayed priced as an estimate.
+#[tokio::test]
+async fn a_stream_ended_by_shutdown_keeps_its_attempt_and_its_estimated_cost() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut daemon = daemon_for(
+        &fake.base_url(),
+        &format!("{FAKE_PRICING}limits:\n  shutdown_grace: 300ms\n"),
+    );
+    let (response, id, prompt) = stream_until_content(&daemon, "fake/stall-after-2").await;
+    daemon.terminate();
+    let (got, _) = events(response).await;
+    assert!(got.last().unwrap().1.contains("shutting_down"), "{got:?}");
+    assert!(daemon.wait_exit().success());
+    let stored = rows(&default_db(&daemon));
+    let row = row_of(&stored, &id);
+    assert_eq!(row.outcome, "midstream_error", "{row:?}");
+    assert!(
+        row.error
+            .as_deref()
+            .is_some_and(|e| e.contains("shut down")),
+        "{row:?}"
+    );
+    assert_cut_short(row, "openrouter:fake/stall-after-2", "shutdown", prompt, 2);
+}
+
 /// A failover is one row listing both attempts, and it costs only what the attempt that
 /// served was billed.
 #[tokio::test]
@@ -489,7 +632,8 @@ async fn a_corrupt_database_stops_the_start_unless_not_required() {
 }
 
 /// `orproxy report --format csv --group-by key` prints the header, a line per key and a total
-/// line (the same text as `/admin/usage?format=csv`); an unknown grouping is refused.
+/// line (the same text as `/admin/usage?format=csv`); an unknown grouping or a date that does
+/// not exist is refused.
 #[tokio::test]
 async fn report_prints_csv_per_key_and_refuses_an_unknown_grouping() {
     let (dir, db) = db_in_temp_dir();
@@ -534,6 +678,20 @@ async fn report_prints_csv_per_key_and_refuses_an_unknown_grouping() {
             .starts_with("text/csv")
     );
     let admin_csv = admin_csv.text().await.unwrap();
+    // A date that does not exist is refused, not rolled into the next month.
+    let impossible = client()
+        .get(daemon.admin_url("/admin/usage?from=2026-02-30"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(impossible.status(), 400);
+    let error: Value = impossible.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2026-02-30")),
+        "{error}"
+    );
     daemon.terminate();
     assert!(daemon.wait_exit().success());
 
@@ -569,13 +727,18 @@ async fn report_prints_csv_per_key_and_refuses_an_unknown_grouping() {
     };
     assert_eq!((keyed("team-a"), keyed("team-b")), (3, 2));
 
+    // Bad values on the command line are usage errors (exit status 2), naming the value.
     let (status, stdout, stderr) = report(&db, &["--group-by", "bogus"]);
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
     assert!(
         stderr.contains("bogus") && stderr.contains("model, backend, key, day"),
         "{stderr}"
     );
+    let (status, stdout, stderr) = report(&db, &["--from", "2026-02-30"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("2026-02-30"), "{stderr}");
     drop(daemon);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -306,8 +306,14 @@ async fn a_client_that_leaves_cancels_a_plain_request() {
         _ = upstream_has_it => {}
     }
     wait_until(|| fake.requests().iter().any(|r| r.disconnected)).await;
-    daemon
+    let log = daemon
         .wait_log(|v| v["message"] == "Request finished." && v["outcome"] == "client_disconnected");
+    // The attempt in flight is listed with why it ended.
+    assert_eq!(
+        log["attempts"], "openrouter:fake/hang=client_disconnected",
+        "{log}"
+    );
+    assert_eq!(log["status"], 499, "{log}");
 }
 
 /// How many chunks in `sse` carry non-empty text content.

@@ -267,15 +267,20 @@ impl Report {
         out
     }
 
-    /// An aligned text table for a terminal.
+    /// An aligned text table for a terminal. Control characters in group names (model names,
+    /// keys and tags come from clients and rules) are escaped, so that none reaches the terminal.
     pub fn to_table(&self) -> String {
         let mut header: Vec<String> = HEADER.iter().map(|h| (*h).to_owned()).collect();
-        header[0] = self.group_by.clone();
+        header[0] = printable(&self.group_by);
         let body: Vec<[String; 10]> = self
             .groups
             .iter()
             .chain(std::iter::once(&self.total))
-            .map(cells)
+            .map(|g| {
+                let mut line = cells(g);
+                line[0] = printable(&line[0]);
+                line
+            })
             .collect();
         let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
         for line in &body {
@@ -305,6 +310,22 @@ impl Report {
         }
         out
     }
+}
+
+/// `text` with every control character (C0, DEL, C1) written as a Rust escape (`\u{1b}`).
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn csv_field(text: &str) -> String {
@@ -418,6 +439,36 @@ mod tests {
             table.lines().last().unwrap().starts_with("total"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn the_table_escapes_control_characters() {
+        let hostile = "evil\u{1b}[2J\u{7}\ttab\u{7f}\u{9b}31m\nline";
+        let conn = db(&[row("h", 1, hostile, 1, 1000, true)]);
+        let report = usage(
+            &conn,
+            &UsageQuery {
+                from_ms: 0,
+                to_ms: i64::MAX,
+                group_by: GroupBy::Model,
+            },
+        )
+        .unwrap();
+        let table = report.to_table();
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table:?}"
+        );
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(
+            table.contains(r"evil\u{1b}[2J\u{7}\u{9}tab\u{7f}\u{9b}31m\u{a}line"),
+            "{table}"
+        );
+        // The columns still line up on the escaped text.
+        let widths: Vec<usize> = table.lines().map(|l| l.chars().count()).collect();
+        assert!(widths.iter().all(|w| *w == widths[0]), "{table}");
+        // CSV and JSON carry the name as it is (quoted, or JSON-escaped).
+        assert!(report.to_csv().contains(hostile));
     }
 
     #[test]

@@ -5,7 +5,13 @@
 //! written in one transaction, so batches grow with the load instead of the queue blocking
 //! anyone. A row is on disk (in the WAL) at most [`COMMIT_EVERY`] plus a commit's time after
 //! it was sent, which bounds what a killed process loses.
+//!
+//! Before each commit the writer checks that its path still names the file it has open: a
+//! database deleted or replaced under a running daemon would otherwise swallow rows into an
+//! unlinked file. It then says so, counts it as a write error and opens the database at the
+//! path again.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -49,7 +55,8 @@ pub struct WriterStats {
     pub batches: AtomicU64,
     /// The largest batch so far.
     pub max_batch: AtomicU64,
-    /// Failed attempts to commit a batch (each retried).
+    /// Failed attempts to commit a batch (each retried), and times the database file was found
+    /// deleted or replaced (and opened again).
     pub errors: AtomicU64,
     /// Rows given up on at shutdown (each also logged whole).
     pub dropped: AtomicU64,
@@ -64,12 +71,14 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on an open (migrated) connection.
+    /// Starts the writer thread on an open (migrated) connection to the database at `path`.
     pub fn start(conn: Connection, path: &Path) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let worker = Worker {
-            conn,
+            conn: Some(conn),
+            file: FileId::of(path)?,
+            wal: FileId::of(&wal_path(path)).ok(),
             path: path.to_owned(),
             rx,
             stats: Arc::clone(&stats),
@@ -116,9 +125,31 @@ impl Writer {
     }
 }
 
+/// Which file a path names: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
 struct Worker {
-    conn: Connection,
+    /// `None` after the database was found moved, until it is opened again.
+    conn: Option<Connection>,
     path: PathBuf,
+    /// The file `conn` has open, as it was when opened.
+    file: FileId,
+    /// Its write-ahead log, as it was when opened.
+    wal: Option<FileId>,
     rx: Receiver<Message>,
     stats: Arc<WriterStats>,
 }
@@ -200,7 +231,10 @@ impl Worker {
     fn commit(&mut self, batch: &mut Vec<Row>, stopping: bool) {
         let mut tries = RETRY.iter();
         loop {
-            match write_batch(&mut self.conn, batch) {
+            let written = self
+                .connection()
+                .and_then(|conn| write_batch(conn, batch).map_err(|e| e.to_string()));
+            match written {
                 Ok(()) => {
                     let n = batch.len() as u64;
                     self.stats.queued.fetch_sub(n, Ordering::Relaxed);
@@ -226,7 +260,7 @@ impl Worker {
                         None => {
                             for row in batch.drain(..) {
                                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                                lost(&self.stats, &row, &error.to_string());
+                                lost(&self.stats, &row, &error);
                             }
                             return;
                         }
@@ -235,6 +269,81 @@ impl Worker {
             }
         }
     }
+}
+
+impl Worker {
+    /// The connection to commit on. When the path no longer names the file that is open
+    /// (deleted, or replaced by another file), rows committed to it would vanish with it: the
+    /// database at the path is opened (created if need be) again instead.
+    fn connection(&mut self) -> Result<&mut Connection, String> {
+        let moved = match FileId::of(&self.path) {
+            Ok(id) => id != self.file,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        };
+        if moved && let Some(old) = self.conn.take() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                message = "The usage database was deleted or replaced while in use; opening it again.",
+                database = %self.path.display(),
+            );
+            self.retire(old);
+        }
+        if self.conn.is_none() {
+            let conn = crate::open(&self.path).map_err(|e| e.to_string())?;
+            self.file =
+                FileId::of(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+            self.wal = FileId::of(&wal_path(&self.path)).ok();
+            self.conn = Some(conn);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| format!("{}: not open", self.path.display()))
+    }
+
+    /// Closes the connection to a database that is no longer at the path, so that the one
+    /// opened there next does not take the old write-ahead log for its own. SQLite skips the
+    /// checkpoint on close for a moved file and leaves the log at `<path>-wal`, where the next
+    /// database would replay it: it is checkpointed (into the old file, wherever that is now)
+    /// and emptied here, or removed if that cannot be done.
+    fn retire(&mut self, old: Connection) {
+        // A reader of the old file would hold the checkpoint up for the whole busy timeout;
+        // the log is removed instead then.
+        let _ = old.busy_timeout(Duration::ZERO);
+        let emptied = old
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .is_ok_and(|busy| busy == 0);
+        drop(old);
+        let wal = wal_path(&self.path);
+        if !emptied && self.wal.is_some() && FileId::of(&wal).ok() == self.wal {
+            for file in [wal, shm_path(&self.path)] {
+                if let Err(error) = std::fs::remove_file(&file)
+                    && error.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::error!(
+                        message = "Cannot remove the write-ahead log of a replaced usage database.",
+                        file = %file.display(),
+                        %error,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `<path>-wal`, SQLite's write-ahead log of the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// `<path>-shm`, the shared-memory index of that log.
+fn shm_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-shm");
+    PathBuf::from(name)
 }
 
 fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
@@ -318,6 +427,67 @@ mod tests {
         // A row after stop is not lost silently: it is counted (and logged).
         writer.send(Row::example("late", 0, 1));
         assert_eq!(writer.stats().dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_database_deleted_or_replaced_while_open_is_opened_again() {
+        let (dir, path) = temp_db("moved");
+        let writer = Writer::start(crate::open(&path).unwrap(), &path).unwrap();
+        let errors = || writer.stats().errors.load(Ordering::Relaxed);
+        writer.send(Row::example("before", 1, 1));
+        writer.flush();
+        assert_eq!((count(&path), errors()), (1, 0));
+
+        // `rm usage.db*` under the running writer: the next batch lands in a new database.
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        writer.send(Row::example("after-delete", 2, 1));
+        writer.flush();
+        assert_eq!(count(&path), 1, "the row is in the new file");
+        assert_eq!(errors(), 1, "the deletion is counted");
+
+        // Another database renamed over it: rows go to that one, next to what it held, and
+        // the old one's write-ahead log is not replayed into it.
+        let ids = |path: &Path| -> Vec<String> {
+            let conn = crate::open_reader(path).unwrap();
+            let mut stmt = conn
+                .prepare("SELECT request_id FROM requests ORDER BY id")
+                .unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let replace_with = |id: &str| {
+            let other = dir.0.join("other.db");
+            let seed = Writer::start(crate::open(&other).unwrap(), &other).unwrap();
+            seed.send(Row::example(id, 3, 1));
+            seed.stop();
+            std::fs::rename(&other, &path).unwrap();
+        };
+        replace_with("restored");
+        writer.send(Row::example("after-replace", 4, 1));
+        writer.flush();
+        assert_eq!(errors(), 2, "the replacement is counted");
+        assert_eq!(ids(&path), ["restored", "after-replace"]);
+
+        // Again while a reader holds the old database's log: it cannot be emptied, so it goes.
+        writer.send(Row::example("unread", 5, 1));
+        writer.flush();
+        let reader = crate::open_reader(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let seen: i64 = reader
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seen, 3);
+        replace_with("restored-again");
+        writer.send(Row::example("after-second-replace", 6, 1));
+        writer.stop();
+        drop(reader);
+        assert_eq!(errors(), 3);
+        assert_eq!(ids(&path), ["restored-again", "after-second-replace"]);
+        assert_eq!(writer.stats().dropped.load(Ordering::Relaxed), 0);
     }
 
     #[test]
