@@ -213,7 +213,8 @@ pub struct BackendEntry {
     pub name: String,
     /// The plugin kind (`openrouter`, `openai`, `mock`).
     pub kind: &'static str,
-    /// The base URL as configured (never carries a secret; shown by `/admin/routes`).
+    /// The base URL with its credentials masked ([`orproxy_backends::redact_url`]): the only
+    /// form kept for display, so that no view of the table can show them.
     pub base_url: Option<String>,
     /// The plugin instance.
     pub plugin: Arc<dyn Backend>,
@@ -538,7 +539,7 @@ impl RoutingTable {
                 BackendEntry::new(
                     name,
                     plugin,
-                    cfg.base_url.clone(),
+                    cfg.base_url.as_deref().map(orproxy_backends::redact_url),
                     keys,
                     key_envs,
                     IdentityPolicy::from_config(&global_identity, &cfg.identity),
