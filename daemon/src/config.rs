@@ -16,6 +16,8 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::{Location, Spanned};
 
+mod keys;
+
 /// One problem found in a config file, printed as `file:line:col: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -514,25 +516,51 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Parses one file's text; `name` is used in diagnostics.
-pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Diagnostic> {
+///
+/// serde reports only the first error; when there is one, every unknown key of the file is
+/// reported with it (see [`keys`]).
+pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Vec<Diagnostic>> {
     if text
         .lines()
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
     {
         return Ok(ConfigFile::default());
     }
-    serde_saphyr::from_str::<ConfigFile>(text).map_err(|err| {
-        let message = err.without_snippet().to_string();
-        // The plain message may still end with "at line X column Y": keep only the reason.
-        let message = match message.find(" at line ") {
-            Some(at) => message[..at].to_owned(),
-            None => message,
-        };
-        match err.location() {
-            Some(location) => Diagnostic::at(name, location, message),
-            None => Diagnostic::general(name, message),
-        }
-    })
+    let error = match serde_saphyr::from_str::<ConfigFile>(text) {
+        Ok(file) => return Ok(file),
+        Err(error) => error,
+    };
+    let first = match error.location() {
+        Some(location) => Diagnostic::at(name, location, yaml_message(&error)),
+        None => Diagnostic::general(name, yaml_message(&error)),
+    };
+    let mut errors = keys::unknown(name, text);
+    if !errors
+        .iter()
+        .any(|e| (e.line, e.column) == (first.line, first.column))
+    {
+        errors.push(first);
+    }
+    errors.sort_by_key(|e| (e.line, e.column));
+    Err(errors)
+}
+
+/// The YAML reader's message for `error`, on one line and without the "at line X column Y"
+/// the diagnostic already carries.
+fn yaml_message(error: &serde_saphyr::Error) -> String {
+    let message = error.without_snippet().to_string();
+    // The plain message may still end with "at line X column Y": keep only the reason.
+    let message = match message.find(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message,
+    };
+    one_line(&message)
+}
+
+/// `text` on one line: lines joined by a space, runs of whitespace collapsed. Diagnostics are
+/// printed one per line, and some library messages (regex errors) draw multi-line diagrams.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A value together with the file and place that defined it.
@@ -736,7 +764,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                     config.files.push(path.clone());
                     config.merge(&name, file, &mut errors);
                 }
-                Err(e) => errors.push(e),
+                Err(mut e) => errors.append(&mut e),
             },
         }
     }
@@ -758,7 +786,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                 for path in paths {
                     let name = path.display().to_string();
                     let parsed = std::fs::read_to_string(&path)
-                        .map_err(|e| Diagnostic::general(&name, format!("cannot read: {e}")))
+                        .map_err(|e| vec![Diagnostic::general(&name, format!("cannot read: {e}"))])
                         .and_then(|text| parse(&name, &text));
                     match parsed {
                         Ok(mut file) => {
@@ -771,7 +799,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                             config.files.push(path.clone());
                             config.merge(&name, file, &mut errors);
                         }
-                        Err(e) => errors.push(e),
+                        Err(mut e) => errors.append(&mut e),
                     }
                 }
             }

@@ -120,3 +120,43 @@ fn a_busy_port_is_a_runtime_error() {
             .contains(&format!("cannot listen on {}", daemon.addr))
     );
 }
+
+#[test]
+fn check_prints_every_unknown_key_of_every_file() {
+    let config = temp_file(
+        "lisen: 127.0.0.1:0\nbackends:\n  a:\n    type: mock\n    modles: [x]\nlimits:\n  idle_timeout: 1s\n  idel: 2s\n",
+        ".yaml",
+    );
+    let rules = crate::harness::temp_dir();
+    std::fs::write(
+        rules.join("10-a.yaml"),
+        "model_aliases:\n  - pattern: x\n    replacment: y\nbogus: 1\n",
+    )
+    .unwrap();
+    let output = command()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .arg("--rules-dir")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let (name, fragment) = (
+        config.display().to_string(),
+        rules.join("10-a.yaml").display().to_string(),
+    );
+    let expected = [
+        format!("{name}:1:1: unknown field `lisen`"),
+        format!("{name}:5:5: unknown field `modles`"),
+        format!("{name}:8:3: unknown field `idel`"),
+        format!("{fragment}:3:5: unknown field `replacment`"),
+        format!("{fragment}:4:1: unknown field `bogus`"),
+    ];
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, start) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(start.as_str()), "{stderr}");
+    }
+}

@@ -23,11 +23,7 @@ pub(crate) fn build(
 ) -> Result<RoutingTable, Vec<Diagnostic>> {
     let mut config = Config::default();
     let mut errors = Vec::new();
-    config.merge(
-        "c.yaml",
-        parse("c.yaml", yaml).map_err(|e| vec![e])?,
-        &mut errors,
-    );
+    config.merge("c.yaml", parse("c.yaml", yaml)?, &mut errors);
     assert!(errors.is_empty());
     RoutingTable::build(&config, None, &overrides, &env(vars))
 }
