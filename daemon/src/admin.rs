@@ -219,7 +219,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
         .failover
         .iter()
         .map(|rule| {
-            let mut triggers: Vec<String> = rule.triggers.iter().map(|t| format!("{t:?}")).collect();
+            let mut triggers: Vec<&str> = rule.triggers.iter().map(|t| t.name()).collect();
             triggers.sort();
             json!({"match": rule.regex.as_str(), "chain": rule.chain.iter().map(ToString::to_string).collect::<Vec<_>>(), "triggers": triggers})
         })

@@ -357,6 +357,20 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// The trigger's name as written in config (`rate_limited`), for display.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Connect => "connect",
+            Trigger::Timeout => "timeout",
+            Trigger::RateLimited => "rate_limited",
+            Trigger::ServerError => "server_error",
+            Trigger::PaymentRequired => "payment_required",
+            Trigger::Unauthorized => "unauthorized",
+            Trigger::Stream => "stream",
+            Trigger::ContextLength => "context_length",
+        }
+    }
+
     /// Every trigger: the default of a chain.
     pub const ALL: [Trigger; 8] = [
         Trigger::Connect,
@@ -545,10 +559,45 @@ pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Vec<Diagnostic>> {
     Err(errors)
 }
 
-/// The YAML reader's message for `error`, on one line and without the "at line X column Y"
-/// the diagnostic already carries.
+/// The YAML reader's message for `error`, in the terms of a config file: without the
+/// reader's own API advice, on one line, and without the "at line X column Y" the
+/// diagnostic already carries.
 fn yaml_message(error: &serde_saphyr::Error) -> String {
-    let message = error.without_snippet().to_string();
+    use serde_saphyr::Error;
+    use serde_saphyr::budget::BudgetBreach;
+    let mut error = error.without_snippet();
+    while let Error::AliasError { error: inner, .. } = error {
+        error = inner.without_snippet();
+    }
+    let limits = serde_saphyr::Budget::default();
+    let too_large = |what: &str, limit: usize| {
+        format!("the file is too large or too complex: more than {limit} {what}")
+    };
+    let message = match error {
+        Error::DuplicateMappingKey { key: Some(key), .. } => {
+            format!("duplicate key `{key}`: each key may appear once in a mapping")
+        }
+        Error::DuplicateMappingKey { key: None, .. } => {
+            "duplicate key: each key may appear once in a mapping".to_owned()
+        }
+        Error::MultipleDocuments { .. } => {
+            "the file must hold one YAML document (found a second `---` document)".to_owned()
+        }
+        Error::Budget { breach, .. } => match breach {
+            BudgetBreach::Nodes { .. } => too_large("YAML nodes", limits.max_nodes),
+            BudgetBreach::Events { .. } => too_large("YAML events", limits.max_events),
+            BudgetBreach::Depth { .. } => too_large("levels of nesting", limits.max_depth),
+            BudgetBreach::Aliases { .. } => too_large("aliases", limits.max_aliases),
+            BudgetBreach::Anchors { .. } => too_large("anchors", limits.max_anchors),
+            BudgetBreach::Documents { .. } => too_large("documents", limits.max_documents),
+            BudgetBreach::ScalarBytes { .. } => {
+                too_large("bytes of values", limits.max_total_scalar_bytes)
+            }
+            BudgetBreach::MergeKeys { .. } => too_large("merge keys", limits.max_merge_keys),
+            _ => "the file is too large or too complex".to_owned(),
+        },
+        other => other.to_string(),
+    };
     // The plain message may still end with "at line X column Y": keep only the reason.
     let message = match message.find(" at line ") {
         Some(at) => message[..at].to_owned(),

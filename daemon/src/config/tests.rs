@@ -132,6 +132,52 @@ fn a_type_error_is_reported_with_the_unknown_keys() {
 }
 
 #[test]
+fn yaml_reader_messages_speak_of_the_file() {
+    let message = |text: &str| {
+        let errors = parse("c.yaml", text).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        errors[0].to_string()
+    };
+    assert_eq!(
+        message("listen: a\nlisten: b\n"),
+        "c.yaml:2:1: duplicate key `listen`: each key may appear once in a mapping"
+    );
+    let two = message("listen: a\n---\nlisten: b\n");
+    assert!(
+        two.contains("the file must hold one YAML document"),
+        "{two}"
+    );
+    assert!(!two.contains("from_str"), "{two}");
+    let big = format!(
+        "backends:\n  a:\n    type: mock\n    models: [{}]\n",
+        ["m"; 250_001].join(", ")
+    );
+    let big = message(&big);
+    assert!(
+        big.contains("the file is too large or too complex: more than 250000 YAML nodes"),
+        "{big}"
+    );
+    assert!(!big.contains("Nodes {"), "{big}");
+}
+
+#[test]
+fn trigger_names_are_the_config_names() {
+    for trigger in Trigger::ALL {
+        let text = format!(
+            "failover:\n  - match: x\n    chain: [y]\n    triggers: [{}]\n",
+            trigger.name()
+        );
+        let cfg = parse("c", &text).unwrap();
+        let parsed = cfg.failover.unwrap().value[0]
+            .value
+            .triggers
+            .clone()
+            .unwrap();
+        assert_eq!(parsed, [trigger]);
+    }
+}
+
+#[test]
 fn broken_yaml_is_located() {
     let err = parse("c.yaml", "listen: [\n").unwrap_err().remove(0);
     assert_eq!(err.file, "c.yaml");
