@@ -733,18 +733,23 @@ impl RoutingTable {
         let limits = build_limits(config.limits.as_ref());
         let pricing = crate::pricing::build_rules(config.pricing.as_ref(), &mut errors);
         let budgets = crate::budget::build_rules(config.budgets.as_ref(), &mut errors);
-        for rule in &budgets {
-            let chain = rule.fallback.as_deref().map(selector::parse_chain);
-            for selector in chain.into_iter().flatten().flatten() {
-                let backend = selector.backend.as_deref().unwrap_or(&default_backend);
-                if !backends.contains_key(backend) {
-                    errors.push(Diagnostic::general(
-                        &origin_name(false, "", config.budgets.as_ref()),
-                        format!(
-                            "budget `{}`: fallback names unknown backend `{backend}`",
-                            rule.name
-                        ),
-                    ));
+        // Checked against the config entries, not the compiled rules, to point at the entry.
+        if let Some(list) = &config.budgets {
+            for entry in &list.value {
+                let budget = &entry.value;
+                let chain = budget.fallback.as_deref().map(selector::parse_chain);
+                // An invalid selector is reported by `budget::build_rules`.
+                for selector in chain.into_iter().flatten().flatten() {
+                    let backend = selector.backend.as_deref().unwrap_or(&default_backend);
+                    if !backends.contains_key(backend) {
+                        errors.push(list.error_at(
+                            entry.referenced,
+                            format!(
+                                "budget `{}`: fallback names unknown backend `{backend}`",
+                                budget.name
+                            ),
+                        ));
+                    }
                 }
             }
         }

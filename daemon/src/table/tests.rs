@@ -296,6 +296,17 @@ backends:
 }
 
 #[test]
+fn a_fallback_to_an_unknown_backend_is_located_at_its_budget() {
+    let yaml = "budgets:\n  - { name: a, scope: global, limit_usd: 1, period: day }\n  - { name: b, scope: global, limit_usd: 1, period: month }\n  - { name: c, scope: global, limit_usd: 1, period: total, action: fallback, fallback: \"nosuch:x\" }\n";
+    let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        ["c.yaml:4:5: budget `c`: fallback names unknown backend `nosuch`"]
+    );
+}
+
+#[test]
 fn budgets_and_pricing_are_validated_where_written() {
     let yaml = r#"
 pricing:
@@ -316,7 +327,7 @@ budgets:
         "c.yaml:6:5: budget `b`: invalid regex",
         "c.yaml:7:5: budget `c`: action fallback needs a `fallback` selector",
         "c.yaml:9:5: budget `d` is already defined on line 8",
-        "budget `d`: fallback names unknown backend `ghost`",
+        "c.yaml:8:5: budget `d`: fallback names unknown backend `ghost`",
     ] {
         assert!(all.contains(expected), "missing {expected:?} in\n{all}");
     }
