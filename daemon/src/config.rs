@@ -129,13 +129,15 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// SQLite file (`--db` wins) [default: $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db]. Restart-only.
-    pub path: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub path: Option<Spanned<String>>,
     /// Refuse to start when the database cannot be opened (default true); when false the daemon
     /// proxies without recording usage.
     pub required: Option<bool>,
     /// Record usage at all (default true). Off: no database; budgets then count from zero at
     /// every start. Restart-only.
-    pub enabled: Option<bool>,
+    #[schemars(with = "Option<bool>")]
+    pub enabled: Option<Spanned<bool>>,
     /// How often model prices are fetched from upstreams that publish them (default 24h).
     pub price_refresh: Option<Dur>,
 }
@@ -270,7 +272,8 @@ pub enum BudgetAction {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Admin API and `/metrics` address (IP:PORT).
-    pub listen: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub listen: Option<Spanned<String>>,
     /// Environment variable holding the admin bearer token; without one the admin API must be on loopback.
     pub token_env: Option<String>,
 }
@@ -452,7 +455,8 @@ pub struct LimitsConfig {
     /// Largest non-streamed upstream answer, in bytes.
     pub max_response_bytes: Option<u64>,
     /// TCP (and TLS) connect to an upstream. Restart-only.
-    pub connect_timeout: Option<Dur>,
+    #[schemars(with = "Option<Dur>")]
+    pub connect_timeout: Option<Spanned<Dur>>,
     /// Until the upstream's answer starts (for streams: its first content event).
     pub first_byte_timeout: Option<Dur>,
     /// Longest silence between two events of a stream.

@@ -16,6 +16,7 @@ use http::HeaderMap;
 use orproxy_backends::Settings;
 use orproxy_plugin::{Backend, Identity};
 use regex::Regex;
+use serde_saphyr::{Location, Spanned};
 
 use crate::auth::Auth;
 use crate::config::{
@@ -93,46 +94,105 @@ pub struct RestartOnly {
     pub database_required: bool,
 }
 
+/// A restart-only setting that differs from the running table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartChange {
+    /// The config key (`limits.connect_timeout`): see [`RoutingTable::restart_origins`].
+    pub key: &'static str,
+    /// What changed, for the message.
+    pub description: String,
+}
+
+/// Where a setting is written in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file.
+    pub file: Arc<str>,
+    /// The place of the value in it.
+    pub at: Location,
+}
+
+impl Origin {
+    /// The place of a whole top-level key's value.
+    fn of<T>(sourced: &Sourced<T>) -> Origin {
+        Origin {
+            file: Arc::clone(&sourced.file),
+            at: sourced.at,
+        }
+    }
+
+    /// The place of a value nested in `sourced`.
+    fn within<T, U>(sourced: &Sourced<T>, spanned: &Spanned<U>) -> Origin {
+        Origin {
+            file: Arc::clone(&sourced.file),
+            at: spanned.referenced,
+        }
+    }
+
+    /// A diagnostic pointing here.
+    pub fn error(&self, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(&self.file, self.at, message)
+    }
+}
+
 impl RestartOnly {
     /// Describes what differs from `running`, if anything.
-    pub fn changes_from(&self, running: &RestartOnly) -> Vec<String> {
+    pub fn changes_from(&self, running: &RestartOnly) -> Vec<RestartChange> {
         let mut changes = Vec::new();
+        let mut changed = |key: &'static str, description: String| {
+            changes.push(RestartChange { key, description })
+        };
         if self.listen != running.listen {
-            changes.push(format!("listen ({} → {})", running.listen, self.listen));
+            changed(
+                "listen",
+                format!("listen ({} → {})", running.listen, self.listen),
+            );
         }
         if self.admin_listen != running.admin_listen {
-            changes.push(format!(
-                "admin.listen ({} → {})",
-                running.admin_listen, self.admin_listen
-            ));
+            changed(
+                "admin.listen",
+                format!(
+                    "admin.listen ({} → {})",
+                    running.admin_listen, self.admin_listen
+                ),
+            );
         }
         if self.log_format != running.log_format {
-            changes.push("log_format".to_owned());
+            changed("log_format", "log_format".to_owned());
         }
         if self.connect_timeout != running.connect_timeout {
-            changes.push("limits.connect_timeout".to_owned());
+            changed(
+                "limits.connect_timeout",
+                "limits.connect_timeout".to_owned(),
+            );
         }
         if self.rules_dir != running.rules_dir {
             let shown = |dir: &Option<PathBuf>| {
                 dir.as_deref()
                     .map_or_else(|| "none".to_owned(), |d| d.display().to_string())
             };
-            changes.push(format!(
-                "rules_dir ({} → {})",
-                shown(&running.rules_dir),
-                shown(&self.rules_dir)
-            ));
+            changed(
+                "rules_dir",
+                format!(
+                    "rules_dir ({} → {})",
+                    shown(&running.rules_dir),
+                    shown(&self.rules_dir)
+                ),
+            );
         }
         if self.database != running.database {
             let shown = |db: &Option<PathBuf>| {
                 db.as_deref()
                     .map_or_else(|| "disabled".to_owned(), |d| d.display().to_string())
             };
-            changes.push(format!(
-                "database ({} → {})",
-                shown(&running.database),
-                shown(&self.database)
-            ));
+            changed(
+                "database",
+                format!(
+                    "database ({} → {})",
+                    shown(&running.database),
+                    shown(&self.database)
+                ),
+            );
         }
         changes
     }
@@ -158,6 +218,9 @@ pub struct RoutingTable {
     pub limits: Limits,
     /// Startup-only settings.
     pub restart_only: RestartOnly,
+    /// Where each restart-only setting taken from the config is written, by the key of its
+    /// [`RestartChange`]; settings from a flag or a default have none.
+    pub restart_origins: BTreeMap<&'static str, Origin>,
     /// Files the table was built from, in merge order.
     pub files: Vec<PathBuf>,
     /// Non-fatal findings (logged at load).
@@ -643,7 +706,7 @@ impl RoutingTable {
                         format!(
                             "model_aliases: invalid pattern `{}`: {}",
                             entry.value.pattern,
-                            first_line(&e.to_string())
+                            crate::config::one_line(&e.to_string())
                         ),
                     )),
                 }
@@ -662,7 +725,7 @@ impl RoutingTable {
                             format!(
                                 "failover: invalid match `{}`: {}",
                                 rule.pattern,
-                                first_line(&e.to_string())
+                                crate::config::one_line(&e.to_string())
                             ),
                         ));
                         continue;
@@ -754,10 +817,54 @@ impl RoutingTable {
             }
         }
         let database = config.database.as_ref().map(|d| &d.value);
+        let mut restart_origins = BTreeMap::new();
+        let listen_key = config
+            .listen
+            .as_ref()
+            .map(|s| (Origin::of(s), s.value.as_str()));
+        let admin_listen_key = admin.and_then(|a| {
+            let listen = a.value.listen.as_ref()?;
+            Some((Origin::within(a, listen), listen.value.as_str()))
+        });
+        if overrides.listen.is_none()
+            && let Some((origin, _)) = &listen_key
+        {
+            restart_origins.insert("listen", origin.clone());
+        }
+        if overrides.admin_listen.is_none()
+            && let Some((origin, _)) = &admin_listen_key
+        {
+            restart_origins.insert("admin.listen", origin.clone());
+        }
+        if overrides.log_format.is_none()
+            && let Some(key) = &config.log_format
+        {
+            restart_origins.insert("log_format", Origin::of(key));
+        }
+        if let Some(limits) = &config.limits
+            && let Some(timeout) = &limits.value.connect_timeout
+        {
+            restart_origins.insert("limits.connect_timeout", Origin::within(limits, timeout));
+        }
+        if let Some(key) = &config.rules_dir {
+            restart_origins.insert("rules_dir", Origin::of(key));
+        }
+        if overrides.db.is_none()
+            && let Some(sourced) = &config.database
+        {
+            // Turning recording off is the change when it is off; else the path.
+            let d = &sourced.value;
+            let origin = match (&d.enabled, &d.path) {
+                (Some(enabled), _) if !enabled.value => Origin::within(sourced, enabled),
+                (_, Some(path)) => Origin::within(sourced, path),
+                _ => Origin::of(sourced),
+            };
+            restart_origins.insert("database", origin);
+        }
         let listen = address(
             overrides.listen.as_deref(),
             "--listen",
-            config.listen.as_ref().map(|s| (s, s.value.as_str())),
+            listen_key,
             DEFAULT_LISTEN,
             "listen",
             &mut errors,
@@ -765,7 +872,7 @@ impl RoutingTable {
         let admin_listen = address(
             overrides.admin_listen.as_deref(),
             "--admin-listen",
-            admin.and_then(|a| a.value.listen.as_deref().map(|l| (a, l))),
+            admin_listen_key,
             DEFAULT_ADMIN_LISTEN,
             "admin.listen",
             &mut errors,
@@ -824,15 +931,23 @@ impl RoutingTable {
                     .or(config.log_format.as_ref().map(|s| s.value)),
                 connect_timeout: limits.connect_timeout,
                 rules_dir,
-                database: database.and_then(|d| d.enabled).unwrap_or(true).then(|| {
-                    overrides
-                        .db
-                        .clone()
-                        .or_else(|| database.and_then(|d| d.path.as_ref()).map(PathBuf::from))
-                        .unwrap_or_else(crate::ledger::default_path)
-                }),
+                database: database
+                    .and_then(|d| d.enabled.as_ref())
+                    .is_none_or(|e| e.value)
+                    .then(|| {
+                        overrides
+                            .db
+                            .clone()
+                            .or_else(|| {
+                                database
+                                    .and_then(|d| d.path.as_ref())
+                                    .map(|p| PathBuf::from(&p.value))
+                            })
+                            .unwrap_or_else(crate::ledger::default_path)
+                    }),
                 database_required: database.and_then(|d| d.required).unwrap_or(true),
             },
+            restart_origins,
             limits,
             files: config.files.clone(),
             warnings,
@@ -893,7 +1008,10 @@ fn build_limits(limits: Option<&Sourced<crate::config::LimitsConfig>>) -> Limits
         max_response_bytes: l
             .max_response_bytes
             .map_or(d.max_response_bytes, saturating_usize),
-        connect_timeout: dur(l.connect_timeout, d.connect_timeout),
+        connect_timeout: dur(
+            l.connect_timeout.as_ref().map(|s| s.value),
+            d.connect_timeout,
+        ),
         first_byte_timeout: dur(l.first_byte_timeout, d.first_byte_timeout),
         idle_timeout: dur(l.idle_timeout, d.idle_timeout),
         total_timeout: dur(l.total_timeout, d.total_timeout),
@@ -911,15 +1029,17 @@ fn origin_name<T>(from_flag: bool, flag: &str, key: Option<&Sourced<T>>) -> Stri
 }
 
 /// An address from its flag, its config key, or its default.
-fn address<T>(
+fn address(
     flag: Option<&str>,
     flag_name: &str,
-    key: Option<(&Sourced<T>, &str)>,
+    key: Option<(Origin, &str)>,
     default: &str,
     what: &str,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<SocketAddr> {
-    let text = flag.or(key.map(|(_, text)| text)).unwrap_or(default);
+    let text = flag
+        .or(key.as_ref().map(|(_, text)| *text))
+        .unwrap_or(default);
     text.parse::<SocketAddr>()
         .map_err(|_| {
             let message = format!(
@@ -927,21 +1047,11 @@ fn address<T>(
             );
             errors.push(match (flag, key) {
                 (Some(_), _) => Diagnostic::general(flag_name, message),
-                (None, Some((sourced, _))) => sourced.error(message),
+                (None, Some((origin, _))) => origin.error(message),
                 (None, None) => Diagnostic::general("<built-in>", message),
             });
         })
         .ok()
-}
-
-fn first_line(text: &str) -> String {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn saturating_usize(v: u64) -> usize {

@@ -294,7 +294,10 @@ async fn restart_only_settings_are_refused_with_a_clear_message() {
     let outcome: Value = response.json().await.unwrap();
     let error = outcome["errors"][0].as_str().unwrap();
     assert!(
-        error.contains("limits.connect_timeout cannot change at runtime: restart orproxy to apply"),
+        error.starts_with(&format!(
+            "{}:2:20: limits.connect_timeout cannot change at runtime: restart orproxy to apply",
+            config.display()
+        )),
         "{error}"
     );
 
@@ -316,7 +319,8 @@ async fn restart_only_settings_are_refused_with_a_clear_message() {
     let outcome: Value = response.json().await.unwrap();
     let error = outcome["errors"][0].as_str().unwrap();
     assert!(
-        error.contains("rules_dir (") && error.contains("cannot change at runtime"),
+        error.starts_with(&format!("{}:3:12: rules_dir (", config.display()))
+            && error.contains("cannot change at runtime"),
         "{error}"
     );
 }

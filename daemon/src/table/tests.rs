@@ -245,22 +245,39 @@ fn unsafe_listeners_are_refused() {
 
 #[test]
 fn restart_only_changes_are_named() {
-    let a = build("", Overrides::default(), &[]).unwrap().restart_only;
+    let a = build("", Overrides::default(), &[]).unwrap();
     let b = build(
         "listen: 127.0.0.1:9000\nlimits:\n  connect_timeout: 1s\n",
         Overrides::default(),
         &[],
     )
-    .unwrap()
-    .restart_only;
+    .unwrap();
+    let changes: Vec<(&str, String)> = b
+        .restart_only
+        .changes_from(&a.restart_only)
+        .into_iter()
+        .map(|c| (c.key, c.description))
+        .collect();
     assert_eq!(
-        b.changes_from(&a),
-        vec![
-            "listen (127.0.0.1:8000 → 127.0.0.1:9000)".to_owned(),
-            "limits.connect_timeout".to_owned()
+        changes,
+        [
+            (
+                "listen",
+                "listen (127.0.0.1:8000 → 127.0.0.1:9000)".to_owned()
+            ),
+            (
+                "limits.connect_timeout",
+                "limits.connect_timeout".to_owned()
+            )
         ]
     );
-    assert!(a.changes_from(&a).is_empty());
+    assert!(a.restart_only.changes_from(&a.restart_only).is_empty());
+    let place = |key: &str| {
+        let origin = &b.restart_origins[key];
+        (origin.at.line(), origin.at.column())
+    };
+    assert_eq!(place("listen"), (1, 9));
+    assert_eq!(place("limits.connect_timeout"), (3, 20));
 }
 
 #[test]
@@ -320,6 +337,9 @@ budgets:
 "#;
     let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
     let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    for line in &text {
+        assert!(!line.contains('\n'), "one line per error: {line:?}");
+    }
     let all = text.join("\n");
     for expected in [
         "c.yaml:3:5: pricing.match: invalid regex",
