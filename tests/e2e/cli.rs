@@ -87,6 +87,18 @@ fn usage_errors_exit_2() {
     assert_eq!(output.status.code(), Some(2));
     let output = command().args(["--log-format", "xml"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
+    for (flag, value) in [
+        ("--listen", "nonsense"),
+        ("--listen", "127.0.0.1:99999"),
+        ("--admin-listen", "bad"),
+        ("--force-model", "mock:x?temperature=7"),
+    ] {
+        let output = command().args([flag, value]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{stderr}");
+        assert!(stderr.contains("invalid value"), "{stderr}");
+    }
 }
 
 #[test]
