@@ -499,6 +499,22 @@ pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
 }
 
+/// Why a secret read from the environment variable `var` cannot be sent in an HTTP header,
+/// if it cannot. Checked at load: otherwise every request would fail, blaming the client.
+/// The message names the variable, never the value.
+pub fn header_problem(var: &str, value: &str) -> Option<String> {
+    if value.trim() != value {
+        return Some(format!(
+            "environment variable {var} starts or ends with whitespace (often a stray newline), which HTTP does not carry"
+        ));
+    }
+    http::HeaderValue::from_str(value).is_err().then(|| {
+        format!(
+            "environment variable {var} holds a character that cannot be sent in an HTTP header (a control character such as a newline, or a non-ASCII character)"
+        )
+    })
+}
+
 /// The process environment.
 pub struct ProcessEnv;
 
@@ -585,7 +601,12 @@ impl RoutingTable {
             let mut keys = Vec::new();
             for var in &key_envs {
                 match env.var(var) {
-                    Some(key) => keys.push(Secret::new(key)),
+                    Some(key) => match header_problem(var, &key) {
+                        None => keys.push(Secret::new(key)),
+                        Some(problem) => {
+                            errors.push(sourced.error(format!("backend `{name}`: {problem}")))
+                        }
+                    },
                     None => errors.push(sourced.error(format!(
                         "backend `{name}`: environment variable {var} is not set"
                     ))),
@@ -636,8 +657,22 @@ impl RoutingTable {
         {
             backends.insert(MOCK_BACKEND.to_owned(), mock);
         }
+        let implied_key = env.var("OPENROUTER_API_KEY").filter(|key| {
+            match header_problem("OPENROUTER_API_KEY", key) {
+                None => true,
+                // Only a problem when the key is used: for the implied backend.
+                Some(problem) if !backends.contains_key(OPENROUTER_BACKEND) => {
+                    errors.push(Diagnostic::general(
+                        "<environment>",
+                        format!("backend `{OPENROUTER_BACKEND}`: {problem}"),
+                    ));
+                    false
+                }
+                Some(_) => false,
+            }
+        });
         if !backends.contains_key(OPENROUTER_BACKEND)
-            && let Some(key) = env.var("OPENROUTER_API_KEY")
+            && let Some(key) = implied_key
             && let Some(openrouter) = builtin(
                 OPENROUTER_BACKEND,
                 orproxy_backends::openrouter::KIND,
@@ -783,7 +818,13 @@ impl RoutingTable {
         let admin_token = admin.and_then(|a| {
             let var = a.value.token_env.as_ref()?;
             match env.var(var) {
-                Some(token) => Some(Secret::new(token)),
+                Some(token) => match header_problem(var, &token) {
+                    None => Some(Secret::new(token)),
+                    Some(problem) => {
+                        errors.push(a.error(format!("admin.token_env: {problem}")));
+                        None
+                    }
+                },
                 None => {
                     errors.push(a.error(format!(
                         "admin.token_env: environment variable {var} is not set"

@@ -172,3 +172,28 @@ fn check_prints_every_unknown_key_of_every_file() {
         assert!(line.starts_with(start.as_str()), "{stderr}");
     }
 }
+
+#[test]
+fn a_key_that_cannot_be_sent_in_a_header_is_refused_at_load() {
+    let config = temp_file(
+        "backends:\n  up:\n    type: openai\n    base_url: http://127.0.0.1:9/v1\n    api_key_env: ORPROXY_E2E_BAD_KEY\ndefault_backend: up\n",
+        ".yaml",
+    );
+    // `check`, start and reload all validate through the same build.
+    let output = command()
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("ORPROXY_E2E_BAD_KEY", "sk-upstream-secret\ntrailing")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:3:5: backend `up`: environment variable ORPROXY_E2E_BAD_KEY holds a character that cannot be sent in an HTTP header",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sk-upstream-secret"), "{stderr}");
+}

@@ -55,6 +55,57 @@ fn an_openrouter_key_implies_the_openrouter_backend() {
 }
 
 #[test]
+fn keys_that_cannot_be_sent_in_a_header_are_refused_by_variable_name() {
+    let yaml = "backends:\n  a:\n    type: openai\n    api_keys_env: [GOOD, NEWLINE]\nadmin:\n  token_env: SPACED\nauth:\n  keys:\n    - { name: k, key_env: CONTROL }\n";
+    let errors = build(
+        yaml,
+        Overrides::default(),
+        &[
+            ("GOOD", "sk-good"),
+            ("NEWLINE", "sk-first\nsk-second"),
+            ("SPACED", "admin-token\n"),
+            ("CONTROL", "sk-\u{7}bell"),
+        ],
+    )
+    .err()
+    .unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(text.len(), 3, "{text:#?}");
+    assert!(
+        text[0].starts_with("c.yaml:3:5: backend `a`: environment variable NEWLINE holds a character that cannot be sent in an HTTP header"),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("auth key `k`: environment variable CONTROL holds")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter().any(|t| t.contains(
+            "admin.token_env: environment variable SPACED starts or ends with whitespace"
+        )),
+        "{text:#?}"
+    );
+    assert!(
+        !text
+            .iter()
+            .any(|t| t.contains("sk-") || t.contains("admin-token"))
+    );
+
+    let errors = build(
+        "",
+        Overrides::default(),
+        &[("OPENROUTER_API_KEY", "sk\r\n")],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        errors[0].message.contains("OPENROUTER_API_KEY"),
+        "{errors:?}"
+    );
+}
+
+#[test]
 fn every_error_is_reported_with_its_place() {
     let errs = build(
         "backends:\n  a:\n    type: nope\n  b:\n    type: openai\n    api_key_env: MISSING_KEY\ndefault_backend: c\nmodel_aliases:\n  - { pattern: \"(\", replacement: x }\n",
