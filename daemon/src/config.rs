@@ -392,11 +392,25 @@ impl Trigger {
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// `User-Agent`.
-    pub user_agent: Option<IdentityRule>,
+    #[schemars(with = "Option<IdentityRule>")]
+    pub user_agent: Option<Spanned<IdentityRule>>,
     /// `HTTP-Referer`.
-    pub referer: Option<IdentityRule>,
+    #[schemars(with = "Option<IdentityRule>")]
+    pub referer: Option<Spanned<IdentityRule>>,
     /// `X-Title` and `X-OpenRouter-Title`.
-    pub title: Option<IdentityRule>,
+    #[schemars(with = "Option<IdentityRule>")]
+    pub title: Option<Spanned<IdentityRule>>,
+}
+
+impl IdentityConfig {
+    /// Each header's rule with its name in config.
+    pub fn rules(&self) -> [(&'static str, Option<&Spanned<IdentityRule>>); 3] {
+        [
+            ("user_agent", self.user_agent.as_ref()),
+            ("referer", self.referer.as_ref()),
+            ("title", self.title.as_ref()),
+        ]
+    }
 }
 
 /// How one outbound identity header is chosen.

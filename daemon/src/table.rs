@@ -429,19 +429,21 @@ pub const DEFAULT_TITLE: &str = "orproxy";
 
 impl IdentityPolicy {
     fn from_config(global: &IdentityConfig, own: &IdentityConfig) -> Self {
-        let pick = |own: &Option<IdentityRule>, global: &Option<IdentityRule>| match own
-            .as_ref()
-            .or(global.as_ref())
-        {
-            None => Choice::Passthrough,
-            Some(rule) => match rule.mode {
-                IdentityMode::Passthrough => Choice::Passthrough,
-                IdentityMode::Default => Choice::Default,
-                IdentityMode::Override => {
-                    Choice::Override(rule.override_value.clone().unwrap_or_default())
-                }
-            },
-        };
+        let pick =
+            |own: &Option<Spanned<IdentityRule>>, global: &Option<Spanned<IdentityRule>>| match own
+                .as_ref()
+                .or(global.as_ref())
+                .map(|rule| &rule.value)
+            {
+                None => Choice::Passthrough,
+                Some(rule) => match rule.mode {
+                    IdentityMode::Passthrough => Choice::Passthrough,
+                    IdentityMode::Default => Choice::Default,
+                    IdentityMode::Override => {
+                        Choice::Override(rule.override_value.clone().unwrap_or_default())
+                    }
+                },
+            };
         IdentityPolicy {
             user_agent: pick(&own.user_agent, &global.user_agent),
             referer: pick(&own.referer, &global.referer),
@@ -564,9 +566,18 @@ impl RoutingTable {
             .map(|s| s.value.clone())
             .unwrap_or_default();
 
+        if let Some(identity) = &config.identity {
+            check_identity(&identity.file, "", &identity.value, &mut errors);
+        }
         let mut backends = BTreeMap::new();
         for (name, sourced) in &config.backends {
             let cfg = &sourced.value;
+            check_identity(
+                &sourced.file,
+                &format!("backends.{name}."),
+                &cfg.identity,
+                &mut errors,
+            );
             if name.is_empty() || name.contains([':', '/', '?', '|']) {
                 errors.push(sourced.error(format!(
                     "backend name `{name}` must not be empty or contain `:`, `/`, `?` or `|`"
@@ -1035,6 +1046,34 @@ impl BackendEntry {
             identity,
             models,
         }
+    }
+}
+
+/// An `override` needs a value, and one that can be sent as a header: otherwise every
+/// request would carry an empty or broken header.
+fn check_identity(
+    file: &str,
+    prefix: &str,
+    identity: &IdentityConfig,
+    errors: &mut Vec<Diagnostic>,
+) {
+    for (header, rule) in identity.rules() {
+        let Some(rule) = rule else { continue };
+        if rule.value.mode != IdentityMode::Override {
+            continue;
+        }
+        let problem = match rule.value.override_value.as_deref() {
+            None | Some("") => "mode override needs a non-empty override_value",
+            Some(value) if http::HeaderValue::from_str(value).is_err() => {
+                "override_value holds a character that cannot be sent in an HTTP header"
+            }
+            Some(_) => continue,
+        };
+        errors.push(Diagnostic::at(
+            file,
+            rule.referenced,
+            format!("{prefix}identity.{header}: {problem}"),
+        ));
     }
 }
 

@@ -54,7 +54,7 @@ limits:
     assert_eq!(limits.commit_after, Some(Dur(Duration::from_millis(250))));
     assert_eq!(limits.total_timeout, Some(Dur(Duration::from_secs(120))));
     let identity = cfg.identity.unwrap().value;
-    let ua = identity.user_agent.unwrap();
+    let ua = identity.user_agent.unwrap().value;
     assert_eq!(ua.mode, IdentityMode::Override);
     assert_eq!(ua.override_value.as_deref(), Some("MyApp/1.0.0"));
     let aliases = cfg.model_aliases.unwrap().value;

@@ -106,6 +106,21 @@ fn keys_that_cannot_be_sent_in_a_header_are_refused_by_variable_name() {
 }
 
 #[test]
+fn an_override_needs_a_value_that_fits_a_header() {
+    let yaml = "identity:\n  user_agent: { mode: override }\n  title: { mode: default }\nbackends:\n  a:\n    type: openai\n    identity:\n      referer: { mode: override, override_value: \"\" }\n      title: { mode: override, override_value: \"x\\ny\" }\n";
+    let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "c.yaml:2:15: identity.user_agent: mode override needs a non-empty override_value",
+            "c.yaml:8:16: backends.a.identity.referer: mode override needs a non-empty override_value",
+            "c.yaml:9:14: backends.a.identity.title: override_value holds a character that cannot be sent in an HTTP header",
+        ]
+    );
+}
+
+#[test]
 fn every_error_is_reported_with_its_place() {
     let errs = build(
         "backends:\n  a:\n    type: nope\n  b:\n    type: openai\n    api_key_env: MISSING_KEY\ndefault_backend: c\nmodel_aliases:\n  - { pattern: \"(\", replacement: x }\n",
