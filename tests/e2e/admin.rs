@@ -218,3 +218,34 @@ async fn credentials_in_base_urls_are_masked_wherever_they_are_shown() {
         assert!(!stderr.contains(secret), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn explain_refuses_a_bad_query_in_the_admin_error_shape() {
+    let daemon = Daemon::start(Options::default());
+    let http = client();
+    let response = http
+        .post(daemon.admin_url("/admin/explain?client_ip=notanip"))
+        .json(&chat("mock", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    assert_eq!(body["error"]["param"], "client_ip", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("client_ip") && message.contains("notanip"),
+        "{body}"
+    );
+
+    let response = http
+        .post(daemon.admin_url("/admin/explain?client_ip=2001:db8::1&key=k"))
+        .json(&chat("mock", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], 200, "{body}");
+}
