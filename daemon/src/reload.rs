@@ -201,6 +201,7 @@ fn apply(app: &Arc<App>, reason: Reason, built: Result<RoutingTable, Vec<Diagnos
         Ok(table) => {
             let files = table.files.clone();
             app.accounts.budgets.set_rules(Arc::clone(&table.budgets));
+            metrics::register_budgets(&table.budgets);
             let priced = !table.budgets.is_empty();
             app.table.store(Arc::new(table));
             if priced {

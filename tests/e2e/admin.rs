@@ -249,3 +249,28 @@ async fn explain_refuses_a_bad_query_in_the_admin_error_shape() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], 200, "{body}");
 }
+
+#[tokio::test]
+async fn event_counters_are_exported_at_zero_from_the_start() {
+    let daemon = Daemon::start(Options::config(
+        "budgets:\n  - { name: cap, scope: global, limit_usd: 10, period: day }\n  - { name: spill, scope: model, limit_usd: 1, period: month, action: fallback, fallback: \"mock:cheap\" }\n",
+    ));
+    let text = client()
+        .get(daemon.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "orproxy_reloads_total{result=\"ok\"} 0",
+        "orproxy_reloads_total{result=\"error\"} 0",
+        "orproxy_failovers_total 0",
+        "orproxy_budget_rejections_total{budget=\"cap\",action=\"reject\"} 0",
+        "orproxy_budget_rejections_total{budget=\"spill\",action=\"fallback\"} 0",
+        "orproxy_budget_rejections_total{budget=\"spill\",action=\"reject\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+}
