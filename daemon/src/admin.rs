@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -184,23 +185,52 @@ async fn reload(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-/// Who `/admin/explain` pretends the request comes from.
+/// Who `/admin/explain` pretends the request comes from, as sent (checked by [`explain`]).
 #[derive(Debug, Default, serde::Deserialize)]
 struct ExplainQuery {
     key: Option<String>,
-    client_ip: Option<std::net::IpAddr>,
+    client_ip: Option<String>,
+}
+
+/// 400 in the admin API's error shape, naming the query parameter at fault.
+fn bad_parameter(param: &str, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_query"}});
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
 /// `POST /admin/explain`: a chat request in; its route, attempts and rule trace out.
 async fn explain(
     State(app): State<Arc<App>>,
-    Query(who): Query<ExplainQuery>,
+    who: Result<Query<ExplainQuery>, QueryRejection>,
     body: axum::body::Bytes,
 ) -> Response {
+    let who = match who {
+        Ok(Query(who)) => who,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                &format!("query string: {}", rejection.body_text()),
+            );
+        }
+    };
+    let client_ip = match who.client_ip.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(ip)) => Some(ip),
+        Some(Err(_)) => {
+            let text = who.client_ip.as_deref().unwrap_or_default();
+            return bad_parameter(
+                "client_ip",
+                &format!(
+                    "client_ip: `{text}` is not an IP address (e.g. 203.0.113.7 or 2001:db8::1)"
+                ),
+            );
+        }
+    };
     let table = app.table.load();
     let cx = crate::route::Context {
         key: who.key,
-        client_ip: who.client_ip,
+        client_ip,
         host: Arc::clone(&app.spending),
         clock: None,
     };
@@ -230,7 +260,7 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
         .failover
         .iter()
         .map(|rule| {
-            let mut triggers: Vec<String> = rule.triggers.iter().map(|t| format!("{t:?}")).collect();
+            let mut triggers: Vec<&str> = rule.triggers.iter().map(|t| t.name()).collect();
             triggers.sort();
             json!({"match": rule.regex.as_str(), "chain": rule.chain.iter().map(ToString::to_string).collect::<Vec<_>>(), "triggers": triggers})
         })

@@ -60,7 +60,13 @@ impl Auth {
             }
             let digest = match (&key.key_env, &key.key_sha256) {
                 (Some(var), None) => match env.var(var) {
-                    Some(secret) => Sha256::digest(secret.as_bytes()).into(),
+                    Some(secret) => {
+                        if let Some(problem) = crate::table::header_problem(var, &secret) {
+                            fail(problem);
+                            continue;
+                        }
+                        Sha256::digest(secret.as_bytes()).into()
+                    }
                     None => {
                         fail(format!("environment variable {var} is not set"));
                         continue;

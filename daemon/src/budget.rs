@@ -78,7 +78,11 @@ pub fn build_rules(
             (Some(p), _) => match Regex::new(p) {
                 Ok(r) => Some(r),
                 Err(e) => {
-                    fail(format!("budget `{}`: invalid regex `{p}`: {e}", b.name));
+                    fail(format!(
+                        "budget `{}`: invalid regex `{p}`: {}",
+                        b.name,
+                        crate::config::one_line(&e.to_string())
+                    ));
                     continue;
                 }
             },

@@ -120,16 +120,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub rules_dir: Option<PathBuf>,
     /// Client API address [default: 127.0.0.1:8000]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = address)]
     pub listen: Option<String>,
     /// Admin API and /metrics address [default: 127.0.0.1:8001]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = address)]
     pub admin_listen: Option<String>,
     /// Backend used when a model names none [default: openrouter if OPENROUTER_API_KEY is set, else mock]
     #[arg(long, value_name = "NAME")]
     pub default_backend: Option<String>,
     /// Every request's model is replaced by MODEL (full selector syntax)
-    #[arg(long, value_name = "MODEL")]
+    #[arg(long, value_name = "MODEL", value_parser = model_selector)]
     pub force_model: Option<String>,
     /// Usage database [default: $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db]
     #[arg(long, value_name = "PATH")]
@@ -142,6 +142,20 @@ pub struct ServeArgs {
         hide_possible_values = true
     )]
     pub log_format: Option<LogFormat>,
+}
+
+/// Checks an `IP:PORT` flag value, so that a bad one is a usage error (exit 2).
+fn address(text: &str) -> Result<String, String> {
+    text.parse::<std::net::SocketAddr>()
+        .map(|_| text.to_owned())
+        .map_err(|_| format!("`{text}` is not an address (expected IP:PORT, e.g. 127.0.0.1:8000)"))
+}
+
+/// Checks a model selector flag value, so that a bad one is a usage error (exit 2).
+fn model_selector(text: &str) -> Result<String, String> {
+    crate::selector::parse_chain(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// Flags of `orproxy check`.
@@ -245,5 +259,35 @@ mod tests {
         };
         assert_eq!(args.from, Some(1_772_236_800_000));
         assert_eq!(args.group_by, GroupBy::Model);
+    }
+
+    #[test]
+    fn bad_flag_values_are_usage_errors() {
+        for args in [
+            ["--listen", "nonsense"],
+            ["--listen", "127.0.0.1:99999"],
+            ["--admin-listen", "bad"],
+            ["--force-model", "mock:x?temperature=7"],
+            ["--force-model", "mock:"],
+        ] {
+            let error = Cli::try_parse_from(["orproxy"].into_iter().chain(args))
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert_eq!(error.exit_code(), 2, "{args:?}");
+            assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+        }
+        let cli = Cli::try_parse_from([
+            "orproxy",
+            "serve",
+            "--admin-listen",
+            "[::1]:0",
+            "--force-model",
+            "mock:x?temperature=0.5|mock:y",
+        ])
+        .unwrap();
+        let Some(Command::Serve(args)) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(args.admin_listen.as_deref(), Some("[::1]:0"));
     }
 }

@@ -16,6 +16,8 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::{Location, Spanned};
 
+mod keys;
+
 /// One problem found in a config file, printed as `file:line:col: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
@@ -127,13 +129,15 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// SQLite file (`--db` wins) [default: $STATE_DIRECTORY/usage.db, else ./orproxy-data/usage.db]. Restart-only.
-    pub path: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub path: Option<Spanned<String>>,
     /// Refuse to start when the database cannot be opened (default true); when false the daemon
     /// proxies without recording usage.
     pub required: Option<bool>,
     /// Record usage at all (default true). Off: no database; budgets then count from zero at
     /// every start. Restart-only.
-    pub enabled: Option<bool>,
+    #[schemars(with = "Option<bool>")]
+    pub enabled: Option<Spanned<bool>>,
     /// How often model prices are fetched from upstreams that publish them (default 24h).
     pub price_refresh: Option<Dur>,
 }
@@ -268,7 +272,8 @@ pub enum BudgetAction {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Admin API and `/metrics` address (IP:PORT).
-    pub listen: Option<String>,
+    #[schemars(with = "Option<String>")]
+    pub listen: Option<Spanned<String>>,
     /// Environment variable holding the admin bearer token; without one the admin API must be on loopback.
     pub token_env: Option<String>,
 }
@@ -355,6 +360,20 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// The trigger's name as written in config (`rate_limited`), for display.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Connect => "connect",
+            Trigger::Timeout => "timeout",
+            Trigger::RateLimited => "rate_limited",
+            Trigger::ServerError => "server_error",
+            Trigger::PaymentRequired => "payment_required",
+            Trigger::Unauthorized => "unauthorized",
+            Trigger::Stream => "stream",
+            Trigger::ContextLength => "context_length",
+        }
+    }
+
     /// Every trigger: the default of a chain.
     pub const ALL: [Trigger; 8] = [
         Trigger::Connect,
@@ -373,11 +392,25 @@ impl Trigger {
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// `User-Agent`.
-    pub user_agent: Option<IdentityRule>,
+    #[schemars(with = "Option<IdentityRule>")]
+    pub user_agent: Option<Spanned<IdentityRule>>,
     /// `HTTP-Referer`.
-    pub referer: Option<IdentityRule>,
+    #[schemars(with = "Option<IdentityRule>")]
+    pub referer: Option<Spanned<IdentityRule>>,
     /// `X-Title` and `X-OpenRouter-Title`.
-    pub title: Option<IdentityRule>,
+    #[schemars(with = "Option<IdentityRule>")]
+    pub title: Option<Spanned<IdentityRule>>,
+}
+
+impl IdentityConfig {
+    /// Each header's rule with its name in config.
+    pub fn rules(&self) -> [(&'static str, Option<&Spanned<IdentityRule>>); 3] {
+        [
+            ("user_agent", self.user_agent.as_ref()),
+            ("referer", self.referer.as_ref()),
+            ("title", self.title.as_ref()),
+        ]
+    }
 }
 
 /// How one outbound identity header is chosen.
@@ -436,7 +469,8 @@ pub struct LimitsConfig {
     /// Largest non-streamed upstream answer, in bytes.
     pub max_response_bytes: Option<u64>,
     /// TCP (and TLS) connect to an upstream. Restart-only.
-    pub connect_timeout: Option<Dur>,
+    #[schemars(with = "Option<Dur>")]
+    pub connect_timeout: Option<Spanned<Dur>>,
     /// Until the upstream's answer starts (for streams: its first content event).
     pub first_byte_timeout: Option<Dur>,
     /// Longest silence between two events of a stream.
@@ -514,25 +548,86 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Parses one file's text; `name` is used in diagnostics.
-pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Diagnostic> {
+///
+/// serde reports only the first error; when there is one, every unknown key of the file is
+/// reported with it (see [`keys`]).
+pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Vec<Diagnostic>> {
     if text
         .lines()
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
     {
         return Ok(ConfigFile::default());
     }
-    serde_saphyr::from_str::<ConfigFile>(text).map_err(|err| {
-        let message = err.without_snippet().to_string();
-        // The plain message may still end with "at line X column Y": keep only the reason.
-        let message = match message.find(" at line ") {
-            Some(at) => message[..at].to_owned(),
-            None => message,
-        };
-        match err.location() {
-            Some(location) => Diagnostic::at(name, location, message),
-            None => Diagnostic::general(name, message),
+    let error = match serde_saphyr::from_str::<ConfigFile>(text) {
+        Ok(file) => return Ok(file),
+        Err(error) => error,
+    };
+    let first = match error.location() {
+        Some(location) => Diagnostic::at(name, location, yaml_message(&error)),
+        None => Diagnostic::general(name, yaml_message(&error)),
+    };
+    let mut errors = keys::unknown(name, text);
+    if !errors
+        .iter()
+        .any(|e| (e.line, e.column) == (first.line, first.column))
+    {
+        errors.push(first);
+    }
+    errors.sort_by_key(|e| (e.line, e.column));
+    Err(errors)
+}
+
+/// The YAML reader's message for `error`, in the terms of a config file: without the
+/// reader's own API advice, on one line, and without the "at line X column Y" the
+/// diagnostic already carries.
+fn yaml_message(error: &serde_saphyr::Error) -> String {
+    use serde_saphyr::Error;
+    use serde_saphyr::budget::BudgetBreach;
+    let mut error = error.without_snippet();
+    while let Error::AliasError { error: inner, .. } = error {
+        error = inner.without_snippet();
+    }
+    let limits = serde_saphyr::Budget::default();
+    let too_large = |what: &str, limit: usize| {
+        format!("the file is too large or too complex: more than {limit} {what}")
+    };
+    let message = match error {
+        Error::DuplicateMappingKey { key: Some(key), .. } => {
+            format!("duplicate key `{key}`: each key may appear once in a mapping")
         }
-    })
+        Error::DuplicateMappingKey { key: None, .. } => {
+            "duplicate key: each key may appear once in a mapping".to_owned()
+        }
+        Error::MultipleDocuments { .. } => {
+            "the file must hold one YAML document (found a second `---` document)".to_owned()
+        }
+        Error::Budget { breach, .. } => match breach {
+            BudgetBreach::Nodes { .. } => too_large("YAML nodes", limits.max_nodes),
+            BudgetBreach::Events { .. } => too_large("YAML events", limits.max_events),
+            BudgetBreach::Depth { .. } => too_large("levels of nesting", limits.max_depth),
+            BudgetBreach::Aliases { .. } => too_large("aliases", limits.max_aliases),
+            BudgetBreach::Anchors { .. } => too_large("anchors", limits.max_anchors),
+            BudgetBreach::Documents { .. } => too_large("documents", limits.max_documents),
+            BudgetBreach::ScalarBytes { .. } => {
+                too_large("bytes of values", limits.max_total_scalar_bytes)
+            }
+            BudgetBreach::MergeKeys { .. } => too_large("merge keys", limits.max_merge_keys),
+            _ => "the file is too large or too complex".to_owned(),
+        },
+        other => other.to_string(),
+    };
+    // The plain message may still end with "at line X column Y": keep only the reason.
+    let message = match message.find(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message,
+    };
+    one_line(&message)
+}
+
+/// `text` on one line: lines joined by a space, runs of whitespace collapsed. Diagnostics are
+/// printed one per line, and some library messages (regex errors) draw multi-line diagrams.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// A value together with the file and place that defined it.
@@ -736,7 +831,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                     config.files.push(path.clone());
                     config.merge(&name, file, &mut errors);
                 }
-                Err(e) => errors.push(e),
+                Err(mut e) => errors.append(&mut e),
             },
         }
     }
@@ -758,7 +853,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                 for path in paths {
                     let name = path.display().to_string();
                     let parsed = std::fs::read_to_string(&path)
-                        .map_err(|e| Diagnostic::general(&name, format!("cannot read: {e}")))
+                        .map_err(|e| vec![Diagnostic::general(&name, format!("cannot read: {e}"))])
                         .and_then(|text| parse(&name, &text));
                     match parsed {
                         Ok(mut file) => {
@@ -771,7 +866,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                             config.files.push(path.clone());
                             config.merge(&name, file, &mut errors);
                         }
-                        Err(e) => errors.push(e),
+                        Err(mut e) => errors.append(&mut e),
                     }
                 }
             }

@@ -181,6 +181,8 @@ async fn run(
         tracing::warn!(message = %warning);
     }
     crate::metrics::install();
+    crate::metrics::register_event_counters();
+    crate::metrics::register_budgets(&table.budgets);
     let limits = table.limits;
     let listen = table.restart_only.listen;
     let admin_listen = table.restart_only.admin_listen;

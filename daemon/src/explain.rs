@@ -33,8 +33,7 @@ pub fn explain(table: &RoutingTable, body: &[u8], cx: &Context) -> Value {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("")))
                 .collect();
-            let mut triggers: Vec<String> =
-                route.triggers.iter().map(|t| format!("{t:?}")).collect();
+            let mut triggers: Vec<&str> = route.triggers.iter().map(|t| t.name()).collect();
             triggers.sort();
             json!({
                 "status": 200,
@@ -54,4 +53,34 @@ pub fn explain(table: &RoutingTable, body: &[u8], cx: &Context) -> Value {
 fn outcome(error: &ProxyError, trace: Vec<orproxy_rules::Change>) -> Value {
     let body: Value = serde_json::from_slice(&error.body()).unwrap_or(Value::Null);
     json!({"status": error.status().as_u16(), "error": body["error"], "trace": trace})
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::table::tests::build;
+
+    #[test]
+    fn failover_triggers_are_shown_by_their_config_names() {
+        let table = build(
+            "failover:\n  - match: \"^mock:\"\n    chain: [\"mock:b\"]\n    triggers: [server_error, rate_limited]\n",
+            Default::default(),
+            &[],
+        )
+        .unwrap();
+        let cx = Context {
+            key: None,
+            client_ip: None,
+            host: Arc::new(orproxy_rules::NoLedger),
+            clock: None,
+        };
+        let out = explain(&table, br#"{"model": "mock:a", "messages": []}"#, &cx);
+        assert_eq!(
+            out["failover_triggers"],
+            json!(["rate_limited", "server_error"]),
+            "{out}"
+        );
+    }
 }

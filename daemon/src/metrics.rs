@@ -174,6 +174,30 @@ pub fn rule_error(script: &str) {
     counter!("orproxy_rule_errors_total", "script" => script.to_owned()).increment(1);
 }
 
+/// Exports the counters that only move on events at 0 from the start, so that they exist
+/// (for rates and alerts) before their first event.
+pub fn register_event_counters() {
+    for result in ["ok", "error"] {
+        counter!("orproxy_reloads_total", "result" => result).increment(0);
+    }
+    counter!("orproxy_failovers_total").increment(0);
+}
+
+/// Exports `orproxy_budget_rejections_total` at 0 for each budget and each action it can
+/// take (a fallback budget rejects once its fallbacks are exhausted).
+pub fn register_budgets(rules: &[crate::budget::BudgetRule]) {
+    for rule in rules {
+        let actions: &[&'static str] = match rule.action {
+            crate::config::BudgetAction::Reject => &["reject"],
+            crate::config::BudgetAction::Fallback => &["fallback", "reject"],
+        };
+        for action in actions {
+            counter!("orproxy_budget_rejections_total", "budget" => rule.name.clone(), "action" => *action)
+                .increment(0);
+        }
+    }
+}
+
 /// A reload finished.
 pub fn reload(ok: bool) {
     counter!("orproxy_reloads_total", "result" => if ok { "ok" } else { "error" }).increment(1);

@@ -56,7 +56,11 @@ pub fn build_rules(
                 Err(e) => {
                     errors.push(list.error_at(
                         entry.referenced,
-                        format!("pricing.match: invalid regex `{}`: {e}", p.pattern),
+                        format!(
+                            "pricing.match: invalid regex `{}`: {}",
+                            p.pattern,
+                            crate::config::one_line(&e.to_string())
+                        ),
                     ));
                     None
                 }

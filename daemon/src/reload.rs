@@ -175,18 +175,33 @@ fn apply(app: &Arc<App>, reason: Reason, built: Result<RoutingTable, Vec<Diagnos
     let built = built.and_then(|table| {
         let changes = table.restart_only.changes_from(&current.restart_only);
         if changes.is_empty() {
-            Ok(table)
-        } else {
-            Err(vec![Diagnostic::general(
-                "<reload>",
-                format!("{} cannot change at runtime: restart orproxy to apply (the running table is kept)", changes.join(", ")),
-            )])
+            return Ok(table);
         }
+        Err(changes
+            .into_iter()
+            .map(|change| {
+                let message = format!(
+                    "{} cannot change at runtime: restart orproxy to apply (the running table is kept)",
+                    change.description
+                );
+                // Where the new value is written; a key that was removed has no place left,
+                // so the file that held it is named.
+                match (
+                    table.restart_origins.get(change.key),
+                    current.restart_origins.get(change.key),
+                ) {
+                    (Some(origin), _) => origin.error(message),
+                    (None, Some(was)) => Diagnostic::general(&was.file, message),
+                    (None, None) => Diagnostic::general("<reload>", message),
+                }
+            })
+            .collect())
     });
     let outcome = match built {
         Ok(table) => {
             let files = table.files.clone();
             app.accounts.budgets.set_rules(Arc::clone(&table.budgets));
+            metrics::register_budgets(&table.budgets);
             let priced = !table.budgets.is_empty();
             app.table.store(Arc::new(table));
             if priced {

@@ -159,7 +159,7 @@ pub fn run(args: &ReportArgs) -> ExitCode {
         let sources = crate::config::Sources::resolve(args.config.as_deref(), None);
         crate::config::load(&sources)
             .ok()
-            .and_then(|(config, _)| config.database?.value.path.map(Into::into))
+            .and_then(|(config, _)| config.database?.value.path.map(|p| p.value.into()))
             .unwrap_or_else(|| {
                 // An operator's shell has no $STATE_DIRECTORY: find the service's database.
                 let default = crate::ledger::default_path();

@@ -16,6 +16,7 @@ use http::HeaderMap;
 use orproxy_backends::Settings;
 use orproxy_plugin::{Backend, Identity};
 use regex::Regex;
+use serde_saphyr::{Location, Spanned};
 
 use crate::auth::Auth;
 use crate::config::{
@@ -93,46 +94,105 @@ pub struct RestartOnly {
     pub database_required: bool,
 }
 
+/// A restart-only setting that differs from the running table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartChange {
+    /// The config key (`limits.connect_timeout`): see [`RoutingTable::restart_origins`].
+    pub key: &'static str,
+    /// What changed, for the message.
+    pub description: String,
+}
+
+/// Where a setting is written in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file.
+    pub file: Arc<str>,
+    /// The place of the value in it.
+    pub at: Location,
+}
+
+impl Origin {
+    /// The place of a whole top-level key's value.
+    fn of<T>(sourced: &Sourced<T>) -> Origin {
+        Origin {
+            file: Arc::clone(&sourced.file),
+            at: sourced.at,
+        }
+    }
+
+    /// The place of a value nested in `sourced`.
+    fn within<T, U>(sourced: &Sourced<T>, spanned: &Spanned<U>) -> Origin {
+        Origin {
+            file: Arc::clone(&sourced.file),
+            at: spanned.referenced,
+        }
+    }
+
+    /// A diagnostic pointing here.
+    pub fn error(&self, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(&self.file, self.at, message)
+    }
+}
+
 impl RestartOnly {
     /// Describes what differs from `running`, if anything.
-    pub fn changes_from(&self, running: &RestartOnly) -> Vec<String> {
+    pub fn changes_from(&self, running: &RestartOnly) -> Vec<RestartChange> {
         let mut changes = Vec::new();
+        let mut changed = |key: &'static str, description: String| {
+            changes.push(RestartChange { key, description })
+        };
         if self.listen != running.listen {
-            changes.push(format!("listen ({} → {})", running.listen, self.listen));
+            changed(
+                "listen",
+                format!("listen ({} → {})", running.listen, self.listen),
+            );
         }
         if self.admin_listen != running.admin_listen {
-            changes.push(format!(
-                "admin.listen ({} → {})",
-                running.admin_listen, self.admin_listen
-            ));
+            changed(
+                "admin.listen",
+                format!(
+                    "admin.listen ({} → {})",
+                    running.admin_listen, self.admin_listen
+                ),
+            );
         }
         if self.log_format != running.log_format {
-            changes.push("log_format".to_owned());
+            changed("log_format", "log_format".to_owned());
         }
         if self.connect_timeout != running.connect_timeout {
-            changes.push("limits.connect_timeout".to_owned());
+            changed(
+                "limits.connect_timeout",
+                "limits.connect_timeout".to_owned(),
+            );
         }
         if self.rules_dir != running.rules_dir {
             let shown = |dir: &Option<PathBuf>| {
                 dir.as_deref()
                     .map_or_else(|| "none".to_owned(), |d| d.display().to_string())
             };
-            changes.push(format!(
-                "rules_dir ({} → {})",
-                shown(&running.rules_dir),
-                shown(&self.rules_dir)
-            ));
+            changed(
+                "rules_dir",
+                format!(
+                    "rules_dir ({} → {})",
+                    shown(&running.rules_dir),
+                    shown(&self.rules_dir)
+                ),
+            );
         }
         if self.database != running.database {
             let shown = |db: &Option<PathBuf>| {
                 db.as_deref()
                     .map_or_else(|| "disabled".to_owned(), |d| d.display().to_string())
             };
-            changes.push(format!(
-                "database ({} → {})",
-                shown(&running.database),
-                shown(&self.database)
-            ));
+            changed(
+                "database",
+                format!(
+                    "database ({} → {})",
+                    shown(&running.database),
+                    shown(&self.database)
+                ),
+            );
         }
         changes
     }
@@ -158,6 +218,9 @@ pub struct RoutingTable {
     pub limits: Limits,
     /// Startup-only settings.
     pub restart_only: RestartOnly,
+    /// Where each restart-only setting taken from the config is written, by the key of its
+    /// [`RestartChange`]; settings from a flag or a default have none.
+    pub restart_origins: BTreeMap<&'static str, Origin>,
     /// Files the table was built from, in merge order.
     pub files: Vec<PathBuf>,
     /// Non-fatal findings (logged at load).
@@ -213,7 +276,8 @@ pub struct BackendEntry {
     pub name: String,
     /// The plugin kind (`openrouter`, `openai`, `mock`).
     pub kind: &'static str,
-    /// The base URL as configured (never carries a secret; shown by `/admin/routes`).
+    /// The base URL with its credentials masked ([`orproxy_backends::redact_url`]): the only
+    /// form kept for display, so that no view of the table can show them.
     pub base_url: Option<String>,
     /// The plugin instance.
     pub plugin: Arc<dyn Backend>,
@@ -365,19 +429,21 @@ pub const DEFAULT_TITLE: &str = "orproxy";
 
 impl IdentityPolicy {
     fn from_config(global: &IdentityConfig, own: &IdentityConfig) -> Self {
-        let pick = |own: &Option<IdentityRule>, global: &Option<IdentityRule>| match own
-            .as_ref()
-            .or(global.as_ref())
-        {
-            None => Choice::Passthrough,
-            Some(rule) => match rule.mode {
-                IdentityMode::Passthrough => Choice::Passthrough,
-                IdentityMode::Default => Choice::Default,
-                IdentityMode::Override => {
-                    Choice::Override(rule.override_value.clone().unwrap_or_default())
-                }
-            },
-        };
+        let pick =
+            |own: &Option<Spanned<IdentityRule>>, global: &Option<Spanned<IdentityRule>>| match own
+                .as_ref()
+                .or(global.as_ref())
+                .map(|rule| &rule.value)
+            {
+                None => Choice::Passthrough,
+                Some(rule) => match rule.mode {
+                    IdentityMode::Passthrough => Choice::Passthrough,
+                    IdentityMode::Default => Choice::Default,
+                    IdentityMode::Override => {
+                        Choice::Override(rule.override_value.clone().unwrap_or_default())
+                    }
+                },
+            };
         IdentityPolicy {
             user_agent: pick(&own.user_agent, &global.user_agent),
             referer: pick(&own.referer, &global.referer),
@@ -435,6 +501,22 @@ pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
 }
 
+/// Why a secret read from the environment variable `var` cannot be sent in an HTTP header,
+/// if it cannot. Checked at load: otherwise every request would fail, blaming the client.
+/// The message names the variable, never the value.
+pub fn header_problem(var: &str, value: &str) -> Option<String> {
+    if value.trim() != value {
+        return Some(format!(
+            "environment variable {var} starts or ends with whitespace (often a stray newline), which HTTP does not carry"
+        ));
+    }
+    http::HeaderValue::from_str(value).is_err().then(|| {
+        format!(
+            "environment variable {var} holds a character that cannot be sent in an HTTP header (a control character such as a newline, or a non-ASCII character)"
+        )
+    })
+}
+
 /// The process environment.
 pub struct ProcessEnv;
 
@@ -484,9 +566,18 @@ impl RoutingTable {
             .map(|s| s.value.clone())
             .unwrap_or_default();
 
+        if let Some(identity) = &config.identity {
+            check_identity(&identity.file, "", &identity.value, &mut errors);
+        }
         let mut backends = BTreeMap::new();
         for (name, sourced) in &config.backends {
             let cfg = &sourced.value;
+            check_identity(
+                &sourced.file,
+                &format!("backends.{name}."),
+                &cfg.identity,
+                &mut errors,
+            );
             if name.is_empty() || name.contains([':', '/', '?', '|']) {
                 errors.push(sourced.error(format!(
                     "backend name `{name}` must not be empty or contain `:`, `/`, `?` or `|`"
@@ -521,7 +612,12 @@ impl RoutingTable {
             let mut keys = Vec::new();
             for var in &key_envs {
                 match env.var(var) {
-                    Some(key) => keys.push(Secret::new(key)),
+                    Some(key) => match header_problem(var, &key) {
+                        None => keys.push(Secret::new(key)),
+                        Some(problem) => {
+                            errors.push(sourced.error(format!("backend `{name}`: {problem}")))
+                        }
+                    },
                     None => errors.push(sourced.error(format!(
                         "backend `{name}`: environment variable {var} is not set"
                     ))),
@@ -538,7 +634,7 @@ impl RoutingTable {
                 BackendEntry::new(
                     name,
                     plugin,
-                    cfg.base_url.clone(),
+                    cfg.base_url.as_deref().map(orproxy_backends::redact_url),
                     keys,
                     key_envs,
                     IdentityPolicy::from_config(&global_identity, &cfg.identity),
@@ -572,8 +668,22 @@ impl RoutingTable {
         {
             backends.insert(MOCK_BACKEND.to_owned(), mock);
         }
+        let implied_key = env.var("OPENROUTER_API_KEY").filter(|key| {
+            match header_problem("OPENROUTER_API_KEY", key) {
+                None => true,
+                // Only a problem when the key is used: for the implied backend.
+                Some(problem) if !backends.contains_key(OPENROUTER_BACKEND) => {
+                    errors.push(Diagnostic::general(
+                        "<environment>",
+                        format!("backend `{OPENROUTER_BACKEND}`: {problem}"),
+                    ));
+                    false
+                }
+                Some(_) => false,
+            }
+        });
         if !backends.contains_key(OPENROUTER_BACKEND)
-            && let Some(key) = env.var("OPENROUTER_API_KEY")
+            && let Some(key) = implied_key
             && let Some(openrouter) = builtin(
                 OPENROUTER_BACKEND,
                 orproxy_backends::openrouter::KIND,
@@ -642,7 +752,7 @@ impl RoutingTable {
                         format!(
                             "model_aliases: invalid pattern `{}`: {}",
                             entry.value.pattern,
-                            first_line(&e.to_string())
+                            crate::config::one_line(&e.to_string())
                         ),
                     )),
                 }
@@ -661,7 +771,7 @@ impl RoutingTable {
                             format!(
                                 "failover: invalid match `{}`: {}",
                                 rule.pattern,
-                                first_line(&e.to_string())
+                                crate::config::one_line(&e.to_string())
                             ),
                         ));
                         continue;
@@ -719,7 +829,13 @@ impl RoutingTable {
         let admin_token = admin.and_then(|a| {
             let var = a.value.token_env.as_ref()?;
             match env.var(var) {
-                Some(token) => Some(Secret::new(token)),
+                Some(token) => match header_problem(var, &token) {
+                    None => Some(Secret::new(token)),
+                    Some(problem) => {
+                        errors.push(a.error(format!("admin.token_env: {problem}")));
+                        None
+                    }
+                },
                 None => {
                     errors.push(a.error(format!(
                         "admin.token_env: environment variable {var} is not set"
@@ -732,26 +848,75 @@ impl RoutingTable {
         let limits = build_limits(config.limits.as_ref());
         let pricing = crate::pricing::build_rules(config.pricing.as_ref(), &mut errors);
         let budgets = crate::budget::build_rules(config.budgets.as_ref(), &mut errors);
-        for rule in &budgets {
-            let chain = rule.fallback.as_deref().map(selector::parse_chain);
-            for selector in chain.into_iter().flatten().flatten() {
-                let backend = selector.backend.as_deref().unwrap_or(&default_backend);
-                if !backends.contains_key(backend) {
-                    errors.push(Diagnostic::general(
-                        &origin_name(false, "", config.budgets.as_ref()),
-                        format!(
-                            "budget `{}`: fallback names unknown backend `{backend}`",
-                            rule.name
-                        ),
-                    ));
+        // Checked against the config entries, not the compiled rules, to point at the entry.
+        if let Some(list) = &config.budgets {
+            for entry in &list.value {
+                let budget = &entry.value;
+                let chain = budget.fallback.as_deref().map(selector::parse_chain);
+                // An invalid selector is reported by `budget::build_rules`.
+                for selector in chain.into_iter().flatten().flatten() {
+                    let backend = selector.backend.as_deref().unwrap_or(&default_backend);
+                    if !backends.contains_key(backend) {
+                        errors.push(list.error_at(
+                            entry.referenced,
+                            format!(
+                                "budget `{}`: fallback names unknown backend `{backend}`",
+                                budget.name
+                            ),
+                        ));
+                    }
                 }
             }
         }
         let database = config.database.as_ref().map(|d| &d.value);
+        let mut restart_origins = BTreeMap::new();
+        let listen_key = config
+            .listen
+            .as_ref()
+            .map(|s| (Origin::of(s), s.value.as_str()));
+        let admin_listen_key = admin.and_then(|a| {
+            let listen = a.value.listen.as_ref()?;
+            Some((Origin::within(a, listen), listen.value.as_str()))
+        });
+        if overrides.listen.is_none()
+            && let Some((origin, _)) = &listen_key
+        {
+            restart_origins.insert("listen", origin.clone());
+        }
+        if overrides.admin_listen.is_none()
+            && let Some((origin, _)) = &admin_listen_key
+        {
+            restart_origins.insert("admin.listen", origin.clone());
+        }
+        if overrides.log_format.is_none()
+            && let Some(key) = &config.log_format
+        {
+            restart_origins.insert("log_format", Origin::of(key));
+        }
+        if let Some(limits) = &config.limits
+            && let Some(timeout) = &limits.value.connect_timeout
+        {
+            restart_origins.insert("limits.connect_timeout", Origin::within(limits, timeout));
+        }
+        if let Some(key) = &config.rules_dir {
+            restart_origins.insert("rules_dir", Origin::of(key));
+        }
+        if overrides.db.is_none()
+            && let Some(sourced) = &config.database
+        {
+            // Turning recording off is the change when it is off; else the path.
+            let d = &sourced.value;
+            let origin = match (&d.enabled, &d.path) {
+                (Some(enabled), _) if !enabled.value => Origin::within(sourced, enabled),
+                (_, Some(path)) => Origin::within(sourced, path),
+                _ => Origin::of(sourced),
+            };
+            restart_origins.insert("database", origin);
+        }
         let listen = address(
             overrides.listen.as_deref(),
             "--listen",
-            config.listen.as_ref().map(|s| (s, s.value.as_str())),
+            listen_key,
             DEFAULT_LISTEN,
             "listen",
             &mut errors,
@@ -759,7 +924,7 @@ impl RoutingTable {
         let admin_listen = address(
             overrides.admin_listen.as_deref(),
             "--admin-listen",
-            admin.and_then(|a| a.value.listen.as_deref().map(|l| (a, l))),
+            admin_listen_key,
             DEFAULT_ADMIN_LISTEN,
             "admin.listen",
             &mut errors,
@@ -818,15 +983,23 @@ impl RoutingTable {
                     .or(config.log_format.as_ref().map(|s| s.value)),
                 connect_timeout: limits.connect_timeout,
                 rules_dir,
-                database: database.and_then(|d| d.enabled).unwrap_or(true).then(|| {
-                    overrides
-                        .db
-                        .clone()
-                        .or_else(|| database.and_then(|d| d.path.as_ref()).map(PathBuf::from))
-                        .unwrap_or_else(crate::ledger::default_path)
-                }),
+                database: database
+                    .and_then(|d| d.enabled.as_ref())
+                    .is_none_or(|e| e.value)
+                    .then(|| {
+                        overrides
+                            .db
+                            .clone()
+                            .or_else(|| {
+                                database
+                                    .and_then(|d| d.path.as_ref())
+                                    .map(|p| PathBuf::from(&p.value))
+                            })
+                            .unwrap_or_else(crate::ledger::default_path)
+                    }),
                 database_required: database.and_then(|d| d.required).unwrap_or(true),
             },
+            restart_origins,
             limits,
             files: config.files.clone(),
             warnings,
@@ -876,6 +1049,34 @@ impl BackendEntry {
     }
 }
 
+/// An `override` needs a value, and one that can be sent as a header: otherwise every
+/// request would carry an empty or broken header.
+fn check_identity(
+    file: &str,
+    prefix: &str,
+    identity: &IdentityConfig,
+    errors: &mut Vec<Diagnostic>,
+) {
+    for (header, rule) in identity.rules() {
+        let Some(rule) = rule else { continue };
+        if rule.value.mode != IdentityMode::Override {
+            continue;
+        }
+        let problem = match rule.value.override_value.as_deref() {
+            None | Some("") => "mode override needs a non-empty override_value",
+            Some(value) if http::HeaderValue::from_str(value).is_err() => {
+                "override_value holds a character that cannot be sent in an HTTP header"
+            }
+            Some(_) => continue,
+        };
+        errors.push(Diagnostic::at(
+            file,
+            rule.referenced,
+            format!("{prefix}identity.{header}: {problem}"),
+        ));
+    }
+}
+
 fn build_limits(limits: Option<&Sourced<crate::config::LimitsConfig>>) -> Limits {
     let d = Limits::default();
     let Some(l) = limits.map(|s| &s.value) else {
@@ -887,7 +1088,10 @@ fn build_limits(limits: Option<&Sourced<crate::config::LimitsConfig>>) -> Limits
         max_response_bytes: l
             .max_response_bytes
             .map_or(d.max_response_bytes, saturating_usize),
-        connect_timeout: dur(l.connect_timeout, d.connect_timeout),
+        connect_timeout: dur(
+            l.connect_timeout.as_ref().map(|s| s.value),
+            d.connect_timeout,
+        ),
         first_byte_timeout: dur(l.first_byte_timeout, d.first_byte_timeout),
         idle_timeout: dur(l.idle_timeout, d.idle_timeout),
         total_timeout: dur(l.total_timeout, d.total_timeout),
@@ -905,15 +1109,17 @@ fn origin_name<T>(from_flag: bool, flag: &str, key: Option<&Sourced<T>>) -> Stri
 }
 
 /// An address from its flag, its config key, or its default.
-fn address<T>(
+fn address(
     flag: Option<&str>,
     flag_name: &str,
-    key: Option<(&Sourced<T>, &str)>,
+    key: Option<(Origin, &str)>,
     default: &str,
     what: &str,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<SocketAddr> {
-    let text = flag.or(key.map(|(_, text)| text)).unwrap_or(default);
+    let text = flag
+        .or(key.as_ref().map(|(_, text)| *text))
+        .unwrap_or(default);
     text.parse::<SocketAddr>()
         .map_err(|_| {
             let message = format!(
@@ -921,21 +1127,11 @@ fn address<T>(
             );
             errors.push(match (flag, key) {
                 (Some(_), _) => Diagnostic::general(flag_name, message),
-                (None, Some((sourced, _))) => sourced.error(message),
+                (None, Some((origin, _))) => origin.error(message),
                 (None, None) => Diagnostic::general("<built-in>", message),
             });
         })
         .ok()
-}
-
-fn first_line(text: &str) -> String {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn saturating_usize(v: u64) -> usize {

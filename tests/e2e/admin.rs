@@ -139,3 +139,138 @@ async fn metrics_count_requests() {
     );
     assert!(text.contains("orproxy_inflight_requests 0"), "{text}");
 }
+
+#[tokio::test]
+async fn credentials_in_base_urls_are_masked_wherever_they_are_shown() {
+    // Nothing listens on port 1: requests to either backend fail to connect, and say so.
+    let config = "backends:\n  withuser:\n    type: openai\n    base_url: http://user:SECRETPASSWORD99@127.0.0.1:1/api/v1\n  withquery:\n    type: openai\n    base_url: http://127.0.0.1:1/v1?api_key=SECRETQUERY77\ndefault_backend: withquery\n";
+    let daemon = Daemon::start(Options::config(config));
+    let http = client();
+    let secrets = ["SECRETPASSWORD99", "SECRETQUERY77"];
+    let mut shown = Vec::new();
+    for model in ["withuser:m", "withquery:m"] {
+        let response = http
+            .post(daemon.url("/v1/chat/completions"))
+            .json(&chat(model, "x", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 502, "{model}");
+        let id = response.headers()["x-orproxy-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        shown.push(response.text().await.unwrap());
+        daemon.request_log(&id);
+    }
+    let routes = http
+        .get(daemon.admin_url("/admin/routes"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let parsed: Value = serde_json::from_str(&routes).unwrap();
+    assert_eq!(
+        parsed["backends"]["withuser"]["base_url"],
+        "http://user:***@127.0.0.1:1/api/v1"
+    );
+    assert_eq!(
+        parsed["backends"]["withquery"]["base_url"],
+        "http://127.0.0.1:1/v1?api_key=***"
+    );
+    shown.push(routes);
+    for (method, path) in [("GET", "/admin/status"), ("POST", "/admin/explain")] {
+        let request = match method {
+            "GET" => http.get(daemon.admin_url(path)),
+            _ => http
+                .post(daemon.admin_url(path))
+                .json(&chat("withuser:m", "x", false)),
+        };
+        shown.push(request.send().await.unwrap().text().await.unwrap());
+    }
+    shown.push(daemon.logs().join("\n"));
+    for text in &shown {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+    }
+
+    // `check` names a refused base URL without its credentials.
+    let config = crate::harness::temp_file(
+        "backends:\n  a:\n    type: openai\n    base_url: ftp://user:SECRETPASSWORD99@h/v1?key=SECRETQUERY77\n",
+        ".yaml",
+    );
+    let output = crate::harness::command()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("base_url `ftp://user:***@h/v1?key=***` must be"),
+        "{stderr}"
+    );
+    for secret in secrets {
+        assert!(!stderr.contains(secret), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn explain_refuses_a_bad_query_in_the_admin_error_shape() {
+    let daemon = Daemon::start(Options::default());
+    let http = client();
+    let response = http
+        .post(daemon.admin_url("/admin/explain?client_ip=notanip"))
+        .json(&chat("mock", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_query", "{body}");
+    assert_eq!(body["error"]["param"], "client_ip", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("client_ip") && message.contains("notanip"),
+        "{body}"
+    );
+
+    let response = http
+        .post(daemon.admin_url("/admin/explain?client_ip=2001:db8::1&key=k"))
+        .json(&chat("mock", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], 200, "{body}");
+}
+
+#[tokio::test]
+async fn event_counters_are_exported_at_zero_from_the_start() {
+    let daemon = Daemon::start(Options::config(
+        "budgets:\n  - { name: cap, scope: global, limit_usd: 10, period: day }\n  - { name: spill, scope: model, limit_usd: 1, period: month, action: fallback, fallback: \"mock:cheap\" }\n",
+    ));
+    let text = client()
+        .get(daemon.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "orproxy_reloads_total{result=\"ok\"} 0",
+        "orproxy_reloads_total{result=\"error\"} 0",
+        "orproxy_failovers_total 0",
+        "orproxy_budget_rejections_total{budget=\"cap\",action=\"reject\"} 0",
+        "orproxy_budget_rejections_total{budget=\"spill\",action=\"fallback\"} 0",
+        "orproxy_budget_rejections_total{budget=\"spill\",action=\"reject\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+}

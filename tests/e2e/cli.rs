@@ -87,6 +87,18 @@ fn usage_errors_exit_2() {
     assert_eq!(output.status.code(), Some(2));
     let output = command().args(["--log-format", "xml"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
+    for (flag, value) in [
+        ("--listen", "nonsense"),
+        ("--listen", "127.0.0.1:99999"),
+        ("--admin-listen", "bad"),
+        ("--force-model", "mock:x?temperature=7"),
+    ] {
+        let output = command().args([flag, value]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{stderr}");
+        assert!(stderr.contains("invalid value"), "{stderr}");
+    }
 }
 
 #[test]
@@ -119,4 +131,69 @@ fn a_busy_port_is_a_runtime_error() {
         String::from_utf8_lossy(&output.stderr)
             .contains(&format!("cannot listen on {}", daemon.addr))
     );
+}
+
+#[test]
+fn check_prints_every_unknown_key_of_every_file() {
+    let config = temp_file(
+        "lisen: 127.0.0.1:0\nbackends:\n  a:\n    type: mock\n    modles: [x]\nlimits:\n  idle_timeout: 1s\n  idel: 2s\n",
+        ".yaml",
+    );
+    let rules = crate::harness::temp_dir();
+    std::fs::write(
+        rules.join("10-a.yaml"),
+        "model_aliases:\n  - pattern: x\n    replacment: y\nbogus: 1\n",
+    )
+    .unwrap();
+    let output = command()
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .arg("--rules-dir")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let (name, fragment) = (
+        config.display().to_string(),
+        rules.join("10-a.yaml").display().to_string(),
+    );
+    let expected = [
+        format!("{name}:1:1: unknown field `lisen`"),
+        format!("{name}:5:5: unknown field `modles`"),
+        format!("{name}:8:3: unknown field `idel`"),
+        format!("{fragment}:3:5: unknown field `replacment`"),
+        format!("{fragment}:4:1: unknown field `bogus`"),
+    ];
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, start) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(start.as_str()), "{stderr}");
+    }
+}
+
+#[test]
+fn a_key_that_cannot_be_sent_in_a_header_is_refused_at_load() {
+    let config = temp_file(
+        "backends:\n  up:\n    type: openai\n    base_url: http://127.0.0.1:9/v1\n    api_key_env: ORPROXY_E2E_BAD_KEY\ndefault_backend: up\n",
+        ".yaml",
+    );
+    // `check`, start and reload all validate through the same build.
+    let output = command()
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("ORPROXY_E2E_BAD_KEY", "sk-upstream-secret\ntrailing")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:3:5: backend `up`: environment variable ORPROXY_E2E_BAD_KEY holds a character that cannot be sent in an HTTP header",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sk-upstream-secret"), "{stderr}");
 }

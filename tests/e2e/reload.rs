@@ -294,7 +294,10 @@ async fn restart_only_settings_are_refused_with_a_clear_message() {
     let outcome: Value = response.json().await.unwrap();
     let error = outcome["errors"][0].as_str().unwrap();
     assert!(
-        error.contains("limits.connect_timeout cannot change at runtime: restart orproxy to apply"),
+        error.starts_with(&format!(
+            "{}:2:20: limits.connect_timeout cannot change at runtime: restart orproxy to apply",
+            config.display()
+        )),
         "{error}"
     );
 
@@ -316,7 +319,8 @@ async fn restart_only_settings_are_refused_with_a_clear_message() {
     let outcome: Value = response.json().await.unwrap();
     let error = outcome["errors"][0].as_str().unwrap();
     assert!(
-        error.contains("rules_dir (") && error.contains("cannot change at runtime"),
+        error.starts_with(&format!("{}:3:12: rules_dir (", config.display()))
+            && error.contains("cannot change at runtime"),
         "{error}"
     );
 }
@@ -398,4 +402,117 @@ async fn reloads_under_load_drop_nothing() {
         routes.iter().all(|r| !r.contains("bad")),
         "an invalid version served: {routes:?}"
     );
+}
+
+/// Starts a daemon on `config` with an empty rules directory of its own.
+fn start_with_config(config: &Path) -> Daemon {
+    Daemon::start(
+        Options::default()
+            .arg("--config")
+            .arg(&config.display().to_string())
+            .arg("--rules-dir")
+            .arg(&temp_dir().display().to_string()),
+    )
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_config_linked_from_another_directory_is_watched_through_the_link() {
+    use std::os::unix::fs::symlink;
+    let (here, there) = (temp_dir(), temp_dir());
+    write(&there.join("real.yaml"), &version("first"));
+    let config = here.join("config.yaml");
+    symlink(there.join("real.yaml"), &config).unwrap();
+    let daemon = start_with_config(&config);
+    assert_eq!(probe(&daemon).await, "mock:first");
+
+    // Edited in place, then saved by rename, in the target's directory.
+    write(&there.join("real.yaml"), &version("edited"));
+    wait_until(&daemon, 1, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:edited");
+    write(&there.join("real.yaml.tmp"), &version("renamed"));
+    std::fs::rename(there.join("real.yaml.tmp"), there.join("real.yaml")).unwrap();
+    wait_until(&daemon, 2, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:renamed");
+
+    // The link re-pointed to a file in a third directory: that one is watched from then on.
+    let third = temp_dir();
+    write(&third.join("other.yaml"), &version("relinked"));
+    symlink(third.join("other.yaml"), here.join("config.yaml.new")).unwrap();
+    std::fs::rename(here.join("config.yaml.new"), &config).unwrap();
+    wait_until(&daemon, 3, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:relinked");
+    write(&third.join("other.yaml"), &version("third"));
+    wait_until(&daemon, 4, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:third");
+}
+
+/// Writes a new ConfigMap version the way the kubelet does: a fresh directory, a new `..data`
+/// link renamed over the old one, then the old directory removed.
+#[cfg(unix)]
+fn configmap_update(mount: &Path, old: &str, new: &str, text: &str) {
+    let dir = mount.join(new);
+    std::fs::create_dir(&dir).unwrap();
+    write(&dir.join("config.yaml"), text);
+    std::os::unix::fs::symlink(new, mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    std::fs::remove_dir_all(mount.join(old)).unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_kubernetes_configmap_update_is_one_reload() {
+    use std::os::unix::fs::symlink;
+    let mount = temp_dir();
+    std::fs::create_dir(mount.join("..2026_11_24_v1")).unwrap();
+    write(
+        &mount.join("..2026_11_24_v1/config.yaml"),
+        &version("first"),
+    );
+    symlink("..2026_11_24_v1", mount.join("..data")).unwrap();
+    symlink("..data/config.yaml", mount.join("config.yaml")).unwrap();
+    let daemon = start_with_config(&mount.join("config.yaml"));
+    assert_eq!(probe(&daemon).await, "mock:first");
+
+    configmap_update(
+        &mount,
+        "..2026_11_24_v1",
+        "..2026_11_24_v2",
+        &version("second"),
+    );
+    wait_until(&daemon, 1, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:second");
+
+    // The new version's directory is followed: a second update is seen too.
+    configmap_update(
+        &mount,
+        "..2026_11_24_v2",
+        "..2026_11_24_v3",
+        &version("third"),
+    );
+    wait_until(&daemon, 2, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:third");
+    assert_eq!(outcomes(&daemon), 2, "each update is one reload");
+}
+
+#[tokio::test]
+async fn a_replaced_rules_directory_is_watched_again() {
+    let parent = temp_dir();
+    let rules = parent.join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    write(&rules.join("10-route.yaml"), &version("first"));
+    let daemon = start_with_rules(&rules);
+    assert_eq!(probe(&daemon).await, "mock:first");
+
+    // mv rules rules.old; mkdir rules; cp ...
+    std::fs::rename(&rules, parent.join("rules.old")).unwrap();
+    std::fs::create_dir(&rules).unwrap();
+    write(&rules.join("10-route.yaml"), &version("replaced"));
+    wait_until(&daemon, 1, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:replaced");
+
+    // The new directory is the one watched now.
+    write(&rules.join("10-route.yaml"), &version("edited"));
+    wait_until(&daemon, 2, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:edited");
 }

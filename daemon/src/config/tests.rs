@@ -6,7 +6,7 @@ fn merged(files: &[(&str, &str)]) -> Result<Config, Vec<Diagnostic>> {
     for (name, text) in files {
         match parse(name, text) {
             Ok(file) => config.merge(name, file, &mut errors),
-            Err(e) => errors.push(e),
+            Err(mut e) => errors.append(&mut e),
         }
     }
     if errors.is_empty() {
@@ -54,7 +54,7 @@ limits:
     assert_eq!(limits.commit_after, Some(Dur(Duration::from_millis(250))));
     assert_eq!(limits.total_timeout, Some(Dur(Duration::from_secs(120))));
     let identity = cfg.identity.unwrap().value;
-    let ua = identity.user_agent.unwrap();
+    let ua = identity.user_agent.unwrap().value;
     assert_eq!(ua.mode, IdentityMode::Override);
     assert_eq!(ua.override_value.as_deref(), Some("MyApp/1.0.0"));
     let aliases = cfg.model_aliases.unwrap().value;
@@ -68,19 +68,118 @@ limits:
 
 #[test]
 fn unknown_keys_are_errors_with_their_position() {
-    let err = parse(
+    let errors = parse(
         "c.yaml",
         "backends:\n  local:\n    type: openai\n    base_ulr: http://x\n",
     )
     .unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let err = &errors[0];
     assert_eq!((err.line, err.column), (4, 5), "{err}");
     assert!(err.message.contains("base_ulr"), "{err}");
     assert!(err.to_string().starts_with("c.yaml:4:5: "), "{err}");
 }
 
 #[test]
+fn every_unknown_key_is_reported_in_order() {
+    let text = "\
+listen: 127.0.0.1:8000
+lisen: x
+backends:
+  a:
+    type: openai
+    base_ulr: http://x
+    models: [m]
+budgets:
+  - name: b
+    scope: global
+    limit_usd: 1
+    period: day
+    actoin: reject
+identity:
+  user_agent: { mode: override, overide_value: x }
+ledger:
+  path: /tmp/u.db
+";
+    let errors = parse("c.yaml", text).unwrap_err();
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let places: Vec<(u64, u64)> = errors.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(places, [(2, 1), (6, 5), (13, 5), (15, 33)], "{shown:#?}");
+    for (error, key) in errors
+        .iter()
+        .zip(["lisen", "base_ulr", "actoin", "overide_value"])
+    {
+        assert!(
+            error
+                .message
+                .starts_with(&format!("unknown field `{key}`, expected one of ")),
+            "{error}"
+        );
+    }
+    // `ledger` is a serde alias of `database`: not unknown.
+    assert!(!shown.iter().any(|e| e.contains("ledger")), "{shown:#?}");
+}
+
+#[test]
+fn a_type_error_is_reported_with_the_unknown_keys() {
+    let errors = parse(
+        "c.yaml",
+        "limits:\n  idle_timeout: soon\nbogus: 1\nbackends:\n  a: {type: mock, nope: 1}\n",
+    )
+    .unwrap_err();
+    let places: Vec<(u64, u64)> = errors.iter().map(|e| (e.line, e.column)).collect();
+    assert_eq!(places, [(2, 17), (3, 1), (5, 19)], "{errors:?}");
+}
+
+#[test]
+fn yaml_reader_messages_speak_of_the_file() {
+    let message = |text: &str| {
+        let errors = parse("c.yaml", text).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        errors[0].to_string()
+    };
+    assert_eq!(
+        message("listen: a\nlisten: b\n"),
+        "c.yaml:2:1: duplicate key `listen`: each key may appear once in a mapping"
+    );
+    let two = message("listen: a\n---\nlisten: b\n");
+    assert!(
+        two.contains("the file must hold one YAML document"),
+        "{two}"
+    );
+    assert!(!two.contains("from_str"), "{two}");
+    let big = format!(
+        "backends:\n  a:\n    type: mock\n    models: [{}]\n",
+        ["m"; 250_001].join(", ")
+    );
+    let big = message(&big);
+    assert!(
+        big.contains("the file is too large or too complex: more than 250000 YAML nodes"),
+        "{big}"
+    );
+    assert!(!big.contains("Nodes {"), "{big}");
+}
+
+#[test]
+fn trigger_names_are_the_config_names() {
+    for trigger in Trigger::ALL {
+        let text = format!(
+            "failover:\n  - match: x\n    chain: [y]\n    triggers: [{}]\n",
+            trigger.name()
+        );
+        let cfg = parse("c", &text).unwrap();
+        let parsed = cfg.failover.unwrap().value[0]
+            .value
+            .triggers
+            .clone()
+            .unwrap();
+        assert_eq!(parsed, [trigger]);
+    }
+}
+
+#[test]
 fn broken_yaml_is_located() {
-    let err = parse("c.yaml", "listen: [\n").unwrap_err();
+    let err = parse("c.yaml", "listen: [\n").unwrap_err().remove(0);
     assert_eq!(err.file, "c.yaml");
     assert!(err.line >= 1, "{err}");
 }
@@ -97,7 +196,9 @@ fn durations_accept_units_and_numbers() {
         cfg.limits.unwrap().value.idle_timeout,
         Some(Dur(Duration::from_secs(5)))
     );
-    let err = parse("c", "limits:\n  idle_timeout: soon\n").unwrap_err();
+    let err = parse("c", "limits:\n  idle_timeout: soon\n")
+        .unwrap_err()
+        .remove(0);
     assert_eq!(err.line, 2, "{err}");
 }
 
@@ -196,7 +297,7 @@ fn the_examples_parse() {
     for path in examples {
         let text = std::fs::read_to_string(&path).unwrap();
         if let Err(e) = parse(&path.display().to_string(), &text) {
-            panic!("{e}");
+            panic!("{e:?}");
         }
     }
 }

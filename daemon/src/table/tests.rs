@@ -23,11 +23,7 @@ pub(crate) fn build(
 ) -> Result<RoutingTable, Vec<Diagnostic>> {
     let mut config = Config::default();
     let mut errors = Vec::new();
-    config.merge(
-        "c.yaml",
-        parse("c.yaml", yaml).map_err(|e| vec![e])?,
-        &mut errors,
-    );
+    config.merge("c.yaml", parse("c.yaml", yaml)?, &mut errors);
     assert!(errors.is_empty());
     RoutingTable::build(&config, None, &overrides, &env(vars))
 }
@@ -55,6 +51,72 @@ fn an_openrouter_key_implies_the_openrouter_backend() {
     assert_eq!(
         format!("{:?}", entry.next_key().unwrap().secret),
         "Secret(***)"
+    );
+}
+
+#[test]
+fn keys_that_cannot_be_sent_in_a_header_are_refused_by_variable_name() {
+    let yaml = "backends:\n  a:\n    type: openai\n    api_keys_env: [GOOD, NEWLINE]\nadmin:\n  token_env: SPACED\nauth:\n  keys:\n    - { name: k, key_env: CONTROL }\n";
+    let errors = build(
+        yaml,
+        Overrides::default(),
+        &[
+            ("GOOD", "sk-good"),
+            ("NEWLINE", "sk-first\nsk-second"),
+            ("SPACED", "admin-token\n"),
+            ("CONTROL", "sk-\u{7}bell"),
+        ],
+    )
+    .err()
+    .unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(text.len(), 3, "{text:#?}");
+    assert!(
+        text[0].starts_with("c.yaml:3:5: backend `a`: environment variable NEWLINE holds a character that cannot be sent in an HTTP header"),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.contains("auth key `k`: environment variable CONTROL holds")),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter().any(|t| t.contains(
+            "admin.token_env: environment variable SPACED starts or ends with whitespace"
+        )),
+        "{text:#?}"
+    );
+    assert!(
+        !text
+            .iter()
+            .any(|t| t.contains("sk-") || t.contains("admin-token"))
+    );
+
+    let errors = build(
+        "",
+        Overrides::default(),
+        &[("OPENROUTER_API_KEY", "sk\r\n")],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        errors[0].message.contains("OPENROUTER_API_KEY"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn an_override_needs_a_value_that_fits_a_header() {
+    let yaml = "identity:\n  user_agent: { mode: override }\n  title: { mode: default }\nbackends:\n  a:\n    type: openai\n    identity:\n      referer: { mode: override, override_value: \"\" }\n      title: { mode: override, override_value: \"x\\ny\" }\n";
+    let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "c.yaml:2:15: identity.user_agent: mode override needs a non-empty override_value",
+            "c.yaml:8:16: backends.a.identity.referer: mode override needs a non-empty override_value",
+            "c.yaml:9:14: backends.a.identity.title: override_value holds a character that cannot be sent in an HTTP header",
+        ]
     );
 }
 
@@ -249,22 +311,39 @@ fn unsafe_listeners_are_refused() {
 
 #[test]
 fn restart_only_changes_are_named() {
-    let a = build("", Overrides::default(), &[]).unwrap().restart_only;
+    let a = build("", Overrides::default(), &[]).unwrap();
     let b = build(
         "listen: 127.0.0.1:9000\nlimits:\n  connect_timeout: 1s\n",
         Overrides::default(),
         &[],
     )
-    .unwrap()
-    .restart_only;
+    .unwrap();
+    let changes: Vec<(&str, String)> = b
+        .restart_only
+        .changes_from(&a.restart_only)
+        .into_iter()
+        .map(|c| (c.key, c.description))
+        .collect();
     assert_eq!(
-        b.changes_from(&a),
-        vec![
-            "listen (127.0.0.1:8000 → 127.0.0.1:9000)".to_owned(),
-            "limits.connect_timeout".to_owned()
+        changes,
+        [
+            (
+                "listen",
+                "listen (127.0.0.1:8000 → 127.0.0.1:9000)".to_owned()
+            ),
+            (
+                "limits.connect_timeout",
+                "limits.connect_timeout".to_owned()
+            )
         ]
     );
-    assert!(a.changes_from(&a).is_empty());
+    assert!(a.restart_only.changes_from(&a.restart_only).is_empty());
+    let place = |key: &str| {
+        let origin = &b.restart_origins[key];
+        (origin.at.line(), origin.at.column())
+    };
+    assert_eq!(place("listen"), (1, 9));
+    assert_eq!(place("limits.connect_timeout"), (3, 20));
 }
 
 #[test]
@@ -300,6 +379,17 @@ backends:
 }
 
 #[test]
+fn a_fallback_to_an_unknown_backend_is_located_at_its_budget() {
+    let yaml = "budgets:\n  - { name: a, scope: global, limit_usd: 1, period: day }\n  - { name: b, scope: global, limit_usd: 1, period: month }\n  - { name: c, scope: global, limit_usd: 1, period: total, action: fallback, fallback: \"nosuch:x\" }\n";
+    let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        ["c.yaml:4:5: budget `c`: fallback names unknown backend `nosuch`"]
+    );
+}
+
+#[test]
 fn budgets_and_pricing_are_validated_where_written() {
     let yaml = r#"
 pricing:
@@ -313,6 +403,9 @@ budgets:
 "#;
     let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
     let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    for line in &text {
+        assert!(!line.contains('\n'), "one line per error: {line:?}");
+    }
     let all = text.join("\n");
     for expected in [
         "c.yaml:3:5: pricing.match: invalid regex",
@@ -320,7 +413,7 @@ budgets:
         "c.yaml:6:5: budget `b`: invalid regex",
         "c.yaml:7:5: budget `c`: action fallback needs a `fallback` selector",
         "c.yaml:9:5: budget `d` is already defined on line 8",
-        "budget `d`: fallback names unknown backend `ghost`",
+        "c.yaml:8:5: budget `d`: fallback names unknown backend `ghost`",
     ] {
         assert!(all.contains(expected), "missing {expected:?} in\n{all}");
     }

@@ -44,7 +44,7 @@ pub enum BuildError {
         /// The setting.
         setting: &'static str,
     },
-    /// The base URL is not an absolute http(s) URL.
+    /// The base URL is not an absolute http(s) URL (held with its credentials masked).
     #[error("base_url `{0}` must be an absolute http:// or https:// URL")]
     BadBaseUrl(String),
 }
@@ -66,12 +66,72 @@ pub fn requires_key(kind: &str) -> bool {
     kind == openrouter::KIND || kind == anthropic::KIND
 }
 
+/// What replaces a secret in [`redact_url`].
+const MASK: &str = "***";
+
+/// A URL fit for display: the userinfo password masked (a lone user name too, since tokens
+/// are often passed that way), every query value and any fragment masked.
+///
+/// Works on the text, so a malformed URL is masked as well as a valid one.
+pub fn redact_url(url: &str) -> String {
+    let (url, fragment) = match url.split_once('#') {
+        Some((url, fragment)) => (url, Some(fragment)),
+        None => (url, None),
+    };
+    let (url, query) = match url.split_once('?') {
+        Some((url, query)) => (url, Some(query)),
+        None => (url, None),
+    };
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + 3),
+        None => ("", url),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut out = String::with_capacity(url.len() + 8);
+    out.push_str(scheme);
+    match authority.rfind('@') {
+        Some(at) => {
+            match authority[..at].split_once(':') {
+                Some((user, _password)) => {
+                    out.push_str(user);
+                    out.push(':');
+                    out.push_str(MASK);
+                }
+                None => out.push_str(MASK),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    out.push_str(path);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, value)) if !value.is_empty() => format!("{name}={MASK}"),
+                // A bare item (`?TOKEN`) may be the secret itself.
+                None if !pair.is_empty() => MASK.to_owned(),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        if !fragment.is_empty() {
+            out.push_str(MASK);
+        }
+    }
+    out
+}
+
 /// Instantiates the plugin named by `kind`.
 pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildError> {
     if let Some(url) = &settings.base_url
         && !(url.starts_with("http://") || url.starts_with("https://"))
     {
-        return Err(BuildError::BadBaseUrl(url.clone()));
+        return Err(BuildError::BadBaseUrl(redact_url(url)));
     }
     let mock_only = |kind: &'static str| -> Result<(), BuildError> {
         if settings.stream_events.is_some() {
@@ -91,17 +151,23 @@ pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildE
     Ok(match kind {
         openrouter::KIND => {
             mock_only(openrouter::KIND)?;
-            let bad = |_| BuildError::BadBaseUrl(settings.base_url.clone().unwrap_or_default());
+            let bad = |_| {
+                BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
+            };
             Arc::new(openrouter::OpenRouter::new(settings.base_url.clone()).map_err(bad)?)
         }
         openai::KIND => {
             mock_only(openai::KIND)?;
-            let bad = |_| BuildError::BadBaseUrl(settings.base_url.clone().unwrap_or_default());
+            let bad = |_| {
+                BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
+            };
             Arc::new(openai::OpenAi::new(settings.base_url.clone()).map_err(bad)?)
         }
         anthropic::KIND => {
             mock_only(anthropic::KIND)?;
-            let bad = |_| BuildError::BadBaseUrl(settings.base_url.clone().unwrap_or_default());
+            let bad = |_| {
+                BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
+            };
             Arc::new(anthropic::Anthropic::new(settings.base_url.clone()).map_err(bad)?)
         }
         mock::KIND => {
@@ -118,4 +184,53 @@ pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildE
         }
         other => return Err(BuildError::UnknownKind(other.to_owned())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        let cases = [
+            (
+                "https://openrouter.ai/api/v1",
+                "https://openrouter.ai/api/v1",
+            ),
+            (
+                "http://user:SECRET@127.0.0.1:8080/api/v1",
+                "http://user:***@127.0.0.1:8080/api/v1",
+            ),
+            ("http://TOKEN@host/v1", "http://***@host/v1"),
+            ("http://user:@host", "http://user:***@host"),
+            (
+                "http://127.0.0.1:1/v1?api_key=SECRET&x=&y=2",
+                "http://127.0.0.1:1/v1?api_key=***&x=&y=***",
+            ),
+            ("http://h/v1?TOKEN", "http://h/v1?***"),
+            ("http://h/v1#frag", "http://h/v1#***"),
+            ("http://a:b@h?k=v#f", "http://a:***@h?k=***#***"),
+            // Malformed (no scheme): masked all the same.
+            ("user:pw@host/v1?key=v", "user:***@host/v1?key=***"),
+            // `@` in the path is not userinfo.
+            ("http://h/p@x", "http://h/p@x"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_bad_base_url_error_masks_credentials() {
+        let settings = Settings {
+            base_url: Some("ftp://user:SECRET@h/?key=SECRET2".into()),
+            ..Settings::default()
+        };
+        let Err(error) = build(openai::KIND, &settings) else {
+            panic!("a non-http base_url is refused");
+        };
+        let text = error.to_string();
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(text.contains("ftp://user:***@h/?key=***"), "{text}");
+    }
 }
