@@ -165,7 +165,8 @@ pub fn failure_reason(failure: &Failure) -> String {
 /// The outcome recorded for a request that ended with `error`.
 pub fn outcome_of(error: &ProxyError) -> Outcome {
     match error {
-        ProxyError::Timeout { .. } => Outcome::Timeout,
+        // The shutdown grace is a limit too: the request ran out of it.
+        ProxyError::Timeout { .. } | ProxyError::ShuttingDown => Outcome::Timeout,
         ProxyError::Upstream { .. }
         | ProxyError::Unreachable { .. }
         | ProxyError::Prepare { .. }

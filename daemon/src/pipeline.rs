@@ -91,7 +91,7 @@ async fn handle(
         Ok(exchange) if exchange.stream => {
             relay::stream(Arc::clone(&app), table, exchange, record).await
         }
-        Ok(exchange) => match dispatch::json(&app, &table, &exchange, &mut record).await {
+        Ok(exchange) => match answer_or_stop(&app, &table, &exchange, &mut record).await {
             Ok((response, outcome)) => {
                 record.first_byte = Some(Instant::now());
                 let status = response.status().as_u16();
@@ -109,6 +109,28 @@ async fn handle(
         },
     };
     stamp(response, request_id)
+}
+
+/// [`dispatch::json`], unless the daemon's shutdown grace runs out first: the client then gets
+/// a 503 and the request its record, instead of a connection closed with neither.
+async fn answer_or_stop(
+    app: &App,
+    table: &RoutingTable,
+    exchange: &Exchange,
+    record: &mut Record,
+) -> Result<(Response, crate::record::Outcome), ProxyError> {
+    let mut hard_stop = app.hard_stop.clone();
+    let answered = tokio::select! {
+        biased;
+        answer = dispatch::json(app, table, exchange, record) => Some(answer),
+        _ = hard_stop.wait_for(|stop| *stop) => None,
+    };
+    answered.unwrap_or_else(|| {
+        if let Some(route) = record.route.clone() {
+            record.attempt(&route, "shutdown");
+        }
+        Err(ProxyError::ShuttingDown)
+    })
 }
 
 /// Authenticates, reads and parses the body, routes and reserves budget: everything before the

@@ -49,3 +49,40 @@ async fn streams_still_open_after_the_grace_end_with_an_error_event() {
     assert!(daemon.wait_exit().success());
     wait_until(|| fake.requests().iter().any(|r| r.disconnected)).await;
 }
+
+#[tokio::test]
+async fn a_plain_request_still_running_after_the_grace_gets_an_answer_and_its_record() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut daemon = daemon_for(&fake.base_url(), "limits:\n  shutdown_grace: 300ms\n");
+    let url = daemon.url("/v1/chat/completions");
+    let pending = tokio::spawn(async move {
+        client()
+            .post(url)
+            .json(&chat("fake/hang", "x", false))
+            .send()
+            .await
+    });
+    wait_until(|| !fake.requests().is_empty()).await;
+    daemon.terminate();
+    let response = pending
+        .await
+        .unwrap()
+        .expect("an answer, not a closed connection");
+    assert_eq!(response.status(), 503);
+    let id = response.headers()["x-orproxy-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "shutting_down");
+    let line = daemon.request_log(&id);
+    assert_eq!(
+        (line["status"].as_u64(), line["outcome"].as_str()),
+        (Some(503), Some("timeout"))
+    );
+    assert!(
+        line["attempts"].as_str().unwrap().ends_with("=shutdown"),
+        "{line}"
+    );
+    assert!(daemon.wait_exit().success());
+}
