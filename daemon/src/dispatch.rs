@@ -261,20 +261,48 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Orders the route's targets: cooling targets go last, unless all of them cool.
+    /// Orders the route's targets. A resting target is skipped when the failure that put it to
+    /// rest is one of the route's failover triggers (skipping it is failing over); otherwise it
+    /// is tried like any other. When every target is skipped: if all of them rest because their
+    /// upstream asked (429 with `Retry-After`), the request is answered 429 at once with the
+    /// shortest wait left, without calling them; else they are all probed.
     pub fn new(route: &Route, health: &HealthBook) -> Plan {
-        let (ready, cooling): (Vec<Target>, Vec<Target>) = route
-            .targets
-            .iter()
-            .cloned()
-            .partition(|t| health.cooling(&t.label()).is_none());
-        // Cooling targets are skipped while a ready one remains; probed when nothing else is left.
-        let queue = if ready.is_empty() { cooling } else { ready };
+        let mut ready = VecDeque::new();
+        let mut skipped = Vec::new();
+        for target in &route.targets {
+            let label = target.label();
+            match health
+                .cooling(&label)
+                .filter(|rest| route.triggers.contains(&rest.cause))
+            {
+                Some(rest) => skipped.push((target.clone(), label, rest)),
+                None => ready.push_back(target.clone()),
+            }
+        }
+        let mut last = None;
+        if ready.is_empty() {
+            if skipped.iter().all(|(_, _, rest)| rest.asked) {
+                last = Some(ProxyError::AllRateLimited {
+                    retry_after: skipped.iter().map(|(_, _, rest)| rest.left).min(),
+                    attempts: skipped
+                        .iter()
+                        .map(|(_, label, rest)| {
+                            format!(
+                                "{label}: the upstream asked to wait, {} s left",
+                                rest.left.as_secs_f64().ceil()
+                            )
+                        })
+                        .collect(),
+                });
+            } else {
+                ready = skipped.into_iter().map(|(target, ..)| target).collect();
+            }
+        }
         Plan {
-            queue: queue.into(),
+            queue: ready,
             triggers: route.triggers.clone(),
             failures: Vec::new(),
-            last: None,
+            last,
             key_retries: 0,
         }
     }
@@ -330,8 +358,12 @@ impl Plan {
                 self.last = Some(error);
                 return true;
             }
-        } else if trigger.is_some() {
-            app.health.failed(&label, &reason, failure);
+            // Every key rests: so does the target, or each request would call it again.
+            if let Some(cause) = trigger {
+                app.health.failed(&label, &reason, failure, cause);
+            }
+        } else if let Some(cause) = trigger {
+            app.health.failed(&label, &reason, failure, cause);
         }
 
         self.failures.push(FailedAttempt {
@@ -432,6 +464,8 @@ pub async fn json(
             match mapped.failure {
                 None => {
                     app.health.succeeded(&label);
+                    // The failed attempts keep their reasons in the attempt list.
+                    record.error = None;
                     record.usage = mapped.usage;
                     record.model_served = mapped.model;
                     record.attempt(&label, "ok");
@@ -522,4 +556,92 @@ pub fn success(response: UpstreamResponse, body: Bytes) -> Response {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(targets: &[&str], triggers: &[Trigger]) -> Route {
+        Route {
+            requested: None,
+            rewritten: None,
+            targets: targets
+                .iter()
+                .map(|t| {
+                    let (backend, model) = t.split_once(':').unwrap_or(("b", t));
+                    Target {
+                        backend: backend.into(),
+                        model: model.into(),
+                        params: Vec::new(),
+                        unset: Vec::new(),
+                    }
+                })
+                .collect(),
+            triggers: triggers.iter().copied().collect(),
+            headers: Vec::new(),
+            tags: Default::default(),
+            trace: Vec::new(),
+        }
+    }
+
+    fn limited(secs: u64) -> Failure {
+        Failure {
+            kind: FailureKind::RateLimited,
+            status: 429,
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(secs)),
+        }
+    }
+
+    fn order(mut plan: Plan) -> Vec<String> {
+        std::iter::from_fn(|| plan.next_target().map(|t| t.label())).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_resting_for_a_failover_trigger_is_skipped_else_tried() {
+        let health = HealthBook::default();
+        health.failed("a:m", "429", Some(&limited(5)), Trigger::RateLimited);
+        let all = Trigger::ALL;
+        assert_eq!(
+            order(Plan::new(&route(&["a:m", "b:m"], &all), &health)),
+            ["b:m"]
+        );
+        // 429s are no trigger of this chain: skipping `a` would be failing over on one.
+        let no_429 = [Trigger::Connect, Trigger::ServerError];
+        assert_eq!(
+            order(Plan::new(&route(&["a:m", "b:m"], &no_429), &health)),
+            ["a:m", "b:m"]
+        );
+        for _ in 0..crate::health::FAILURES_BEFORE_COOLDOWN {
+            health.failed("c:m", "503", None, Trigger::ServerError);
+        }
+        assert_eq!(
+            order(Plan::new(
+                &route(&["c:m", "b:m"], &[Trigger::Connect]),
+                &health
+            )),
+            ["c:m", "b:m"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_every_target_was_asked_to_wait_none_is_called() {
+        let health = HealthBook::default();
+        health.failed("a:m", "429", Some(&limited(7)), Trigger::RateLimited);
+        health.failed("b:m", "429", Some(&limited(4)), Trigger::RateLimited);
+        let mut plan = Plan::new(&route(&["a:m", "b:m"], &Trigger::ALL), &health);
+        assert!(plan.next_target().is_none());
+        let error = plan.into_error();
+        assert_eq!(error.status(), 429);
+        assert_eq!(error.retry_after().unwrap(), "4");
+        // Resting after errors rather than at the upstream's request: probed anyway.
+        for _ in 0..crate::health::FAILURES_BEFORE_COOLDOWN {
+            health.failed("c:m", "503", None, Trigger::ServerError);
+        }
+        assert_eq!(
+            order(Plan::new(&route(&["a:m", "c:m"], &Trigger::ALL), &health)),
+            ["a:m", "c:m"]
+        );
+    }
 }

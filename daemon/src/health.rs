@@ -10,6 +10,8 @@ use std::time::Duration;
 use orproxy_plugin::{Failure, FailureKind};
 use tokio::time::Instant;
 
+use crate::config::Trigger;
+
 /// Consecutive failures that put a target into cool-down.
 pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 /// How long a repeatedly failing target rests.
@@ -24,7 +26,21 @@ const MAX_TRACKED: usize = 4096;
 struct State {
     failures: u32,
     cooling_until: Option<Instant>,
+    /// What put the target to rest, and whether the upstream asked for it (`Retry-After`).
+    rest_cause: Option<(Trigger, bool)>,
     last_failure: String,
+}
+
+/// A target's rest: how long is left, what caused it, and whether the upstream asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rest {
+    /// Time left.
+    pub left: Duration,
+    /// The kind of failure that started it.
+    pub cause: Trigger,
+    /// The upstream asked for the pause (429 with `Retry-After`): calling it before the end
+    /// only earns another 429.
+    pub asked: bool,
 }
 
 /// One target's state, for `/admin/status`.
@@ -55,19 +71,24 @@ impl HealthBook {
         f(&mut targets)
     }
 
-    /// Time left in cool-down, if `target` is cooling.
-    pub fn cooling(&self, target: &str) -> Option<Duration> {
+    /// The rest `target` is in, if any.
+    pub fn cooling(&self, target: &str) -> Option<Rest> {
         let now = Instant::now();
         self.with(|t| {
-            t.get(target)
-                .and_then(|s| s.cooling_until)
-                .filter(|until| *until > now)
-                .map(|until| until - now)
+            let state = t.get(target)?;
+            let until = state.cooling_until.filter(|until| *until > now)?;
+            let (cause, asked) = state.rest_cause?;
+            Some(Rest {
+                left: until - now,
+                cause,
+                asked,
+            })
         })
     }
 
-    /// Notes a failed attempt; `Retry-After` (429) or repeated failures start a cool-down.
-    pub fn failed(&self, target: &str, reason: &str, failure: Option<&Failure>) {
+    /// Notes a failed attempt of kind `cause`; `Retry-After` (429) or repeated failures start
+    /// a cool-down.
+    pub fn failed(&self, target: &str, reason: &str, failure: Option<&Failure>, cause: Trigger) {
         let now = Instant::now();
         self.with(|t| {
             if t.len() >= MAX_TRACKED && !t.contains_key(target) {
@@ -87,7 +108,10 @@ impl HealthBook {
             };
             if let Some(pause) = pause {
                 let until = now + pause;
-                state.cooling_until = Some(state.cooling_until.map_or(until, |u| u.max(until)));
+                if state.cooling_until.is_none_or(|u| u <= until) {
+                    state.cooling_until = Some(until);
+                    state.rest_cause = Some((cause, asked.is_some()));
+                }
             }
         });
     }
@@ -143,8 +167,10 @@ mod tests {
             "a:m",
             "429",
             Some(&failure(FailureKind::RateLimited, Some(5))),
+            Trigger::RateLimited,
         );
-        assert!(book.cooling("a:m").is_some());
+        let rest = book.cooling("a:m").unwrap();
+        assert_eq!((rest.cause, rest.asked), (Trigger::RateLimited, true));
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(book.cooling("a:m").is_none());
     }
@@ -153,11 +179,23 @@ mod tests {
     async fn repeated_failures_cool_and_success_heals() {
         let book = HealthBook::default();
         for _ in 0..FAILURES_BEFORE_COOLDOWN - 1 {
-            book.failed("a:m", "503", Some(&failure(FailureKind::Server, None)));
+            book.failed(
+                "a:m",
+                "503",
+                Some(&failure(FailureKind::Server, None)),
+                Trigger::ServerError,
+            );
         }
         assert!(book.cooling("a:m").is_none());
-        book.failed("a:m", "503", None);
-        assert_eq!(book.cooling("a:m"), Some(COOLDOWN));
+        book.failed("a:m", "503", None, Trigger::ServerError);
+        assert_eq!(
+            book.cooling("a:m"),
+            Some(Rest {
+                left: COOLDOWN,
+                cause: Trigger::ServerError,
+                asked: false
+            })
+        );
         assert_eq!(book.snapshot()[0].failures, FAILURES_BEFORE_COOLDOWN);
         book.succeeded("a:m");
         assert!(book.cooling("a:m").is_none());
@@ -173,9 +211,9 @@ mod tests {
             message: String::new(),
             retry_after: Some(Duration::from_secs(60)),
         };
-        book.failed("cooling:m", "429", Some(&limited));
+        book.failed("cooling:m", "429", Some(&limited), Trigger::RateLimited);
         for i in 0..MAX_TRACKED {
-            book.failed(&format!("b:model-{i}"), "503", None);
+            book.failed(&format!("b:model-{i}"), "503", None, Trigger::ServerError);
         }
         let tracked = book.snapshot().len();
         assert!(tracked <= MAX_TRACKED, "{tracked}");

@@ -561,6 +561,8 @@ impl Relay {
             }
             EventKind::Content | EventKind::Done if !self.content_started => {
                 self.content_started = true;
+                // This attempt serves: failed ones keep their reasons in the attempt list.
+                self.record.error = None;
                 self.record.relayed_events += u64::from(mapped.kind == EventKind::Content);
                 self.record.first_byte = Some(Instant::now());
                 let held = std::mem::take(&mut stream.held);
@@ -661,6 +663,7 @@ impl Relay {
             };
             match (mapped.failure, self.commit.take()) {
                 (None, Some(commit)) => {
+                    self.record.error = None;
                     self.record.usage = mapped.usage;
                     self.record.model_served = mapped.model;
                     self.record.attempt(label, "ok");

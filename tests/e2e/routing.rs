@@ -401,6 +401,49 @@ async fn a_refused_key_rests_while_the_next_one_serves() {
 }
 
 #[tokio::test]
+async fn a_target_whose_every_key_was_asked_to_wait_is_not_called_until_the_wait_is_over() {
+    let fake = FakeOpenRouter::start_with(FakeOptions {
+        api_keys: vec!["sk-one".into(), "sk-two".into()],
+        ..FakeOptions::default()
+    })
+    .await
+    .unwrap();
+    let daemon = Daemon::start(
+        Options::config(format!(
+            "backends:\n  openrouter:\n    type: openrouter\n    base_url: {}\n    api_keys_env: [K1, K2]\n",
+            fake.base_url()
+        ))
+        .env("K1", "sk-one")
+        .env("K2", "sk-two"),
+    );
+    let limited = "fake/status-429-retry-30";
+    let calls = || models_asked(&fake).iter().filter(|m| *m == limited).count();
+    let chain = format!("{limited}|openrouter:fake/echo");
+    // Both keys asked to wait: the chain's next target serves.
+    assert_eq!(
+        route_of(&ask(&daemon, &chain, false).await),
+        "openrouter:fake/echo"
+    );
+    assert_eq!(calls(), 2);
+    // The next request goes straight to it.
+    assert_eq!(
+        route_of(&ask(&daemon, &chain, false).await),
+        "openrouter:fake/echo"
+    );
+    assert_eq!(calls(), 2);
+    // Alone, the resting target is answered for: 429 with the wait left, no call.
+    let response = ask(&daemon, limited, false).await;
+    assert_eq!(response.status(), 429);
+    let wait: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    assert_eq!(calls(), 2);
+}
+
+#[tokio::test]
 async fn failover_is_bounded_in_time() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_for(
