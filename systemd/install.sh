@@ -58,7 +58,13 @@ if [ ! -e "$DESTDIR$SYSCONFDIR/orproxy/env" ]; then
 fi
 
 if [ "$live" = yes ]; then
-  command -v systemd-sysusers >/dev/null && systemd-sysusers "$SYSUSERSDIR/orproxy.conf"
+  if command -v systemd-sysusers >/dev/null; then
+    systemd-sysusers "$SYSUSERSDIR/orproxy.conf"
+  elif ! id orproxy >/dev/null 2>&1; then
+    # The same system user as sysusers.d/orproxy.conf, where systemd-sysusers is missing.
+    useradd --system --user-group --home-dir /var/lib/orproxy --no-create-home \
+      --shell /usr/sbin/nologin --comment "orproxy routing daemon" orproxy
+  fi
   chgrp -R orproxy "$SYSCONFDIR/orproxy" 2>/dev/null || true
   command -v systemctl >/dev/null && systemctl daemon-reload
   echo "installed: put keys in $SYSCONFDIR/orproxy/env, then: systemctl enable --now orproxy"
