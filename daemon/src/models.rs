@@ -59,7 +59,7 @@ impl ModelCatalog {
 pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     let table = app.table.load_full();
     if let Err(error) = table.auth.authenticate(&headers) {
-        return crate::error::ProxyError::from(error).into_response();
+        return crate::server::stamped(&app, crate::error::ProxyError::from(error).into_response());
     }
     let lists = join_all(
         table
@@ -88,7 +88,10 @@ pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         .into_iter()
         .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
         .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+    crate::server::stamped(
+        &app,
+        Json(json!({"object": "list", "data": data})).into_response(),
+    )
 }
 
 /// One backend's list: fresh from cache, else fetched; a failed fetch serves the stale copy

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use socket2::{Domain, Socket, Type};
@@ -38,26 +39,21 @@ pub fn api_router(app: Arc<App>) -> Router {
         .route("/v1/messages", post(pipeline::messages))
         .route("/v1/messages/count_tokens", post(front::count_tokens))
         .route("/v1/models", get(models::list))
-        .fallback(admin::not_found)
-        .method_not_allowed_fallback(admin::method_not_allowed)
-        .layer(axum::middleware::map_response_with_state(
-            Arc::clone(&app),
-            stamp_unstamped,
-        ))
+        .fallback(|State(app): State<Arc<App>>, uri: http::Uri| async move {
+            stamped(&app, admin::not_found(uri).await)
+        })
+        .method_not_allowed_fallback(
+            |State(app): State<Arc<App>>, method: http::Method, uri: http::Uri| async move {
+                stamped(&app, admin::method_not_allowed(method, uri).await)
+            },
+        )
         .with_state(app)
 }
 
-/// Gives the responses the pipeline did not make (unknown paths, wrong methods) their request
-/// id and `x-orproxy-route: none`, so that every response carries both.
-async fn stamp_unstamped(
-    axum::extract::State(app): axum::extract::State<Arc<App>>,
-    response: axum::response::Response,
-) -> axum::response::Response {
-    if response.headers().contains_key(pipeline::REQUEST_ID_HEADER) {
-        return response;
-    }
-    let id = http::HeaderValue::try_from(app.ids.next()).ok();
-    pipeline::stamp(response, id)
+/// A response made outside the pipeline (unknown path, wrong method), with a request id and
+/// `x-orproxy-route: none` like every other client API response.
+pub fn stamped(app: &App, response: axum::response::Response) -> axum::response::Response {
+    pipeline::stamp(response, http::HeaderValue::try_from(app.ids.next()).ok())
 }
 
 /// How many client API workers to run: one per core.
