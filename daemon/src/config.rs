@@ -642,6 +642,17 @@ pub struct Sourced<T> {
 }
 
 impl<T> Sourced<T> {
+    /// A path written in this value's file. A relative one is taken from that file's directory
+    /// (as Prometheus does with its rule files): the config means the same whatever the working
+    /// directory, which under systemd is `/`.
+    pub fn path_from_file(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        match Path::new(&*self.file).parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
     /// A diagnostic pointing at this value.
     pub fn error(&self, message: impl Into<String>) -> Diagnostic {
         Diagnostic::at(&self.file, self.at, message)
@@ -837,7 +848,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
     }
     let rules_dir = match (&sources.rules_dir_flag, &config.rules_dir) {
         (Some(flag), _) => Some(flag.clone()),
-        (None, Some(key)) => Some(PathBuf::from(&key.value)),
+        (None, Some(key)) => Some(key.path_from_file(&key.value)),
         (None, None) => {
             let default = Path::new(DEFAULT_RULES_DIR);
             default.is_dir().then(|| default.to_owned())

@@ -991,9 +991,9 @@ impl RoutingTable {
                             .db
                             .clone()
                             .or_else(|| {
-                                database
-                                    .and_then(|d| d.path.as_ref())
-                                    .map(|p| PathBuf::from(&p.value))
+                                let sourced = config.database.as_ref()?;
+                                let path = sourced.value.path.as_ref()?;
+                                Some(sourced.path_from_file(&path.value))
                             })
                             .unwrap_or_else(crate::ledger::default_path)
                     }),

@@ -273,6 +273,22 @@ fn only_real_fragments_are_read() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn a_relative_rules_dir_is_taken_from_the_config_files_directory() {
+    let dir = std::env::temp_dir().join(format!("orproxy-relative-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("rules")).unwrap();
+    std::fs::write(dir.join("config.yaml"), "rules_dir: rules\n").unwrap();
+    std::fs::write(dir.join("rules/extra.yaml"), "default_backend: mock\n").unwrap();
+    let sources = Sources {
+        config: Some(dir.join("config.yaml")),
+        rules_dir_flag: None,
+    };
+    let (config, rules_dir) = load(&sources).unwrap();
+    assert_eq!(rules_dir, Some(dir.join("rules")));
+    assert_eq!(config.default_backend.unwrap().value, "mock");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The committed schema matches the config types; `UPDATE_SCHEMAS=1 cargo test` rewrites it.
 #[test]
 fn the_committed_schema_is_current() {
