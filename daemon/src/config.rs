@@ -861,7 +861,12 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                 format!("cannot read the rules directory: {e}"),
             )),
             Ok(paths) => {
+                // A main config kept inside its own rules directory is read once, as the main one.
+                let main = sources.config.as_deref().and_then(|p| p.canonicalize().ok());
                 for path in paths {
+                    if main.is_some() && path.canonicalize().ok() == main {
+                        continue;
+                    }
                     let name = path.display().to_string();
                     let parsed = std::fs::read_to_string(&path)
                         .map_err(|e| vec![Diagnostic::general(&name, format!("cannot read: {e}"))])

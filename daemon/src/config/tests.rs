@@ -286,6 +286,13 @@ fn a_relative_rules_dir_is_taken_from_the_config_files_directory() {
     let (config, rules_dir) = load(&sources).unwrap();
     assert_eq!(rules_dir, Some(dir.join("rules")));
     assert_eq!(config.default_backend.unwrap().value, "mock");
+    // A main config inside its own rules directory is not merged a second time.
+    std::fs::write(dir.join("rules/main.yaml"), "listen: 127.0.0.1:9\n").unwrap();
+    let sources = Sources {
+        config: Some(dir.join("rules/main.yaml")),
+        rules_dir_flag: Some(dir.join("rules")),
+    };
+    assert!(load(&sources).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
