@@ -270,10 +270,14 @@ fn register_helpers(engine: &mut Engine) {
     engine.register_fn("budget_left", |name: &str| {
         host(|h| h.budget_left(name), UNLIMITED)
     });
+    // A search cannot be interrupted: each helper also looks at the clock after it, so that a
+    // search that overran the deadline fails the hook instead of letting it carry on.
     engine.register_fn(
         "matches",
         |text: &str, pattern: &str| -> Result<bool, Box<rhai::EvalAltResult>> {
-            Ok(regex(pattern)?.is_match(text))
+            let found = regex(pattern)?.is_match(text);
+            check_deadline()?;
+            Ok(found)
         },
     );
     engine.register_fn(
@@ -282,21 +286,25 @@ fn register_helpers(engine: &mut Engine) {
          pattern: &str,
          replacement: &str|
          -> Result<String, Box<rhai::EvalAltResult>> {
-            Ok(regex(pattern)?.replace_all(text, replacement).into_owned())
+            let replaced = regex(pattern)?.replace_all(text, replacement).into_owned();
+            check_deadline()?;
+            Ok(replaced)
         },
     );
     engine.register_fn(
         "captures",
         |text: &str, pattern: &str| -> Result<rhai::Array, Box<rhai::EvalAltResult>> {
             let re = regex(pattern)?;
-            Ok(re
+            let groups = re
                 .captures(text)
                 .map(|c| {
                     c.iter()
                         .map(|m| Dynamic::from(m.map_or(String::new(), |m| m.as_str().to_owned())))
                         .collect()
                 })
-                .unwrap_or_default())
+                .unwrap_or_default();
+            check_deadline()?;
+            Ok(groups)
         },
     );
 }

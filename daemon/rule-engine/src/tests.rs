@@ -291,3 +291,21 @@ fn a_regex_too_large_to_search_quickly_is_refused_in_one_line() {
     assert!(failure.message.contains("size limit"), "{failure}");
     assert!(!failure.message.contains('\n'), "{failure}");
 }
+
+#[test]
+fn one_regex_search_longer_than_the_deadline_fails_the_hook_after_it() {
+    // One search, slow on this input (the pattern's automaton is large, the string long): it
+    // cannot be interrupted, but the hook must not carry on as if it had kept its deadline.
+    let script = r#"fn on_request(req) {
+        let s = "abbabaab"; while s.len() < 32768 { s += s; }
+        let found = matches(s, "[ab]*a[ab]{2000}c");
+        req.tags.after = "yes";
+    }"#;
+    let limits = Sandbox {
+        deadline: Duration::from_millis(1),
+        ..Sandbox::default()
+    };
+    let rules = RuleSet::compile(&[("slow.rhai".into(), script.into())], limits).unwrap();
+    let failure = rules.run(request(), Arc::new(NoLedger), None).unwrap_err();
+    assert!(failure.message.contains("deadline"), "{failure}");
+}

@@ -105,13 +105,27 @@ pub fn endpoint(base: &str, path: &str) -> Result<Uri, http::uri::InvalidUri> {
     join_url(base, path).parse()
 }
 
-/// Joins a base URL and a path without doubling or dropping the slash.
+/// Joins a base URL and a path without doubling or dropping the slash. A query on the base
+/// (`?api-version=...`, as some OpenAI-compatible servers want) stays a query, after the path,
+/// joined with the path's own.
 pub fn join_url(base: &str, path: &str) -> String {
-    format!(
+    let base = base.split_once('#').map_or(base, |(before, _)| before);
+    let (base, base_query) = base.split_once('?').unwrap_or((base, ""));
+    let (path, path_query) = path.split_once('?').unwrap_or((path, ""));
+    let mut url = format!(
         "{}/{}",
         base.trim_end_matches('/'),
         path.trim_start_matches('/')
-    )
+    );
+    let queries: Vec<&str> = [path_query, base_query]
+        .into_iter()
+        .filter(|q| !q.is_empty())
+        .collect();
+    if !queries.is_empty() {
+        url.push('?');
+        url.push_str(&queries.join("&"));
+    }
+    url
 }
 
 #[derive(Deserialize)]
@@ -603,5 +617,13 @@ mod tests {
             "http://h/api/v1/chat/completions"
         );
         assert_eq!(join_url("http://h/v1", "models"), "http://h/v1/models");
+        assert_eq!(
+            join_url("http://h/openai/v1/?api-version=2024-10-21", "chat/completions"),
+            "http://h/openai/v1/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            join_url("http://h/?k=1#frag", "v1/models?limit=1000"),
+            "http://h/v1/models?limit=1000&k=1"
+        );
     }
 }
