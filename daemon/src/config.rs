@@ -862,7 +862,10 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
             )),
             Ok(paths) => {
                 // A main config kept inside its own rules directory is read once, as the main one.
-                let main = sources.config.as_deref().and_then(|p| p.canonicalize().ok());
+                let main = sources
+                    .config
+                    .as_deref()
+                    .and_then(|p| p.canonicalize().ok());
                 for path in paths {
                     if main.is_some() && path.canonicalize().ok() == main {
                         continue;

@@ -293,6 +293,14 @@ fn apply_rules(
         }
         rest
     };
+    // Held to the client's rules: a control character could not travel in a header or a log line.
+    if after.model.contains(char::is_control) || after.backend.contains(char::is_control) {
+        return Err(ProxyError::Rule(rule_fault(
+            trace_out,
+            &["model", "backend"],
+            "the model or backend it set has a control character".to_owned(),
+        )));
+    }
     // A model with a backend prefix, parameters or a chain is a full selector: parse it again;
     // its own chain comes before the rest.
     let rewritten = after.model.contains(['?', '|'])
@@ -337,16 +345,18 @@ fn apply_rules(
     route.targets.extend(rest);
     for (name, value) in &after.headers {
         let invalid = |name: &str| {
-            ProxyError::Rule(bad_header(
+            ProxyError::Rule(rule_fault(
                 trace_out,
+                &["headers"],
                 format!("header `{name}` is not a valid HTTP header"),
             ))
         };
         let name = HeaderName::try_from(name.as_str()).map_err(|_| invalid(name))?;
         let value = HeaderValue::try_from(value.as_str()).map_err(|_| invalid(name.as_str()))?;
         if RESERVED_HEADERS.contains(&name.as_str()) {
-            return Err(ProxyError::Rule(bad_header(
+            return Err(ProxyError::Rule(rule_fault(
                 trace_out,
+                &["headers"],
                 format!("header `{name}` is set by orproxy, not by rules"),
             )));
         }
@@ -375,11 +385,13 @@ const RESERVED_HEADERS: &[&str] = &[
     "x-api-key",
 ];
 
-fn bad_header(trace: &[Change], message: String) -> orproxy_rules::RuleFailure {
+/// A failure of the rules found after they ran, blamed on the last script that changed one of
+/// `fields`.
+fn rule_fault(trace: &[Change], fields: &[&str], message: String) -> orproxy_rules::RuleFailure {
     let script = trace
         .iter()
         .rev()
-        .find(|c| c.field == "headers")
+        .find(|c| fields.contains(&c.field))
         .map_or_else(String::new, |c| c.script.to_string());
     orproxy_rules::RuleFailure {
         name: script,
@@ -536,6 +548,18 @@ mod tests {
             ),
         );
         assert_eq!(route(&t, &body(1)).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn a_model_set_by_a_rule_is_held_to_the_clients_rules() {
+        let mut t = table("", None);
+        with_rules(
+            &mut t,
+            r#"fn on_request(req) { req.model = "fake/ec\nho"; }"#,
+        );
+        let err = route(&t, r#"{"model":"x"}"#).unwrap_err();
+        assert_eq!((err.status().as_u16(), err.code()), (500, "rule_failed"));
+        assert!(err.to_string().starts_with("rule r.rhai failed"), "{err}");
     }
 
     fn labels(route: &Route) -> Vec<String> {

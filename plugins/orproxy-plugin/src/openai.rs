@@ -618,7 +618,10 @@ mod tests {
         );
         assert_eq!(join_url("http://h/v1", "models"), "http://h/v1/models");
         assert_eq!(
-            join_url("http://h/openai/v1/?api-version=2024-10-21", "chat/completions"),
+            join_url(
+                "http://h/openai/v1/?api-version=2024-10-21",
+                "chat/completions"
+            ),
             "http://h/openai/v1/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(
