@@ -212,6 +212,24 @@ fn json_map(map: Map) -> BTreeMap<String, Value> {
         .collect()
 }
 
+/// `map` as JSON, keeping the request's own value for each entry the script left as it was:
+/// Rhai has no unsigned or big integers, and a round trip would turn 12345678901234567890
+/// into a float the upstream never asked for.
+fn json_map_keeping(map: Map, before: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
+    map.into_iter()
+        .map(|(k, v)| {
+            let value = dynamic_to_json(&v);
+            let value = match before.get(k.as_str()) {
+                Some(original) if dynamic_to_json(&json_to_dynamic(original)) == value => {
+                    original.clone()
+                }
+                _ => value,
+            };
+            (k.to_string(), value)
+        })
+        .collect()
+}
+
 fn string_map(map: Map) -> BTreeMap<String, String> {
     map.into_iter()
         .map(|(k, v)| {
@@ -241,7 +259,9 @@ pub fn register(engine: &mut Engine) {
     engine.register_get_set(
         "params",
         |r: &mut RequestHandle| r.read(|q| to_map(&q.params)),
-        |r: &mut RequestHandle, v: Map| r.write("params", |q| q.params = json_map(v)),
+        |r: &mut RequestHandle, v: Map| {
+            r.write("params", |q| q.params = json_map_keeping(v, &q.params));
+        },
     );
     engine.register_get_set(
         "headers",

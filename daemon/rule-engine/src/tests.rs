@@ -309,3 +309,20 @@ fn one_regex_search_longer_than_the_deadline_fails_the_hook_after_it() {
     let failure = rules.run(request(), Arc::new(NoLedger), None).unwrap_err();
     assert!(failure.message.contains("deadline"), "{failure}");
 }
+
+#[test]
+fn parameters_a_script_leaves_alone_keep_their_exact_json() {
+    let rules = compile(&[(
+        "p.rhai",
+        r#"fn on_request(req) { req.params.remove("temperature"); }"#,
+    )]);
+    let mut input = request();
+    input
+        .params
+        .insert("big".into(), json!(12_345_678_901_234_567_890_u64));
+    input.params.insert("nested".into(), json!({"a": [1, 2.5, null]}));
+    let (out, _) = rules.run(input, Arc::new(NoLedger), None).unwrap();
+    assert_eq!(out.params["big"], json!(12_345_678_901_234_567_890_u64));
+    assert_eq!(out.params["nested"], json!({"a": [1, 2.5, null]}));
+    assert!(!out.params.contains_key("temperature"));
+}
