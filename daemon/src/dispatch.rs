@@ -510,6 +510,15 @@ pub fn upstream_error(
     body: Bytes,
     failure: &Failure,
 ) -> ProxyError {
+    if response.status.is_success()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+    {
+        // A success status over something that is no JSON at all: no answer reached us.
+        return ProxyError::Unreachable {
+            backend: backend.to_owned(),
+            reason: failure.message.clone(),
+        };
+    }
     let mut answer = response.into_answer(body);
     if answer.status.is_success() {
         answer = UpstreamAnswer::from_failure(failure);

@@ -248,6 +248,7 @@ async fn malformed_and_unterminated_streams() {
     let response = ask(&daemon, "fake/malformed", false).await;
     assert_eq!(response.status(), 502);
     let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_unreachable", "{body}");
     assert!(
         body["error"]["message"]
             .as_str()
