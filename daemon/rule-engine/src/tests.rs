@@ -320,7 +320,9 @@ fn parameters_a_script_leaves_alone_keep_their_exact_json() {
     input
         .params
         .insert("big".into(), json!(12_345_678_901_234_567_890_u64));
-    input.params.insert("nested".into(), json!({"a": [1, 2.5, null]}));
+    input
+        .params
+        .insert("nested".into(), json!({"a": [1, 2.5, null]}));
     let (out, _) = rules.run(input, Arc::new(NoLedger), None).unwrap();
     assert_eq!(out.params["big"], json!(12_345_678_901_234_567_890_u64));
     assert_eq!(out.params["nested"], json!({"a": [1, 2.5, null]}));
