@@ -562,6 +562,27 @@ mod tests {
         assert!(err.to_string().starts_with("rule r.rhai failed"), "{err}");
     }
 
+    #[test]
+    fn the_readme_claude_code_aliases_map_claude_codes_model_names() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("### Use Claude Code").unwrap()..];
+        let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+        let aliases = &section[start..start + section[start..].find("```").unwrap()];
+        let t = table(aliases, None);
+        for (name, expected) in [
+            ("claude-sonnet-4-5-20250929", "openrouter:anthropic/claude-sonnet-4.5"),
+            ("claude-opus-4-1-20250805", "openrouter:anthropic/claude-opus-4.1"),
+            ("claude-haiku-4-5-20251001", "openrouter:anthropic/claude-haiku-4.5"),
+            ("claude-sonnet-4-20250514", "openrouter:anthropic/claude-sonnet-4"),
+            ("claude-opus-4-20250514", "openrouter:anthropic/claude-opus-4"),
+            ("claude-3-5-haiku-20241022", "openrouter:anthropic/claude-3.5-haiku"),
+            ("claude-3-7-sonnet-20250219", "openrouter:anthropic/claude-3.7-sonnet"),
+        ] {
+            let r = route(&t, &format!(r#"{{"model":"{name}"}}"#)).unwrap();
+            assert_eq!(labels(&r), [expected], "{name}");
+        }
+    }
+
     fn labels(route: &Route) -> Vec<String> {
         route.targets.iter().map(Target::label).collect()
     }
