@@ -856,10 +856,16 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
     };
     if let Some(dir) = &rules_dir {
         match yaml_fragments(dir) {
-            Err(e) => errors.push(Diagnostic::general(
-                &dir.display().to_string(),
-                format!("cannot read the rules directory: {e}"),
-            )),
+            // Located at the `rules_dir` key when the config names the directory.
+            Err(e) => errors.push(match (&sources.rules_dir_flag, &config.rules_dir) {
+                (None, Some(key)) => {
+                    key.error(format!("cannot read the rules directory {}: {e}", dir.display()))
+                }
+                _ => Diagnostic::general(
+                    &dir.display().to_string(),
+                    format!("cannot read the rules directory: {e}"),
+                ),
+            }),
             Ok(paths) => {
                 // A main config kept inside its own rules directory is read once, as the main one.
                 let main = sources

@@ -293,6 +293,18 @@ fn a_relative_rules_dir_is_taken_from_the_config_files_directory() {
         rules_dir_flag: Some(dir.join("rules")),
     };
     assert!(load(&sources).is_ok());
+    // A rules directory that cannot be read is reported where the config names it.
+    std::fs::write(dir.join("config.yaml"), "rules_dir: nowhere\n").unwrap();
+    let sources = Sources {
+        config: Some(dir.join("config.yaml")),
+        rules_dir_flag: None,
+    };
+    let errors = load(&sources).unwrap_err();
+    let shown = errors[0].to_string();
+    assert!(
+        shown.contains("config.yaml:1:12: cannot read the rules directory"),
+        "{shown}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
