@@ -533,9 +533,12 @@ pub fn admit(
                 &target.backend,
                 &target.model,
             )
-            .ok_or_else(|| ProxyError::NoPrice {
-                budget: budget.name.clone(),
-                route: target.label(),
+            .ok_or_else(|| {
+                crate::metrics::budget_rejection(&budget.name, "reject");
+                ProxyError::NoPrice {
+                    budget: budget.name.clone(),
+                    route: target.label(),
+                }
             })?;
             let (max_tokens, choices) = answer_limits(target, body);
             worst = worst.max(pricing::worst_case(

@@ -858,9 +858,10 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
         match yaml_fragments(dir) {
             // Located at the `rules_dir` key when the config names the directory.
             Err(e) => errors.push(match (&sources.rules_dir_flag, &config.rules_dir) {
-                (None, Some(key)) => {
-                    key.error(format!("cannot read the rules directory {}: {e}", dir.display()))
-                }
+                (None, Some(key)) => key.error(format!(
+                    "cannot read the rules directory {}: {e}",
+                    dir.display()
+                )),
                 _ => Diagnostic::general(
                     &dir.display().to_string(),
                     format!("cannot read the rules directory: {e}"),

@@ -169,7 +169,10 @@ pub fn outcome_of(error: &ProxyError) -> Outcome {
         ProxyError::Timeout { .. } | ProxyError::ShuttingDown => Outcome::Timeout,
         ProxyError::Upstream { .. }
         | ProxyError::Unreachable { .. }
-        | ProxyError::Prepare { .. }
+        | ProxyError::Prepare {
+            source: orproxy_plugin::PrepareError::MissingKey,
+            ..
+        }
         | ProxyError::AllAttemptsFailed { .. }
         | ProxyError::AllRateLimited { .. } => Outcome::UpstreamError,
         ProxyError::BudgetExceeded { .. } | ProxyError::NoPrice { .. } => Outcome::BudgetExceeded,

@@ -144,7 +144,7 @@ pub fn resolve_traced(
     }
     if route.targets.len() > MAX_TARGETS {
         return Err(ProxyError::Selector(selector::SelectorError {
-            selector: route.targets[0].label(),
+            selector: format!("{}|…", route.targets[0].label()),
             reason: format!(
                 "the failover chain has {} targets, more than the {MAX_TARGETS} one request may try",
                 route.targets.len()
@@ -393,6 +393,7 @@ fn rule_fault(trace: &[Change], fields: &[&str], message: String) -> orproxy_rul
         .rev()
         .find(|c| fields.contains(&c.field))
         .map_or_else(String::new, |c| c.script.to_string());
+    crate::metrics::rule_error(&script);
     orproxy_rules::RuleFailure {
         name: script,
         line: 0,
@@ -570,13 +571,34 @@ mod tests {
         let aliases = &section[start..start + section[start..].find("```").unwrap()];
         let t = table(aliases, None);
         for (name, expected) in [
-            ("claude-sonnet-4-5-20250929", "openrouter:anthropic/claude-sonnet-4.5"),
-            ("claude-opus-4-1-20250805", "openrouter:anthropic/claude-opus-4.1"),
-            ("claude-haiku-4-5-20251001", "openrouter:anthropic/claude-haiku-4.5"),
-            ("claude-sonnet-4-20250514", "openrouter:anthropic/claude-sonnet-4"),
-            ("claude-opus-4-20250514", "openrouter:anthropic/claude-opus-4"),
-            ("claude-3-5-haiku-20241022", "openrouter:anthropic/claude-3.5-haiku"),
-            ("claude-3-7-sonnet-20250219", "openrouter:anthropic/claude-3.7-sonnet"),
+            (
+                "claude-sonnet-4-5-20250929",
+                "openrouter:anthropic/claude-sonnet-4.5",
+            ),
+            (
+                "claude-opus-4-1-20250805",
+                "openrouter:anthropic/claude-opus-4.1",
+            ),
+            (
+                "claude-haiku-4-5-20251001",
+                "openrouter:anthropic/claude-haiku-4.5",
+            ),
+            (
+                "claude-sonnet-4-20250514",
+                "openrouter:anthropic/claude-sonnet-4",
+            ),
+            (
+                "claude-opus-4-20250514",
+                "openrouter:anthropic/claude-opus-4",
+            ),
+            (
+                "claude-3-5-haiku-20241022",
+                "openrouter:anthropic/claude-3.5-haiku",
+            ),
+            (
+                "claude-3-7-sonnet-20250219",
+                "openrouter:anthropic/claude-3.7-sonnet",
+            ),
         ] {
             let r = route(&t, &format!(r#"{{"model":"{name}"}}"#)).unwrap();
             assert_eq!(labels(&r), [expected], "{name}");
