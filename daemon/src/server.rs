@@ -15,12 +15,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
+use tower::ServiceExt;
 
 use crate::admin;
 use crate::app::App;
@@ -123,6 +130,55 @@ async fn timer_heartbeat() {
     }
 }
 
+/// How long a client may take to send a request's head. Without it, a client that opens
+/// connections and sends headers a byte at a time holds each one, and a descriptor, forever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts client API connections until the drain starts, then waits for the open ones to
+/// finish their requests (hyper closes idle keep-alive connections at once).
+async fn serve_api(
+    listener: TcpListener,
+    router: Router,
+    mut drain: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (mut tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors or a connection reset before it was taken: the
+                    // listener itself is fine. A pause lets descriptors free up.
+                    tracing::warn!(message = "Cannot accept a connection.", %error);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.wait_for(|stop| *stop) => break,
+        };
+        nodelay(&mut tcp);
+        // Rules and the ledger see the client's address.
+        let service = router
+            .clone()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(service))
+            .into_owned();
+        tokio::spawn(graceful.watch(connection));
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 /// Starts one worker thread per listener; each reports when its server has drained.
 fn start_workers(
     app: &Arc<App>,
@@ -144,12 +200,7 @@ fn start_workers(
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
                             tokio::spawn(timer_heartbeat());
-                            // Rules see the client's address.
-                            let service =
-                                api_router(app).into_make_service_with_connect_info::<SocketAddr>();
-                            axum::serve(listener.tap_io(nodelay), service)
-                                .with_graceful_shutdown(drained(drain))
-                                .await
+                            serve_api(listener, api_router(app), drain).await
                         })
                     });
                 let _ = tx.send(result);
