@@ -17,7 +17,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -134,12 +133,12 @@ async fn timer_heartbeat() {
 /// connections and sends headers a byte at a time holds each one, and a descriptor, forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts client API connections until the drain starts, then waits for the open ones to
-/// finish their requests (hyper closes idle keep-alive connections at once).
-async fn serve_api(
+/// Accepts connections (client API or admin) until the drain starts, then waits for the open
+/// ones to finish their requests (hyper closes idle keep-alive connections at once).
+async fn serve_connections(
     listener: TcpListener,
     router: Router,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -147,6 +146,7 @@ async fn serve_api(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
+    let mut draining = std::pin::pin!(drained(drain));
     loop {
         let (mut tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -159,7 +159,7 @@ async fn serve_api(
                     continue;
                 }
             },
-            _ = drain.wait_for(|stop| *stop) => break,
+            () = &mut draining => break,
         };
         nodelay(&mut tcp);
         // Rules and the ledger see the client's address.
@@ -200,7 +200,7 @@ fn start_workers(
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
                             tokio::spawn(timer_heartbeat());
-                            serve_api(listener, api_router(app), drain).await
+                            serve_connections(listener, api_router(app), drain).await
                         })
                     });
                 let _ = tx.send(result);
@@ -222,12 +222,11 @@ pub async fn serve(
     let mut signals = Signals::new()?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let workers = start_workers(&app, api, &drain_rx)?;
-    let admin_server = axum::serve(
-        admin_listener.tap_io(nodelay),
+    let admin_task = tokio::spawn(serve_connections(
+        admin_listener,
         admin::router(Arc::clone(&app)),
-    )
-    .with_graceful_shutdown(drained(drain_rx));
-    let admin_task = tokio::spawn(async move { admin_server.await });
+        drain_rx,
+    ));
     let mut all = tokio::spawn(async move {
         let results = futures_util::future::join_all(workers).await;
         let admin = admin_task.await.map_err(io::Error::other).and_then(|r| r);
