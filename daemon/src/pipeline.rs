@@ -126,9 +126,7 @@ async fn answer_or_stop(
         _ = hard_stop.wait_for(|stop| *stop) => None,
     };
     answered.unwrap_or_else(|| {
-        if let Some(route) = record.route.clone() {
-            record.attempt(&route, "shutdown");
-        }
+        record.close_attempt("shutdown");
         Err(ProxyError::ShuttingDown)
     })
 }

@@ -160,6 +160,15 @@ impl Record {
         }
     }
 
+    /// Notes `result` for the attempt in flight, if one is (a request abandoned midway).
+    pub fn close_attempt(&mut self, result: &str) {
+        if self.attempt_open
+            && let Some(route) = self.route.clone()
+        {
+            self.attempt(&route, result);
+        }
+    }
+
     /// Notes an attempt's result.
     pub fn attempt(&mut self, route: &str, result: impl Into<String>) {
         self.attempt_open = false;
@@ -346,11 +355,7 @@ impl Drop for Record {
         if !self.finished {
             // Dropped mid-flight: the client went away and hyper cancelled the request.
             self.outcome = Outcome::ClientDisconnected;
-            if self.attempt_open
-                && let Some(route) = self.route.clone()
-            {
-                self.attempt(&route, "client_disconnected");
-            }
+            self.close_attempt("client_disconnected");
             if self.status == 0 {
                 self.status = 499;
             }

@@ -148,26 +148,20 @@ pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildE
         }
         Ok(())
     };
+    let bad = |_: http::uri::InvalidUri| {
+        BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
+    };
     Ok(match kind {
         openrouter::KIND => {
             mock_only(openrouter::KIND)?;
-            let bad = |_| {
-                BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
-            };
             Arc::new(openrouter::OpenRouter::new(settings.base_url.clone()).map_err(bad)?)
         }
         openai::KIND => {
             mock_only(openai::KIND)?;
-            let bad = |_| {
-                BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
-            };
             Arc::new(openai::OpenAi::new(settings.base_url.clone()).map_err(bad)?)
         }
         anthropic::KIND => {
             mock_only(anthropic::KIND)?;
-            let bad = |_| {
-                BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
-            };
             Arc::new(anthropic::Anthropic::new(settings.base_url.clone()).map_err(bad)?)
         }
         mock::KIND => {
