@@ -5,7 +5,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
@@ -31,7 +33,74 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 
 /// The Prometheus text exposition.
 pub fn render() -> String {
-    install().map(PrometheusHandle::render).unwrap_or_default()
+    let mut text = install().map(PrometheusHandle::render).unwrap_or_default();
+    render_costs(&mut text);
+    text
+}
+
+/// One series of `orproxy_cost_usd_total`: nano-dollars spent on a backend and model.
+struct CostSeries {
+    backend: Box<str>,
+    model: Box<str>,
+    nanos: Arc<AtomicU64>,
+}
+
+/// `orproxy_cost_usd_total`. The `metrics` facade's counters are integers, so this counter
+/// is kept here and rendered beside the recorder's output: a counter (not a gauge), exact.
+static COSTS: Mutex<Vec<CostSeries>> = Mutex::new(Vec::new());
+
+/// The cost counter of one backend and model, made on first use.
+fn cost_counter(backend: &str, model: &str) -> Arc<AtomicU64> {
+    let mut costs = COSTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(series) = costs
+        .iter()
+        .find(|s| &*s.backend == backend && &*s.model == model)
+    {
+        return Arc::clone(&series.nanos);
+    }
+    let nanos = Arc::new(AtomicU64::new(0));
+    costs.push(CostSeries {
+        backend: backend.into(),
+        model: model.into(),
+        nanos: Arc::clone(&nanos),
+    });
+    nanos
+}
+
+fn render_costs(text: &mut String) {
+    let costs = COSTS.lock().unwrap_or_else(|p| p.into_inner());
+    if costs.is_empty() {
+        return;
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# TYPE orproxy_cost_usd_total counter\n");
+    for series in costs.iter() {
+        let nanos = series.nanos.load(Ordering::Relaxed);
+        let _ = writeln!(
+            text,
+            "orproxy_cost_usd_total{{backend=\"{}\",model=\"{}\"}} {}.{:09}",
+            label_value(&series.backend),
+            label_value(&series.model),
+            nanos / 1_000_000_000,
+            nanos % 1_000_000_000
+        );
+    }
+}
+
+/// A label value escaped as the text exposition format wants it.
+fn label_value(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 /// Handles of the metrics every request touches. The recorder's registry is a map from a
@@ -48,7 +117,7 @@ struct Handles {
     /// `orproxy_requests_total` by backend, model and status.
     requests: ByRoute<HashMap<u16, Counter>>,
     /// `orproxy_cost_usd_total` by backend and model.
-    cost: ByRoute<Gauge>,
+    cost: ByRoute<Arc<AtomicU64>>,
 }
 
 impl Handles {
@@ -136,13 +205,8 @@ pub fn usage(backend: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_n
         h.tokens_in.increment(tokens_in);
         h.tokens_out.increment(tokens_out);
         if cost_nanos > 0 {
-            // The `metrics` facade's counters are integers; a gauge that only grows carries
-            // the fractional USD (exact sums are in the ledger).
-            by_route(&mut h.cost, backend, model, || {
-                let labels = [("backend", backend.to_owned()), ("model", model.to_owned())];
-                gauge!("orproxy_cost_usd_total", &labels)
-            })
-            .increment(cost_nanos as f64 / 1e9);
+            by_route(&mut h.cost, backend, model, || cost_counter(backend, model))
+                .fetch_add(cost_nanos.unsigned_abs(), Ordering::Relaxed);
         }
     });
 }
@@ -218,5 +282,30 @@ impl Inflight {
 impl Drop for Inflight {
     fn drop(&mut self) {
         with_handles(|h| h.inflight.decrement(1.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_is_an_exact_counter_with_escaped_labels() {
+        usage("cost-test", "odd\"model\\", 1, 1, 1_500_000_001);
+        usage("cost-test", "odd\"model\\", 1, 1, 1_500_000_001);
+        usage("cost-test", "free", 1, 1, 0);
+        let mut text = String::from("orproxy_other 1");
+        render_costs(&mut text);
+        assert!(
+            text.contains("\n# TYPE orproxy_cost_usd_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "orproxy_cost_usd_total{backend=\"cost-test\",model=\"odd\\\"model\\\\\"} 3.000000002\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("model=\"free\""), "{text}");
     }
 }

@@ -129,24 +129,27 @@ async fn timer_heartbeat() {
     }
 }
 
-/// How long a client may take to send a request's head. Without it, a client that opens
-/// connections and sends headers a byte at a time holds each one, and a descriptor, forever.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Accepts connections (client API or admin) until the drain starts, then waits for the open
 /// ones to finish their requests (hyper closes idle keep-alive connections at once).
+///
+/// `limits.header_timeout` of the table serving at each accept bounds how long a connection
+/// may take to send a request's head, and how long it may stay idle between requests: without
+/// it, a client that opens connections and sends nothing, or a byte at a time, holds each one,
+/// and a descriptor, forever.
 async fn serve_connections(
     listener: TcpListener,
     router: Router,
+    app: Arc<App>,
     drain: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut header_timeout = app.table.load().limits.header_timeout;
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
-    let mut draining = std::pin::pin!(drained(drain));
+    let mut draining = std::pin::pin!(drained(drain.clone()));
     loop {
         let (mut tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -162,6 +165,11 @@ async fn serve_connections(
             () = &mut draining => break,
         };
         nodelay(&mut tcp);
+        let configured = app.table.load().limits.header_timeout;
+        if configured != header_timeout {
+            header_timeout = configured;
+            builder.http1().header_read_timeout(header_timeout);
+        }
         // Rules and the ledger see the client's address.
         let service = router
             .clone()
@@ -169,14 +177,52 @@ async fn serve_connections(
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(service))
-            .into_owned();
-        tokio::spawn(graceful.watch(connection));
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            if !protocol_known(&tcp, header_timeout, drain).await {
+                return;
+            }
+            let connection = builder.serve_connection_with_upgrades(
+                TokioIo::new(tcp),
+                TowerToHyperService::new(service),
+            );
+            let _ = watcher.watch(connection).await;
+        });
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Waits until a new connection has sent enough for its protocol to be known (HTTP/1.1, or
+/// the HTTP/2 preface). hyper-util reads these bytes before hyper's header timer starts, so
+/// without this wait a client sending nothing, or part of the preface, is never timed out.
+/// False when the client took longer than `timeout`, went away, or the server is draining.
+async fn protocol_known(
+    tcp: &tokio::net::TcpStream,
+    timeout: Duration,
+    drain: watch::Receiver<bool>,
+) -> bool {
+    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    /// Between two looks at a connection that sent a part of the preface and nothing since
+    /// (a socket with unread bytes is always readable, so waiting on readiness would spin).
+    const PREFACE_POLL: Duration = Duration::from_millis(10);
+    let known = async {
+        let mut first = [0u8; H2_PREFACE.len()];
+        loop {
+            match tcp.peek(&mut first).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) if n == first.len() || first[..n] != H2_PREFACE[..n] => return true,
+                Ok(_) => tokio::time::sleep(PREFACE_POLL).await,
+            }
+        }
+    };
+    tokio::select! {
+        known = tokio::time::timeout(timeout, known) => known.unwrap_or(false),
+        () = drained(drain) => false,
+    }
 }
 
 /// Starts one worker thread per listener; each reports when its server has drained.
@@ -200,7 +246,8 @@ fn start_workers(
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
                             tokio::spawn(timer_heartbeat());
-                            serve_connections(listener, api_router(app), drain).await
+                            serve_connections(listener, api_router(Arc::clone(&app)), app, drain)
+                                .await
                         })
                     });
                 let _ = tx.send(result);
@@ -225,6 +272,7 @@ pub async fn serve(
     let admin_task = tokio::spawn(serve_connections(
         admin_listener,
         admin::router(Arc::clone(&app)),
+        Arc::clone(&app),
         drain_rx,
     ));
     let mut all = tokio::spawn(async move {

@@ -133,9 +133,25 @@ async fn metrics_count_requests() {
         text.contains("orproxy_tokens_total{direction=\"out\"}"),
         "{text}"
     );
+    // The cost is a counter in exact decimal USD: the ledger's total for the same requests.
+    let usage: Value = http
+        .get(daemon.admin_url("/admin/usage"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cost = usage["total"]["cost_usd"].as_str().unwrap();
     assert!(
-        text.contains("orproxy_cost_usd_total{backend=\"mock\",model=\"other\"}"),
+        text.contains("# TYPE orproxy_cost_usd_total counter\n"),
         "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "orproxy_cost_usd_total{{backend=\"mock\",model=\"other\"}} {cost}\n"
+        )),
+        "{cost} {text}"
     );
     assert!(text.contains("orproxy_inflight_requests 0"), "{text}");
 }

@@ -278,3 +278,86 @@ async fn a_connect_timeout_is_its_own_error() {
     );
     drop(listener);
 }
+
+/// Reads from `socket` until the daemon closes it; how long that took.
+fn closed_after(mut socket: std::net::TcpStream) -> std::time::Duration {
+    use std::io::Read;
+    // Far longer than the configured timeout: a socket still open then fails the test.
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match socket.read(&mut buf) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return started.elapsed(),
+            Err(e) => panic!("still open after {:?}: {e}", started.elapsed()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn clients_that_send_nothing_or_a_partial_head_are_disconnected_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let daemon = Daemon::start(Options::config(
+        "limits:\n  header_timeout: 500ms\n".to_owned(),
+    ));
+    let timeout = std::time::Duration::from_millis(500);
+    let cases: [(&str, std::net::SocketAddr, &[u8]); 5] = [
+        ("nothing", daemon.addr, b""),
+        // The start of the HTTP/2 preface: the protocol is not known yet.
+        ("a preface's start", daemon.addr, b"PRI * HT"),
+        (
+            "half a head",
+            daemon.addr,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+        ),
+        ("nothing, admin", daemon.admin, b""),
+        (
+            "half a head, admin",
+            daemon.admin,
+            b"GET /healthz HTTP/1.1\r\n",
+        ),
+    ];
+    let waits: Vec<_> = cases
+        .iter()
+        .map(|&(what, addr, sent)| {
+            let mut socket = TcpStream::connect(addr).unwrap();
+            socket.write_all(sent).unwrap();
+            std::thread::spawn(move || (what, closed_after(socket)))
+        })
+        .collect();
+    for wait in waits {
+        let (what, after) = wait.join().unwrap();
+        assert!(
+            after >= timeout - std::time::Duration::from_millis(100),
+            "{what}: {after:?}"
+        );
+    }
+
+    // A request sent at once is served; the connection then closes once idle for as long.
+    let mut socket = TcpStream::connect(daemon.addr).unwrap();
+    let body = r#"{"model":"mock","messages":[{"role":"user","content":"hi"}]}"#;
+    write!(
+        socket,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    socket.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    closed_after(socket);
+
+    // The daemon still serves new connections.
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("mock", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -86,3 +86,25 @@ async fn a_plain_request_still_running_after_the_grace_gets_an_answer_and_its_re
     );
     assert!(daemon.wait_exit().success());
 }
+
+#[tokio::test]
+async fn connections_that_never_sent_a_request_do_not_hold_up_the_drain() {
+    let mut daemon = crate::harness::Daemon::start(crate::harness::Options::config(
+        "limits:\n  header_timeout: 60s\n  shutdown_grace: 20s\n".to_owned(),
+    ));
+    let silent = std::net::TcpStream::connect(daemon.addr).unwrap();
+    let silent_admin = std::net::TcpStream::connect(daemon.admin).unwrap();
+    // Served once both are open: the accept loops have taken them.
+    let models = client().get(daemon.url("/v1/models")).send().await.unwrap();
+    assert_eq!(models.status(), 200);
+    let started = std::time::Instant::now();
+    daemon.terminate();
+    assert!(daemon.wait_exit().success());
+    // Waiting on them would have taken the whole grace (20 s).
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop((silent, silent_admin));
+}
