@@ -481,9 +481,9 @@ pub struct LimitsConfig {
     pub commit_after: Option<Dur>,
     /// How long SIGTERM waits for in-flight requests.
     pub shutdown_grace: Option<Dur>,
-    /// How long a client connection may take to send a request's head, and may stay idle
-    /// between two requests.
-    pub header_timeout: Option<Dur>,
+    /// How long a client may stay silent: before its request's head is complete, between two
+    /// parts of its request body, and idle between two requests.
+    pub client_timeout: Option<Dur>,
 }
 
 /// A duration: `250ms`, `10s`, `1.5s`, `2m`, `1h`, or a number of seconds.

@@ -103,6 +103,15 @@ pub enum ProxyError {
     /// 400: the body could not be read from the client.
     #[error("could not read the request body: {0}")]
     ClientBody(String),
+    /// 408: the client stopped sending its body.
+    #[error(
+        "the client sent nothing of the request body for {} (limits.client_timeout)",
+        fmt_duration(*limit)
+    )]
+    ClientTimeout {
+        /// The limit.
+        limit: Duration,
+    },
     /// 404.
     #[error("unknown backend `{name}`; known backends: {known}")]
     UnknownBackend {
@@ -216,6 +225,7 @@ impl ProxyError {
             | ProxyError::Selector(_)
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownBackend { .. } => StatusCode::NOT_FOUND,
             // The backend cannot express this request (a client matter); a missing key is ours.
             ProxyError::Prepare {
@@ -250,6 +260,7 @@ impl ProxyError {
             ProxyError::Selector(_) => "invalid_model",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "invalid_body",
+            ProxyError::ClientTimeout { .. } => "client_timeout",
             ProxyError::UnknownBackend { .. } => "unknown_backend",
             ProxyError::Prepare {
                 source: PrepareError::MissingKey,

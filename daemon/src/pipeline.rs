@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use orproxy_plugin::JsonObject;
@@ -35,7 +35,7 @@ use crate::front::{self, Api};
 use crate::record::Record;
 use crate::relay;
 use crate::route;
-use crate::table::RoutingTable;
+use crate::table::{Limits, RoutingTable};
 
 /// orproxy's id of the request, on every response.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-orproxy-request-id");
@@ -144,7 +144,7 @@ async fn admit(
 ) -> Result<Exchange, ProxyError> {
     record.key = table.auth.authenticate(&headers)?.map(str::to_owned);
     record.client_ip = Some(peer.ip());
-    let bytes = read_body(body, table.limits.max_body_bytes).await?;
+    let bytes = read_body(body, &table.limits).await?;
     let body = JsonObject::parse(&bytes)?;
     let (body, messages) = match api {
         Api::Chat => (body, None),
@@ -203,13 +203,43 @@ pub fn compact_trace(trace: &[orproxy_rules::Change]) -> Option<String> {
     Some(out)
 }
 
-/// Reads the request body, refusing more than `limit` bytes (before buffering them).
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(e) => Err(ProxyError::ClientBody(e.to_string())),
+/// Reads the request body, refusing more than `limits.max_body_bytes` (before buffering them)
+/// and a client silent for `limits.client_timeout` between two parts of it (hyper's timer
+/// covers the head only: a client stopping mid-body would hold its connection forever).
+pub(crate) async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, ProxyError> {
+    let limit = limits.max_body_bytes;
+    let mut body = Limited::new(body, limit);
+    let mut first: Option<Bytes> = None;
+    let mut more = BytesMut::new();
+    loop {
+        // A body already received is ready at once, and the timer is then never armed.
+        let frame = tokio::time::timeout(limits.client_timeout, body.frame())
+            .await
+            .map_err(|_| ProxyError::ClientTimeout {
+                limit: limits.client_timeout,
+            })?;
+        let data = match frame {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Some(Err(e)) if e.is::<LengthLimitError>() => {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            Some(Err(e)) => return Err(ProxyError::ClientBody(e.to_string())),
+        };
+        // Most bodies come in one piece: kept as it came, not copied.
+        if first.is_none() && more.is_empty() {
+            first = Some(data);
+        } else {
+            if let Some(first) = first.take() {
+                more.extend_from_slice(&first);
+            }
+            more.extend_from_slice(&data);
+        }
     }
+    Ok(first.unwrap_or_else(|| more.freeze()))
 }
 
 /// Sets `x-orproxy-route` to the route decided, if any.
@@ -230,4 +260,44 @@ pub fn stamp(mut response: Response, request_id: Option<HeaderValue>) -> Respons
         headers.insert(ROUTE_HEADER, HeaderValue::from_static("none"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt as _;
+
+    fn limits(max_body_bytes: usize) -> Limits {
+        Limits {
+            max_body_bytes,
+            ..Limits::default()
+        }
+    }
+
+    fn body_of(parts: &[&'static str]) -> Body {
+        let parts: Vec<Result<Bytes, std::io::Error>> = parts
+            .iter()
+            .map(|p| Ok(Bytes::from_static(p.as_bytes())))
+            .collect();
+        Body::from_stream(futures_util::stream::iter(parts))
+    }
+
+    #[tokio::test]
+    async fn a_body_in_parts_is_read_whole_and_its_size_checked() {
+        let read = read_body(body_of(&["{\"a\":", "1", "}"]), &limits(100)).await;
+        assert_eq!(read.unwrap(), Bytes::from_static(b"{\"a\":1}"));
+        let read = read_body(body_of(&["{}"]), &limits(100)).await;
+        assert_eq!(read.unwrap(), Bytes::from_static(b"{}"));
+        assert_eq!(read_body(body_of(&[]), &limits(100)).await.unwrap(), "");
+        let read = read_body(body_of(&["0123456789", "0123456789"]), &limits(15)).await;
+        assert!(matches!(read, Err(ProxyError::BodyTooLarge { limit: 15 })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_coming_times_out() {
+        let parts = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{"))])
+            .chain(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
+        let read = read_body(Body::from_stream(parts), &limits(100)).await;
+        assert!(matches!(read, Err(ProxyError::ClientTimeout { .. })));
+    }
 }

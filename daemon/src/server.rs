@@ -132,7 +132,7 @@ async fn timer_heartbeat() {
 /// Accepts connections (client API or admin) until the drain starts, then waits for the open
 /// ones to finish their requests (hyper closes idle keep-alive connections at once).
 ///
-/// `limits.header_timeout` of the table serving at each accept bounds how long a connection
+/// `limits.client_timeout` of the table serving at each accept bounds how long a connection
 /// may take to send a request's head, and how long it may stay idle between requests: without
 /// it, a client that opens connections and sends nothing, or a byte at a time, holds each one,
 /// and a descriptor, forever.
@@ -143,11 +143,11 @@ async fn serve_connections(
     drain: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    let mut header_timeout = app.table.load().limits.header_timeout;
+    let mut client_timeout = app.table.load().limits.client_timeout;
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(client_timeout);
     let graceful = GracefulShutdown::new();
     let mut draining = std::pin::pin!(drained(drain.clone()));
     loop {
@@ -165,10 +165,10 @@ async fn serve_connections(
             () = &mut draining => break,
         };
         nodelay(&mut tcp);
-        let configured = app.table.load().limits.header_timeout;
-        if configured != header_timeout {
-            header_timeout = configured;
-            builder.http1().header_read_timeout(header_timeout);
+        let configured = app.table.load().limits.client_timeout;
+        if configured != client_timeout {
+            client_timeout = configured;
+            builder.http1().header_read_timeout(client_timeout);
         }
         // Rules and the ledger see the client's address.
         let service = router
@@ -181,7 +181,7 @@ async fn serve_connections(
         let watcher = graceful.watcher();
         let drain = drain.clone();
         tokio::spawn(async move {
-            if !protocol_known(&tcp, header_timeout, drain).await {
+            if !protocol_known(&tcp, client_timeout, drain).await {
                 return;
             }
             let connection = builder.serve_connection_with_upgrades(

@@ -388,8 +388,9 @@ pub struct Limits {
     pub commit_after: Duration,
     /// SIGTERM drain.
     pub shutdown_grace: Duration,
-    /// A client's request head, and the idle time between its requests.
-    pub header_timeout: Duration,
+    /// A client's silence: before its request's head is complete, within its body, between
+    /// its requests.
+    pub client_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -403,7 +404,7 @@ impl Default for Limits {
             total_timeout: Duration::from_secs(600),
             commit_after: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
-            header_timeout: Duration::from_secs(30),
+            client_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -850,10 +851,10 @@ impl RoutingTable {
 
         let limits = build_limits(config.limits.as_ref());
         if let Some(l) = &config.limits
-            && limits.header_timeout.is_zero()
+            && limits.client_timeout.is_zero()
         {
             // hyper would close every connection before its first request.
-            errors.push(l.error("limits.header_timeout: must be more than 0"));
+            errors.push(l.error("limits.client_timeout: must be more than 0"));
         }
         let pricing = crate::pricing::build_rules(config.pricing.as_ref(), &mut errors);
         let budgets = crate::budget::build_rules(config.budgets.as_ref(), &mut errors);
@@ -1106,7 +1107,7 @@ fn build_limits(limits: Option<&Sourced<crate::config::LimitsConfig>>) -> Limits
         total_timeout: dur(l.total_timeout, d.total_timeout),
         commit_after: dur(l.commit_after, d.commit_after),
         shutdown_grace: dur(l.shutdown_grace, d.shutdown_grace),
-        header_timeout: dur(l.header_timeout, d.header_timeout),
+        client_timeout: dur(l.client_timeout, d.client_timeout),
     }
 }
 

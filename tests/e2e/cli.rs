@@ -199,8 +199,8 @@ fn a_key_that_cannot_be_sent_in_a_header_is_refused_at_load() {
 }
 
 #[test]
-fn a_zero_header_timeout_is_refused_at_its_place() {
-    let config = temp_file("limits:\n  header_timeout: 0s\n", ".yaml");
+fn a_zero_client_timeout_is_refused_at_its_place() {
+    let config = temp_file("limits:\n  client_timeout: 0s\n", ".yaml");
     let output = command()
         .arg("check")
         .arg("--config")
@@ -211,7 +211,7 @@ fn a_zero_header_timeout_is_refused_at_its_place() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(&format!(
-            "{}:2:3: limits.header_timeout: must be more than 0",
+            "{}:2:3: limits.client_timeout: must be more than 0",
             config.display()
         )),
         "{stderr}"

@@ -299,11 +299,11 @@ fn closed_after(mut socket: std::net::TcpStream) -> std::time::Duration {
 }
 
 #[tokio::test]
-async fn clients_that_send_nothing_or_a_partial_head_are_disconnected_after_the_header_timeout() {
+async fn clients_silent_before_or_within_a_request_are_cut_off_after_the_client_timeout() {
     use std::io::{Read, Write};
     use std::net::TcpStream;
     let daemon = Daemon::start(Options::config(
-        "limits:\n  header_timeout: 500ms\n".to_owned(),
+        "limits:\n  client_timeout: 500ms\n".to_owned(),
     ));
     let timeout = std::time::Duration::from_millis(500);
     let cases: [(&str, std::net::SocketAddr, &[u8]); 5] = [
@@ -351,6 +351,24 @@ async fn clients_that_send_nothing_or_a_partial_head_are_disconnected_after_the_
     socket.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
     closed_after(socket);
+
+    // A client that stops in the middle of its body gets a 408 naming the limit.
+    let mut socket = TcpStream::connect(daemon.addr).unwrap();
+    socket
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        .unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let started = std::time::Instant::now();
+    let _ = socket.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(started.elapsed() >= timeout - std::time::Duration::from_millis(100));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("x-orproxy-request-id"), "{answer}");
+    assert!(answer.contains("\"code\":\"client_timeout\""), "{answer}");
+    assert!(answer.contains("limits.client_timeout"), "{answer}");
 
     // The daemon still serves new connections.
     let response = client()

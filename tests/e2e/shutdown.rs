@@ -90,7 +90,7 @@ async fn a_plain_request_still_running_after_the_grace_gets_an_answer_and_its_re
 #[tokio::test]
 async fn connections_that_never_sent_a_request_do_not_hold_up_the_drain() {
     let mut daemon = crate::harness::Daemon::start(crate::harness::Options::config(
-        "limits:\n  header_timeout: 60s\n  shutdown_grace: 20s\n".to_owned(),
+        "limits:\n  client_timeout: 60s\n  shutdown_grace: 20s\n".to_owned(),
     ));
     let silent = std::net::TcpStream::connect(daemon.addr).unwrap();
     let silent_admin = std::net::TcpStream::connect(daemon.admin).unwrap();
