@@ -482,7 +482,7 @@ pub struct LimitsConfig {
     /// How long SIGTERM waits for in-flight requests.
     pub shutdown_grace: Option<Dur>,
     /// How long a client may stay silent: before its request's head is complete, between two
-    /// parts of its request body, and idle between two requests.
+    /// parts of its request body, not reading its answer, and idle between two requests.
     pub client_timeout: Option<Dur>,
 }
 

@@ -53,6 +53,7 @@ pub mod ruletest;
 pub mod selector;
 pub mod server;
 pub mod service;
+pub mod stall;
 pub mod table;
 pub mod upstream;
 pub mod watch;

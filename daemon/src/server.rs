@@ -34,6 +34,7 @@ use crate::front;
 use crate::models;
 use crate::pipeline;
 use crate::service;
+use crate::stall::WriteStall;
 
 /// How long open streams get to write their final error event after the grace ran out.
 const LAST_WORDS: Duration = Duration::from_secs(2);
@@ -133,9 +134,10 @@ async fn timer_heartbeat() {
 /// ones to finish their requests (hyper closes idle keep-alive connections at once).
 ///
 /// `limits.client_timeout` of the table serving at each accept bounds how long a connection
-/// may take to send a request's head, and how long it may stay idle between requests: without
-/// it, a client that opens connections and sends nothing, or a byte at a time, holds each one,
-/// and a descriptor, forever.
+/// may take to send a request's head, how long it may stay idle between requests, and how
+/// long a write to it may stay blocked ([`WriteStall`]): without it, a client that opens
+/// connections and sends nothing, or a byte at a time, or stops reading, holds each one, and a
+/// descriptor, forever.
 async fn serve_connections(
     listener: TcpListener,
     router: Router,
@@ -185,7 +187,7 @@ async fn serve_connections(
                 return;
             }
             let connection = builder.serve_connection_with_upgrades(
-                TokioIo::new(tcp),
+                TokioIo::new(WriteStall::new(tcp, client_timeout)),
                 TowerToHyperService::new(service),
             );
             let _ = watcher.watch(connection).await;

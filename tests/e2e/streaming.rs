@@ -332,3 +332,39 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "limits:\n  client_timeout: 500ms\n");
+    // A small receive buffer (the kernel would otherwise grow it to hold the whole stream).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut socket = socket.connect(daemon.addr).await.unwrap();
+    // About 25 MB of events: far more than the socket buffers hold.
+    let body = serde_json::to_string(&chat("fake/events-100000", "x", true)).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all((head + &body).as_bytes()).await.unwrap();
+    let mut status = [0u8; 12];
+    socket.read_exact(&mut status).await.unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
+    // The client reads no more: the relay gives up (dropping the upstream request) and the
+    // row says why. (The fake may well have written its whole answer into the kernel's
+    // buffers by then, so its side of the disconnect is not a reliable sign.) Waited for
+    // without blocking: the fake upstream runs on this test's runtime.
+    wait_until(|| {
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains("\"outcome\":\"client_disconnected\""))
+    })
+    .await;
+    let log = daemon
+        .wait_log(|v| v["message"] == "Request finished." && v["outcome"] == "client_disconnected");
+    assert_eq!(log["status"], 200, "{log}");
+    drop(socket);
+}
