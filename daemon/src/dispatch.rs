@@ -178,6 +178,7 @@ pub fn outcome_of(error: &ProxyError) -> Outcome {
         | ProxyError::AllAttemptsFailed { .. }
         | ProxyError::AllRateLimited { .. } => Outcome::UpstreamError,
         ProxyError::BudgetExceeded { .. } | ProxyError::NoPrice { .. } => Outcome::BudgetExceeded,
+        ProxyError::ClientLeft => Outcome::ClientDisconnected,
         _ => Outcome::Rejected,
     }
 }

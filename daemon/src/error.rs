@@ -103,6 +103,9 @@ pub enum ProxyError {
     /// 400: the body could not be read from the client.
     #[error("could not read the request body: {0}")]
     ClientBody(String),
+    /// 499 (nginx's "client closed request"): the client left while sending its body.
+    #[error("the client closed the connection before its request body was complete")]
+    ClientLeft,
     /// 408: the client stopped sending its body.
     #[error(
         "the client sent nothing of the request body for {} (limits.client_timeout)",
@@ -226,6 +229,7 @@ impl ProxyError {
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientLeft => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             ProxyError::UnknownBackend { .. } => StatusCode::NOT_FOUND,
             // The backend cannot express this request (a client matter); a missing key is ours.
             ProxyError::Prepare {
@@ -261,6 +265,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "invalid_body",
             ProxyError::ClientTimeout { .. } => "client_timeout",
+            ProxyError::ClientLeft => "client_disconnected",
             ProxyError::UnknownBackend { .. } => "unknown_backend",
             ProxyError::Prepare {
                 source: PrepareError::MissingKey,

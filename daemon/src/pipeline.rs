@@ -227,6 +227,7 @@ pub(crate) async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, Prox
             Some(Err(e)) if e.is::<LengthLimitError>() => {
                 return Err(ProxyError::BodyTooLarge { limit });
             }
+            Some(Err(e)) if client_left(&*e) => return Err(ProxyError::ClientLeft),
             Some(Err(e)) => return Err(ProxyError::ClientBody(e.to_string())),
         };
         // Most bodies come in one piece: kept as it came, not copied.
@@ -240,6 +241,30 @@ pub(crate) async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, Prox
         }
     }
     Ok(first.unwrap_or_else(|| more.freeze()))
+}
+
+/// Whether a body read failed because the client closed or reset its connection (rather than
+/// sending something hyper could not decode).
+fn client_left(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<hyper::Error>()
+            && e.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Sets `x-orproxy-route` to the route decided, if any.

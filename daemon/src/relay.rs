@@ -9,8 +9,9 @@
 //! The relay runs in its own task; the client's body is the receiving end of a channel, so a
 //! client that goes away closes the channel and the task drops the upstream request.
 
-use std::convert::Infallible;
+use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -53,7 +54,9 @@ pub async fn stream(
     let (commit_tx, commit_rx) = oneshot::channel();
     let (events_tx, mut events_rx) = mpsc::channel::<Bytes>(CHANNEL_DEPTH);
     let hard_stop = app.hard_stop.clone();
+    let aborted = Arc::new(AtomicBool::new(false));
     let relay = Relay {
+        aborted: Arc::clone(&aborted),
         app,
         table,
         exchange,
@@ -70,9 +73,15 @@ pub async fn stream(
         Ok(Commit::Response(response)) => response,
         Ok(Commit::Stream { route }) => {
             let body = futures_util::stream::poll_fn(move |cx| {
-                events_rx
-                    .poll_recv(cx)
-                    .map(|next| next.map(|bytes| Ok::<_, Infallible>(Frame::data(bytes))))
+                events_rx.poll_recv(cx).map(|next| match next {
+                    Some(bytes) => Some(Ok(Frame::data(bytes))),
+                    // An error makes hyper cut the connection instead of ending the body.
+                    None if aborted.load(Ordering::Relaxed) => Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped reading",
+                    ))),
+                    None => None,
+                })
             });
             let mut response = Response::new(Body::new(http_body_util::StreamBody::new(body)));
             let headers = response.headers_mut();
@@ -104,6 +113,9 @@ enum Stop {
     ClientGone,
     /// The daemon's `limits.shutdown_grace` ran out.
     Shutdown,
+    /// The client stopped reading: the channel to it stayed full for `limits.client_timeout`,
+    /// or until the request's `limits.total_timeout`.
+    ClientStalled,
 }
 
 /// How one attempt ended.
@@ -134,6 +146,8 @@ struct Relay {
     /// For a Messages client on a backend answering in the pipeline's format: the attempt's
     /// events translated back.
     translator: Option<StreamOut>,
+    /// Set when the client's stream must end with its connection cut, not a clean end.
+    aborted: Arc<AtomicBool>,
 }
 
 /// What interrupted [`Relay::wait`].
@@ -245,6 +259,18 @@ impl Relay {
                 let status = if self.commit.is_none() { 200 } else { 499 };
                 self.record.finish(status, Outcome::ClientDisconnected);
             }
+            Stop::ClientStalled => {
+                self.record.attempt(label, "client_timeout");
+                self.record.error = Some(
+                    "the client stopped reading the stream (limits.client_timeout or limits.total_timeout ran out)"
+                        .to_owned(),
+                );
+                // The client's stream must not end as if complete: its connection is cut.
+                self.aborted.store(true, Ordering::Relaxed);
+                // Recorded as a client that left, as when its blocked socket is cut first.
+                let status = if self.commit.is_none() { 200 } else { 499 };
+                self.record.finish(status, Outcome::ClientDisconnected);
+            }
             Stop::Shutdown => {
                 self.record.attempt(label, "shutdown");
                 self.record.error = Some(format!(
@@ -309,25 +335,26 @@ impl Relay {
                 Woke::Stop => return Err(AttemptEnd::Stop(Stop::Shutdown)),
                 Woke::Tick => {
                     self.commit_stream();
-                    if self
-                        .events
-                        .send(Bytes::from_static(b": keep-alive\n\n"))
-                        .await
-                        .is_err()
-                    {
-                        return Err(AttemptEnd::Stop(Stop::ClientGone));
-                    }
+                    self.send(Bytes::from_static(b": keep-alive\n\n")).await?;
                     *tick = Instant::now() + interval;
                 }
             }
         }
     }
 
+    /// Hands output to the client's connection. A client that does not read fills the channel;
+    /// it gets `limits.client_timeout` to make room (as a blocked socket write does), within
+    /// the request's total deadline.
     async fn send(&mut self, bytes: Bytes) -> Result<(), AttemptEnd> {
-        self.events
-            .send(bytes)
-            .await
-            .map_err(|_| AttemptEnd::Stop(Stop::ClientGone))
+        let until = self
+            .exchange
+            .deadline
+            .min(Instant::now() + self.table.limits.client_timeout);
+        match timeout_at(until, self.events.send(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(AttemptEnd::Stop(Stop::ClientGone)),
+            Err(_) => Err(AttemptEnd::Stop(Stop::ClientStalled)),
+        }
     }
 
     /// Queues output for the client (translated for a Messages client); [`Relay::flush`]

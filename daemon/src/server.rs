@@ -19,8 +19,8 @@ use axum::extract::{ConnectInfo, State};
 use axum::routing::{get, post};
 use http::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, Socket, Type};
@@ -133,25 +133,26 @@ async fn timer_heartbeat() {
 /// Accepts connections (client API or admin) until the drain starts, then waits for the open
 /// ones to finish their requests (hyper closes idle keep-alive connections at once).
 ///
+/// Clients speak HTTP/1.1 (every LLM SDK does; a proxy in front terminates anything else).
 /// `limits.client_timeout` of the table serving at each accept bounds how long a connection
-/// may take to send a request's head, how long it may stay idle between requests, and how
-/// long a write to it may stay blocked ([`WriteStall`]): without it, a client that opens
-/// connections and sends nothing, or a byte at a time, or stops reading, holds each one, and a
-/// descriptor, forever.
+/// may take to send a request's head (from its first byte), how long it may stay idle between
+/// requests, and how long a write to it may stay blocked ([`WriteStall`]): without it, a
+/// client that opens connections and sends nothing, or a byte at a time, or stops reading,
+/// holds each one, and a descriptor, forever. (HTTP/2 has no such bound in hyper: an idle h2
+/// connection would be held forever, which is why it is not offered.)
 async fn serve_connections(
     listener: TcpListener,
     router: Router,
     app: Arc<App>,
     drain: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     let mut client_timeout = app.table.load().limits.client_timeout;
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(client_timeout);
     let graceful = GracefulShutdown::new();
-    let mut draining = std::pin::pin!(drained(drain.clone()));
+    let mut draining = std::pin::pin!(drained(drain));
     loop {
         let (mut tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -170,7 +171,7 @@ async fn serve_connections(
         let configured = app.table.load().limits.client_timeout;
         if configured != client_timeout {
             client_timeout = configured;
-            builder.http1().header_read_timeout(client_timeout);
+            builder.header_read_timeout(client_timeout);
         }
         // Rules and the ledger see the client's address.
         let service = router
@@ -179,52 +180,15 @@ async fn serve_connections(
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
             });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let drain = drain.clone();
-        tokio::spawn(async move {
-            if !protocol_known(&tcp, client_timeout, drain).await {
-                return;
-            }
-            let connection = builder.serve_connection_with_upgrades(
-                TokioIo::new(WriteStall::new(tcp, client_timeout)),
-                TowerToHyperService::new(service),
-            );
-            let _ = watcher.watch(connection).await;
-        });
+        let connection = builder.serve_connection(
+            TokioIo::new(WriteStall::new(tcp, client_timeout)),
+            TowerToHyperService::new(service),
+        );
+        tokio::spawn(graceful.watch(connection));
     }
     drop(listener);
     graceful.shutdown().await;
     Ok(())
-}
-
-/// Waits until a new connection has sent enough for its protocol to be known (HTTP/1.1, or
-/// the HTTP/2 preface). hyper-util reads these bytes before hyper's header timer starts, so
-/// without this wait a client sending nothing, or part of the preface, is never timed out.
-/// False when the client took longer than `timeout`, went away, or the server is draining.
-async fn protocol_known(
-    tcp: &tokio::net::TcpStream,
-    timeout: Duration,
-    drain: watch::Receiver<bool>,
-) -> bool {
-    const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    /// Between two looks at a connection that sent a part of the preface and nothing since
-    /// (a socket with unread bytes is always readable, so waiting on readiness would spin).
-    const PREFACE_POLL: Duration = Duration::from_millis(10);
-    let known = async {
-        let mut first = [0u8; H2_PREFACE.len()];
-        loop {
-            match tcp.peek(&mut first).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) if n == first.len() || first[..n] != H2_PREFACE[..n] => return true,
-                Ok(_) => tokio::time::sleep(PREFACE_POLL).await,
-            }
-        }
-    };
-    tokio::select! {
-        known = tokio::time::timeout(timeout, known) => known.unwrap_or(false),
-        () = drained(drain) => false,
-    }
 }
 
 /// Starts one worker thread per listener; each reports when its server has drained.

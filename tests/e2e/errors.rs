@@ -308,7 +308,7 @@ async fn clients_silent_before_or_within_a_request_are_cut_off_after_the_client_
     let timeout = std::time::Duration::from_millis(500);
     let cases: [(&str, std::net::SocketAddr, &[u8]); 5] = [
         ("nothing", daemon.addr, b""),
-        // The start of the HTTP/2 preface: the protocol is not known yet.
+        // The start of an HTTP/2 preface (not offered: a head that never ends).
         ("a preface's start", daemon.addr, b"PRI * HT"),
         (
             "half a head",
@@ -378,4 +378,18 @@ async fn clients_silent_before_or_within_a_request_are_cut_off_after_the_client_
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_sending_its_body_is_recorded_as_gone_not_as_a_bad_request() {
+    use std::io::Write;
+    let daemon = Daemon::start(Options::default());
+    let mut socket = std::net::TcpStream::connect(daemon.addr).unwrap();
+    socket
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        .unwrap();
+    drop(socket);
+    let log = daemon.wait_log(|v| v["message"] == "Request finished.");
+    assert_eq!(log["status"], 499, "{log}");
+    assert_eq!(log["outcome"], "client_disconnected", "{log}");
 }

@@ -368,3 +368,42 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
     assert_eq!(log["status"], 200, "{log}");
     drop(socket);
 }
+
+#[tokio::test]
+async fn a_stream_the_client_reads_too_slowly_ends_at_the_total_timeout_without_a_clean_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(
+        &fake.base_url(),
+        "limits:\n  client_timeout: 20s\n  total_timeout: 3s\n",
+    );
+    // The socket buffers fill within the first second, long before the total timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut socket = socket.connect(daemon.addr).await.unwrap();
+    let body = serde_json::to_string(&chat("fake/events-100000", "x", true)).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all((head + &body).as_bytes()).await.unwrap();
+    wait_until(|| {
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains("\"message\":\"Request finished.\""))
+    })
+    .await;
+    let log = daemon.wait_log(|v| v["message"] == "Request finished.");
+    assert_eq!(log["outcome"], "client_disconnected", "{log}");
+    assert_eq!(
+        log["attempts"], "openrouter:fake/events-100000=client_timeout",
+        "{log}"
+    );
+    // What the client can still read stops short: no last chunk, as a cut stream must.
+    let mut received = Vec::new();
+    let _ = socket.read_to_end(&mut received).await;
+    assert!(received.starts_with(b"HTTP/1.1 200"));
+    assert!(!received.ends_with(b"\r\n0\r\n\r\n"), "a clean end");
+    assert!(!String::from_utf8_lossy(&received).contains("[DONE]"));
+}
