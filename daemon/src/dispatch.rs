@@ -166,9 +166,7 @@ pub fn failure_reason(failure: &Failure) -> String {
 pub fn outcome_of(error: &ProxyError) -> Outcome {
     match error {
         // The shutdown grace is a limit too: the request ran out of it.
-        ProxyError::Timeout { .. }
-        | ProxyError::ClientTimeout { .. }
-        | ProxyError::ShuttingDown => Outcome::Timeout,
+        ProxyError::Timeout { .. } | ProxyError::ShuttingDown => Outcome::Timeout,
         ProxyError::Upstream { .. }
         | ProxyError::Unreachable { .. }
         | ProxyError::Prepare {

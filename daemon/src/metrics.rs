@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use orproxy_plugin::usage::format_usd;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -80,11 +81,10 @@ fn render_costs(text: &mut String) {
         let nanos = series.nanos.load(Ordering::Relaxed);
         let _ = writeln!(
             text,
-            "orproxy_cost_usd_total{{backend=\"{}\",model=\"{}\"}} {}.{:09}",
+            "orproxy_cost_usd_total{{backend=\"{}\",model=\"{}\"}} {}",
             label_value(&series.backend),
             label_value(&series.model),
-            nanos / 1_000_000_000,
-            nanos % 1_000_000_000
+            format_usd(i64::try_from(nanos).unwrap_or(i64::MAX)),
         );
     }
 }

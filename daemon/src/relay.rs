@@ -239,10 +239,8 @@ impl Relay {
                 self.record.finish(status, outcome);
             }
             None => {
-                let _ = self
-                    .events
-                    .send(self.exchange.api.error_event(&error))
-                    .await;
+                let event = self.exchange.api.error_event(&error);
+                let _ = self.send(event).await;
                 self.record.finish(200, outcome);
             }
         }
@@ -268,6 +266,9 @@ impl Relay {
                 // The client's stream must not end as if complete: its connection is cut.
                 self.aborted.store(true, Ordering::Relaxed);
                 // Recorded as a client that left, as when its blocked socket is cut first.
+                // Output is queued only once the head is committed, so a client can only stall
+                // after it.
+                debug_assert!(self.commit.is_none(), "stalled before the commit");
                 let status = if self.commit.is_none() { 200 } else { 499 };
                 self.record.finish(status, Outcome::ClientDisconnected);
             }
@@ -343,13 +344,22 @@ impl Relay {
     }
 
     /// Hands output to the client's connection. A client that does not read fills the channel;
-    /// it gets `limits.client_timeout` to make room (as a blocked socket write does), within
-    /// the request's total deadline.
+    /// it then gets `limits.client_timeout` to make room (as a blocked socket write does), and
+    /// no later than the request's total deadline if that is still ahead (a deadline already
+    /// passed is the upstream's doing, not the client's).
     async fn send(&mut self, bytes: Bytes) -> Result<(), AttemptEnd> {
-        let until = self
-            .exchange
-            .deadline
-            .min(Instant::now() + self.table.limits.client_timeout);
+        let bytes = match self.events.try_send(bytes) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(AttemptEnd::Stop(Stop::ClientGone));
+            }
+            Err(mpsc::error::TrySendError::Full(bytes)) => bytes,
+        };
+        let now = Instant::now();
+        let mut until = now + self.table.limits.client_timeout;
+        if self.exchange.deadline > now {
+            until = until.min(self.exchange.deadline);
+        }
         match timeout_at(until, self.events.send(bytes)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(AttemptEnd::Stop(Stop::ClientGone)),
@@ -654,10 +664,8 @@ impl Relay {
         self.record
             .attempt(label, format!("midstream_error: {error}"));
         if !stream.midstream_error {
-            let _ = self
-                .events
-                .send(self.exchange.api.error_event(&error))
-                .await;
+            let event = self.exchange.api.error_event(&error);
+            let _ = self.send(event).await;
         }
         AttemptEnd::Finished(Outcome::MidstreamError)
     }

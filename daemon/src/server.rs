@@ -135,7 +135,7 @@ async fn timer_heartbeat() {
 ///
 /// Clients speak HTTP/1.1 (every LLM SDK does; a proxy in front terminates anything else).
 /// `limits.client_timeout` of the table serving at each accept bounds how long a connection
-/// may take to send a request's head (from its first byte), how long it may stay idle between
+/// may take to send a request's head (from connect), how long it may stay idle between
 /// requests, and how long a write to it may stay blocked ([`WriteStall`]): without it, a
 /// client that opens connections and sends nothing, or a byte at a time, or stops reading,
 /// holds each one, and a descriptor, forever. (HTTP/2 has no such bound in hyper: an idle h2

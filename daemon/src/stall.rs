@@ -13,15 +13,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// An I/O stream whose writes, flushes and shutdown fail after being blocked for `limit`.
 #[derive(Debug)]
 pub struct WriteStall<T> {
     io: T,
     limit: Duration,
-    /// Armed when a write first finds the peer's window full; dropped once one goes through.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// Made at the first stall and reset at each later one (cheaper than a new timer each time).
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether a write is blocked now, `timer` then running for it.
+    stalled: bool,
 }
 
 impl<T> WriteStall<T> {
@@ -30,7 +32,8 @@ impl<T> WriteStall<T> {
         WriteStall {
             io,
             limit,
-            stalled: None,
+            timer: None,
+            stalled: false,
         }
     }
 
@@ -42,15 +45,26 @@ impl<T> WriteStall<T> {
     ) -> Poll<io::Result<R>> {
         match result {
             Poll::Ready(result) => {
-                self.stalled = None;
+                // A timer left running wakes the connection once for nothing; hyper polls
+                // again and finds nothing to do.
+                self.stalled = false;
                 Poll::Ready(result)
             }
             Poll::Pending => {
-                let limit = self.limit;
-                let stalled = self
-                    .stalled
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match stalled.as_mut().poll(cx) {
+                let deadline = Instant::now() + self.limit;
+                let timer = match &mut self.timer {
+                    Some(timer) => {
+                        if !self.stalled {
+                            timer.as_mut().reset(deadline);
+                        }
+                        timer
+                    }
+                    None => self
+                        .timer
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                self.stalled = true;
+                match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the client stopped reading (limits.client_timeout)",

@@ -279,14 +279,16 @@ async fn a_connect_timeout_is_its_own_error() {
     drop(listener);
 }
 
-/// Reads from `socket` until the daemon closes it; how long that took.
-fn closed_after(mut socket: std::net::TcpStream) -> std::time::Duration {
+/// Reads from `socket` until the daemon closes it; how long that took since `started`.
+fn closed_after(
+    mut socket: std::net::TcpStream,
+    started: std::time::Instant,
+) -> std::time::Duration {
     use std::io::Read;
     // Far longer than the configured timeout: a socket still open then fails the test.
     socket
         .set_read_timeout(Some(std::time::Duration::from_secs(20)))
         .unwrap();
-    let started = std::time::Instant::now();
     let mut buf = [0u8; 4096];
     loop {
         match socket.read(&mut buf) {
@@ -325,9 +327,11 @@ async fn clients_silent_before_or_within_a_request_are_cut_off_after_the_client_
     let waits: Vec<_> = cases
         .iter()
         .map(|&(what, addr, sent)| {
+            // Taken before the connection exists, so the daemon's clock cannot start earlier.
+            let started = std::time::Instant::now();
             let mut socket = TcpStream::connect(addr).unwrap();
             socket.write_all(sent).unwrap();
-            std::thread::spawn(move || (what, closed_after(socket)))
+            std::thread::spawn(move || (what, closed_after(socket, started)))
         })
         .collect();
     for wait in waits {
@@ -350,7 +354,7 @@ async fn clients_silent_before_or_within_a_request_are_cut_off_after_the_client_
     let mut head = [0u8; 12];
     socket.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
-    closed_after(socket);
+    closed_after(socket, std::time::Instant::now());
 
     // A client that stops in the middle of its body gets a 408 naming the limit.
     let mut socket = TcpStream::connect(daemon.addr).unwrap();
