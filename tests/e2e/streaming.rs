@@ -5,7 +5,7 @@ use std::time::Duration;
 use orproxy_testkit::{FAKE_API_KEY, FakeOpenRouter};
 use serde_json::Value;
 
-use crate::harness::{chat, client, daemon_for, events};
+use crate::harness::{Daemon, chat, client, daemon_for, events};
 
 /// The data events' JSON with the per-generation fields removed, so two runs compare equal.
 fn normalized(events: &[(std::time::Instant, String)]) -> Vec<Value> {
@@ -333,36 +333,42 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fake = FakeOpenRouter::start().await.unwrap();
-    let daemon = daemon_for(&fake.base_url(), "limits:\n  client_timeout: 500ms\n");
-    // A small receive buffer (the kernel would otherwise grow it to hold the whole stream).
+/// Sends a stream request for about 25 MB of events (far more than socket buffers hold) on a
+/// connection with a small receive buffer (the kernel would otherwise grow it to hold the
+/// whole stream), and reads nothing.
+async fn unread_stream(daemon: &Daemon) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut socket = socket.connect(daemon.addr).await.unwrap();
-    // About 25 MB of events: far more than the socket buffers hold.
     let body = serde_json::to_string(&chat("fake/events-100000", "x", true)).unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     socket.write_all((head + &body).as_bytes()).await.unwrap();
+    socket
+}
+
+/// Whether a log line so far contains `text` (checked without blocking: fake upstreams run on
+/// the test's runtime).
+fn logged(daemon: &Daemon, text: &str) -> bool {
+    daemon.logs().iter().any(|l| l.contains(text))
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
+    use tokio::io::AsyncReadExt;
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "limits:\n  client_timeout: 500ms\n");
+    let mut socket = unread_stream(&daemon).await;
     let mut status = [0u8; 12];
     socket.read_exact(&mut status).await.unwrap();
     assert_eq!(&status, b"HTTP/1.1 200");
     // The client reads no more: the relay gives up (dropping the upstream request) and the
     // row says why. (The fake may well have written its whole answer into the kernel's
-    // buffers by then, so its side of the disconnect is not a reliable sign.) Waited for
-    // without blocking: the fake upstream runs on this test's runtime.
-    wait_until(|| {
-        daemon
-            .logs()
-            .iter()
-            .any(|l| l.contains("\"outcome\":\"client_disconnected\""))
-    })
-    .await;
+    // buffers by then, so its side of the disconnect is not a reliable sign.)
+    wait_until(|| logged(&daemon, "\"outcome\":\"client_disconnected\"")).await;
     let log = daemon
         .wait_log(|v| v["message"] == "Request finished." && v["outcome"] == "client_disconnected");
     assert_eq!(log["status"], 200, "{log}");
@@ -371,29 +377,15 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_client_timeout() {
 
 #[tokio::test]
 async fn a_stream_the_client_reads_too_slowly_ends_at_the_total_timeout_without_a_clean_end() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_for(
         &fake.base_url(),
         "limits:\n  client_timeout: 20s\n  total_timeout: 6s\n",
     );
     // The socket buffers fill within a second or two, well before the total timeout.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut socket = socket.connect(daemon.addr).await.unwrap();
-    let body = serde_json::to_string(&chat("fake/events-100000", "x", true)).unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    socket.write_all((head + &body).as_bytes()).await.unwrap();
-    wait_until(|| {
-        daemon
-            .logs()
-            .iter()
-            .any(|l| l.contains("\"message\":\"Request finished.\""))
-    })
-    .await;
+    let mut socket = unread_stream(&daemon).await;
+    wait_until(|| logged(&daemon, "\"message\":\"Request finished.\"")).await;
     let log = daemon.wait_log(|v| v["message"] == "Request finished.");
     assert_eq!(log["outcome"], "client_disconnected", "{log}");
     assert_eq!(
