@@ -35,8 +35,11 @@ use crate::record::{Outcome, Record};
 use crate::table::{BackendEntry, RoutingTable};
 use crate::upstream::{AttemptError, UpstreamResponse};
 
-/// Events buffered between the relay task and the client connection.
+/// Writes buffered between the relay task and the client connection.
 const CHANNEL_DEPTH: usize = 64;
+/// The most output gathered into one write: with [`CHANNEL_DEPTH`], what a client that reads
+/// slowly can make orproxy hold (4 MiB, plus the socket's buffers), however fast the upstream.
+const MAX_WRITE: usize = 64 << 10;
 
 /// What the handler answers with: the stream, or a complete response (before commit).
 enum Commit {
@@ -503,7 +506,8 @@ impl Relay {
                     }
                 }
                 // The first content goes out at once: batching is for what follows it.
-                if self.content_started && self.commit.is_some() {
+                if self.content_started && self.commit.is_some() || self.pending.len() >= MAX_WRITE
+                {
                     break;
                 }
                 read = match response.chunk().now_or_never() {
