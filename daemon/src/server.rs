@@ -107,9 +107,17 @@ pub async fn bind_admin(addr: SocketAddr) -> io::Result<TcpListener> {
     })
 }
 
-fn nodelay(tcp: &mut tokio::net::TcpStream) {
+/// How much unsent data a client connection's kernel buffer may hold. The socket then reports
+/// itself writable each time the client has read about half of it, so a write blocked for
+/// `limits.client_timeout` means a client that stopped reading, not one reading steadily
+/// through a send buffer the kernel grew to megabytes (writable again only once a third of it
+/// drained). It also keeps queued events in orproxy rather than in the kernel.
+const UNSENT_LOW_WATER: u32 = 64 << 10;
+
+fn tune(tcp: &mut tokio::net::TcpStream) {
     // Small SSE events must leave at once, not wait for Nagle.
     let _ = tcp.set_nodelay(true);
+    let _ = socket2::SockRef::from(&*tcp).set_tcp_notsent_lowat(UNSENT_LOW_WATER);
 }
 
 async fn drained(mut rx: watch::Receiver<bool>) {
@@ -167,7 +175,7 @@ async fn serve_connections(
             },
             () = &mut draining => break,
         };
-        nodelay(&mut tcp);
+        tune(&mut tcp);
         let configured = app.table.load().limits.client_timeout;
         if configured != client_timeout {
             client_timeout = configured;

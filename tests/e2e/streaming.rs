@@ -399,3 +399,43 @@ async fn a_stream_the_client_reads_too_slowly_ends_at_the_total_timeout_without_
     assert!(!received.ends_with(b"\r\n0\r\n\r\n"), "a clean end");
     assert!(!String::from_utf8_lossy(&received).contains("[DONE]"));
 }
+
+#[tokio::test]
+async fn a_client_reading_a_large_stream_steadily_is_never_taken_for_a_stalled_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "limits:\n  client_timeout: 500ms\n");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    let mut socket = socket.connect(daemon.addr).await.unwrap();
+    // About 5.6 MB: more than orproxy's queue and the socket buffers together.
+    let body = serde_json::to_string(&chat("fake/events-20000", "x", true)).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    socket.write_all((head + &body).as_bytes()).await.unwrap();
+    // About 1 MB/s, never pausing longer than 20 ms: slow, but never 500 ms without reading.
+    // (A kernel send buffer grown to megabytes is writable again only once a third of it has
+    // drained: over a second at this pace.)
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+        if received.ends_with(b"\r\n0\r\n\r\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(16)).await;
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        text.contains("data: [DONE]"),
+        "cut after {} bytes",
+        received.len()
+    );
+    let log = daemon.wait_log(|v| v["message"] == "Request finished.");
+    assert_eq!(log["outcome"], "ok", "{log}");
+}
