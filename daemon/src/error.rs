@@ -108,7 +108,7 @@ pub enum ProxyError {
     ClientLeft,
     /// 408: the client stopped sending its body.
     #[error(
-        "the client sent nothing of the request body for {} (limits.client_timeout)",
+        "the client sent nothing more of the request body for {} (limits.client_timeout)",
         fmt_duration(*limit)
     )]
     ClientTimeout {

@@ -114,10 +114,10 @@ pub async fn bind_admin(addr: SocketAddr) -> io::Result<TcpListener> {
 /// drained). It also keeps queued events in orproxy rather than in the kernel.
 const UNSENT_LOW_WATER: u32 = 64 << 10;
 
-fn tune(tcp: &mut tokio::net::TcpStream) {
+fn tune(tcp: &tokio::net::TcpStream) {
     // Small SSE events must leave at once, not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    let _ = socket2::SockRef::from(&*tcp).set_tcp_notsent_lowat(UNSENT_LOW_WATER);
+    let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(UNSENT_LOW_WATER);
 }
 
 async fn drained(mut rx: watch::Receiver<bool>) {
@@ -162,7 +162,7 @@ async fn serve_connections(
     let graceful = GracefulShutdown::new();
     let mut draining = std::pin::pin!(drained(drain));
     loop {
-        let (mut tcp, peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -175,7 +175,7 @@ async fn serve_connections(
             },
             () = &mut draining => break,
         };
-        tune(&mut tcp);
+        tune(&tcp);
         let configured = app.table.load().limits.client_timeout;
         if configured != client_timeout {
             client_timeout = configured;
