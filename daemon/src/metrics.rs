@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::formatting::{sanitize_label_value, write_type_line};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use orproxy_plugin::usage::format_usd;
 
@@ -76,31 +77,17 @@ fn render_costs(text: &mut String) {
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str("# TYPE orproxy_cost_usd_total counter\n");
+    write_type_line(text, "orproxy_cost_usd_total", None, None, "counter");
     for series in costs.iter() {
         let nanos = series.nanos.load(Ordering::Relaxed);
         let _ = writeln!(
             text,
             "orproxy_cost_usd_total{{backend=\"{}\",model=\"{}\"}} {}",
-            label_value(&series.backend),
-            label_value(&series.model),
+            sanitize_label_value(&series.backend),
+            sanitize_label_value(&series.model),
             format_usd(i64::try_from(nanos).unwrap_or(i64::MAX)),
         );
     }
-}
-
-/// A label value escaped as the text exposition format wants it.
-fn label_value(value: &str) -> String {
-    let mut escaped = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => escaped.push_str("\\\\"),
-            '"' => escaped.push_str("\\\""),
-            '\n' => escaped.push_str("\\n"),
-            c => escaped.push(c),
-        }
-    }
-    escaped
 }
 
 /// Handles of the metrics every request touches. The recorder's registry is a map from a

@@ -254,24 +254,22 @@ impl Relay {
     /// when the record is written.
     async fn stopped(mut self, stop: Stop, label: &str) {
         match stop {
-            Stop::ClientGone => {
-                self.record.attempt(label, "client_disconnected");
-                // 499 only when the client left before the answer's head was sent.
-                let status = if self.commit.is_none() { 200 } else { 499 };
-                self.record.finish(status, Outcome::ClientDisconnected);
-            }
-            Stop::ClientStalled => {
-                self.record.attempt(label, "client_timeout");
-                self.record.error = Some(
-                    "the client stopped reading the stream (limits.client_timeout or limits.total_timeout ran out)"
-                        .to_owned(),
-                );
-                // The client's stream must not end as if complete: its connection is cut.
-                self.aborted.store(true, Ordering::Relaxed);
-                // Recorded as a client that left, as when its blocked socket is cut first.
-                // Output is queued only once the head is committed, so a client can only stall
-                // after it.
-                debug_assert!(self.commit.is_none(), "stalled before the commit");
+            // A client that stopped reading is recorded as one that left, as when its blocked
+            // socket is cut first.
+            Stop::ClientGone | Stop::ClientStalled => {
+                if stop == Stop::ClientStalled {
+                    self.record.attempt(label, "client_timeout");
+                    self.record.error = Some(
+                        "the client stopped reading the stream (limits.client_timeout or limits.total_timeout ran out)"
+                            .to_owned(),
+                    );
+                    // The client's stream must not end as if complete: its connection is cut.
+                    self.aborted.store(true, Ordering::Relaxed);
+                } else {
+                    self.record.attempt(label, "client_disconnected");
+                }
+                // 499 only when the client left before the answer's head was sent (a client
+                // can only stall after it: output is queued once the head is committed).
                 let status = if self.commit.is_none() { 200 } else { 499 };
                 self.record.finish(status, Outcome::ClientDisconnected);
             }
@@ -506,7 +504,8 @@ impl Relay {
                     }
                 }
                 // The first content goes out at once: batching is for what follows it.
-                if self.content_started && self.commit.is_some() || self.pending.len() >= MAX_WRITE
+                if (self.content_started && self.commit.is_some())
+                    || self.pending.len() >= MAX_WRITE
                 {
                     break;
                 }

@@ -20,19 +20,19 @@ use tokio::time::{Instant, Sleep};
 pub struct WriteStall<T> {
     io: T,
     limit: Duration,
-    /// Made at the first stall and reset at each later one (cheaper than a new timer each time).
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Reset at each stall (cheaper than a new timer each time).
+    timer: Pin<Box<Sleep>>,
     /// Whether a write is blocked now, `timer` then running for it.
     stalled: bool,
 }
 
 impl<T> WriteStall<T> {
-    /// Wraps `io`.
+    /// Wraps `io` (inside a tokio runtime: the timer is made here).
     pub fn new(io: T, limit: Duration) -> Self {
         WriteStall {
             io,
             limit,
-            timer: None,
+            timer: Box::pin(tokio::time::sleep(limit)),
             stalled: false,
         }
     }
@@ -51,20 +51,12 @@ impl<T> WriteStall<T> {
                 Poll::Ready(result)
             }
             Poll::Pending => {
-                let deadline = Instant::now() + self.limit;
-                let timer = match &mut self.timer {
-                    Some(timer) => {
-                        if !self.stalled {
-                            timer.as_mut().reset(deadline);
-                        }
-                        timer
-                    }
-                    None => self
-                        .timer
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
-                };
-                self.stalled = true;
-                match timer.as_mut().poll(cx) {
+                // A stall already timed keeps its deadline; a new one starts the clock.
+                if !self.stalled {
+                    self.timer.as_mut().reset(Instant::now() + self.limit);
+                    self.stalled = true;
+                }
+                match self.timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the client stopped reading (limits.client_timeout)",

@@ -134,14 +134,7 @@ async fn metrics_count_requests() {
         "{text}"
     );
     // The cost is a counter in exact decimal USD: the ledger's total for the same requests.
-    let usage: Value = http
-        .get(daemon.admin_url("/admin/usage"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = crate::ledger::usage(&daemon, "").await;
     let cost = usage["total"]["cost_usd"].as_str().unwrap();
     assert!(
         text.contains("# TYPE orproxy_cost_usd_total counter\n"),

@@ -1,6 +1,19 @@
 //! The command line: exit codes, `check`, and validation before binding.
 
+use std::path::Path;
+use std::process::Output;
+
 use crate::harness::{Daemon, Options, command, temp_file};
+
+/// `orproxy check --config CONFIG`.
+fn check(config: &Path) -> Output {
+    command()
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap()
+}
 
 #[test]
 fn check_prints_every_error_with_its_place() {
@@ -8,12 +21,7 @@ fn check_prints_every_error_with_its_place() {
         "backends:\n  a:\n    type: nope\n  b:\n    type: openai\n    api_key_env: ORPROXY_E2E_UNSET\ndefault_backend: zzz\n",
         ".yaml",
     );
-    let output = command()
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = check(&config);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let name = config.display().to_string();
@@ -43,12 +51,7 @@ fn check_accepts_a_good_config_and_the_seed_example() {
         "backends:\n  local:\n    type: openai\n    base_url: http://127.0.0.1:11434/v1\ndefault_backend: local\nidentity:\n  user_agent: { mode: override, override_value: \"MyApp/1.0.0\" }\n",
         ".yaml",
     );
-    let output = command()
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = check(&config);
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -71,12 +74,7 @@ fn unknown_keys_and_broken_yaml_stop_the_daemon_before_it_binds() {
     assert!(!stderr.contains("Ready."));
 
     let broken = temp_file("backends: [\n", ".yaml");
-    let output = command()
-        .arg("check")
-        .arg("--config")
-        .arg(&broken)
-        .output()
-        .unwrap();
+    let output = check(&broken);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains(&broken.display().to_string()));
 }
@@ -201,12 +199,7 @@ fn a_key_that_cannot_be_sent_in_a_header_is_refused_at_load() {
 #[test]
 fn a_zero_client_timeout_is_refused_at_its_place() {
     let config = temp_file("limits:\n  client_timeout: 0s\n", ".yaml");
-    let output = command()
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = check(&config);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
