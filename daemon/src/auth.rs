@@ -54,6 +54,11 @@ impl Auth {
                     format!("auth key `{}`: {msg}", key.name),
                 ))
             };
+            // An empty name would read as "no key" in reports and in the budgets' spend.
+            if key.name.is_empty() {
+                fail("the name must not be empty".into());
+                continue;
+            }
             if keys.iter().any(|k: &ProxyKey| k.name == key.name) {
                 fail("name used twice".into());
                 continue;
@@ -230,15 +235,16 @@ mod tests {
 
     #[test]
     fn bad_key_entries_are_located() {
-        let errs = auth("auth:\n  keys:\n    - { name: a, key_env: UNSET }\n    - { name: b, key_sha256: xyz }\n    - { name: c }\n").unwrap_err();
+        let errs = auth("auth:\n  keys:\n    - { name: a, key_env: UNSET }\n    - { name: b, key_sha256: xyz }\n    - { name: c }\n    - { name: '', key_env: UNSET }\n").unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        assert_eq!(text.len(), 3);
+        assert_eq!(text.len(), 4);
         assert!(
             text[0].starts_with("c.yaml:3:7: auth key `a`: environment variable UNSET"),
             "{text:?}"
         );
         assert!(text[1].contains("64 hexadecimal digits"), "{text:?}");
         assert!(text[2].contains("exactly one of"), "{text:?}");
+        assert!(text[3].contains("must not be empty"), "{text:?}");
     }
 
     fn hex_of(bytes: &[u8]) -> String {

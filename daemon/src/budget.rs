@@ -23,9 +23,8 @@ use crate::record::Record;
 use crate::route::{self, Route};
 use crate::selector;
 use crate::table::RoutingTable;
+use orproxy_ledger::DAY_MS;
 use orproxy_plugin::JsonObject;
-
-const DAY_MS: i64 = 86_400_000;
 
 /// One `budgets:` entry, compiled.
 #[derive(Debug, Clone)]

@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
-use orproxy_ledger::{LedgerError, StoredPrice, Writer};
+use orproxy_ledger::{DAY_MS, LedgerError, StoredPrice, Writer};
 use orproxy_plugin::ModelInfo;
 
 use crate::budget::{self, BudgetBook, Subject};
@@ -36,6 +37,8 @@ pub struct Accounts {
     pub budgets: Arc<BudgetBook>,
     /// Fetched model prices.
     pub prices: PriceLists,
+    /// The result of the database's integrity check, once it has run.
+    pub integrity: Arc<OnceLock<Result<(), String>>>,
 }
 
 impl Accounts {
@@ -54,14 +57,16 @@ impl Accounts {
             prices.set(&backend, list, fetched);
         }
         let budgets = Arc::new(BudgetBook::default());
-        // Three disjoint ranges, so each sum lands in the windows it belongs to.
+        // Three disjoint ranges of days (every window starts at a UTC midnight), so each sum
+        // lands in the windows it belongs to.
         let now = budget::now_ms();
         let (month, _) = budget::window(BudgetPeriod::Month, now);
         let (day, _) = budget::window(BudgetPeriod::Day, now);
+        let (month_day, today) = (month / DAY_MS, day / DAY_MS);
         for (from, to, at) in [
-            (i64::MIN, month, 0),
-            (month, day, month),
-            (day, i64::MAX, now),
+            (i64::MIN, month_day, 0),
+            (month_day, today, month),
+            (today, i64::MAX, now),
         ] {
             for g in orproxy_ledger::spend_between(&conn, from, to).map_err(sql)? {
                 let subject = Subject {
@@ -81,6 +86,7 @@ impl Accounts {
             path: Some(path.to_owned()),
             budgets,
             prices,
+            integrity: check_in_background(path),
         })
     }
 
@@ -130,6 +136,32 @@ impl Accounts {
             writer.stop();
         }
     }
+}
+
+/// Checks every page of the database on a thread of its own: on a large file that takes
+/// seconds per gigabyte, which must not hold up the start.
+fn check_in_background(path: &Path) -> Arc<OnceLock<Result<(), String>>> {
+    let result = Arc::new(OnceLock::new());
+    let (done, path) = (Arc::clone(&result), path.to_owned());
+    let spawned = std::thread::Builder::new()
+        .name("ledger-check".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let checked = orproxy_ledger::check(&path).map_err(|e| e.to_string());
+            match &checked {
+                Ok(()) => tracing::info!(
+                    message = "Usage database checked: no damage found.",
+                    path = %path.display(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                ),
+                Err(error) => tracing::error!(message = "The usage database is damaged.", %error),
+            }
+            let _ = done.set(checked);
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(message = "Cannot start the usage database check.", %error);
+    }
+    result
 }
 
 fn listed(p: &StoredPrice) -> Listed {

@@ -209,6 +209,17 @@ fn read_rows(db: &std::path::Path) -> Vec<Stored> {
     .collect()
 }
 
+/// Everything in the per-day spend summary.
+fn summed_spend(db: &std::path::Path) -> i64 {
+    let conn = orproxy_ledger::open_reader(db).unwrap();
+    conn.query_row(
+        "SELECT coalesce(sum(cost_nanos), 0) FROM spend_days",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
 fn row_count(db: &std::path::Path) -> usize {
     let conn = orproxy_ledger::open_reader(db).unwrap();
     let n: i64 = conn
@@ -429,6 +440,13 @@ async fn ten_thousand_requests_reconcile_with_the_upstream_bill() {
         .filter(|r| r.cost_source == "estimate")
         .map(|r| r.cost_nanos)
         .sum();
+    // Budgets are rebuilt at start from the per-day spend summary, kept beside the rows.
+    let all_rows: i64 = rows.iter().map(|r| r.cost_nanos).sum();
+    assert_eq!(
+        summed_spend(&db),
+        all_rows,
+        "spend_days equals the rows' costs"
+    );
     eprintln!(
         "billed {total_billed} n$ in {} entries; ledger {recorded} n$ non-estimated + {estimated} n$ estimated; \
          {unjoined_cut} cut streams billed but not recorded, {cut_but_billed} n$ of cut streams recorded from usage; {zero_cost_unrecorded} delivered zero-cost generations without usage on their row; \

@@ -299,8 +299,8 @@ async fn a_reservation_counts_every_choice() {
 }
 
 /// Spend is rebuilt from the database at start: after a restart (with the upstream gone, so
-/// the cached price list is all there is) the budgets show the same spend and an exhausted
-/// cap still refuses.
+/// the cached price list is all there is, and the request rows pruned) the budgets show the
+/// same spend and an exhausted cap still refuses.
 // Several threads: the daemon fetches prices from the in-process fake before it is ready,
 // while this test blocks on that readiness.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,6 +341,10 @@ async fn spend_and_prices_survive_a_restart() {
     first.terminate();
     assert!(first.wait_exit().success());
     drop(fake);
+    // Pruning old rows, as an operator may, keeps the spend: it is summed per day apart.
+    let conn = orproxy_ledger::connect(&db).unwrap();
+    assert!(conn.execute("DELETE FROM requests", []).unwrap() > 0);
+    drop(conn);
 
     let second = Daemon::start(options);
     let after = budget(&second, "total-cap").await;

@@ -2,6 +2,7 @@
 //! intact after SIGKILL, reported by `/admin/usage` and `orproxy report`.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -629,6 +630,58 @@ async fn a_corrupt_database_stops_the_start_unless_not_required() {
     drop(daemon);
     let _ = std::fs::remove_file(&bad);
     let _ = std::fs::remove_dir_all(&state);
+}
+
+/// Damage past the file's header does not hold up the start (finding it means reading every
+/// page, seconds per gigabyte): the check runs beside the daemon's work and reports it in the
+/// log and in `/admin/status`.
+#[tokio::test]
+async fn damage_inside_the_database_is_reported_after_a_prompt_start() {
+    let (dir, db) = db_in_temp_dir();
+    let (page_size, root) = {
+        let conn = orproxy_ledger::open(&db).unwrap();
+        conn.execute_batch(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 2000)
+             INSERT INTO requests (ts_ms, request_id, status, outcome, stream, cost_source, latency_us, attempts)
+             SELECT i, 'req-' || i, 200, 'ok', 0, 'none', 10, '[]' FROM c",
+        )
+        .unwrap();
+        let get = |sql| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as u64;
+        (
+            get("PRAGMA page_size"),
+            get("SELECT rootpage FROM sqlite_master WHERE name = 'requests'"),
+        )
+    };
+    // The table's root page (the page every row hangs from), overwritten.
+    let mut file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    file.seek(SeekFrom::Start((root - 1) * page_size)).unwrap();
+    file.write_all(&vec![0xA5; page_size as usize]).unwrap();
+    drop(file);
+
+    let daemon = Daemon::start(Options::default().arg("--db").arg(db.to_str().unwrap()));
+    let http = client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let integrity = loop {
+        let status: Value = http
+            .get(daemon.admin_url("/admin/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let integrity = status["ledger"]["integrity"].as_str().unwrap().to_owned();
+        if integrity != "checking" || Instant::now() > deadline {
+            break integrity;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(integrity.contains(db.to_str().unwrap()), "{integrity}");
+    assert!(integrity.contains("corrupt"), "{integrity}");
+    let logs = daemon.logs().join("\n");
+    assert!(logs.contains("The usage database is damaged."), "{logs}");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `orproxy report --format csv --group-by key` prints the header, a line per key and a total

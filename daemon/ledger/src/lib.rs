@@ -20,7 +20,7 @@ pub use migrate::{MIGRATIONS, migrate, version};
 pub use prices::{StoredPrice, load_prices, store_prices};
 pub use report::{Group, GroupBy, Report, UsageQuery, usage};
 pub use row::{Attempt, CostSource, Row};
-pub use spend::{SpendGroup, spend_between};
+pub use spend::{DAY_MS, SpendGroup, spend_between};
 pub use writer::{COMMIT_EVERY, Writer, WriterStats};
 
 /// Why the usage database cannot be used.
@@ -87,8 +87,8 @@ impl LedgerError {
 /// How long a statement waits for another connection's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens (creating if needed) the database at `path`, checks it, and applies pending
-/// migrations. The returned connection is the writer's.
+/// Opens (creating if needed) the database at `path`, takes its write lock once and applies
+/// pending migrations. The returned connection is the writer's.
 pub fn open(path: &Path) -> Result<Connection, LedgerError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| LedgerError::Directory {
@@ -105,17 +105,6 @@ pub fn open(path: &Path) -> Result<Connection, LedgerError> {
         .map_err(err)?;
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(err)?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(err)?;
-    if check != "ok" {
-        return Err(LedgerError::Sqlite {
-            path: path.to_owned(),
-            message: format!(
-                "integrity check failed: {check} (the database is corrupt: move it away to start a new one)"
-            ),
-        });
-    }
     // A database another process keeps locked would only show when the first row fails to
     // commit: take the write lock once now, so that the start fails with the reason instead.
     conn.execute_batch("BEGIN IMMEDIATE; COMMIT").map_err(err)?;
@@ -130,7 +119,28 @@ pub fn open(path: &Path) -> Result<Connection, LedgerError> {
     Ok(conn)
 }
 
-/// A plain read-write connection to a database [`open`] already checked (for the price cache).
+/// Reads every page of the database looking for damage (`PRAGMA quick_check`). It takes
+/// seconds per gigabyte, so the daemon runs it beside its work rather than before it; [`open`]
+/// only finds a file that is not a database, or whose header or schema is damaged.
+pub fn check(path: &Path) -> Result<(), LedgerError> {
+    let conn = open_reader(path)?;
+    // The first three problems are enough to name the damage on one line.
+    let check: String = conn
+        .query_row("PRAGMA quick_check(3)", [], |r| r.get(0))
+        .map_err(|e| LedgerError::sqlite(path, &e))?;
+    if check != "ok" {
+        let found = check.lines().collect::<Vec<_>>().join("; ");
+        return Err(LedgerError::Sqlite {
+            path: path.to_owned(),
+            message: format!(
+                "integrity check failed: {found} (the database is corrupt: stop orproxy and move it away to start a new one)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A plain read-write connection to a database [`open`] prepared (for the price cache).
 pub fn connect(path: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open(path).map_err(|e| LedgerError::sqlite(path, &e))?;
     conn.busy_timeout(BUSY_TIMEOUT)

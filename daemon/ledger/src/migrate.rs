@@ -12,6 +12,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_prices.sql",
         include_str!("../../../schemas/migrations/0002_prices.sql"),
     ),
+    (
+        "0003_spend_days.sql",
+        include_str!("../../../schemas/migrations/0003_spend_days.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
@@ -53,6 +57,14 @@ pub fn migrate(conn: &mut Connection) -> Result<u32, MigrateError> {
             found,
             known: latest(),
         });
+    }
+    if found > 0 && found < latest() {
+        // Some migrations go over every row once: say why a large database takes a while.
+        tracing::info!(
+            message = "Upgrading the usage database schema.",
+            from = found,
+            to = latest()
+        );
     }
     for (index, (_, sql)) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction()?;
@@ -101,7 +113,7 @@ mod tests {
         )
         .unwrap();
         migrate(&mut conn).unwrap();
-        assert_eq!(version(&conn).unwrap(), 2);
+        assert_eq!(version(&conn).unwrap(), latest());
         let cost: i64 = conn
             .query_row(
                 "SELECT cost_nanos FROM requests WHERE request_id = 'req-1'",
@@ -111,6 +123,50 @@ mod tests {
             .unwrap();
         assert_eq!(cost, 42);
         assert!(columns(&conn, "prices").contains(&"fetched_ms".to_owned()));
+    }
+
+    #[test]
+    fn the_spend_summary_is_built_from_the_rows_already_there() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (_, sql) in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        let day = 86_400_000;
+        for (i, (ts, key, cost)) in [
+            (5, Some("a"), 10),
+            (day - 1, Some("a"), 5),
+            (day, Some("a"), 7),
+            (day + 5, None, 3),
+            (day + 6, None, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            conn.execute(
+                "INSERT INTO requests (ts_ms, request_id, key, backend, model, status, outcome, stream, cost_nanos, cost_source, latency_us, attempts)
+                 VALUES (?1, ?2, ?3, 'b', 'm', 200, 'ok', 0, ?4, 'upstream', 10, '[]')",
+                rusqlite::params![ts, format!("req-{i}"), key, cost],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT day, key, cost_nanos FROM spend_days ORDER BY day, key")
+            .unwrap();
+        let days: Vec<(i64, String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            days,
+            [
+                (0, "a".to_owned(), 15),
+                (1, String::new(), 3),
+                (1, "a".to_owned(), 7)
+            ]
+        );
     }
 
     #[test]

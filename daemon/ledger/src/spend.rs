@@ -1,8 +1,15 @@
-//! Spend totals for budgets, rebuilt from the ledger at start.
+//! Spend totals for budgets: kept per UTC day by the writer (`spend_days`), read back at start.
 
-use rusqlite::Connection;
+use std::collections::HashMap;
 
-/// Spend of one (key, backend, model) since some time.
+use rusqlite::{Connection, Transaction};
+
+use crate::row::Row;
+
+/// Milliseconds in a day: `spend_days.day` is `ts_ms / DAY_MS`.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Spend of one (key, backend, model) over some days.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendGroup {
     /// Proxy key name.
@@ -15,23 +22,104 @@ pub struct SpendGroup {
     pub cost_nanos: i64,
 }
 
-/// Spend per (key, backend, model) of the rows in `[from_ms, to_ms)`.
+/// Spend per (key, backend, model) of the UTC days in `[from_day, to_day)` (days since
+/// 1970-01-01, as `ts_ms / DAY_MS`). A few rows per day and group, whatever the request count.
 pub fn spend_between(
     conn: &Connection,
-    from_ms: i64,
-    to_ms: i64,
+    from_day: i64,
+    to_day: i64,
 ) -> rusqlite::Result<Vec<SpendGroup>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT key, backend, model, sum(cost_nanos) FROM requests
-         WHERE ts_ms >= ?1 AND ts_ms < ?2 AND cost_nanos != 0 GROUP BY key, backend, model",
+        "SELECT key, backend, model, sum(cost_nanos) FROM spend_days
+         WHERE day >= ?1 AND day < ?2 GROUP BY key, backend, model",
     )?;
-    stmt.query_map([from_ms, to_ms], |r| {
+    let text = |s: String| (!s.is_empty()).then_some(s);
+    stmt.query_map([from_day, to_day], |r| {
         Ok(SpendGroup {
-            key: r.get(0)?,
-            backend: r.get(1)?,
-            model: r.get(2)?,
+            key: text(r.get(0)?),
+            backend: text(r.get(1)?),
+            model: text(r.get(2)?),
             cost_nanos: r.get(3)?,
         })
     })?
     .collect()
+}
+
+/// Adds the spend of `rows` to `spend_days` inside the transaction that inserts them, so the
+/// totals always equal the rows' sums. One statement per day and group of the batch.
+pub(crate) fn add_spend(tx: &Transaction<'_>, rows: &[Row]) -> rusqlite::Result<()> {
+    let mut groups: HashMap<(i64, &str, &str, &str), i64> = HashMap::new();
+    for row in rows.iter().filter(|r| r.cost_nanos != 0) {
+        let group = (
+            row.ts_ms / DAY_MS,
+            row.key.as_deref().unwrap_or_default(),
+            row.backend.as_deref().unwrap_or_default(),
+            row.model.as_deref().unwrap_or_default(),
+        );
+        *groups.entry(group).or_default() += row.cost_nanos;
+    }
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO spend_days (day, key, backend, model, cost_nanos) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (day, key, backend, model) DO UPDATE SET cost_nanos = cost_nanos + excluded.cost_nanos",
+    )?;
+    for ((day, key, backend, model), cost) in groups {
+        stmt.execute(rusqlite::params![day, key, backend, model, cost])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ledger() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::migrate(&mut conn).unwrap();
+        conn
+    }
+
+    fn row(id: &str, ts_ms: i64, key: Option<&str>, cost_nanos: i64) -> Row {
+        let mut row = Row::example(id, ts_ms, cost_nanos);
+        row.key = key.map(str::to_owned);
+        row
+    }
+
+    #[test]
+    fn spend_is_summed_per_day_and_group_across_batches() {
+        let mut conn = ledger();
+        let batches = [
+            vec![
+                row("r1", 10, Some("a"), 5),
+                row("r2", 20, Some("a"), 6),
+                row("r3", DAY_MS, Some("a"), 7),
+                row("r4", DAY_MS + 1, None, 8),
+                row("r5", DAY_MS + 2, None, 0),
+            ],
+            vec![row("r6", DAY_MS + 3, Some("a"), 100)],
+        ];
+        for batch in &batches {
+            let tx = conn.transaction().unwrap();
+            add_spend(&tx, batch).unwrap();
+            tx.commit().unwrap();
+        }
+        let spent = |from, to| {
+            let mut groups = spend_between(&conn, from, to).unwrap();
+            groups.sort_by(|a, b| a.key.cmp(&b.key));
+            groups
+                .into_iter()
+                .map(|g| (g.key, g.cost_nanos))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(spent(0, 1), [(Some("a".to_owned()), 11)]);
+        assert_eq!(spent(1, 2), [(None, 8), (Some("a".to_owned()), 107)]);
+        assert_eq!(
+            spent(i64::MIN, i64::MAX),
+            [(None, 8), (Some("a".to_owned()), 118)]
+        );
+        assert!(spent(2, i64::MAX).is_empty());
+    }
 }

@@ -354,6 +354,7 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
             row.insert(&mut stmt)?;
         }
     }
+    crate::spend::add_spend(&tx, batch)?;
     tx.commit()
 }
 
