@@ -160,6 +160,7 @@ fn check_in_background(path: &Path) -> Arc<OnceLock<Result<(), String>>> {
         });
     if let Err(error) = spawned {
         tracing::warn!(message = "Cannot start the usage database check.", %error);
+        let _ = result.set(Err(format!("the check could not run: {error}")));
     }
     result
 }

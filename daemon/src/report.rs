@@ -13,6 +13,7 @@ use http::header::CONTENT_TYPE;
 use orproxy_ledger::{GroupBy, Report, UsageQuery};
 use serde::Deserialize;
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use crate::app::App;
 use crate::budget::{days_from_civil, now_ms};
@@ -112,8 +113,15 @@ pub async fn usage(State(app): State<Arc<App>>, Query(params): Query<UsageParams
         Some("csv") => true,
         Some(other) => return bad_request(format!("format `{other}` is not json or csv")),
     };
+    // A report reads every row of its range (seconds over millions of rows): one runs at a
+    // time, so that dashboards polling this route cannot take every core from the proxy.
+    static RUNNING: Semaphore = Semaphore::const_new(1);
+    let Ok(turn) = RUNNING.acquire().await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     let accounts = Arc::clone(&app.accounts);
     let report = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         let path = accounts
             .path
             .as_deref()

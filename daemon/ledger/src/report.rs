@@ -120,35 +120,34 @@ pub struct Report {
 #[derive(Default)]
 struct Acc {
     group: Group,
-    latencies: Vec<i64>,
+    latencies: Latencies,
 }
 
 impl Acc {
     fn add(&mut self, r: &Fields) {
         let g = &mut self.group;
         g.requests += 1;
-        g.errors += u64::from(r.outcome != "ok");
+        g.errors += u64::from(!r.ok);
         g.tokens_in += r.tokens_in;
         g.tokens_out += r.tokens_out;
         g.cached_tokens += r.cached;
         g.reasoning_tokens += r.reasoning;
         g.cost_nanos += r.cost_nanos;
-        self.latencies.push(r.latency_us);
+        self.latencies.add(r.latency_us);
     }
 
-    fn finish(mut self, name: String) -> Group {
-        self.latencies.sort_unstable();
+    fn finish(self, name: String) -> Group {
         let mut g = self.group;
         g.group = name;
         g.cost_usd = format_usd(g.cost_nanos);
-        g.latency_p50_ms = percentile(&self.latencies, 50);
-        g.latency_p95_ms = percentile(&self.latencies, 95);
+        g.latency_p50_ms = self.latencies.percentile(50);
+        g.latency_p95_ms = self.latencies.percentile(95);
         g
     }
 }
 
 struct Fields {
-    outcome: String,
+    ok: bool,
     tokens_in: u64,
     tokens_out: u64,
     cached: u64,
@@ -157,58 +156,80 @@ struct Fields {
     latency_us: i64,
 }
 
-/// Nearest-rank percentile of sorted microseconds, in milliseconds.
-fn percentile(sorted: &[i64], p: usize) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (p * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1] as f64 / 1000.0
+/// Latencies counted by their value rounded down to three significant digits: a report over
+/// millions of rows keeps at most a few thousand counters per group instead of every value.
+#[derive(Default)]
+struct Latencies {
+    counts: BTreeMap<i64, u64>,
+    n: u64,
 }
 
-/// Builds the report of `query` from the database.
+impl Latencies {
+    fn add(&mut self, us: i64) {
+        *self.counts.entry(three_digits(us)).or_default() += 1;
+        self.n += 1;
+    }
+
+    /// Nearest-rank percentile, in milliseconds (to three significant digits, rounded down).
+    fn percentile(&self, p: u64) -> f64 {
+        let rank = (p * self.n).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (&us, &count) in &self.counts {
+            seen += count;
+            if seen >= rank {
+                return us as f64 / 1000.0;
+            }
+        }
+        0.0
+    }
+}
+
+/// `us` rounded down to three significant digits (1234 → 1230, 999 → 999).
+fn three_digits(us: i64) -> i64 {
+    let mut unit = 1;
+    while us / unit >= 1000 {
+        unit *= 10;
+    }
+    us / unit * unit
+}
+
+/// Builds the report of `query` from the database, one row at a time.
 pub fn usage(conn: &Connection, query: &UsageQuery) -> rusqlite::Result<Report> {
     let sql = format!(
-        "SELECT {}, outcome, coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
+        "SELECT {}, outcome = 'ok', coalesce(prompt_tokens, 0), coalesce(completion_tokens, 0),
          coalesce(cached_tokens, 0), coalesce(reasoning_tokens, 0), cost_nanos, latency_us
          FROM requests WHERE ts_ms >= ?1 AND ts_ms < ?2",
         query.group_by.column()
     );
     let mut stmt = conn.prepare(&sql)?;
-    let tag_path = match &query.group_by {
-        GroupBy::Tag(name) => format!("$.\"{}\"", name.replace('"', "\\\"")),
-        _ => String::new(),
-    };
-    let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(Option<String>, Fields)> {
-        let n = |i: usize| -> rusqlite::Result<u64> {
-            Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
-        };
-        Ok((
-            r.get(0)?,
-            Fields {
-                outcome: r.get(1)?,
-                tokens_in: n(2)?,
-                tokens_out: n(3)?,
-                cached: n(4)?,
-                reasoning: n(5)?,
-                cost_nanos: r.get(6)?,
-                latency_us: r.get(7)?,
-            },
-        ))
-    };
-    let rows = if matches!(query.group_by, GroupBy::Tag(_)) {
-        stmt.query_map(rusqlite::params![query.from_ms, query.to_ms, tag_path], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-    } else {
-        stmt.query_map(rusqlite::params![query.from_ms, query.to_ms], row)?
-            .collect::<rusqlite::Result<Vec<_>>>()?
+    let mut rows = match &query.group_by {
+        GroupBy::Tag(name) => {
+            let tag_path = format!("$.\"{}\"", name.replace('"', "\\\""));
+            stmt.query(rusqlite::params![query.from_ms, query.to_ms, tag_path])?
+        }
+        _ => stmt.query(rusqlite::params![query.from_ms, query.to_ms])?,
     };
     let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
     let mut total = Acc::default();
-    for (name, fields) in &rows {
-        let name = name.clone().unwrap_or_else(|| "-".to_owned());
-        groups.entry(name).or_default().add(fields);
-        total.add(fields);
+    while let Some(r) = rows.next()? {
+        let n = |i: usize| -> rusqlite::Result<u64> {
+            Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
+        };
+        let fields = Fields {
+            ok: r.get(1)?,
+            tokens_in: n(2)?,
+            tokens_out: n(3)?,
+            cached: n(4)?,
+            reasoning: n(5)?,
+            cost_nanos: r.get(6)?,
+            latency_us: r.get(7)?,
+        };
+        let name = r.get_ref(0)?.as_str_or_null()?.unwrap_or("-");
+        match groups.get_mut(name) {
+            Some(acc) => acc.add(&fields),
+            None => groups.entry(name.to_owned()).or_default().add(&fields),
+        }
+        total.add(&fields);
     }
     let mut groups: Vec<Group> = groups
         .into_iter()
@@ -361,6 +382,30 @@ mod tests {
             r.outcome = "upstream_error";
         }
         r
+    }
+
+    #[test]
+    fn latencies_are_kept_to_three_significant_digits() {
+        for (us, kept) in [
+            (0, 0),
+            (999, 999),
+            (1000, 1000),
+            (1234, 1230),
+            (98_765, 98_700),
+            (1_234_567, 1_230_000),
+        ] {
+            assert_eq!(three_digits(us), kept, "{us}");
+        }
+        let mut latencies = Latencies::default();
+        (1..=1000).for_each(|us| latencies.add(us));
+        assert_eq!(latencies.percentile(50), 0.5);
+        assert_eq!(latencies.percentile(95), 0.95);
+        let mut latencies = Latencies::default();
+        (1..=2000).for_each(|i| latencies.add(1_000 + i * 7));
+        // The 1000th value is 8000 µs, the 1900th 14,300 µs: both kept exactly.
+        assert_eq!(latencies.percentile(50), 8.0);
+        assert_eq!(latencies.percentile(95), 14.3);
+        assert!(latencies.counts.len() < 2000);
     }
 
     #[test]
