@@ -54,9 +54,10 @@ impl Auth {
                     format!("auth key `{}`: {msg}", key.name),
                 ))
             };
-            // An empty name would read as "no key" in reports and in the budgets' spend.
-            if key.name.is_empty() {
-                fail("the name must not be empty".into());
+            // An empty name would read as "no key" in reports and in the budgets' spend; a
+            // blank one or one with control characters cannot be read in logs either.
+            if key.name.trim().is_empty() || key.name.chars().any(char::is_control) {
+                fail("the name must not be empty, blank or hold control characters".into());
                 continue;
             }
             if keys.iter().any(|k: &ProxyKey| k.name == key.name) {
@@ -235,9 +236,9 @@ mod tests {
 
     #[test]
     fn bad_key_entries_are_located() {
-        let errs = auth("auth:\n  keys:\n    - { name: a, key_env: UNSET }\n    - { name: b, key_sha256: xyz }\n    - { name: c }\n    - { name: '', key_env: UNSET }\n").unwrap_err();
+        let errs = auth("auth:\n  keys:\n    - { name: a, key_env: UNSET }\n    - { name: b, key_sha256: xyz }\n    - { name: c }\n    - { name: '', key_env: UNSET }\n    - { name: ' ', key_env: UNSET }\n").unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        assert_eq!(text.len(), 4);
+        assert_eq!(text.len(), 5);
         assert!(
             text[0].starts_with("c.yaml:3:7: auth key `a`: environment variable UNSET"),
             "{text:?}"
@@ -245,6 +246,7 @@ mod tests {
         assert!(text[1].contains("64 hexadecimal digits"), "{text:?}");
         assert!(text[2].contains("exactly one of"), "{text:?}");
         assert!(text[3].contains("must not be empty"), "{text:?}");
+        assert!(text[4].contains("must not be empty"), "{text:?}");
     }
 
     fn hex_of(bytes: &[u8]) -> String {

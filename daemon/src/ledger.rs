@@ -57,8 +57,9 @@ impl Accounts {
             prices.set(&backend, list, fetched);
         }
         let budgets = Arc::new(BudgetBook::default());
-        // Three disjoint ranges of days (every window starts at a UTC midnight), so each sum
-        // lands in the windows it belongs to.
+        // Disjoint ranges of days (every window starts at a UTC midnight), so each sum lands
+        // in the windows it belongs to. Days after today (a clock that was ahead, an imported
+        // database) count in `total` budgets only.
         let now = budget::now_ms();
         let (month, _) = budget::window(BudgetPeriod::Month, now);
         let (day, _) = budget::window(BudgetPeriod::Day, now);
@@ -66,9 +67,19 @@ impl Accounts {
         for (from, to, at) in [
             (i64::MIN, month_day, 0),
             (month_day, today, month),
-            (today, i64::MAX, now),
+            (today, today + 1, now),
+            (today + 1, i64::MAX, 0),
         ] {
-            for g in orproxy_ledger::spend_between(&conn, from, to).map_err(sql)? {
+            let groups = orproxy_ledger::spend_between(&conn, from, to).map_err(|e| {
+                LedgerError::Sqlite {
+                    path: path.to_owned(),
+                    message: format!(
+                        "cannot read the budgets' spend summary (table spend_days): {e}; to rebuild it from the request rows, stop orproxy and run: sqlite3 '{}' 'DROP TABLE IF EXISTS spend_days; PRAGMA user_version = 2'",
+                        path.display()
+                    ),
+                }
+            })?;
+            for g in groups {
                 let subject = Subject {
                     key: g.key,
                     backend: g.backend.unwrap_or_default(),
@@ -174,5 +185,42 @@ fn listed(p: &StoredPrice) -> Listed {
             request: p.request_nanos,
         },
         max_output_tokens: p.max_output_tokens.and_then(|n| u64::try_from(n).ok()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use orproxy_rules::Host;
+
+    #[test]
+    fn restored_spend_lands_in_the_windows_of_its_days() {
+        let dir = std::env::temp_dir().join(format!("orproxy-accounts-{}", std::process::id()));
+        let path = dir.join("usage.db");
+        let today = budget::now_ms() / DAY_MS;
+        {
+            let conn = orproxy_ledger::open(&path).unwrap();
+            // Today; an earlier month; tomorrow and a far future day (a clock that was ahead).
+            for (day, cost) in [
+                (today, 1),
+                (today - 40, 10),
+                (today + 1, 100),
+                (today + 30_000, 1000),
+            ] {
+                conn.execute(
+                    "INSERT INTO spend_days VALUES (?1, '', 'b', 'm', ?2)",
+                    [day, cost],
+                )
+                .unwrap();
+            }
+        }
+        let accounts = Accounts::open(&path).unwrap();
+        let spend = budget::SpendHost::new(Arc::clone(&accounts.budgets));
+        assert_eq!(spend.spent_usd("global", "day"), 1e-9);
+        assert_eq!(spend.spent_usd("global", "month"), 1e-9);
+        assert_eq!(spend.spent_usd("global", "total"), 1111e-9);
+        accounts.close();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

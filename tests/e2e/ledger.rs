@@ -577,6 +577,33 @@ async fn sigkill_keeps_the_database_sound_and_the_answered_rows() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A database that refuses rows (here another process holds its write lock, as a full disk
+/// would refuse them) does not hold up SIGTERM: after a few quick tries the daemon logs every
+/// row it could not store, whole, and exits.
+#[tokio::test]
+async fn sigterm_with_a_database_refusing_rows_logs_them_and_exits() {
+    let (dir, db) = db_in_temp_dir();
+    let mut daemon = Daemon::start(Options::default().arg("--db").arg(db.to_str().unwrap()));
+    let holder = orproxy_ledger::connect(&db).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (ids, _) = mock_burst(&daemon, 20, 4).await;
+    let asked = Instant::now();
+    daemon.terminate();
+    assert!(daemon.wait_exit().success());
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(15), "exit took {took:?}");
+    let logs = daemon.logs().join("\n");
+    for id in &ids {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("Usage row not stored.") && l.contains(id.as_str())),
+            "{id} is not in the log: {logs}"
+        );
+    }
+    drop(holder);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A file that is not a database stops the start with exit status 1 and a message naming
 /// it; with `database.required: false` the daemon proxies anyway and leaves the file alone.
 #[tokio::test]

@@ -1,10 +1,14 @@
-//! The one writer: rows arrive on an unbounded channel and are committed in batches on a
-//! dedicated thread, so a request never waits for SQLite.
+//! The one writer: rows arrive on a channel and are committed in batches on a dedicated
+//! thread, so a request never waits for SQLite.
 //!
 //! A batch gathers rows for [`COMMIT_EVERY`] (a flush or a stop commits at once) and is
 //! written in one transaction, so batches grow with the load instead of the queue blocking
 //! anyone. A row is on disk (in the WAL) at most [`COMMIT_EVERY`] plus a commit's time after
 //! it was sent, which bounds what a killed process loses.
+//!
+//! A database that refuses rows (disk full, locked, damaged) keeps them queued, up to
+//! [`MAX_QUEUED`], and is tried again every few seconds in ever smaller transactions; rows past
+//! that limit, and rows still refused at stop, are logged whole rather than lost silently.
 //!
 //! Before each commit the writer checks that its path still names the file it has open: a
 //! database deleted or replaced under a running daemon would otherwise swallow rows into an
@@ -13,8 +17,8 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,19 +27,25 @@ use rusqlite::Connection;
 
 use crate::row::{INSERT, Row};
 
-/// Rows per transaction at most (a transaction holds the WAL lock; keep it short).
+/// Rows per transaction at most (a transaction holds the WAL lock; keep it short); a larger
+/// batch is committed in several.
 const MAX_BATCH: usize = 8192;
 /// How long a batch gathers rows before it is committed: what a killed process can lose.
 /// Each commit costs a few syscalls whatever its size: 10 ms batches (a hundred commits a
 /// second) showed in the p99 of single requests, 50 ms do not.
 pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
-/// Waits between retries of a batch SQLite refused.
-const RETRY: [Duration; 5] = [
+/// Rows waiting for the database at most. The writer is ten times faster than the daemon can
+/// serve, so only a database that cannot be written (disk full, locked, damaged) fills this;
+/// rows beyond it are logged whole instead of growing the process until it is killed
+/// (about 1.1 KB a row: some 110 MB).
+pub const MAX_QUEUED: u64 = 100_000;
+/// How long rows SQLite refused wait before the next try while running.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+/// Waits between the last tries of rows SQLite refuses at shutdown.
+const RETRY: [Duration; 3] = [
     Duration::from_millis(50),
     Duration::from_millis(200),
     Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(5),
 ];
 
 enum Message {
@@ -58,7 +68,7 @@ pub struct WriterStats {
     /// Failed attempts to commit a batch (each retried), and times the database file was found
     /// deleted or replaced (and opened again).
     pub errors: AtomicU64,
-    /// Rows given up on at shutdown (each also logged whole).
+    /// Rows given up on, each logged whole: at shutdown, or past [`MAX_QUEUED`].
     pub dropped: AtomicU64,
 }
 
@@ -67,14 +77,22 @@ pub struct WriterStats {
 pub struct Writer {
     tx: Sender<Message>,
     stats: Arc<WriterStats>,
+    /// Set by [`Writer::stop`]: seen between retries, ahead of the rows still queued.
+    stopping: Arc<AtomicBool>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    max_queued: u64,
 }
 
 impl Writer {
     /// Starts the writer thread on an open (migrated) connection to the database at `path`.
     pub fn start(conn: Connection, path: &Path) -> std::io::Result<Writer> {
+        Writer::with_limit(conn, path, MAX_QUEUED)
+    }
+
+    fn with_limit(conn: Connection, path: &Path, max_queued: u64) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
+        let stopping = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             conn: Some(conn),
             file: FileId::of(path)?,
@@ -82,6 +100,8 @@ impl Writer {
             path: path.to_owned(),
             rx,
             stats: Arc::clone(&stats),
+            stopping: Arc::clone(&stopping),
+            piece: usize::MAX,
         };
         let thread = std::thread::Builder::new()
             .name("orproxy-ledger".into())
@@ -89,12 +109,23 @@ impl Writer {
         Ok(Writer {
             tx,
             stats,
+            stopping,
             thread: Arc::new(Mutex::new(Some(thread))),
+            max_queued,
         })
     }
 
-    /// Queues a row; never blocks. After [`Writer::stop`] the row is logged instead.
+    /// Queues a row; never blocks. After [`Writer::stop`], or with [`MAX_QUEUED`] rows already
+    /// waiting, the row is logged instead.
     pub fn send(&self, row: Row) {
+        if self.stats.queued.load(Ordering::Relaxed) >= self.max_queued {
+            lost(
+                &self.stats,
+                &row,
+                "too many rows are waiting for the usage database (it cannot be written)",
+            );
+            return;
+        }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::SendError(Message::Row(row))) = self.tx.send(Message::Row(Box::new(row))) {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
@@ -102,7 +133,8 @@ impl Writer {
         }
     }
 
-    /// Waits until every row sent before this call is committed (or given up on).
+    /// Waits until every row sent before this call is committed, or the writer has tried and
+    /// failed to commit them (they stay queued).
     pub fn flush(&self) {
         let (done_tx, done_rx) = mpsc::sync_channel(1);
         if self.tx.send(Message::Flush(done_tx)).is_ok() {
@@ -110,11 +142,15 @@ impl Writer {
         }
     }
 
-    /// Commits everything queued, then ends the thread. Idempotent.
+    /// Commits everything queued, then ends the thread. A database that cannot be written gets
+    /// a few seconds; the rows it refuses are then logged whole. Idempotent.
     pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let _ = self.tx.send(Message::Stop);
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(thread) = thread {
+            // Cuts short the pause of a batch gathering rows.
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
@@ -152,6 +188,9 @@ struct Worker {
     wal: Option<FileId>,
     rx: Receiver<Message>,
     stats: Arc<WriterStats>,
+    stopping: Arc<AtomicBool>,
+    /// Rows per transaction: all of a batch, until SQLite refuses one.
+    piece: usize,
 }
 
 impl Worker {
@@ -161,50 +200,61 @@ impl Worker {
         let mut behind = false;
         loop {
             // Block for the first message, then take whatever else is already queued.
-            // Rows a failed commit kept are retried after a pause even if nothing new comes.
             let first = if batch.is_empty() {
-                self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                self.rx.recv().map_err(|_| TryRecvError::Disconnected)
             } else {
-                self.rx.recv_timeout(RETRY[RETRY.len() - 1])
+                // The last commit failed and kept its rows: try again after a pause (which a
+                // stop cuts short), whether or not more rows came.
+                std::thread::park_timeout(RETRY_EVERY);
+                self.rx.try_recv()
             };
             let mut stop = match first {
                 Ok(message) => self.take(message, &mut batch, &mut waiting),
-                Err(RecvTimeoutError::Timeout) => false,
-                Err(RecvTimeoutError::Disconnected) => true,
+                Err(TryRecvError::Empty) => false,
+                Err(TryRecvError::Disconnected) => true,
             };
             // Let rows gather for COMMIT_EVERY: each transaction rewrites the same few pages and
             // takes the WAL locks, so one commit per row would cost far more than the rows.
-            // Sleeping rather than waiting on the channel matters as much: a waiting receiver
+            // Pausing rather than waiting on the channel matters as much: a waiting receiver
             // is woken (a futex call and a context switch) by every single send.
             // A full last batch means rows arrive faster than batches fill: no pause then.
             if !stop && waiting.is_empty() && !behind {
-                std::thread::sleep(COMMIT_EVERY);
+                std::thread::park_timeout(COMMIT_EVERY);
             }
-            while !stop && batch.len() < MAX_BATCH {
+            // Everything queued joins the batch (committed MAX_BATCH rows per transaction), so
+            // a flush or a stop behind many rows is seen in this round.
+            while !stop {
                 match self.rx.try_recv() {
                     Ok(message) => stop = self.take(message, &mut batch, &mut waiting),
                     Err(_) => break,
                 }
             }
             behind = batch.len() >= MAX_BATCH;
-            if !batch.is_empty() {
-                self.commit(&mut batch, stop);
+            // A stop is seen here even with rows queued ahead of its message.
+            stop |= self.stopping.load(Ordering::Relaxed);
+            if !batch.is_empty() && !stop {
+                self.commit(&mut batch, false);
             }
-            if batch.is_empty() || stop {
-                // Flushes wait for the rows sent before them, which are now committed.
-                for done in waiting.drain(..) {
-                    let _ = done.send(());
-                }
+            // Flushes wait for the rows sent before them, which are now committed, or were
+            // tried and refused (a report then shows what the database holds).
+            for done in waiting.drain(..) {
+                let _ = done.send(());
             }
-            if stop {
-                // Rows sent before Stop are still in the channel only if the batch was full.
+            if stop || self.stopping.load(Ordering::Relaxed) {
+                // Everything sent before the stop, including rows queued behind a failing
+                // database, gets one last try.
                 while let Ok(message) = self.rx.recv_timeout(Duration::ZERO) {
-                    if let Message::Row(row) = message {
-                        batch.push(*row);
+                    match message {
+                        Message::Row(row) => batch.push(*row),
+                        Message::Flush(done) => waiting.push(done),
+                        Message::Stop => {}
                     }
                 }
                 if !batch.is_empty() {
                     self.commit(&mut batch, true);
+                }
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
                 }
                 return;
             }
@@ -226,48 +276,71 @@ impl Worker {
         false
     }
 
-    /// Commits `batch`, retrying while SQLite refuses; on the way out, rows that still cannot
-    /// be written are logged whole so that nothing is lost silently.
+    /// Commits `batch`. While running, rows SQLite refuses stay in `batch` for the next round
+    /// (a few seconds later), and each failed round commits in transactions an eighth as
+    /// large, so that a little freed disk space lets rows through. At stop, a refusing database
+    /// gets a few quick tries, then the rows are logged whole, so that nothing is lost silently.
     fn commit(&mut self, batch: &mut Vec<Row>, stopping: bool) {
-        let mut tries = RETRY.iter();
+        if stopping && let Some(conn) = &self.conn {
+            // A database another process keeps locked must not hold the exit up for long.
+            let _ = conn.busy_timeout(Duration::from_secs(1));
+        }
+        let mut pauses = if stopping { &RETRY[..] } else { &[][..] }.iter();
         loop {
-            let written = self
-                .connection()
-                .and_then(|conn| write_batch(conn, batch).map_err(|e| e.to_string()));
-            match written {
+            let error = match self.write_pieces(batch, self.piece) {
                 Ok(()) => {
-                    let n = batch.len() as u64;
-                    self.stats.queued.fetch_sub(n, Ordering::Relaxed);
-                    self.stats.written.fetch_add(n, Ordering::Relaxed);
-                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                    self.stats.max_batch.fetch_max(n, Ordering::Relaxed);
-                    batch.clear();
+                    self.piece = usize::MAX;
                     return;
                 }
-                Err(error) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        message = "Cannot write usage rows; retrying.",
-                        database = %self.path.display(),
-                        rows = batch.len(),
-                        %error,
-                    );
-                    match tries.next() {
-                        Some(pause) => std::thread::sleep(*pause),
-                        // While running, keep the rows and try again with the next batch;
-                        // at shutdown there is no next batch.
-                        None if !stopping => return,
-                        None => {
-                            for row in batch.drain(..) {
-                                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                                lost(&self.stats, &row, &error);
-                            }
-                            return;
-                        }
+                Err(error) => error,
+            };
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                message = "Cannot write usage rows; retrying.",
+                database = %self.path.display(),
+                rows = batch.len(),
+                %error,
+            );
+            self.piece = (self.piece.min(batch.len()) / 8).max(1);
+            match pauses.next() {
+                Some(pause) => std::thread::sleep(*pause),
+                None if !stopping => return,
+                None => {
+                    for row in batch.drain(..) {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        lost(&self.stats, &row, &error);
                     }
+                    return;
                 }
             }
         }
+    }
+
+    /// Commits `batch` in transactions of `piece` rows (at most [`MAX_BATCH`]) and removes
+    /// what was committed from it.
+    fn write_pieces(&mut self, batch: &mut Vec<Row>, piece: usize) -> Result<(), String> {
+        let mut done = 0;
+        let written = loop {
+            let n = piece.min(MAX_BATCH).min(batch.len() - done);
+            if n == 0 {
+                break Ok(());
+            }
+            let rows = &batch[done..done + n];
+            if let Err(error) = self
+                .connection()
+                .and_then(|conn| write_batch(conn, rows).map_err(|e| e.to_string()))
+            {
+                break Err(error);
+            }
+            let n64 = n as u64;
+            self.stats.queued.fetch_sub(n64, Ordering::Relaxed);
+            self.stats.written.fetch_add(n64, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.stats.max_batch.fetch_max(n64, Ordering::Relaxed);
+            done += n;
+        };
+        batch.drain(..done);
+        written
     }
 }
 
@@ -428,6 +501,84 @@ mod tests {
         // A row after stop is not lost silently: it is counted (and logged).
         writer.send(Row::example("late", 0, 1));
         assert_eq!(writer.stats().dropped.load(Ordering::Relaxed), 1);
+    }
+
+    /// Another process holding the write lock stands in for a full disk: SQLite refuses
+    /// every commit.
+    fn locked(path: &Path) -> Connection {
+        let holder = Connection::open(path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        holder
+    }
+
+    #[test]
+    fn a_database_that_refuses_rows_holds_a_bounded_queue_and_lets_flush_and_stop_return() {
+        let (_dir, path) = temp_db("refused");
+        let writer = Writer::with_limit(crate::open(&path).unwrap(), &path, 50).unwrap();
+        let holder = locked(&path);
+        for i in 0..60 {
+            writer.send(Row::example(&format!("req-{i}"), i, 1));
+        }
+        let stats = writer.stats();
+        // Past the limit, rows are logged whole instead of queued.
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 50);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 10);
+        // A flush returns once the commit was tried, whatever its result.
+        writer.flush();
+        assert!(stats.errors.load(Ordering::Relaxed) >= 1);
+        // Freed, the database takes every queued row.
+        drop(holder);
+        writer.flush();
+        assert_eq!(count(&path), 50);
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+
+        // Refused again at stop: a few seconds of tries, then the rows are logged whole.
+        let holder = locked(&path);
+        for i in 0..5 {
+            writer.send(Row::example(&format!("late-{i}"), i, 1));
+        }
+        let asked = std::time::Instant::now();
+        writer.stop();
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 15);
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+        drop(holder);
+        assert_eq!(count(&path), 50);
+    }
+
+    #[test]
+    fn stop_is_seen_ahead_of_the_rows_queued_behind_a_refusing_database() {
+        let (_dir, path) = temp_db("stop-behind");
+        let writer = Writer::start(crate::open(&path).unwrap(), &path).unwrap();
+        let holder = locked(&path);
+        for i in 0..(MAX_BATCH as i64 * 3) {
+            writer.send(Row::example(&format!("req-{i}"), i, 1));
+        }
+        // The writer is retrying its first batch; the database comes back as the stop starts.
+        std::thread::sleep(Duration::from_millis(100));
+        let stopper = std::thread::spawn({
+            let writer = writer.clone();
+            move || writer.stop()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        drop(holder);
+        let asked = std::time::Instant::now();
+        stopper.join().unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert_eq!(
+            count(&path),
+            MAX_BATCH as i64 * 3,
+            "every queued row is committed"
+        );
+        assert_eq!(writer.stats().dropped.load(Ordering::Relaxed), 0);
     }
 
     #[test]
