@@ -686,17 +686,9 @@ async fn damage_inside_the_database_is_reported_after_a_prompt_start() {
     drop(file);
 
     let daemon = Daemon::start(Options::default().arg("--db").arg(db.to_str().unwrap()));
-    let http = client();
     let deadline = Instant::now() + Duration::from_secs(10);
     let integrity = loop {
-        let status: Value = http
-            .get(daemon.admin_url("/admin/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = daemon.status().await;
         let integrity = status["ledger"]["integrity"].as_str().unwrap().to_owned();
         if integrity != "checking" || Instant::now() > deadline {
             break integrity;
