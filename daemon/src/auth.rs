@@ -51,13 +51,20 @@ impl Auth {
                 errors.push(Diagnostic::at(
                     file,
                     at,
-                    format!("auth key `{}`: {msg}", key.name),
+                    format!("auth key `{}`: {msg}", key.name.escape_debug()),
                 ))
             };
             // An empty name would read as "no key" in reports and in the budgets' spend; a
-            // blank one or one with control characters cannot be read in logs either.
-            if key.name.trim().is_empty() || key.name.chars().any(char::is_control) {
-                fail("the name must not be empty, blank or hold control characters".into());
+            // blank one, one padded with spaces or one with control characters cannot be told
+            // apart in logs either.
+            if key.name.trim().is_empty()
+                || key.name.trim() != key.name
+                || key.name.chars().any(char::is_control)
+            {
+                fail(
+                    "the name must not be empty or blank, start or end with spaces, or hold control characters"
+                        .into(),
+                );
                 continue;
             }
             if keys.iter().any(|k: &ProxyKey| k.name == key.name) {
@@ -236,9 +243,9 @@ mod tests {
 
     #[test]
     fn bad_key_entries_are_located() {
-        let errs = auth("auth:\n  keys:\n    - { name: a, key_env: UNSET }\n    - { name: b, key_sha256: xyz }\n    - { name: c }\n    - { name: '', key_env: UNSET }\n    - { name: ' ', key_env: UNSET }\n").unwrap_err();
+        let errs = auth("auth:\n  keys:\n    - { name: a, key_env: UNSET }\n    - { name: b, key_sha256: xyz }\n    - { name: c }\n    - { name: '', key_env: UNSET }\n    - { name: ' ', key_env: UNSET }\n    - { name: \"a\\nb \", key_env: UNSET }\n").unwrap_err();
         let text: Vec<String> = errs.iter().map(ToString::to_string).collect();
-        assert_eq!(text.len(), 5);
+        assert_eq!(text.len(), 6);
         assert!(
             text[0].starts_with("c.yaml:3:7: auth key `a`: environment variable UNSET"),
             "{text:?}"
@@ -247,6 +254,10 @@ mod tests {
         assert!(text[2].contains("exactly one of"), "{text:?}");
         assert!(text[3].contains("must not be empty"), "{text:?}");
         assert!(text[4].contains("must not be empty"), "{text:?}");
+        assert!(
+            text[5].starts_with("c.yaml:8:7: auth key `a\\nb `"),
+            "{text:?}"
+        );
     }
 
     fn hex_of(bytes: &[u8]) -> String {

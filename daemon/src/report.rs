@@ -4,12 +4,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use http::StatusCode;
 use http::header::CONTENT_TYPE;
+use http::{HeaderName, HeaderValue, StatusCode};
 use orproxy_ledger::{GroupBy, Report, UsageQuery};
 use serde::Deserialize;
 use serde_json::json;
@@ -98,6 +99,11 @@ fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
+/// How long a report waits for the rows still queued: longer means the database refuses them.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+/// On a report that leaves out rows the database refused: how many.
+const ROWS_PENDING: HeaderName = HeaderName::from_static("x-orproxy-rows-pending");
+
 /// `GET /admin/usage?from=&to=&group_by=&format=json|csv`.
 pub async fn usage(State(app): State<Arc<App>>, Query(params): Query<UsageParams>) -> Response {
     let query = match query(
@@ -126,18 +132,39 @@ pub async fn usage(State(app): State<Arc<App>>, Query(params): Query<UsageParams
             .path
             .as_deref()
             .ok_or("no usage database is open")?;
-        // Rows of requests already answered may still be queued: include them.
-        if let Some(writer) = &accounts.writer {
-            writer.flush();
-        }
-        read_report(path, &query)
+        // Rows of requests already answered may still be queued: include them, unless the
+        // database refuses them; the report then says how many it leaves out.
+        let pending = match &accounts.writer {
+            Some(writer) if !writer.flush_within(FLUSH_WAIT) => writer
+                .stats()
+                .queued
+                .load(std::sync::atomic::Ordering::Relaxed),
+            _ => 0,
+        };
+        read_report(path, &query).map(|report| (report, pending))
     })
     .await;
     match report {
-        Ok(Ok(report)) if csv => {
-            ([(CONTENT_TYPE, "text/csv; charset=utf-8")], report.to_csv()).into_response()
+        Ok(Ok((report, pending))) => {
+            let mut response = if csv {
+                ([(CONTENT_TYPE, "text/csv; charset=utf-8")], report.to_csv()).into_response()
+            } else if pending > 0 {
+                let mut body = serde_json::to_value(&report).unwrap_or_default();
+                body["rows_pending"] = json!(pending);
+                body["warning"] = json!(format!(
+                    "{pending} rows of answered requests are waiting for the usage database, which refuses them, and are not counted here (see ledger in /admin/status)"
+                ));
+                Json(body).into_response()
+            } else {
+                Json(report).into_response()
+            };
+            if pending > 0 {
+                response
+                    .headers_mut()
+                    .insert(ROWS_PENDING, HeaderValue::from(pending));
+            }
+            response
         }
-        Ok(Ok(report)) => Json(report).into_response(),
         Ok(Err(message)) => {
             let body = json!({"error": {"message": message, "type": "server_error", "code": "ledger_unavailable"}});
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()

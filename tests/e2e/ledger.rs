@@ -578,8 +578,8 @@ async fn sigkill_keeps_the_database_sound_and_the_answered_rows() {
 }
 
 /// A database that refuses rows (here another process holds its write lock, as a full disk
-/// would refuse them) does not hold up SIGTERM: after a few quick tries the daemon logs every
-/// row it could not store, whole, and exits.
+/// would refuse them): a report says how many rows it leaves out, and SIGTERM is not held up:
+/// after a few quick tries the daemon logs every row it could not store, whole, and exits.
 #[tokio::test]
 async fn sigterm_with_a_database_refusing_rows_logs_them_and_exits() {
     let (dir, db) = db_in_temp_dir();
@@ -587,6 +587,17 @@ async fn sigterm_with_a_database_refusing_rows_logs_them_and_exits() {
     let holder = orproxy_ledger::connect(&db).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
     let (ids, _) = mock_burst(&daemon, 20, 4).await;
+    // A report meanwhile answers without those rows, and says so.
+    let response = client()
+        .get(daemon.admin_url("/admin/usage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-orproxy-rows-pending"], "20");
+    let report: Value = response.json().await.unwrap();
+    assert_eq!(report["rows_pending"], 20, "{report:#}");
+    assert_eq!(report["total"]["requests"], 0, "{report:#}");
     let asked = Instant::now();
     daemon.terminate();
     assert!(daemon.wait_exit().success());

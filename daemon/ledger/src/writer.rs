@@ -39,6 +39,8 @@ pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 /// rows beyond it are logged whole instead of growing the process until it is killed
 /// (about 1.1 KB a row: some 110 MB).
 pub const MAX_QUEUED: u64 = 100_000;
+/// Rows per transaction at least when retrying refused rows in smaller transactions.
+const MIN_PIECE: usize = 256;
 /// How long rows SQLite refused wait before the next try while running.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// Waits between the last tries of rows SQLite refuses at shutdown.
@@ -50,7 +52,8 @@ const RETRY: [Duration; 3] = [
 
 enum Message {
     Row(Box<Row>),
-    Flush(SyncSender<()>),
+    /// Answered with whether every row sent before it is committed.
+    Flush(SyncSender<bool>),
     Stop,
 }
 
@@ -77,7 +80,7 @@ pub struct WriterStats {
 pub struct Writer {
     tx: Sender<Message>,
     stats: Arc<WriterStats>,
-    /// Set by [`Writer::stop`]: seen between retries, ahead of the rows still queued.
+    /// Set by [`Writer::stop`]: seen each round, ahead of the rows still queued.
     stopping: Arc<AtomicBool>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     max_queued: u64,
@@ -133,13 +136,20 @@ impl Writer {
         }
     }
 
-    /// Waits until every row sent before this call is committed, or the writer has tried and
-    /// failed to commit them (they stay queued).
-    pub fn flush(&self) {
+    /// Waits until every row sent before this call is committed (true), or the writer has
+    /// tried and failed to commit them (false: they stay queued).
+    pub fn flush(&self) -> bool {
+        self.flush_within(Duration::MAX)
+    }
+
+    /// [`Writer::flush`], waiting at most `limit` (false if the rows were not committed by
+    /// then): a database that refuses rows answers only after its busy timeout.
+    pub fn flush_within(&self, limit: Duration) -> bool {
         let (done_tx, done_rx) = mpsc::sync_channel(1);
-        if self.tx.send(Message::Flush(done_tx)).is_ok() {
-            let _ = done_rx.recv();
+        if self.tx.send(Message::Flush(done_tx)).is_err() {
+            return false;
         }
+        done_rx.recv_timeout(limit).unwrap_or(false)
     }
 
     /// Commits everything queued, then ends the thread. A database that cannot be written gets
@@ -196,7 +206,7 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         let mut batch: Vec<Row> = Vec::new();
-        let mut waiting: Vec<SyncSender<()>> = Vec::new();
+        let mut waiting: Vec<SyncSender<bool>> = Vec::new();
         let mut behind = false;
         loop {
             // Block for the first message, then take whatever else is already queued.
@@ -238,11 +248,12 @@ impl Worker {
             // Flushes wait for the rows sent before them, which are now committed, or were
             // tried and refused (a report then shows what the database holds).
             for done in waiting.drain(..) {
-                let _ = done.send(());
+                let _ = done.send(batch.is_empty());
             }
             if stop || self.stopping.load(Ordering::Relaxed) {
                 // Everything sent before the stop, including rows queued behind a failing
                 // database, gets one last try.
+                let dropped = self.stats.dropped.load(Ordering::Relaxed);
                 while let Ok(message) = self.rx.recv_timeout(Duration::ZERO) {
                     match message {
                         Message::Row(row) => batch.push(*row),
@@ -253,8 +264,10 @@ impl Worker {
                 if !batch.is_empty() {
                     self.commit(&mut batch, true);
                 }
+                // Refused rows were logged, not committed.
+                let committed = self.stats.dropped.load(Ordering::Relaxed) == dropped;
                 for done in waiting.drain(..) {
-                    let _ = done.send(());
+                    let _ = done.send(committed);
                 }
                 return;
             }
@@ -266,7 +279,7 @@ impl Worker {
         &self,
         message: Message,
         batch: &mut Vec<Row>,
-        waiting: &mut Vec<SyncSender<()>>,
+        waiting: &mut Vec<SyncSender<bool>>,
     ) -> bool {
         match message {
             Message::Row(row) => batch.push(*row),
@@ -301,7 +314,9 @@ impl Worker {
                 rows = batch.len(),
                 %error,
             );
-            self.piece = (self.piece.min(batch.len()) / 8).max(1);
+            // Not below MIN_PIECE rows: each transaction writes whole pages to the log, so
+            // single rows would spend kilobytes of freed disk each.
+            self.piece = (self.piece.min(batch.len()) / 8).max(MIN_PIECE);
             match pauses.next() {
                 Some(pause) => std::thread::sleep(*pause),
                 None if !stopping => return,
@@ -434,20 +449,35 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
 /// A row that cannot be stored goes to the log whole, so it can still be recovered.
 fn lost(stats: &WriterStats, row: &Row, why: &str) {
     stats.dropped.fetch_add(1, Ordering::Relaxed);
+    let attempts = serde_json::to_string(&row.attempts).unwrap_or_default();
+    let tags = serde_json::to_string(&row.tags).unwrap_or_default();
     tracing::error!(
         message = "Usage row not stored.",
         why,
         request_id = %row.request_id,
         ts_ms = row.ts_ms,
         key = row.key.as_deref(),
+        client_ip = row.client_ip.as_deref(),
         backend = row.backend.as_deref(),
         model = row.model.as_deref(),
+        model_requested = row.model_requested.as_deref(),
+        model_served = row.model_served.as_deref(),
         status = row.status,
         outcome = row.outcome,
+        stream = row.stream,
         prompt_tokens = row.prompt_tokens,
         completion_tokens = row.completion_tokens,
+        cached_tokens = row.cached_tokens,
+        reasoning_tokens = row.reasoning_tokens,
         cost_nanos = row.cost_nanos,
         cost_source = row.cost_source.as_str(),
+        latency_us = row.latency_us,
+        ttfb_us = row.ttfb_us,
+        upstream_us = row.upstream_us,
+        attempts,
+        tags,
+        rules = row.rules.as_deref(),
+        error = row.error.as_deref(),
     );
 }
 
@@ -523,12 +553,13 @@ mod tests {
         // Past the limit, rows are logged whole instead of queued.
         assert_eq!(stats.queued.load(Ordering::Relaxed), 50);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 10);
-        // A flush returns once the commit was tried, whatever its result.
-        writer.flush();
+        // A flush returns once the commit was tried, and says it failed.
+        assert!(!writer.flush());
         assert!(stats.errors.load(Ordering::Relaxed) >= 1);
+        assert!(!writer.flush_within(Duration::from_millis(10)));
         // Freed, the database takes every queued row.
         drop(holder);
-        writer.flush();
+        assert!(writer.flush());
         assert_eq!(count(&path), 50);
         assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
 
