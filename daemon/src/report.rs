@@ -99,7 +99,7 @@ fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
-/// How long a report waits for the rows still queued: longer means the database refuses them.
+/// How long a report waits for the rows still queued (a healthy writer needs milliseconds).
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// On a report that leaves out rows the database refused: how many.
 const ROWS_PENDING: HeaderName = HeaderName::from_static("x-orproxy-rows-pending");
@@ -152,7 +152,7 @@ pub async fn usage(State(app): State<Arc<App>>, Query(params): Query<UsageParams
                 let mut body = serde_json::to_value(&report).unwrap_or_default();
                 body["rows_pending"] = json!(pending);
                 body["warning"] = json!(format!(
-                    "{pending} rows of answered requests are waiting for the usage database, which refuses them, and are not counted here (see ledger in /admin/status)"
+                    "{pending} rows of answered requests are still waiting to be written to the usage database and are not counted here (see ledger in /admin/status)"
                 ));
                 Json(body).into_response()
             } else {
