@@ -242,13 +242,15 @@ impl Worker {
             behind = batch.len() >= MAX_BATCH;
             // A stop is seen here even with rows queued ahead of its message.
             stop |= self.stopping.load(Ordering::Relaxed);
-            if !batch.is_empty() && !stop {
-                self.commit(&mut batch, false);
-            }
-            // Flushes wait for the rows sent before them, which are now committed, or were
-            // tried and refused (a report then shows what the database holds).
-            for done in waiting.drain(..) {
-                let _ = done.send(batch.is_empty());
+            if !stop {
+                if !batch.is_empty() {
+                    self.commit(&mut batch, false);
+                }
+                // Flushes wait for the rows sent before them, which are now committed, or were
+                // tried and refused (a report then shows what the database holds).
+                for done in waiting.drain(..) {
+                    let _ = done.send(batch.is_empty());
+                }
             }
             if stop || self.stopping.load(Ordering::Relaxed) {
                 // Everything sent before the stop, including rows queued behind a failing
