@@ -282,7 +282,7 @@ impl Relay {
                 let status = match self.commit.take() {
                     None => {
                         let event = self.exchange.api.error_event(&ProxyError::ShuttingDown);
-                        let _ = self.events.send(event).await;
+                        let _ = self.send(event).await;
                         200
                     }
                     Some(commit) => {

@@ -333,21 +333,26 @@ pub async fn wait_until(cond: impl Fn() -> bool) {
     }
 }
 
-/// Sends a stream request for about 25 MB of events (far more than socket buffers hold) on a
-/// connection with a small receive buffer (the kernel would otherwise grow it to hold the
-/// whole stream), and reads nothing.
-async fn unread_stream(daemon: &Daemon) -> tokio::net::TcpStream {
+/// Sends a stream request for `model` on a raw connection whose receive buffer is fixed at
+/// `recv_buffer` bytes (the kernel would otherwise grow it to hold much of the stream).
+async fn stream_request(daemon: &Daemon, model: &str, recv_buffer: u32) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_recv_buffer_size(recv_buffer).unwrap();
     let mut socket = socket.connect(daemon.addr).await.unwrap();
-    let body = serde_json::to_string(&chat("fake/events-100000", "x", true)).unwrap();
+    let body = serde_json::to_string(&chat(model, "x", true)).unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     socket.write_all((head + &body).as_bytes()).await.unwrap();
     socket
+}
+
+/// Sends a stream request for about 25 MB of events (far more than socket buffers hold) on a
+/// connection with a small receive buffer, and reads nothing.
+async fn unread_stream(daemon: &Daemon) -> tokio::net::TcpStream {
+    stream_request(daemon, "fake/events-100000", 4096).await
 }
 
 /// Whether a log line so far contains `text` (checked without blocking: fake upstreams run on
@@ -402,19 +407,11 @@ async fn a_stream_the_client_reads_too_slowly_ends_at_the_total_timeout_without_
 
 #[tokio::test]
 async fn a_client_reading_a_large_stream_steadily_is_never_taken_for_a_stalled_one() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_for(&fake.base_url(), "limits:\n  client_timeout: 500ms\n");
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(64 << 10).unwrap();
-    let mut socket = socket.connect(daemon.addr).await.unwrap();
     // About 5.6 MB: more than orproxy's queue and the socket buffers together.
-    let body = serde_json::to_string(&chat("fake/events-20000", "x", true)).unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    socket.write_all((head + &body).as_bytes()).await.unwrap();
+    let mut socket = stream_request(&daemon, "fake/events-20000", 64 << 10).await;
     // About 1 MB/s, never pausing longer than 20 ms: slow, but never 500 ms without reading.
     // (A kernel send buffer grown to megabytes is writable again only once a third of it has
     // drained: over a second at this pace.)
