@@ -147,6 +147,7 @@ fn ledger_status(app: &App) -> Value {
         "rows_queued": stats.queued.load(Relaxed),
         "write_errors": stats.errors.load(Relaxed),
         "rows_dropped": stats.dropped.load(Relaxed),
+        "rows_pruned": stats.pruned.load(Relaxed),
         "integrity": match app.accounts.integrity.get() {
             None => json!("checking"),
             Some(Ok(())) => json!("ok"),

@@ -140,6 +140,9 @@ pub struct DatabaseConfig {
     pub enabled: Option<Spanned<bool>>,
     /// How often model prices are fetched from upstreams that publish them (default 24h).
     pub price_refresh: Option<Dur>,
+    /// Delete request rows older than this (at least 1d; default: keep every row). The
+    /// spend summary behind budgets is kept.
+    pub retention: Option<Dur>,
 }
 
 /// One entry of `pricing:`; prices are USD per million tokens (written as numbers or strings).
@@ -499,15 +502,28 @@ impl<'de> Deserialize<'de> for Dur {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Secs(s) if s.is_finite() && s >= 0.0 => Ok(Dur(Duration::from_secs_f64(s))),
-            Raw::Secs(s) => Err(serde::de::Error::custom(format!(
-                "duration must be a non-negative number of seconds, got {s}"
-            ))),
-            Raw::Text(t) => parse_duration(&t)
-                .map(Dur)
-                .map_err(serde::de::Error::custom),
+            Raw::Secs(s) => seconds(s, &s.to_string()),
+            Raw::Text(t) => parse_duration(&t),
         }
+        .map(Dur)
+        .map_err(serde::de::Error::custom)
     }
+}
+
+/// The longest duration accepted: longer ones are typos, and would overflow the clock
+/// arithmetic of deadlines.
+const MAX_DURATION_SECS: f64 = 100.0 * 365.0 * 86_400.0;
+
+fn seconds(secs: f64, text: &str) -> Result<Duration, String> {
+    if secs.is_nan() || secs < 0.0 {
+        return Err(format!(
+            "duration must be a non-negative number of seconds, got {text}"
+        ));
+    }
+    if secs > MAX_DURATION_SECS {
+        return Err(format!("duration `{text}` is too long (at most 36500d)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 impl JsonSchema for Dur {
@@ -517,16 +533,16 @@ impl JsonSchema for Dur {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
-            "description": "A duration: 250ms, 10s, 1.5s, 2m, 1h, or a number of seconds.",
+            "description": "A duration: 250ms, 10s, 1.5s, 2m, 1h, 90d, or a number of seconds (at most 36500d).",
             "oneOf": [
-                {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h)?\\s*$"}
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION_SECS},
+                {"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h|d)?\\s*$"}
             ]
         })
     }
 }
 
-/// Parses `250ms`, `10s`, `1.5s`, `2m`, `1h` (or a bare number of seconds).
+/// Parses `250ms`, `10s`, `1.5s`, `2m`, `1h`, `90d` (or a bare number of seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -535,19 +551,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("invalid duration `{text}` (examples: 250ms, 10s, 2m, 1h)"))?;
+        .map_err(|_| format!("invalid duration `{text}` (examples: 250ms, 10s, 2m, 1h, 90d)"))?;
     let secs = match unit.trim() {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "invalid duration unit `{other}` in `{text}` (use ms, s, m or h)"
+                "invalid duration unit `{other}` in `{text}` (use ms, s, m, h or d)"
             ));
         }
     };
-    Ok(Duration::from_secs_f64(secs))
+    seconds(secs, text)
 }
 
 /// Parses one file's text; `name` is used in diagnostics.

@@ -231,6 +231,7 @@ async fn run(
     let _ = app.bound.set((api_addr, admin.local_addr()?));
     tokio::spawn(service::watchdog());
     tokio::spawn(crate::models::keep_prices_fresh(Arc::clone(&app)));
+    tokio::spawn(crate::ledger::enforce_retention(Arc::clone(&app)));
     service::ready(&reload::status_line(&app));
     tracing::info!(
         message = "Ready.",

@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use orproxy_ledger::{DAY_MS, LedgerError, StoredPrice, Writer};
 use orproxy_plugin::ModelInfo;
 
+use crate::app::App;
 use crate::budget::{self, BudgetBook, Subject};
 use crate::config::BudgetPeriod;
 use crate::pricing::{Listed, PriceLists};
@@ -146,6 +147,29 @@ impl Accounts {
         if let Some(writer) = &self.writer {
             writer.stop();
         }
+    }
+}
+
+/// How often rows past `database.retention` are looked for (and so how soon a changed
+/// retention applies).
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Has the writer delete rows past `database.retention` at start and every [`PRUNE_EVERY`];
+/// the retention is read from the table in force each time.
+pub async fn enforce_retention(app: Arc<App>) {
+    let Some(writer) = app.accounts.writer.clone() else {
+        return;
+    };
+    let mut every = tokio::time::interval(PRUNE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(retention) = app.table.load().retention else {
+            continue;
+        };
+        let age = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let before = budget::now_ms().saturating_sub(age);
+        writer.prune(before, budget::rfc3339(before));
     }
 }
 

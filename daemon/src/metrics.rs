@@ -207,6 +207,7 @@ pub fn ledger(stats: &orproxy_ledger::WriterStats) {
     gauge!("orproxy_ledger_batch_rows_max").set(stats.max_batch.load(Relaxed) as f64);
     counter!("orproxy_ledger_write_errors_total").absolute(stats.errors.load(Relaxed));
     counter!("orproxy_ledger_rows_dropped_total").absolute(stats.dropped.load(Relaxed));
+    counter!("orproxy_ledger_rows_pruned_total").absolute(stats.pruned.load(Relaxed));
 }
 
 /// A request refused (or sent to its fallback) by a budget.

@@ -34,6 +34,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8001";
 /// How often price lists are fetched by default.
 pub const DEFAULT_PRICE_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// The shortest `database.retention`: rows of the current day are what reports read most.
+const MIN_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// Settings given on the command line; each wins over its config key.
 #[derive(Debug, Default, Clone)]
@@ -235,6 +237,8 @@ pub struct RoutingTable {
     pub budgets: Arc<Vec<crate::budget::BudgetRule>>,
     /// How often backends' price lists are fetched.
     pub price_refresh: Duration,
+    /// Age past which request rows are deleted (`database.retention`).
+    pub retention: Option<Duration>,
 }
 
 /// One `model_aliases` entry, compiled.
@@ -879,6 +883,15 @@ impl RoutingTable {
             }
         }
         let database = config.database.as_ref().map(|d| &d.value);
+        let retention = database.and_then(|d| d.retention).map(|d| d.0);
+        if let (Some(retention), Some(d)) = (retention, &config.database)
+            && retention < MIN_RETENTION
+        {
+            // A bare number is seconds: `retention: 90` would empty the table.
+            errors.push(d.error(format!(
+                "database.retention: {retention:?} is too short (at least 1d; write e.g. 90d)"
+            )));
+        }
         let mut restart_origins = BTreeMap::new();
         let listen_key = config
             .listen
@@ -1020,6 +1033,7 @@ impl RoutingTable {
             price_refresh: database
                 .and_then(|d| d.price_refresh)
                 .map_or(DEFAULT_PRICE_REFRESH, |d| d.0),
+            retention,
         })
     }
 

@@ -197,6 +197,26 @@ fn a_key_that_cannot_be_sent_in_a_header_is_refused_at_load() {
 }
 
 #[test]
+fn a_retention_shorter_than_a_day_or_a_duration_past_a_century_is_refused() {
+    // A bare number is seconds: 90 would delete every row older than a minute and a half.
+    for (yaml, expected) in [
+        (
+            "database:\n  retention: 90\n",
+            "2:3: database.retention: 90s is too short (at least 1d",
+        ),
+        (
+            "limits:\n  idle_timeout: 1e30\n",
+            "too long (at most 36500d)",
+        ),
+    ] {
+        let output = check(&temp_file(yaml, ".yaml"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
+
+#[test]
 fn a_zero_client_timeout_is_refused_at_its_place() {
     let config = temp_file("limits:\n  client_timeout: 0s\n", ".yaml");
     let output = check(&config);

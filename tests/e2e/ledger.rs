@@ -714,6 +714,74 @@ async fn damage_inside_the_database_is_reported_after_a_prompt_start() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `database.retention` deletes the rows older than it at start, a few thousand per
+/// transaction, keeps the newer rows (and those written meanwhile) and the budgets' spend
+/// summary, and says so in the log, `/admin/status` and `/metrics`.
+#[tokio::test]
+async fn retention_deletes_the_old_rows_and_keeps_the_spend() {
+    let (dir, db) = db_in_temp_dir();
+    let day = orproxy_ledger::DAY_MS;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    {
+        let conn = orproxy_ledger::open(&db).unwrap();
+        // 12,000 rows of 40 days ago (more than two deletions' worth), 100 of 10 days ago,
+        // each costing one nano-dollar, with their spend summary.
+        for (prefix, ago, n) in [("old", 40, 12_000), ("recent", 10, 100)] {
+            let at = now - ago * day;
+            conn.execute_batch(&format!(
+                "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {n})
+                 INSERT INTO requests (ts_ms, request_id, backend, model, status, outcome, stream,
+                                       cost_nanos, cost_source, latency_us, attempts)
+                 SELECT {at} + i, '{prefix}-' || i, 'b', 'm', 200, 'ok', 0, 1, 'upstream', 10, '[]'
+                 FROM c;
+                 INSERT INTO spend_days VALUES ({day_of}, '', 'b', 'm', {n});",
+                day_of = at / day,
+            ))
+            .unwrap();
+        }
+    }
+    let config = format!("database:\n  path: {}\n  retention: 30d\n", db.display());
+    let daemon = Daemon::start(Options::config(config));
+    let line = daemon.wait_log(|v| v["message"] == "Usage rows past the retention deleted.");
+    assert_eq!(line["rows"], 12_000, "{line}");
+    mock_burst(&daemon, 3, 3).await;
+    let status = daemon.status().await;
+    assert_eq!(status["ledger"]["rows_pruned"], 12_000, "{status}");
+    let metrics = client()
+        .get(daemon.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("orproxy_ledger_rows_pruned_total 12000"),
+        "{metrics}"
+    );
+    daemon.terminate();
+    let mut daemon = daemon;
+    assert!(daemon.wait_exit().success());
+
+    let left = rows(&db);
+    assert_eq!(left.len(), 103);
+    assert!(left.iter().all(|r| !r.request_id.starts_with("old-")));
+    let conn = orproxy_ledger::open_reader(&db).unwrap();
+    let spent: i64 = conn
+        .query_row(
+            "SELECT sum(cost_nanos) FROM spend_days WHERE backend = 'b'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(spent, 12_100);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `orproxy report --format csv --group-by key` prints the header, a line per key and a total
 /// line (the same text as `/admin/usage?format=csv`); an unknown grouping or a date that does
 /// not exist is refused.

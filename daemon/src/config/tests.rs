@@ -190,7 +190,13 @@ fn durations_accept_units_and_numbers() {
     assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
     assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
     assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+    assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
     assert!(parse_duration("10 parsecs").is_err());
+    // Too long to be meant, and past what deadline arithmetic can hold.
+    let long = parse_duration("99999999999999999999999h").unwrap_err();
+    assert!(long.contains("too long"), "{long}");
+    let errors = parse("c.yaml", "limits:\n  idle_timeout: 1e30\n").unwrap_err();
+    assert!(errors[0].to_string().contains("too long"), "{}", errors[0]);
     let cfg = parse("c", "limits:\n  idle_timeout: 5\n").unwrap();
     assert_eq!(
         cfg.limits.unwrap().value.idle_timeout,
