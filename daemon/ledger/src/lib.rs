@@ -21,7 +21,7 @@ pub use prices::{StoredPrice, load_prices, store_prices};
 pub use report::{Group, GroupBy, Report, UsageQuery, usage};
 pub use row::{Attempt, CostSource, Row};
 pub use spend::{DAY_MS, SpendGroup, spend_between};
-pub use writer::{COMMIT_EVERY, Writer, WriterStats};
+pub use writer::{COMMIT_EVERY, MAX_QUEUED, Writer, WriterStats};
 
 /// Why the usage database cannot be used.
 #[derive(Debug, thiserror::Error)]
