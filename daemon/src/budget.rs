@@ -222,8 +222,10 @@ struct Sums {
 }
 
 impl Sums {
+    /// Saturating: an upstream may report any cost, and a sum that wrapped would read as
+    /// money to spend.
     fn add(&mut self, cost: Nanos, at_ms: i64) {
-        self.total += cost;
+        self.total = self.total.saturating_add(cost);
         let (day_start, _) = window(BudgetPeriod::Day, at_ms);
         let (month_start, _) = window(BudgetPeriod::Month, at_ms);
         if day_start > self.day_start {
@@ -233,10 +235,10 @@ impl Sums {
             (self.month_start, self.month) = (month_start, 0);
         }
         if day_start == self.day_start {
-            self.day += cost;
+            self.day = self.day.saturating_add(cost);
         }
         if month_start == self.month_start {
-            self.month += cost;
+            self.month = self.month.saturating_add(cost);
         }
     }
 
@@ -384,7 +386,7 @@ impl BudgetBook {
         let mut book = self.lock();
         for (instance, worst) in reservation.holds {
             if let Some(held) = book.reserved.get_mut(&instance) {
-                *held -= worst;
+                *held = held.saturating_sub(worst);
                 if *held <= 0 {
                     book.reserved.remove(&instance);
                 }
@@ -434,7 +436,7 @@ impl BudgetBook {
             for instance in instances {
                 let spent = book.spent(rule, &instance, now_ms);
                 let reserved = book.reserved.get(&instance).copied().unwrap_or(0);
-                let remaining = (rule.limit - spent - reserved).max(0);
+                let remaining = left(rule.limit, spent, reserved);
                 out.push(Status {
                     name: instance,
                     scope: rule.scope,
@@ -485,8 +487,13 @@ impl BudgetBook {
         let instance = rule.instance(subject).unwrap_or_else(|| rule.name.clone());
         let spent = book.spent(rule, &instance, now_ms);
         let reserved = book.reserved.get(&instance).copied().unwrap_or(0);
-        (rule.limit - spent - reserved).max(0) as f64 / 1e9
+        left(rule.limit, spent, reserved) as f64 / 1e9
     }
+}
+
+/// What a cap leaves after spend and reservations, never below zero.
+fn left(limit: Nanos, spent: Nanos, reserved: Nanos) -> Nanos {
+    limit.saturating_sub(spent).saturating_sub(reserved).max(0)
 }
 
 /// How many budget fallbacks one request may follow (a fallback may itself be capped; the
@@ -868,5 +875,27 @@ mod tests {
         let names: Vec<String> = book.status(20).into_iter().map(|s| s.name).collect();
         assert!(names.contains(&"per-team/team-a".to_owned()), "{names:?}");
         assert!(names.contains(&"claude".to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn absurd_upstream_costs_saturate_and_keep_the_cap_closed() {
+        let book = BudgetBook::default();
+        book.set_rules(Arc::new(vec![rule(
+            "all",
+            BudgetScope::Global,
+            None,
+            100,
+            BudgetPeriod::Month,
+        )]));
+        let s = subject("k", "or", "m");
+        // Spend already there, then the largest cost an upstream can report, twice: a
+        // wrapping sum would come out negative and reopen the cap.
+        book.settle(Reservation::default(), Some(&s), 2_000, 10);
+        book.settle(Reservation::default(), Some(&s), Nanos::MAX, 10);
+        book.settle(Reservation::default(), Some(&s), Nanos::MAX, 10);
+        assert!(book.reserve(&s, 1, 20, &[]).is_err());
+        let status = &book.status(20)[0];
+        assert_eq!(status.spent_nanos, Nanos::MAX);
+        assert_eq!(status.remaining_usd, "0.000000000");
     }
 }

@@ -192,8 +192,11 @@ pub fn usage(backend: &str, model: &str, tokens_in: u64, tokens_out: u64, cost_n
         h.tokens_in.increment(tokens_in);
         h.tokens_out.increment(tokens_out);
         if cost_nanos > 0 {
-            by_route(&mut h.cost, backend, model, || cost_counter(backend, model))
-                .fetch_add(cost_nanos.unsigned_abs(), Ordering::Relaxed);
+            // Saturating: a counter that wrapped would read as a reset to Prometheus.
+            let _ = by_route(&mut h.cost, backend, model, || cost_counter(backend, model))
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(cost_nanos.unsigned_abs()))
+                });
         }
     });
 }

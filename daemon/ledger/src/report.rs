@@ -126,13 +126,15 @@ struct Acc {
 impl Acc {
     fn add(&mut self, r: &Fields) {
         let g = &mut self.group;
+        // Saturating: upstreams report tokens and costs, and a wrapped sum would be a
+        // plausible-looking wrong number.
         g.requests += 1;
         g.errors += u64::from(!r.ok);
-        g.tokens_in += r.tokens_in;
-        g.tokens_out += r.tokens_out;
-        g.cached_tokens += r.cached;
-        g.reasoning_tokens += r.reasoning;
-        g.cost_nanos += r.cost_nanos;
+        g.tokens_in = g.tokens_in.saturating_add(r.tokens_in);
+        g.tokens_out = g.tokens_out.saturating_add(r.tokens_out);
+        g.cached_tokens = g.cached_tokens.saturating_add(r.cached);
+        g.reasoning_tokens = g.reasoning_tokens.saturating_add(r.reasoning);
+        g.cost_nanos = g.cost_nanos.saturating_add(r.cost_nanos);
         self.latencies.add(r.latency_us);
     }
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Transaction};
 
 use crate::row::Row;
@@ -24,25 +25,44 @@ pub struct SpendGroup {
 
 /// Spend per (key, backend, model) of the UTC days in `[from_day, to_day)` (days since
 /// 1970-01-01, as `ts_ms / DAY_MS`). A few rows per day and group, whatever the request count.
+///
+/// Summed here, saturating, rather than by SQL `sum()`, which fails the whole query on an
+/// overflow: absurd upstream costs must not stop the daemon from starting. A sum that an
+/// earlier version let SQLite turn into a float counts as its saturated integer.
 pub fn spend_between(
     conn: &Connection,
     from_day: i64,
     to_day: i64,
 ) -> rusqlite::Result<Vec<SpendGroup>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT key, backend, model, sum(cost_nanos) FROM spend_days
-         WHERE day >= ?1 AND day < ?2 GROUP BY key, backend, model",
+        "SELECT key, backend, model, cost_nanos FROM spend_days
+         WHERE day >= ?1 AND day < ?2 ORDER BY key, backend, model",
     )?;
-    let text = |s: String| (!s.is_empty()).then_some(s);
-    stmt.query_map([from_day, to_day], |r| {
-        Ok(SpendGroup {
-            key: text(r.get(0)?),
-            backend: text(r.get(1)?),
-            model: text(r.get(2)?),
-            cost_nanos: r.get(3)?,
-        })
-    })?
-    .collect()
+    let mut rows = stmt.query([from_day, to_day])?;
+    let mut groups: Vec<SpendGroup> = Vec::new();
+    while let Some(r) = rows.next()? {
+        let cost = match r.get_ref(3)? {
+            ValueRef::Real(usd_nanos) => usd_nanos as i64,
+            _ => r.get(3)?,
+        };
+        let text = |i: usize| -> rusqlite::Result<Option<String>> {
+            let s: String = r.get(i)?;
+            Ok((!s.is_empty()).then_some(s))
+        };
+        let (key, backend, model) = (text(0)?, text(1)?, text(2)?);
+        match groups.last_mut() {
+            Some(g) if g.key == key && g.backend == backend && g.model == model => {
+                g.cost_nanos = g.cost_nanos.saturating_add(cost);
+            }
+            _ => groups.push(SpendGroup {
+                key,
+                backend,
+                model,
+                cost_nanos: cost,
+            }),
+        }
+    }
+    Ok(groups)
 }
 
 /// Adds the spend of `rows` to `spend_days` inside the transaction that inserts them, so the
@@ -56,17 +76,30 @@ pub(crate) fn add_spend(tx: &Transaction<'_>, rows: &[Row]) -> rusqlite::Result<
             row.backend.as_deref().unwrap_or_default(),
             row.model.as_deref().unwrap_or_default(),
         );
-        *groups.entry(group).or_default() += row.cost_nanos;
+        let sum = groups.entry(group).or_default();
+        *sum = sum.saturating_add(row.cost_nanos);
     }
     if groups.is_empty() {
         return Ok(());
     }
     let mut stmt = tx.prepare_cached(
         "INSERT INTO spend_days (day, key, backend, model, cost_nanos) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (day, key, backend, model) DO UPDATE SET cost_nanos = cost_nanos + excluded.cost_nanos",
+         ON CONFLICT (day, key, backend, model) DO UPDATE SET cost_nanos =
+           CASE WHEN excluded.cost_nanos > 0 AND cost_nanos > ?6 - excluded.cost_nanos THEN ?6
+                WHEN excluded.cost_nanos < 0 AND cost_nanos < ?7 - excluded.cost_nanos THEN ?7
+                ELSE cost_nanos + excluded.cost_nanos END",
     )?;
+    // Saturating like the sums in memory: SQLite would turn an overflowing sum into a float.
     for ((day, key, backend, model), cost) in groups {
-        stmt.execute(rusqlite::params![day, key, backend, model, cost])?;
+        stmt.execute(rusqlite::params![
+            day,
+            key,
+            backend,
+            model,
+            cost,
+            i64::MAX,
+            i64::MIN
+        ])?;
     }
     Ok(())
 }
@@ -121,5 +154,37 @@ mod tests {
             [(None, 8), (Some("a".to_owned()), 118)]
         );
         assert!(spent(2, i64::MAX).is_empty());
+    }
+
+    #[test]
+    fn absurd_costs_saturate_instead_of_wrapping_or_turning_into_floats() {
+        let mut conn = ledger();
+        for cost in [5, i64::MAX, i64::MAX] {
+            let tx = conn.transaction().unwrap();
+            add_spend(&tx, &[row("r", 10, None, cost), row("s", 20, None, cost)]).unwrap();
+            tx.commit().unwrap();
+        }
+        // Another day of the same group: the sum over both days saturates too.
+        let tx = conn.transaction().unwrap();
+        add_spend(&tx, &[row("t", DAY_MS, None, 7)]).unwrap();
+        tx.commit().unwrap();
+        let stored: (String, i64) = conn
+            .query_row(
+                "SELECT typeof(cost_nanos), cost_nanos FROM spend_days WHERE day = 0",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(stored, ("integer".to_owned(), i64::MAX));
+        let groups = spend_between(&conn, i64::MIN, i64::MAX).unwrap();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].cost_nanos, i64::MAX);
+        // A float left by a version that let the sum overflow still reads.
+        conn.execute(
+            "UPDATE spend_days SET cost_nanos = 1.8446744073709552e19 WHERE day = 0",
+            [],
+        )
+        .unwrap();
+        assert_eq!(spend_between(&conn, 0, 1).unwrap()[0].cost_nanos, i64::MAX);
     }
 }
