@@ -843,6 +843,77 @@ impl Sources {
     }
 }
 
+/// The largest config file, YAML fragment, rule script or rule test read (far more than any
+/// real one): a mistaken path to a huge file must not take the daemon's memory.
+pub const MAX_SOURCE_BYTES: u64 = 4 << 20;
+
+/// Reads a config file, fragment, script or test as text. Only regular files are read: a
+/// FIFO would block the reload (and with it the shutdown) until something writes to it, and a
+/// device such as `/dev/zero` never ends.
+pub fn read_source(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that opening a FIFO returns at once and is then refused.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_SOURCE_BYTES {
+        return Err(too_large());
+    }
+    let mut text = String::new();
+    file.take(MAX_SOURCE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SOURCE_BYTES {
+        return Err(too_large());
+    }
+    Ok(text)
+}
+
+fn too_large() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("larger than {} MiB", MAX_SOURCE_BYTES >> 20),
+    )
+}
+
+/// The rules directory's `*.rhai` scripts, read in file-name order (hidden files skipped).
+pub fn rule_scripts(dir: &Path) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
+    let name = dir.display().to_string();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| vec![Diagnostic::general(&name, format!("cannot read: {e}"))])?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "rhai")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    paths.sort();
+    let mut sources = Vec::with_capacity(paths.len());
+    let mut errors = Vec::new();
+    for path in paths {
+        let name = path.display().to_string();
+        match read_source(&path) {
+            Ok(text) => sources.push((name, text)),
+            Err(e) => errors.push(Diagnostic::general(&name, format!("cannot read: {e}"))),
+        }
+    }
+    if errors.is_empty() {
+        Ok(sources)
+    } else {
+        Err(errors)
+    }
+}
+
 /// Reads the main config and the rules directory's YAML fragments, in file-name order.
 ///
 /// Returns the merged document and the rules directory actually used (to watch it), or every
@@ -852,7 +923,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
     let mut config = Config::default();
     if let Some(path) = &sources.config {
         let name = path.display().to_string();
-        match std::fs::read_to_string(path) {
+        match read_source(path) {
             Err(e) => errors.push(Diagnostic::general(
                 &name,
                 format!("cannot read config: {e}"),
@@ -898,7 +969,7 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
                         continue;
                     }
                     let name = path.display().to_string();
-                    let parsed = std::fs::read_to_string(&path)
+                    let parsed = read_source(&path)
                         .map_err(|e| vec![Diagnostic::general(&name, format!("cannot read: {e}"))])
                         .and_then(|text| parse(&name, &text));
                     match parsed {
@@ -945,7 +1016,9 @@ pub fn is_fragment(path: &Path) -> bool {
     let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
     let test = name.ends_with(".test.yaml") || name.ends_with(".test.yml");
     // Editors write `.name.swp`, `name~` or `.#name`; hidden files are never fragments.
-    yaml && !test && !name.starts_with('.') && path.is_file()
+    // Anything else named `*.yaml` is read, so that a directory or a FIFO of that name is
+    // reported rather than silently skipped.
+    yaml && !test && !name.starts_with('.')
 }
 
 #[cfg(test)]

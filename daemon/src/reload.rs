@@ -33,19 +33,21 @@ pub fn build_with(
 ) -> Result<RoutingTable, Vec<Diagnostic>> {
     let (config, rules_dir) = config::load(sources)?;
     let rules = match &rules_dir {
-        Some(dir) => RuleSet::load_dir(dir, Sandbox::default())
-            .map(Some)
-            .map_err(|errors| {
-                errors
-                    .into_iter()
-                    .map(|e| Diagnostic {
-                        file: e.file,
-                        line: e.line as u64,
-                        column: e.column as u64,
-                        message: e.message,
-                    })
-                    .collect::<Vec<_>>()
-            }),
+        Some(dir) => config::rule_scripts(dir).and_then(|sources| {
+            RuleSet::compile(&sources, Sandbox::default())
+                .map(Some)
+                .map_err(|errors| {
+                    errors
+                        .into_iter()
+                        .map(|e| Diagnostic {
+                            file: e.file,
+                            line: e.line as u64,
+                            column: e.column as u64,
+                            message: e.message,
+                        })
+                        .collect::<Vec<_>>()
+                })
+        }),
         None => Ok(None),
     };
     let table = RoutingTable::build(&config, rules_dir, overrides, env);

@@ -136,7 +136,7 @@ pub fn run(config: Option<&Path>, dir: &Path) -> bool {
     let (mut passed, mut failed) = (0, 0);
     for file in &files {
         let name = file.display().to_string();
-        let cases = match std::fs::read_to_string(file)
+        let cases = match crate::config::read_source(file)
             .map_err(|e| Diagnostic::general(&name, format!("cannot read: {e}")))
             .and_then(|text| parse_cases(&name, &text))
         {

@@ -217,6 +217,47 @@ async fn editors_bursts_and_partial_writes_end_in_one_reload_of_the_final_conten
     assert_eq!(ok_reloads(&daemon), 5, "each edit was exactly one reload");
 }
 
+/// A FIFO or a device among the rules is refused with its name: reading one would block the
+/// reload (and with it every later reload and the shutdown) or never end.
+#[tokio::test]
+async fn a_fifo_or_a_device_in_the_rules_directory_is_refused_not_read() {
+    let dir = temp_dir();
+    write(&dir.join("10-route.yaml"), &version("v1"));
+    let mut daemon = start_with_rules(&dir);
+    let fifo = dir.join("zz.rhai");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let zero = dir.join("20-zero.yaml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    // The fragments are read first, then the scripts.
+    for (name, remove) in [("20-zero.yaml", &zero), ("zz.rhai", &fifo)] {
+        let response = client()
+            .post(daemon.admin_url("/admin/reload"))
+            .send()
+            .await
+            .unwrap();
+        let outcome: Value = response.json().await.unwrap();
+        assert_eq!(outcome["result"], "error", "{outcome}");
+        let errors = outcome["errors"].to_string();
+        assert!(
+            errors.contains(&format!("{name}: cannot read: not a regular file")),
+            "{errors}"
+        );
+        assert_eq!(probe(&daemon).await, "mock:v1");
+        std::fs::remove_file(remove).unwrap();
+    }
+
+    // Once they are gone, reloads work again, and SIGTERM still ends the daemon.
+    write(&dir.join("10-route.yaml"), &version("v2"));
+    wait_until(&daemon, 1, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:v2");
+    daemon.terminate();
+    assert!(daemon.wait_exit().success());
+}
+
 #[tokio::test]
 async fn sighup_and_the_admin_api_reload_the_config_file() {
     let dir = temp_dir();

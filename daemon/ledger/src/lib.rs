@@ -84,6 +84,18 @@ impl LedgerError {
     }
 }
 
+/// Refuses a path that names something other than a regular file: SQLite would block
+/// opening a FIFO until something writes to it, and cannot use a device or a directory.
+fn regular_or_absent(path: &Path) -> Result<(), LedgerError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err(LedgerError::Sqlite {
+            path: path.to_owned(),
+            message: "not a regular file".to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// How long a statement waits for another connection's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -97,6 +109,7 @@ pub fn open(path: &Path) -> Result<Connection, LedgerError> {
         })?;
     }
     let err = |e: rusqlite::Error| LedgerError::sqlite(path, &e);
+    regular_or_absent(path)?;
     let mut conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // WAL survives a killed process; NORMAL syncs at checkpoints, which is what WAL needs to
@@ -142,6 +155,7 @@ pub fn check(path: &Path) -> Result<(), LedgerError> {
 
 /// A plain read-write connection to a database [`open`] prepared (for the price cache).
 pub fn connect(path: &Path) -> Result<Connection, LedgerError> {
+    regular_or_absent(path)?;
     let conn = Connection::open(path).map_err(|e| LedgerError::sqlite(path, &e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| LedgerError::sqlite(path, &e))?;
@@ -151,6 +165,7 @@ pub fn connect(path: &Path) -> Result<Connection, LedgerError> {
 /// A read-only connection for reports and totals (never blocks the writer under WAL).
 pub fn open_reader(path: &Path) -> Result<Connection, LedgerError> {
     let err = |e: rusqlite::Error| LedgerError::sqlite(path, &e);
+    regular_or_absent(path)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -1,6 +1,6 @@
 //! A compiled set of rule scripts, run in file-name order on every request.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use rhai::{AST, CallFnOptions, Engine, EvalAltResult, Position, Scope};
@@ -133,46 +133,6 @@ impl RuleSet {
         } else {
             Err(errors)
         }
-    }
-
-    /// Reads and compiles every `*.rhai` file of `dir`, in file-name order.
-    pub fn load_dir(dir: &Path, limits: Sandbox) -> Result<RuleSet, Vec<ScriptError>> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| {
-                vec![ScriptError {
-                    file: dir.display().to_string(),
-                    line: 0,
-                    column: 0,
-                    message: format!("cannot read: {e}"),
-                }]
-            })?
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|p| {
-                p.extension().is_some_and(|e| e == "rhai")
-                    && !p
-                        .file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
-            .collect();
-        paths.sort();
-        let mut sources = Vec::with_capacity(paths.len());
-        let mut errors = Vec::new();
-        for path in paths {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => sources.push((path.display().to_string(), text)),
-                Err(e) => errors.push(ScriptError {
-                    file: path.display().to_string(),
-                    line: 0,
-                    column: 0,
-                    message: format!("cannot read: {e}"),
-                }),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        RuleSet::compile(&sources, limits)
     }
 
     /// The script names, in run order.
