@@ -15,18 +15,8 @@ use serde_json::Value;
 
 use crate::config::Trigger;
 use crate::error::ProxyError;
-use crate::selector::{self, Selector};
+use crate::selector::{self, NOT_PARAMS, Selector};
 use crate::table::RoutingTable;
-
-/// Body fields rules do not see as parameters: the conversation itself and the routing fields.
-const NOT_PARAMS: &[&str] = &[
-    "model",
-    "messages",
-    "stream",
-    "tools",
-    "functions",
-    "prompt",
-];
 
 /// Who is asking, for rule scripts.
 #[derive(Clone)]
@@ -327,6 +317,19 @@ fn apply_rules(
     };
     // Parameters: the body plus URI parameters as the scripts left them; parameters of a
     // selector the scripts wrote come last, so they win.
+    if let Some(name) = after
+        .params
+        .keys()
+        .find(|k| NOT_PARAMS.contains(&k.as_str()))
+    {
+        return Err(ProxyError::Rule(rule_fault(
+            trace_out,
+            &["params"],
+            format!(
+                "it set `params.{name}`, which is the request itself, not a parameter (routing is set through req.model and req.backend)"
+            ),
+        )));
+    }
     let selector_params = std::mem::take(&mut first.params);
     for (key, value) in &after.params {
         if original_params.get(key) != Some(value)
@@ -477,6 +480,19 @@ mod tests {
             crate::pipeline::compact_trace(&r.trace).as_deref(),
             Some("r.rhai:model,params,headers,tags")
         );
+    }
+
+    #[test]
+    fn a_rule_setting_the_model_through_params_fails_naming_the_script() {
+        let mut t = table("", None);
+        with_rules(
+            &mut t,
+            r#"fn on_request(req) { req.params.model = "sneaky/model"; }"#,
+        );
+        let err = route(&t, r#"{"model":"mock:m","messages":[]}"#).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("r.rhai"), "{message}");
+        assert!(message.contains("`params.model`"), "{message}");
     }
 
     #[test]

@@ -99,6 +99,17 @@ fn parse_one(text: &str) -> Result<Selector, String> {
     })
 }
 
+/// Body fields that are the request itself, not parameters: a selector or a rule may not set
+/// them (`?model=x` would send another model than the one routed, budgeted and recorded).
+pub const NOT_PARAMS: &[&str] = &[
+    "model",
+    "messages",
+    "stream",
+    "tools",
+    "functions",
+    "prompt",
+];
+
 fn parse_params(query: &str) -> Result<Vec<(String, Value)>, String> {
     if query.contains('?') {
         return Err("a second `?`: parameters are separated by `&`".into());
@@ -111,6 +122,11 @@ fn parse_params(query: &str) -> Result<Vec<(String, Value)>, String> {
         let key = decode(raw_key)?;
         if key.is_empty() {
             return Err(format!("parameter `{pair}` has an empty name"));
+        }
+        if NOT_PARAMS.contains(&key.as_str()) {
+            return Err(format!(
+                "`{key}` cannot be a parameter: it is part of the request itself"
+            ));
         }
         let text = decode(raw_value)?;
         let value = typed(&text);
@@ -350,6 +366,11 @@ mod tests {
         assert!(err("m?flag").contains("`flag` has no `=value`"));
         assert!(err("a||b").contains("chain element 2 (``): the model name is empty"));
         assert!(err("a|b?top_p=2").contains("chain element 2 (`b?top_p=2`)"));
+        // What would route, bill and record one model while sending another.
+        for name in ["model", "stream", "messages", "mod%65l"] {
+            let e = err(&format!("m?{name}=x"));
+            assert!(e.contains("cannot be a parameter"), "{e}");
+        }
     }
 
     proptest! {
