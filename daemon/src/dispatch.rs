@@ -340,7 +340,7 @@ impl Plan {
         };
         record.attempt(&label, &reason);
         let trigger = trigger(&cause);
-        tracing::info!(message = "Attempt failed.", request_id = %record.id, target = %label, reason = %reason);
+        tracing::info!(message = "Attempt failed.", request_id = %record.id, route = %label, reason = %reason);
 
         // A key the upstream refused rests alone; the same target is tried with another key.
         let key_problem = failure.is_some_and(|f| {

@@ -121,28 +121,38 @@ pub async fn fetch(app: &App, backend: &BackendEntry) -> Option<Arc<Vec<ModelInf
         .list_models(backend.any_key().map(|k| k.expose()))?;
     let deadline = Instant::now() + FETCH_TIMEOUT;
     let fetched = async {
-        let mut response = app.client().send(prepared, deadline).await.ok()?;
+        let table = app.table.load();
+        let describe =
+            |e| crate::dispatch::attempt_error(&backend.name, &table, e, deadline).to_string();
+        let mut response = app
+            .client()
+            .send(prepared, deadline)
+            .await
+            .map_err(describe)?;
         let body = timeout_at(
             deadline,
             response.collect(16 << 20, FETCH_TIMEOUT, deadline),
         )
         .await
-        .ok()?
-        .ok()?;
+        .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))?
+        .map_err(describe)?;
         if !response.status.is_success() {
-            return None;
+            return Err(format!("status {}", response.status.as_u16()));
         }
-        backend.plugin.map_models(&body).ok()
+        backend
+            .plugin
+            .map_models(&body)
+            .map_err(|e| format!("unreadable list: {e}"))
     }
     .await;
     match fetched {
-        Some(models) => {
+        Ok(models) => {
             let models = Arc::new(models);
             app.models.store(&backend.name, Arc::clone(&models), TTL);
             Some(models)
         }
-        None => {
-            tracing::warn!(message = "Could not list models.", backend = %backend.name);
+        Err(error) => {
+            tracing::warn!(message = "Could not list models.", backend = %backend.name, %error);
             None
         }
     }

@@ -32,8 +32,26 @@ pub struct SelectorError {
     pub reason: String,
 }
 
+/// The longest `model` accepted, in bytes.
+pub const MAX_SELECTOR_BYTES: usize = 8192;
+
 /// Parses a whole selector, chain included; the first element is the primary target.
 pub fn parse_chain(text: &str) -> Result<Vec<Selector>, SelectorError> {
+    // Far above any real selector, and below what a rule script may hold in a string: a
+    // longer one would fail in the first script that reads it, blamed on the script.
+    if text.len() > MAX_SELECTOR_BYTES {
+        let start = text
+            .char_indices()
+            .nth(40)
+            .map_or(text, |(at, _)| &text[..at]);
+        return Err(SelectorError {
+            selector: format!("{}…", start.escape_debug()),
+            reason: format!(
+                "{} bytes long; a model selector is at most {MAX_SELECTOR_BYTES}",
+                text.len()
+            ),
+        });
+    }
     let fail = |reason: String| SelectorError {
         selector: text.to_owned(),
         reason,
@@ -366,6 +384,13 @@ mod tests {
         assert!(err("m?flag").contains("`flag` has no `=value`"));
         assert!(err("a||b").contains("chain element 2 (``): the model name is empty"));
         assert!(err("a|b?top_p=2").contains("chain element 2 (`b?top_p=2`)"));
+        let long = err(&"a".repeat(MAX_SELECTOR_BYTES + 1));
+        assert!(
+            long.contains("8193 bytes long; a model selector is at most 8192"),
+            "{long}"
+        );
+        assert!(long.len() < 200, "{long}");
+        assert!(parse_chain(&"a".repeat(MAX_SELECTOR_BYTES)).is_ok());
         // What would route, bill and record one model while sending another.
         for name in ["model", "stream", "messages", "mod%65l"] {
             let e = err(&format!("m?{name}=x"));
