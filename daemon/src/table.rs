@@ -854,11 +854,21 @@ impl RoutingTable {
         });
 
         let limits = build_limits(config.limits.as_ref());
-        if let Some(l) = &config.limits
-            && limits.client_timeout.is_zero()
-        {
-            // hyper would close every connection before its first request.
-            errors.push(l.error("limits.client_timeout: must be more than 0"));
+        if let Some(l) = &config.limits {
+            // Each of these at 0 fails every request (hyper would close every client
+            // connection before its first request).
+            let zero = [
+                ("max_body_bytes", limits.max_body_bytes == 0),
+                ("max_response_bytes", limits.max_response_bytes == 0),
+                ("connect_timeout", limits.connect_timeout.is_zero()),
+                ("first_byte_timeout", limits.first_byte_timeout.is_zero()),
+                ("idle_timeout", limits.idle_timeout.is_zero()),
+                ("total_timeout", limits.total_timeout.is_zero()),
+                ("client_timeout", limits.client_timeout.is_zero()),
+            ];
+            for (key, _) in zero.iter().filter(|(_, is_zero)| *is_zero) {
+                errors.push(l.error(format!("limits.{key}: must be more than 0")));
+            }
         }
         let pricing = crate::pricing::build_rules(config.pricing.as_ref(), &mut errors);
         let budgets = crate::budget::build_rules(config.budgets.as_ref(), &mut errors);

@@ -216,17 +216,28 @@ fn a_retention_shorter_than_a_day_or_a_duration_past_a_century_is_refused() {
     }
 }
 
+/// Each of these limits at 0 would fail every request.
 #[test]
-fn a_zero_client_timeout_is_refused_at_its_place() {
-    let config = temp_file("limits:\n  client_timeout: 0s\n", ".yaml");
-    let output = check(&config);
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!(
-            "{}:2:3: limits.client_timeout: must be more than 0",
-            config.display()
-        )),
-        "{stderr}"
-    );
+fn a_zero_limit_is_refused_at_its_place() {
+    for key in [
+        "max_body_bytes",
+        "max_response_bytes",
+        "connect_timeout",
+        "first_byte_timeout",
+        "idle_timeout",
+        "total_timeout",
+        "client_timeout",
+    ] {
+        let config = temp_file(&format!("limits:\n  {key}: 0\n"), ".yaml");
+        let output = check(&config);
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "{}:2:3: limits.{key}: must be more than 0",
+                config.display()
+            )),
+            "{stderr}"
+        );
+    }
 }
