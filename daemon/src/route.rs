@@ -277,7 +277,14 @@ fn apply_rules(
     } else {
         let mut rest = Vec::with_capacity(after.failover.len());
         for text in &after.failover {
-            for s in selector::parse_chain(text)? {
+            let chain = selector::parse_chain(text).map_err(|e| {
+                ProxyError::Rule(rule_fault(
+                    trace_out,
+                    &["failover"],
+                    format!("failover: {e}"),
+                ))
+            })?;
+            for s in chain {
                 rest.push(target(table, s)?);
             }
         }
@@ -296,7 +303,11 @@ fn apply_rules(
     let rewritten = after.model.contains(['?', '|'])
         || selector::parse_chain(&after.model).is_ok_and(|c| c[0].backend.is_some());
     let mut first = if rewritten {
-        let mut chain = selector::parse_chain(&after.model)?.into_iter();
+        let mut chain = selector::parse_chain(&after.model)
+            .map_err(|e| {
+                ProxyError::Rule(rule_fault(trace_out, &["model"], format!("model: {e}")))
+            })?
+            .into_iter();
         let head = chain
             .next()
             .map(|s| target(table, s))
@@ -493,6 +504,22 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("r.rhai"), "{message}");
         assert!(message.contains("`params.model`"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_chain_or_model_from_a_rule_is_the_rule_s_failure() {
+        for script in [
+            r#"fn on_request(req) { req.failover = [()]; }"#,
+            r#"fn on_request(req) { req.failover = [42]; }"#,
+            r#"fn on_request(req) { req.failover = ["a||b"]; }"#,
+            r#"fn on_request(req) { req.model = "mock:m?temperature=9"; }"#,
+        ] {
+            let mut t = table("", None);
+            with_rules(&mut t, script);
+            let err = route(&t, r#"{"model":"mock:m","messages":[]}"#).unwrap_err();
+            assert!(matches!(err, ProxyError::Rule(_)), "{script}: {err:?}");
+            assert!(err.to_string().contains("r.rhai"), "{script}: {err}");
+        }
     }
 
     #[test]

@@ -295,18 +295,23 @@ pub fn register(engine: &mut Engine) {
                     .collect::<rhai::Array>()
             })
         },
-        |r: &mut RequestHandle, v: rhai::Array| {
-            let list = v
-                .into_iter()
-                .map(|d| {
-                    if d.is_string() {
-                        d.into_string().unwrap_or_default()
-                    } else {
-                        d.to_string()
+        |r: &mut RequestHandle, v: rhai::Array| -> Result<(), Box<rhai::EvalAltResult>> {
+            // A number or `()` here is a mistake in the script, not a selector to route to.
+            let mut list = Vec::with_capacity(v.len());
+            for (i, d) in v.into_iter().enumerate() {
+                let type_name = d.type_name();
+                match d.into_string() {
+                    Ok(s) => list.push(s),
+                    Err(_) => {
+                        return Err(format!(
+                            "req.failover takes selector strings; element {i} is {type_name}"
+                        )
+                        .into());
                     }
-                })
-                .collect();
+                }
+            }
             r.write("failover", |q| q.failover = list);
+            Ok(())
         },
     );
     engine.register_get("key", |r: &mut RequestHandle| r.read(|q| q.key.clone()));
