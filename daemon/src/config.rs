@@ -188,6 +188,15 @@ impl<'de> Deserialize<'de> for Usd {
         };
         match orproxy_plugin::usage::usd_to_nanos(&text) {
             Some(n) if n >= 0 => Ok(Usd(n)),
+            // Nano-dollars are 64-bit integers.
+            None if text
+                .parse::<f64>()
+                .is_ok_and(|v| v.is_finite() && v >= 9.2e9) =>
+            {
+                Err(serde::de::Error::custom(format!(
+                    "`{text}` USD is too large (at most 9,223,372,036 USD)"
+                )))
+            }
             _ => Err(serde::de::Error::custom(format!(
                 "`{text}` is not a non-negative USD amount"
             ))),

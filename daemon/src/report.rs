@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::header::CONTENT_TYPE;
@@ -105,7 +106,14 @@ const FLUSH_WAIT: Duration = Duration::from_secs(2);
 const ROWS_PENDING: HeaderName = HeaderName::from_static("x-orproxy-rows-pending");
 
 /// `GET /admin/usage?from=&to=&group_by=&format=json|csv`.
-pub async fn usage(State(app): State<Arc<App>>, Query(params): Query<UsageParams>) -> Response {
+pub async fn usage(
+    State(app): State<Arc<App>>,
+    params: Result<Query<UsageParams>, QueryRejection>,
+) -> Response {
+    let params = match params {
+        Ok(Query(params)) => params,
+        Err(rejection) => return bad_request(format!("query string: {}", rejection.body_text())),
+    };
     let query = match query(
         params.from.as_deref(),
         params.to.as_deref(),
