@@ -72,16 +72,10 @@ impl Auth {
                 continue;
             }
             let digest = match (&key.key_env, &key.key_sha256) {
-                (Some(var), None) => match env.var(var) {
-                    Some(secret) => {
-                        if let Some(problem) = crate::table::header_problem(var, &secret) {
-                            fail(problem);
-                            continue;
-                        }
-                        Sha256::digest(secret.as_bytes()).into()
-                    }
-                    None => {
-                        fail(format!("environment variable {var} is not set"));
+                (Some(var), None) => match crate::table::secret_var(env, var) {
+                    Ok(secret) => Sha256::digest(secret.as_bytes()).into(),
+                    Err(problem) => {
+                        fail(problem);
                         continue;
                     }
                 },
@@ -128,7 +122,7 @@ impl Auth {
             return Ok(None);
         }
         let presented = presented_key(headers).ok_or(AuthError::Missing)?;
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let digest: [u8; 32] = Sha256::digest(presented).into();
         // Compare with every key, without an early exit, so timing says nothing about which matched.
         let mut found = None;
         for key in &self.keys {
@@ -140,22 +134,20 @@ impl Auth {
     }
 }
 
-/// The key sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let (scheme, key) = value.trim().split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| key.trim())
-            .filter(|k| !k.is_empty());
+/// The key sent as `Authorization: Bearer <key>` or `x-api-key: <key>`, as bytes: a key
+/// that is not ASCII was still sent, and must be refused as invalid (it matches no key,
+/// every configured one being visible ASCII), not as missing.
+fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+        let value = value.as_bytes().trim_ascii();
+        let space = value.iter().position(|&b| b == b' ')?;
+        let (scheme, key) = value.split_at(space);
+        let key = key.trim_ascii();
+        return (scheme.eq_ignore_ascii_case(b"bearer") && !key.is_empty()).then_some(key);
     }
     headers
         .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+        .map(|v| v.as_bytes().trim_ascii())
         .filter(|k| !k.is_empty())
 }
 
@@ -176,12 +168,16 @@ fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
     use crate::config::parse;
+    use crate::table::EnvError;
 
     struct OneVar;
 
     impl Env for OneVar {
-        fn var(&self, name: &str) -> Option<String> {
-            (name == "TEAM_A_KEY").then(|| "sk-team-a".to_owned())
+        fn var(&self, name: &str) -> Result<String, EnvError> {
+            match name {
+                "TEAM_A_KEY" => Ok("sk-team-a".to_owned()),
+                _ => Err(EnvError::NotSet),
+            }
         }
     }
 
@@ -232,6 +228,25 @@ mod tests {
             auth.authenticate(&HeaderMap::new()),
             Err(AuthError::Missing)
         );
+    }
+
+    #[test]
+    fn a_key_sent_outside_ascii_is_invalid_not_missing() {
+        let auth = auth("auth:\n  keys:\n    - { name: a, key_env: TEAM_A_KEY }\n").unwrap();
+        for name in ["authorization", "x-api-key"] {
+            let prefix = if name == "authorization" {
+                "Bearer "
+            } else {
+                ""
+            };
+            let mut h = HeaderMap::new();
+            let value = format!("{prefix}k\u{e9}y");
+            h.insert(
+                name,
+                http::HeaderValue::from_bytes(value.as_bytes()).unwrap(),
+            );
+            assert_eq!(auth.authenticate(&h), Err(AuthError::Invalid), "{name}");
+        }
     }
 
     #[test]

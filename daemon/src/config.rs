@@ -96,7 +96,7 @@ pub struct ConfigFile {
     /// Backends by name; names merge across files.
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, BackendConfig>")]
-    pub backends: BTreeMap<String, Spanned<BackendConfig>>,
+    pub backends: BTreeMap<BackendName, Spanned<BackendConfig>>,
     /// Regex rewrites of the requested model, first match wins, one pass.
     #[schemars(with = "Option<Vec<AliasConfig>>")]
     pub model_aliases: Option<Spanned<Vec<Spanned<AliasConfig>>>>,
@@ -298,6 +298,37 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A backend's name as written, with its place; compared and ordered by the name alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+pub struct BackendName(pub Spanned<String>);
+
+impl PartialEq for BackendName {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.value == other.0.value
+    }
+}
+
+impl Eq for BackendName {}
+
+impl PartialOrd for BackendName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for BackendName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.value.cmp(&other.0.value)
+    }
+}
+
+impl std::borrow::Borrow<str> for BackendName {
+    fn borrow(&self) -> &str {
+        &self.0.value
+    }
 }
 
 /// One entry of `backends:`.
@@ -712,6 +743,8 @@ pub struct Config {
     pub log_format: Option<Sourced<LogFormat>>,
     /// See [`ConfigFile`].
     pub backends: BTreeMap<String, Sourced<BackendConfig>>,
+    /// Where each backend's name is written, in the file of its entry.
+    pub backend_names: BTreeMap<String, Location>,
     /// See [`ConfigFile`].
     pub model_aliases: Option<Sourced<Vec<Spanned<AliasConfig>>>>,
     /// See [`ConfigFile`].
@@ -805,17 +838,22 @@ impl Config {
         take(&mut self.database, file.database, &name, "database", errors);
         take(&mut self.pricing, file.pricing, &name, "pricing", errors);
         take(&mut self.budgets, file.budgets, &name, "budgets", errors);
-        for (backend, spanned) in file.backends {
-            let mut slot = self.backends.remove(&backend);
+        for (BackendName(backend), spanned) in file.backends {
+            let mut slot = self.backends.remove(&backend.value);
+            let defined_here = slot.is_none();
             take(
                 &mut slot,
                 Some(spanned),
                 &name,
-                &format!("backends.{backend}"),
+                &format!("backends.{}", backend.value),
                 errors,
             );
+            if defined_here {
+                self.backend_names
+                    .insert(backend.value.clone(), backend.referenced);
+            }
             if let Some(value) = slot {
-                self.backends.insert(backend, value);
+                self.backends.insert(backend.value, value);
             }
         }
     }

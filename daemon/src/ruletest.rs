@@ -17,7 +17,7 @@ use crate::config::{Diagnostic, Sources};
 use crate::error::ProxyError;
 use crate::reload;
 use crate::route::{self, Context, Route};
-use crate::table::{Env, Overrides};
+use crate::table::{Env, EnvError, Overrides, ProcessEnv};
 
 /// One test case.
 #[derive(Debug, Deserialize)]
@@ -102,11 +102,10 @@ impl Host for CaseHost {
 struct AnyKey;
 
 impl Env for AnyKey {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .or_else(|| Some("rules-test-placeholder".to_owned()))
+    fn var(&self, name: &str) -> Result<String, EnvError> {
+        Ok(ProcessEnv
+            .var(name)
+            .unwrap_or_else(|_| "rules-test-placeholder".to_owned()))
     }
 }
 

@@ -22,6 +22,7 @@ use crate::auth::Auth;
 use crate::config::{
     Config, Diagnostic, IdentityConfig, IdentityMode, IdentityRule, LogFormat, Sourced, Trigger,
 };
+use crate::route::MAX_TARGETS;
 use crate::selector::{self, Selector};
 
 /// The backend that always exists and needs nothing.
@@ -503,59 +504,201 @@ impl IdentityPolicy {
     }
 }
 
-/// Reads an environment variable (a seam so tests need not mutate the process environment).
-pub trait Env {
-    /// The variable's value, if set and not empty.
-    fn var(&self, name: &str) -> Option<String>;
+/// Why an environment variable gives no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvError {
+    /// Not set, or set to the empty string.
+    NotSet,
+    /// Set, but not valid UTF-8.
+    NotUnicode,
 }
 
-/// Why a secret read from the environment variable `var` cannot be sent in an HTTP header,
-/// if it cannot. Checked at load: otherwise every request would fail, blaming the client.
-/// The message names the variable, never the value.
+/// Reads an environment variable (a seam so tests need not mutate the process environment).
+pub trait Env {
+    /// The variable's value, if set, not empty and valid UTF-8.
+    fn var(&self, name: &str) -> Result<String, EnvError>;
+}
+
+/// Why a secret read from the environment variable `var` cannot be sent in, or compared with,
+/// an HTTP header, if it cannot. Checked at load: otherwise every request would fail, blaming
+/// the client (or, for a proxy key, the key could never match, since clients send headers in
+/// ASCII). The message names the variable, never the value.
 pub fn header_problem(var: &str, value: &str) -> Option<String> {
     if value.trim() != value {
         return Some(format!(
             "environment variable {var} starts or ends with whitespace (often a stray newline), which HTTP does not carry"
         ));
     }
-    http::HeaderValue::from_str(value).is_err().then(|| {
+    (!value.bytes().all(|b| b.is_ascii_graphic())).then(|| {
         format!(
-            "environment variable {var} holds a character that cannot be sent in an HTTP header (a control character such as a newline, or a non-ASCII character)"
+            "environment variable {var} holds a character that cannot be sent in an HTTP header (only visible ASCII is allowed: no space, control character such as a newline, or non-ASCII character)"
         )
     })
+}
+
+/// The secret held by the environment variable `var`, checked by [`header_problem`]; the
+/// error names the variable, never the value.
+pub fn secret_var(env: &dyn Env, var: &str) -> Result<String, String> {
+    let value = env.var(var).map_err(|e| match e {
+        EnvError::NotSet => format!("environment variable {var} is not set"),
+        EnvError::NotUnicode => format!("environment variable {var} is not valid UTF-8"),
+    })?;
+    match header_problem(var, &value) {
+        None => Ok(value),
+        Some(problem) => Err(problem),
+    }
 }
 
 /// The process environment.
 pub struct ProcessEnv;
 
 impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+    fn var(&self, name: &str) -> Result<String, EnvError> {
+        match std::env::var(name) {
+            Ok(value) if !value.is_empty() => Ok(value),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Err(EnvError::NotSet),
+            Err(std::env::VarError::NotUnicode(_)) => Err(EnvError::NotUnicode),
+        }
     }
 }
 
-/// Turns `\1` backreferences into the `${1}` the regex crate expects (`$1` also works as is).
-fn replacement_syntax(written: &str) -> String {
-    let mut out = String::with_capacity(written.len() + 4);
-    let mut chars = written.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (c, chars.peek()) {
-            ('\\', Some(d)) if d.is_ascii_digit() => {
-                let mut digits = String::new();
-                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-                    digits.push(*d);
-                    chars.next();
+/// A group reference in an alias replacement, as the regex crate reads it.
+#[derive(Debug, PartialEq, Eq)]
+enum GroupRef<'a> {
+    /// `\1`, `$1`, `${1}`.
+    Number(usize),
+    /// `$name`, `${name}`; also `$1a`, which the regex crate reads as the name `1a`.
+    Name(&'a str),
+}
+
+impl<'a> GroupRef<'a> {
+    /// A number if the text is one (as the regex crate decides), else a name.
+    fn of(text: &'a str) -> Self {
+        text.parse().map_or(GroupRef::Name(text), GroupRef::Number)
+    }
+}
+
+/// An alias replacement in regex syntax, with every group reference it makes.
+struct Replacement<'a> {
+    /// `\1` already turned into `${1}`.
+    syntax: String,
+    /// Each reference as written, and what it refers to.
+    refs: Vec<(&'a str, GroupRef<'a>)>,
+}
+
+/// Turns `\1` backreferences into the `${1}` the regex crate expects (`$1` also works as is),
+/// collecting every reference so that one to a group the pattern lacks is refused at load
+/// (the regex crate expands it to nothing).
+fn replacement_syntax(written: &str) -> Replacement<'_> {
+    let bytes = written.as_bytes();
+    let mut syntax = String::with_capacity(written.len() + 4);
+    let mut refs = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &bytes[i..];
+        match rest {
+            [b'\\', d, ..] if d.is_ascii_digit() => {
+                let digits = rest[1..].iter().take_while(|b| b.is_ascii_digit()).count();
+                let number = &written[i + 1..i + 1 + digits];
+                syntax.push_str(&format!("${{{number}}}"));
+                refs.push((&written[i..i + 1 + digits], GroupRef::of(number)));
+                i += 1 + digits;
+            }
+            [b'\\', b'\\', ..] => {
+                syntax.push('\\');
+                i += 2;
+            }
+            [b'$', b'$', ..] => {
+                syntax.push_str("$$");
+                i += 2;
+            }
+            // The regex crate's rules: `${` up to the next `}`, else the longest run of
+            // letters, digits and `_`; a `$` followed by neither is a literal `$`.
+            [b'$', b'{', ..] => match rest.iter().position(|&b| b == b'}') {
+                Some(close) => {
+                    let text = &written[i..i + close + 1];
+                    syntax.push_str(text);
+                    refs.push((text, GroupRef::of(&written[i + 2..i + close])));
+                    i += close + 1;
                 }
-                out.push_str(&format!("${{{digits}}}"));
+                None => {
+                    syntax.push('$');
+                    i += 1;
+                }
+            },
+            [b'$', ..] => {
+                let len = rest[1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                    .count();
+                let text = &written[i..i + 1 + len];
+                syntax.push_str(text);
+                if len > 0 {
+                    refs.push((text, GroupRef::of(&text[1..])));
+                }
+                i += 1 + len;
             }
-            ('\\', Some('\\')) => {
-                out.push('\\');
-                chars.next();
+            _ => {
+                // Up to the next `\` or `$` (both ASCII, so this splits on a char boundary).
+                let len = rest[1..]
+                    .iter()
+                    .position(|&b| b == b'\\' || b == b'$')
+                    .map_or(rest.len(), |at| at + 1);
+                syntax.push_str(&written[i..i + len]);
+                i += len;
             }
-            _ => out.push(c),
         }
     }
-    out
+    Replacement { syntax, refs }
+}
+
+/// Why a reference of an alias replacement names no group of `regex`, if it does not.
+fn group_ref_problem(regex: &Regex, written: &str, group: &GroupRef<'_>) -> Option<String> {
+    match *group {
+        GroupRef::Number(n) if n >= regex.captures_len() => Some(format!(
+            "`{written}` refers to group {n}, but the pattern has {} group{}",
+            regex.captures_len() - 1,
+            if regex.captures_len() == 2 { "" } else { "s" }
+        )),
+        GroupRef::Name(name) if !regex.capture_names().flatten().any(|n| n == name) => {
+            let hint = match name.find(|c: char| !c.is_ascii_digit()) {
+                Some(at) if at > 0 => format!(
+                    " (for group {} followed by `{}`, write `${{{}}}{}`)",
+                    &name[..at],
+                    &name[at..],
+                    &name[..at],
+                    &name[at..]
+                ),
+                _ => String::new(),
+            };
+            Some(format!(
+                "`{written}` refers to a group named `{name}`, which the pattern does not define{hint}"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Why `name` cannot name a backend, if it cannot: selectors split on `:`, `/`, `?` and `|`,
+/// and the name is sent back in `x-orproxy-route`, a header.
+fn backend_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("must not be empty");
+    }
+    (!name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
+    .then_some("may hold only ASCII letters, digits, `_`, `-` and `.`")
+}
+
+/// Whether two listeners cannot both bind: the same port (not 0, which picks a free one) on
+/// the same address, or on a wildcard address that covers the other (`[::]` covers IPv4 too
+/// on a dual-stack system).
+fn same_listener(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: SocketAddr, other: SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 impl RoutingTable {
@@ -586,10 +729,16 @@ impl RoutingTable {
                 &cfg.identity,
                 &mut errors,
             );
-            if name.is_empty() || name.contains([':', '/', '?', '|']) {
-                errors.push(sourced.error(format!(
-                    "backend name `{name}` must not be empty or contain `:`, `/`, `?` or `|`"
-                )));
+            if let Some(problem) = backend_name_problem(name) {
+                let at = config
+                    .backend_names
+                    .get(name)
+                    .copied()
+                    .unwrap_or(sourced.at);
+                errors.push(sourced.error_at(
+                    at,
+                    format!("backend name `{}` {problem}", name.escape_debug()),
+                ));
                 continue;
             }
             let settings = Settings {
@@ -619,16 +768,11 @@ impl RoutingTable {
             };
             let mut keys = Vec::new();
             for var in &key_envs {
-                match env.var(var) {
-                    Some(key) => match header_problem(var, &key) {
-                        None => keys.push(Secret::new(key)),
-                        Some(problem) => {
-                            errors.push(sourced.error(format!("backend `{name}`: {problem}")))
-                        }
-                    },
-                    None => errors.push(sourced.error(format!(
-                        "backend `{name}`: environment variable {var} is not set"
-                    ))),
+                match secret_var(env, var) {
+                    Ok(key) => keys.push(Secret::new(key)),
+                    Err(problem) => {
+                        errors.push(sourced.error(format!("backend `{name}`: {problem}")))
+                    }
                 }
             }
             if key_envs.is_empty() && orproxy_backends::requires_key(&cfg.kind) {
@@ -676,20 +820,20 @@ impl RoutingTable {
         {
             backends.insert(MOCK_BACKEND.to_owned(), mock);
         }
-        let implied_key = env.var("OPENROUTER_API_KEY").filter(|key| {
-            match header_problem("OPENROUTER_API_KEY", key) {
-                None => true,
-                // Only a problem when the key is used: for the implied backend.
-                Some(problem) if !backends.contains_key(OPENROUTER_BACKEND) => {
+        let implied_key = match secret_var(env, "OPENROUTER_API_KEY") {
+            Ok(key) => Some(key),
+            Err(_) if env.var("OPENROUTER_API_KEY") == Err(EnvError::NotSet) => None,
+            // Only a problem when the key is used: for the implied backend.
+            Err(problem) => {
+                if !backends.contains_key(OPENROUTER_BACKEND) {
                     errors.push(Diagnostic::general(
                         "<environment>",
                         format!("backend `{OPENROUTER_BACKEND}`: {problem}"),
                     ));
-                    false
                 }
-                Some(_) => false,
+                None
             }
-        });
+        };
         if !backends.contains_key(OPENROUTER_BACKEND)
             && let Some(key) = implied_key
             && let Some(openrouter) = builtin(
@@ -750,11 +894,28 @@ impl RoutingTable {
         if let Some(list) = &config.model_aliases {
             for entry in &list.value {
                 match Regex::new(&entry.value.pattern) {
-                    Ok(regex) => aliases.push(Alias {
-                        regex,
-                        replacement: replacement_syntax(&entry.value.replacement),
-                        written: format!("{} → {}", entry.value.pattern, entry.value.replacement),
-                    }),
+                    Ok(regex) => {
+                        let replacement = replacement_syntax(&entry.value.replacement);
+                        for (written, group) in &replacement.refs {
+                            if let Some(problem) = group_ref_problem(&regex, written, group) {
+                                errors.push(list.error_at(
+                                    entry.referenced,
+                                    format!(
+                                        "model_aliases: replacement `{}`: {problem}",
+                                        entry.value.replacement
+                                    ),
+                                ));
+                            }
+                        }
+                        aliases.push(Alias {
+                            regex,
+                            replacement: replacement.syntax,
+                            written: format!(
+                                "{} → {}",
+                                entry.value.pattern, entry.value.replacement
+                            ),
+                        });
+                    }
                     Err(e) => errors.push(list.error_at(
                         entry.referenced,
                         format!(
@@ -809,6 +970,24 @@ impl RoutingTable {
                         }
                     }
                 }
+                // Checked here, not only per request: a longer chain would make every request
+                // it matches a 400 that blames the client. Repeated targets are tried once.
+                let distinct: HashSet<String> = chain
+                    .iter()
+                    .map(|s| {
+                        let backend = s.backend.as_deref().unwrap_or(&default_backend);
+                        format!("{backend}:{}", s.model)
+                    })
+                    .collect();
+                if distinct.len() + 1 > MAX_TARGETS {
+                    errors.push(list.error_at(
+                        entry.referenced,
+                        format!(
+                            "failover: the chain has {} targets; with the request's own that is more than the {MAX_TARGETS} one request may try",
+                            distinct.len()
+                        ),
+                    ));
+                }
                 let triggers = rule
                     .triggers
                     .as_deref()
@@ -836,18 +1015,10 @@ impl RoutingTable {
         let admin = config.admin.as_ref();
         let admin_token = admin.and_then(|a| {
             let var = a.value.token_env.as_ref()?;
-            match env.var(var) {
-                Some(token) => match header_problem(var, &token) {
-                    None => Some(Secret::new(token)),
-                    Some(problem) => {
-                        errors.push(a.error(format!("admin.token_env: {problem}")));
-                        None
-                    }
-                },
-                None => {
-                    errors.push(a.error(format!(
-                        "admin.token_env: environment variable {var} is not set"
-                    )));
+            match secret_var(env, var) {
+                Ok(token) => Some(Secret::new(token)),
+                Err(problem) => {
+                    errors.push(a.error(format!("admin.token_env: {problem}")));
                     None
                 }
             }
@@ -946,6 +1117,14 @@ impl RoutingTable {
             };
             restart_origins.insert("database", origin);
         }
+        let admin_origin = match (&overrides.admin_listen, &admin_listen_key) {
+            (Some(_), _) => None,
+            (None, key) => key.as_ref().map(|(origin, _)| origin.clone()),
+        };
+        let listen_origin = match (&overrides.listen, &listen_key) {
+            (Some(_), _) => None,
+            (None, key) => key.as_ref().map(|(origin, _)| origin.clone()),
+        };
         let listen = address(
             overrides.listen.as_deref(),
             "--listen",
@@ -985,6 +1164,23 @@ impl RoutingTable {
         let (Some(listen), Some(admin_listen)) = (listen, admin_listen) else {
             return Err(errors);
         };
+        if same_listener(listen, admin_listen) {
+            // Pointed at the admin address where it is written, else at the client one.
+            let message = format!(
+                "admin.listen {admin_listen} and listen {listen} cannot both be bound: give the admin API and the client API different addresses"
+            );
+            errors.push(
+                match (&overrides.admin_listen, admin_origin, listen_origin) {
+                    (Some(_), _, _) => Diagnostic::general("--admin-listen", message),
+                    (None, Some(origin), _) => origin.error(message),
+                    (None, None, _) if overrides.listen.is_some() => {
+                        Diagnostic::general("--listen", message)
+                    }
+                    (None, None, Some(origin)) => origin.error(message),
+                    (None, None, None) => Diagnostic::general("<built-in>", message),
+                },
+            );
+        }
         let mut known_models: HashSet<String> = backends
             .values()
             .flat_map(|b| b.models.iter().cloned())

@@ -152,12 +152,13 @@ async fn metrics_count_requests() {
 #[tokio::test]
 async fn credentials_in_base_urls_are_masked_wherever_they_are_shown() {
     // Nothing listens on port 1: requests to either backend fail to connect, and say so.
-    let config = "backends:\n  withuser:\n    type: openai\n    base_url: http://user:SECRETPASSWORD99@127.0.0.1:1/api/v1\n  withquery:\n    type: openai\n    base_url: http://127.0.0.1:1/v1?api_key=SECRETQUERY77\ndefault_backend: withquery\n";
+    // (Credentials in the userinfo are refused at load: see the `check` below.)
+    let config = "backends:\n  withtoken:\n    type: openai\n    base_url: http://127.0.0.1:1/api/v1?SECRETPASSWORD99\n  withquery:\n    type: openai\n    base_url: http://127.0.0.1:1/v1?api_key=SECRETQUERY77\ndefault_backend: withquery\n";
     let daemon = Daemon::start(Options::config(config));
     let http = client();
     let secrets = ["SECRETPASSWORD99", "SECRETQUERY77"];
     let mut shown = Vec::new();
-    for model in ["withuser:m", "withquery:m"] {
+    for model in ["withtoken:m", "withquery:m"] {
         let response = http
             .post(daemon.url("/v1/chat/completions"))
             .json(&chat(model, "x", false))
@@ -182,8 +183,8 @@ async fn credentials_in_base_urls_are_masked_wherever_they_are_shown() {
         .unwrap();
     let parsed: Value = serde_json::from_str(&routes).unwrap();
     assert_eq!(
-        parsed["backends"]["withuser"]["base_url"],
-        "http://user:***@127.0.0.1:1/api/v1"
+        parsed["backends"]["withtoken"]["base_url"],
+        "http://127.0.0.1:1/api/v1?***"
     );
     assert_eq!(
         parsed["backends"]["withquery"]["base_url"],
@@ -195,7 +196,7 @@ async fn credentials_in_base_urls_are_masked_wherever_they_are_shown() {
             "GET" => http.get(daemon.admin_url(path)),
             _ => http
                 .post(daemon.admin_url(path))
-                .json(&chat("withuser:m", "x", false)),
+                .json(&chat("withtoken:m", "x", false)),
         };
         shown.push(request.send().await.unwrap().text().await.unwrap());
     }
@@ -206,25 +207,33 @@ async fn credentials_in_base_urls_are_masked_wherever_they_are_shown() {
         }
     }
 
-    // `check` names a refused base URL without its credentials.
-    let config = crate::harness::temp_file(
-        "backends:\n  a:\n    type: openai\n    base_url: ftp://user:SECRETPASSWORD99@h/v1?key=SECRETQUERY77\n",
-        ".yaml",
-    );
-    let output = crate::harness::command()
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("base_url `ftp://user:***@h/v1?key=***` must be"),
-        "{stderr}"
-    );
-    for secret in secrets {
-        assert!(!stderr.contains(secret), "{stderr}");
+    // `check` names a refused base URL without its credentials, and refuses credentials.
+    for (base_url, expected) in [
+        (
+            "ftp://user:SECRETPASSWORD99@h/v1?key=SECRETQUERY77",
+            "base_url `ftp://***@h/v1?key=***` must be",
+        ),
+        (
+            "http://user:SECRETPASSWORD99@127.0.0.1:1/api/v1?key=SECRETQUERY77",
+            "base_url must not hold a user name or password",
+        ),
+    ] {
+        let config = crate::harness::temp_file(
+            &format!("backends:\n  a:\n    type: openai\n    base_url: {base_url}\n"),
+            ".yaml",
+        );
+        let output = crate::harness::command()
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+        for secret in secrets {
+            assert!(!stderr.contains(secret), "{stderr}");
+        }
     }
 }
 

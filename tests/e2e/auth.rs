@@ -29,6 +29,22 @@ async fn keys_are_checked_and_named_in_the_log() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
+    let wrong: Value = wrong.json().await.unwrap();
+    // A key outside ASCII was still sent: refused like any wrong key, not as missing.
+    let non_ascii = http
+        .post(&url)
+        .header(
+            "x-api-key",
+            reqwest::header::HeaderValue::from_bytes("sk-t\u{e9}am".as_bytes()).unwrap(),
+        )
+        .json(&chat("mock", "x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(non_ascii.status(), 401);
+    let non_ascii: Value = non_ascii.json().await.unwrap();
+    assert_ne!(wrong["error"]["code"], "missing_api_key");
+    assert_eq!(non_ascii["error"], wrong["error"]);
     let bearer = http
         .post(&url)
         .bearer_auth("sk-team-a-secret")

@@ -241,3 +241,114 @@ fn a_zero_limit_is_refused_at_its_place() {
         );
     }
 }
+
+/// `orproxy check` on `yaml`, with `vars` set: its exit code and stderr.
+fn check_with(yaml: &str, vars: &[(&str, &std::ffi::OsStr)]) -> (Option<i32>, String) {
+    let mut cmd = command();
+    cmd.arg("check")
+        .arg("--config")
+        .arg(temp_file(yaml, ".yaml"));
+    for (name, value) in vars {
+        cmd.env(name, value);
+    }
+    let output = cmd.output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn base_url_credentials_are_refused_and_never_echoed() {
+    for (base_url, expected) in [
+        (
+            "http://user:SEC/RETPW@a b/",
+            "base_url `http://***@a b/` must be",
+        ),
+        (
+            "http://u:SEC?RETPW@a b/",
+            "base_url `http://***@a b/` must be",
+        ),
+        (
+            "http://user:SECRETPW@127.0.0.1:1/v1",
+            "3:5: backend `a`: base_url must not hold a user name or password (they would not be sent): name the environment variable holding the key in api_key_env",
+        ),
+        (
+            "http://u:SEC#RETPW@127.0.0.1:1/api/v1",
+            "backend `a`: base_url must not have a fragment",
+        ),
+        (
+            "http://127.0.0.1:99999/v1",
+            "backend `a`: base_url's port must be a number from 1 to 65535",
+        ),
+    ] {
+        let yaml = format!("backends:\n  a:\n    type: openai\n    base_url: \"{base_url}\"\n");
+        let (code, stderr) = check_with(&yaml, &[]);
+        assert_eq!(code, Some(1), "{base_url}: {stderr}");
+        assert!(stderr.contains(expected), "{base_url}: {stderr}");
+        assert!(!stderr.contains("SEC"), "{base_url}: {stderr}");
+        assert!(!stderr.contains("RETPW"), "{base_url}: {stderr}");
+    }
+}
+
+#[test]
+fn keys_and_tokens_outside_visible_ascii_are_refused_by_variable_name() {
+    use std::os::unix::ffi::OsStrExt;
+
+    let non_ascii = std::ffi::OsStr::new("k\u{e9}y-SECRET");
+    let not_utf8 = std::ffi::OsStr::from_bytes(b"k\xffy-SECRET");
+    for (yaml, value, expected) in [
+        (
+            "auth:\n  keys: [{name: t, key_env: KK}]\n",
+            non_ascii,
+            "auth key `t`: environment variable KK holds a character that cannot be sent in an HTTP header",
+        ),
+        (
+            "admin:\n  token_env: KK\n",
+            non_ascii,
+            "admin.token_env: environment variable KK holds a character that cannot be sent in an HTTP header",
+        ),
+        (
+            "backends:\n  a:\n    type: openai\n    api_key_env: KK\n",
+            non_ascii,
+            "backend `a`: environment variable KK holds a character that cannot be sent in an HTTP header",
+        ),
+        (
+            "auth:\n  keys: [{name: t, key_env: KK}]\n",
+            not_utf8,
+            "auth key `t`: environment variable KK is not valid UTF-8",
+        ),
+    ] {
+        let (code, stderr) = check_with(yaml, &[("KK", value)]);
+        assert_eq!(code, Some(1), "{yaml}: {stderr}");
+        assert!(stderr.contains(expected), "{yaml}: {stderr}");
+        assert!(!stderr.contains("SECRET"), "{yaml}: {stderr}");
+    }
+}
+
+#[test]
+fn configs_that_would_fail_every_request_or_the_start_are_refused_at_load() {
+    let chain: Vec<String> = (0..21).map(|i| format!("mock:m{i}")).collect();
+    for (yaml, expected) in [
+        (
+            "backends:\n  \"my\\\"model\\n\":\n    type: openai\n".to_owned(),
+            "2:3: backend name `my\\\"model\\n` may hold only ASCII letters, digits, `_`, `-` and `.`".to_owned(),
+        ),
+        (
+            "listen: 127.0.0.1:8100\nadmin:\n  listen: 127.0.0.1:8100\n".to_owned(),
+            "3:11: admin.listen 127.0.0.1:8100 and listen 127.0.0.1:8100 cannot both be bound".to_owned(),
+        ),
+        (
+            format!("failover:\n  - match: x\n    chain: [{}]\n", chain.join(", ")),
+            "2:5: failover: the chain has 21 targets; with the request's own that is more than the 16 one request may try".to_owned(),
+        ),
+        (
+            "model_aliases:\n  - { pattern: \"^gpt(-.*)\", replacement: \"mock:$1a\" }\n".to_owned(),
+            "2:5: model_aliases: replacement `mock:$1a`: `$1a` refers to a group named `1a`".to_owned(),
+        ),
+    ] {
+        let (code, stderr) = check_with(&yaml, &[]);
+        assert_eq!(code, Some(1), "{yaml}: {stderr}");
+        assert!(stderr.contains(&expected), "{yaml}: {stderr}");
+    }
+}

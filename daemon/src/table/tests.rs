@@ -6,8 +6,12 @@ use crate::config::parse;
 pub(crate) struct FakeEnv(pub HashMap<&'static str, &'static str>);
 
 impl Env for FakeEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        self.0.get(name).map(|v| v.to_string())
+    fn var(&self, name: &str) -> Result<String, EnvError> {
+        self.0
+            .get(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| v.to_string())
+            .ok_or(EnvError::NotSet)
     }
 }
 
@@ -225,7 +229,75 @@ fn aliases_rewrite_with_backreferences() {
         Some("openrouter:openai/gpt-4o")
     );
     assert_eq!(table.aliases[0].apply("claude"), None);
-    assert_eq!(replacement_syntax(r"a\1b\12\\c$2"), "a${1}b${12}\\c$2");
+    let replacement = replacement_syntax(r"a\1b\12\\c$2$$x${n}é$");
+    assert_eq!(replacement.syntax, "a${1}b${12}\\c$2$$x${n}é$");
+    assert_eq!(
+        replacement.refs,
+        [
+            (r"\1", GroupRef::Number(1)),
+            (r"\12", GroupRef::Number(12)),
+            ("$2", GroupRef::Number(2)),
+            ("${n}", GroupRef::Name("n")),
+        ]
+    );
+}
+
+#[test]
+fn alias_references_to_groups_the_pattern_lacks_are_refused() {
+    let yaml = "model_aliases:\n  - { pattern: \"^gpt(-.*)\", replacement: \"mock:\\\\9\" }\n  - { pattern: \"^gpt(-.*)\", replacement: \"mock:$name\" }\n  - { pattern: \"^gpt(-.*)\", replacement: \"mock:${name}\" }\n  - { pattern: \"^gpt(-.*)\", replacement: \"mock:$1a\" }\n  - { pattern: \"^gpt(?P<rest>-.*)\", replacement: \"mock:$rest${rest}\\\\1$1${1}$0$$9\" }\n";
+    let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "c.yaml:2:5: model_aliases: replacement `mock:\\9`: `\\9` refers to group 9, but the pattern has 1 group",
+            "c.yaml:3:5: model_aliases: replacement `mock:$name`: `$name` refers to a group named `name`, which the pattern does not define",
+            "c.yaml:4:5: model_aliases: replacement `mock:${name}`: `${name}` refers to a group named `name`, which the pattern does not define",
+            "c.yaml:5:5: model_aliases: replacement `mock:$1a`: `$1a` refers to a group named `1a`, which the pattern does not define (for group 1 followed by `a`, write `${1}a`)",
+        ]
+    );
+}
+
+#[test]
+fn backend_names_are_restricted_and_located_at_the_name() {
+    let yaml = "backends:\n  \"a\\nb\":\n    type: openai\n  'q\"x':\n    type: openai\n  my model:\n    type: openai\n  a:b:\n    type: openai\n  \"\":\n    type: openai\n  ok_name-1.v2:\n    type: openai\n";
+    let errors = build(yaml, Overrides::default(), &[]).err().unwrap();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "c.yaml:10:3: backend name `` must not be empty",
+            "c.yaml:2:3: backend name `a\\nb` may hold only ASCII letters, digits, `_`, `-` and `.`",
+            "c.yaml:8:3: backend name `a:b` may hold only ASCII letters, digits, `_`, `-` and `.`",
+            "c.yaml:6:3: backend name `my model` may hold only ASCII letters, digits, `_`, `-` and `.`",
+            "c.yaml:4:3: backend name `q\\\"x` may hold only ASCII letters, digits, `_`, `-` and `.`",
+        ]
+    );
+}
+
+#[test]
+fn a_failover_chain_longer_than_a_request_may_try_is_refused() {
+    let chain = |n: usize| {
+        let targets: Vec<String> = (0..n).map(|i| format!("\"mock:m{i}\"")).collect();
+        format!(
+            "failover:\n  - match: x\n    chain: [{}]\n",
+            targets.join(", ")
+        )
+    };
+    assert!(build(&chain(MAX_TARGETS - 1), Overrides::default(), &[]).is_ok());
+    // A target written twice is tried once.
+    let repeated = chain(MAX_TARGETS - 1).replace("]", ", \"mock:m0\", \"m1\"]");
+    assert!(build(&repeated, Overrides::default(), &[]).is_ok());
+    let errors = build(&chain(MAX_TARGETS), Overrides::default(), &[])
+        .err()
+        .unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        errors[0].to_string(),
+        format!(
+            "c.yaml:2:5: failover: the chain has {MAX_TARGETS} targets; with the request's own that is more than the {MAX_TARGETS} one request may try"
+        )
+    );
 }
 
 #[test]
@@ -306,6 +378,58 @@ fn unsafe_listeners_are_refused() {
             .starts_with("c.yaml:1:9: listen: `localhost` is not an address"),
         "{}",
         errs[0]
+    );
+}
+
+#[test]
+fn the_client_and_admin_apis_need_different_addresses() {
+    let errs = build(
+        "listen: 127.0.0.1:8100\nadmin:\n  listen: 127.0.0.1:8100\n",
+        Overrides::default(),
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        errs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        [
+            "c.yaml:3:11: admin.listen 127.0.0.1:8100 and listen 127.0.0.1:8100 cannot both be bound: give the admin API and the client API different addresses"
+        ]
+    );
+    // The effective addresses count: a flag, a default, a wildcard that covers the other.
+    let flag = |listen: Option<&str>, admin: Option<&str>| Overrides {
+        listen: listen.map(str::to_owned),
+        admin_listen: admin.map(str::to_owned),
+        ..Overrides::default()
+    };
+    let cases = [
+        ("", flag(None, Some("127.0.0.1:8000")), "--admin-listen: "),
+        ("", flag(Some("127.0.0.1:8001"), None), "--listen: "),
+        ("listen: 127.0.0.1:8001\n", flag(None, None), "c.yaml:1:9: "),
+        (
+            "listen: 127.0.0.1:8200\nauth:\n  allow_open: true\n",
+            flag(None, Some("[::]:8200")),
+            "--admin-listen: ",
+        ),
+    ];
+    for (yaml, overrides, start) in cases {
+        let errs = build(yaml, overrides, &[("T", "tok")]).err().unwrap();
+        assert!(
+            errs.iter()
+                .any(|e| e.to_string().starts_with(start)
+                    && e.message.contains("cannot both be bound")),
+            "{yaml}: {errs:?}"
+        );
+    }
+    // Port 0 picks a free port for each; different IPs on one port are two listeners.
+    assert!(build("", flag(Some("127.0.0.1:0"), Some("127.0.0.1:0")), &[]).is_ok());
+    assert!(
+        build(
+            "",
+            flag(Some("127.0.0.1:8300"), Some("127.0.0.2:8300")),
+            &[]
+        )
+        .is_ok()
     );
 }
 

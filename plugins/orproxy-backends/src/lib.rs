@@ -44,9 +44,21 @@ pub enum BuildError {
         /// The setting.
         setting: &'static str,
     },
-    /// The base URL is not an absolute http(s) URL (held with its credentials masked).
+    /// The base URL is not an absolute http(s) URL (held with everything that could be
+    /// credentials masked).
     #[error("base_url `{0}` must be an absolute http:// or https:// URL")]
     BadBaseUrl(String),
+    /// The base URL holds a user name or password, which no plugin sends.
+    #[error(
+        "base_url must not hold a user name or password (they would not be sent): name the environment variable holding the key in api_key_env"
+    )]
+    BaseUrlCredentials,
+    /// The base URL has a fragment, which is never sent and often hides a mistyped URL.
+    #[error("base_url must not have a fragment (`#...`)")]
+    BaseUrlFragment,
+    /// The base URL's port is not a port number.
+    #[error("base_url's port must be a number from 1 to 65535")]
+    BaseUrlPort,
 }
 
 /// Every plugin name accepted by `type:`.
@@ -126,12 +138,55 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
+/// A URL that could not be parsed, fit for an error message: everything between `://` and
+/// the last `@` is masked as well as what [`redact_url`] masks.
+///
+/// In a malformed URL the end of the userinfo cannot be told from the text (a password may
+/// hold `/`, `?` or `#`), so anything before the last `@` may be part of a password.
+fn redact_unparsed(url: &str) -> String {
+    let start = url.find("://").map_or(0, |at| at + 3);
+    match url.rfind('@') {
+        Some(at) if at >= start => redact_url(&format!("{}{MASK}{}", &url[..start], &url[at..])),
+        _ => redact_url(url),
+    }
+}
+
+/// Checks what the plugins' own parsing lets through: a base URL must be an absolute
+/// http(s) URL without credentials (never sent: the key has its own setting), without a
+/// fragment, and with a port that exists (`http::Uri` accepts `:99999`).
+fn check_base_url(url: &str) -> Result<(), BuildError> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(BuildError::BadBaseUrl(redact_unparsed(url)));
+    }
+    // Before parsing: `http://u:pw#x@host` would otherwise parse with `u` as its host.
+    if url.contains('#') {
+        return Err(BuildError::BaseUrlFragment);
+    }
+    let authority = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.authority().cloned())
+        .ok_or_else(|| BuildError::BadBaseUrl(redact_unparsed(url)))?;
+    let authority = authority.as_str();
+    if authority.contains('@') {
+        return Err(BuildError::BaseUrlCredentials);
+    }
+    // An IPv6 host (`[::1]`) holds colons of its own: the port follows its bracket.
+    let host_end = authority.rfind(']').map_or(0, |at| at + 1);
+    if let Some(colon) = authority[host_end..].rfind(':') {
+        let port = &authority[host_end + colon + 1..];
+        // An empty port (`host:`) means the scheme's default, as the URL standard says.
+        if !port.is_empty() && !port.parse::<u16>().is_ok_and(|p| p != 0) {
+            return Err(BuildError::BaseUrlPort);
+        }
+    }
+    Ok(())
+}
+
 /// Instantiates the plugin named by `kind`.
 pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildError> {
-    if let Some(url) = &settings.base_url
-        && !(url.starts_with("http://") || url.starts_with("https://"))
-    {
-        return Err(BuildError::BadBaseUrl(redact_url(url)));
+    if let Some(url) = &settings.base_url {
+        check_base_url(url)?;
     }
     let mock_only = |kind: &'static str| -> Result<(), BuildError> {
         if settings.stream_events.is_some() {
@@ -149,7 +204,9 @@ pub fn build(kind: &str, settings: &Settings) -> Result<Arc<dyn Backend>, BuildE
         Ok(())
     };
     let bad = |_: http::uri::InvalidUri| {
-        BuildError::BadBaseUrl(redact_url(settings.base_url.as_deref().unwrap_or_default()))
+        BuildError::BadBaseUrl(redact_unparsed(
+            settings.base_url.as_deref().unwrap_or_default(),
+        ))
     };
     Ok(match kind {
         openrouter::KIND => {
@@ -225,6 +282,71 @@ mod tests {
         };
         let text = error.to_string();
         assert!(!text.contains("SECRET"), "{text}");
-        assert!(text.contains("ftp://user:***@h/?key=***"), "{text}");
+        assert!(text.contains("ftp://***@h/?key=***"), "{text}");
+    }
+
+    fn refusal(url: &str) -> String {
+        let settings = Settings {
+            base_url: Some(url.into()),
+            ..Settings::default()
+        };
+        match build(openai::KIND, &settings) {
+            Ok(_) => panic!("{url} is accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_unparseable_base_url_is_shown_without_anything_before_its_last_at() {
+        // A password holding `/`, `?` or `#` ends the authority early for `redact_url`.
+        for (url, shown) in [
+            ("http://user:SEC/RETPW@a b/", "http://***@a b/"),
+            ("http://u:SEC?RETPW@a b/", "http://***@a b/"),
+            ("http://u:SEC/RET@PW@a b/?k=SECRET", "http://***@a b/?k=***"),
+            ("user:SEC/RETPW@a b/", "***@a b/"),
+        ] {
+            let text = refusal(url);
+            assert!(!text.contains("SEC"), "{url}: {text}");
+            assert!(!text.contains("RET"), "{url}: {text}");
+            assert!(text.contains(&format!("`{shown}`")), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    fn base_urls_with_credentials_a_fragment_or_no_real_port_are_refused() {
+        for url in [
+            "http://user:SECRETPW@127.0.0.1:1/v1",
+            "http://SECRETPW@127.0.0.1:1/v1",
+            "https://user:@host/v1",
+        ] {
+            let text = refusal(url);
+            assert!(text.contains("api_key_env"), "{url}: {text}");
+            assert!(!text.contains("SECRET"), "{url}: {text}");
+        }
+        for url in ["http://u:SEC#RETPW@127.0.0.1:1/api/v1", "http://h/v1#x"] {
+            let text = refusal(url);
+            assert!(text.contains("fragment"), "{url}: {text}");
+            assert!(!text.contains("SEC"), "{url}: {text}");
+        }
+        for url in [
+            "http://127.0.0.1:99999/v1",
+            "http://127.0.0.1:65536",
+            "http://[::1]:0/v1",
+            "http://h:0/v1",
+        ] {
+            assert!(refusal(url).contains("port"), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:65535/v1",
+            "http://[::1]/v1",
+            "http://[::1]:8080/v1?api-version=1",
+            "https://openrouter.ai/api/v1",
+        ] {
+            let settings = Settings {
+                base_url: Some(url.into()),
+                ..Settings::default()
+            };
+            assert!(build(openai::KIND, &settings).is_ok(), "{url}");
+        }
     }
 }
