@@ -112,14 +112,7 @@ async fn metrics_count_requests() {
             .await
             .unwrap();
     }
-    let text = http
-        .get(daemon.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = daemon.metrics().await;
     assert!(
         text.contains("orproxy_requests_total{backend=\"mock\",model=\"other\",status=\"200\"} 3"),
         "{text}"
@@ -273,14 +266,7 @@ async fn event_counters_are_exported_at_zero_from_the_start() {
     let daemon = Daemon::start(Options::config(
         "budgets:\n  - { name: cap, scope: global, limit_usd: 10, period: day }\n  - { name: spill, scope: model, limit_usd: 1, period: month, action: fallback, fallback: \"mock:cheap\" }\n",
     ));
-    let text = client()
-        .get(daemon.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = daemon.metrics().await;
     for line in [
         "orproxy_reloads_total{result=\"ok\"} 0",
         "orproxy_reloads_total{result=\"error\"} 0",

@@ -248,6 +248,18 @@ impl Daemon {
             .unwrap()
     }
 
+    /// `GET /metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Sends a signal by name (`TERM`, `HUP`).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")

@@ -750,14 +750,7 @@ async fn retention_deletes_the_old_rows_and_keeps_the_spend() {
     mock_burst(&daemon, 3, 3).await;
     let status = daemon.status().await;
     assert_eq!(status["ledger"]["rows_pruned"], 12_000, "{status}");
-    let metrics = client()
-        .get(daemon.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     assert!(
         metrics.contains("orproxy_ledger_rows_pruned_total 12000"),
         "{metrics}"

@@ -119,14 +119,7 @@ async fn a_changed_fragment_is_served_and_an_invalid_one_never_is() {
         "{error}"
     );
     assert!(error.contains("bogus_key"), "{error}");
-    let metrics = client()
-        .get(daemon.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     assert!(
         metrics.contains("orproxy_reloads_total{result=\"error\"} 1"),
         "{metrics}"

@@ -310,14 +310,7 @@ fn on_request(req) {
         "{:?}",
         results.iter().filter(|s| **s != 200).collect::<Vec<_>>()
     );
-    let metrics = client()
-        .get(daemon.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     assert!(
         metrics.contains(&format!(
             "orproxy_rule_errors_total{{script=\"10-evil.rhai\"}} {}",
