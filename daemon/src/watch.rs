@@ -8,7 +8,9 @@
 //! - the config file's own directory, and the directory of every symlink on the way to its
 //!   target and of the target itself (a config linked from elsewhere, or a Kubernetes
 //!   ConfigMap, where `config.yaml -> ..data/config.yaml` and an update swaps `..data`);
-//! - the rules directory, and its parent, which sees the directory itself being replaced.
+//! - the rules directory, and its parent, which sees the directory itself being replaced;
+//! - for each rule file that is a symlink, the directories of the links on its way and of its
+//!   target (a file linked from elsewhere and edited there, or a ConfigMap's `..data`).
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
@@ -42,7 +44,8 @@ struct Layout {
     /// The config file as named, every symlink met on the way to its target, and the target:
     /// a change to any of them changes what the config says.
     config_paths: Vec<PathBuf>,
-    /// Symlinks inside the rules directory that its files resolve through (`..data`).
+    /// The symlinks the rules directory's files resolve through (`..data`, or links
+    /// elsewhere) and their targets: a change to any of them changes what a rule file says.
     rules_links: Vec<PathBuf>,
     /// The directories to watch (each non-recursively), most specific first.
     dirs: Vec<PathBuf>,
@@ -76,9 +79,12 @@ impl Layout {
                 if !entry.file_type().is_ok_and(|t| t.is_symlink()) || !is_rules_file(&path) {
                     continue;
                 }
-                let (links, _) = symlink_chain(&path);
-                for link in links {
-                    if link != path && link.parent() == Some(rules.as_path()) {
+                let (links, target) = symlink_chain(&path);
+                for link in links.into_iter().chain([target]) {
+                    if link != path {
+                        if let Some(dir) = link.parent() {
+                            push_unique(&mut layout.dirs, dir.to_owned());
+                        }
                         push_unique(&mut layout.rules_links, link);
                     }
                 }
@@ -389,16 +395,21 @@ mod tests {
                 mount.join("..v1/config.yaml"),
             ]
         );
-        assert_eq!(layout.rules_links, [rules.join("..data")]);
+        assert_eq!(
+            layout.rules_links,
+            [rules.join("..data"), rules.join("..r1/10.yaml")]
+        );
         assert_eq!(
             layout.dirs,
             [
                 mount.clone(),
                 mount.join("..v1"),
                 rules.clone(),
-                root.clone()
+                root.clone(),
+                rules.join("..r1"),
             ]
         );
+        assert!(layout.relevant(&w, &rules.join("..r1/10.yaml")));
         assert!(layout.relevant(&w, &mount.join("..data")));
         assert!(layout.relevant(&w, &rules.join("..data")));
         assert!(!layout.relevant(&w, &mount.join("..data_tmp")));

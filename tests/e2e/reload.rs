@@ -529,6 +529,23 @@ async fn a_kubernetes_configmap_update_is_one_reload() {
     assert_eq!(outcomes(&daemon), 2, "each update is one reload");
 }
 
+/// A rule file linked from another directory (as configuration tools deploy them) is watched
+/// where it lives: editing it there reloads.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_rules_file_linked_from_elsewhere_reloads_when_edited_there() {
+    let rules = temp_dir();
+    let elsewhere = temp_dir();
+    write(&elsewhere.join("route.yaml"), &version("first"));
+    std::os::unix::fs::symlink(elsewhere.join("route.yaml"), rules.join("10-route.yaml")).unwrap();
+    let daemon = start_with_rules(&rules);
+    assert_eq!(probe(&daemon).await, "mock:first");
+
+    write(&elsewhere.join("route.yaml"), &version("edited"));
+    wait_until(&daemon, 1, "successful reloads", ok_reloads).await;
+    assert_eq!(probe(&daemon).await, "mock:edited");
+}
+
 #[tokio::test]
 async fn a_replaced_rules_directory_is_watched_again() {
     let parent = temp_dir();
