@@ -164,13 +164,30 @@ pub async fn enforce_retention(app: Arc<App>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let Some(retention) = app.table.load().retention else {
-            continue;
-        };
-        let age = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let before = budget::now_ms().saturating_sub(age);
-        writer.prune(before, budget::rfc3339(before));
+        if let Some(retention) = app.table.load().retention {
+            prune_past(&writer, retention);
+        }
     }
+}
+
+/// Applies a reloaded `database.retention` at once, `before` being the previous one: a
+/// deletion under way takes the new cutoff, or stops if the retention was removed, so that
+/// rows the new setting keeps are not deleted meanwhile.
+pub fn retention_reloaded(app: &App, before: Option<Duration>) {
+    let Some(writer) = &app.accounts.writer else {
+        return;
+    };
+    match app.table.load().retention {
+        now if now == before => {}
+        Some(retention) => prune_past(writer, retention),
+        None => writer.stop_pruning(),
+    }
+}
+
+fn prune_past(writer: &Writer, retention: Duration) {
+    let age = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let before = budget::now_ms().saturating_sub(age);
+    writer.prune(before, budget::rfc3339(before));
 }
 
 /// Checks every page of the database on a thread of its own: on a large file that takes

@@ -205,7 +205,9 @@ fn apply(app: &Arc<App>, reason: Reason, built: Result<RoutingTable, Vec<Diagnos
             app.accounts.budgets.set_rules(Arc::clone(&table.budgets));
             metrics::register_budgets(&table.budgets);
             let priced = !table.budgets.is_empty();
+            let retention = app.table.load().retention;
             app.table.store(Arc::new(table));
+            crate::ledger::retention_reloaded(app, retention);
             if priced {
                 // Budgets may be new: fetch the price lists they need (only those missing or stale).
                 let app = Arc::clone(app);

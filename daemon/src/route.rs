@@ -298,6 +298,17 @@ fn apply_rules(
             "the model or backend it set has a control character".to_owned(),
         )));
     }
+    if after.model.len() > selector::MAX_SELECTOR_BYTES {
+        return Err(ProxyError::Rule(rule_fault(
+            trace_out,
+            &["model"],
+            format!(
+                "the model it set is {} bytes long; a model selector is at most {}",
+                after.model.len(),
+                selector::MAX_SELECTOR_BYTES
+            ),
+        )));
+    }
     // A model with a backend prefix, parameters or a chain is a full selector: parse it again;
     // its own chain comes before the rest.
     let rewritten = after.model.contains(['?', '|'])
@@ -513,6 +524,7 @@ mod tests {
             r#"fn on_request(req) { req.failover = [42]; }"#,
             r#"fn on_request(req) { req.failover = ["a||b"]; }"#,
             r#"fn on_request(req) { req.model = "mock:m?temperature=9"; }"#,
+            r#"fn on_request(req) { let m = "mock:"; while m.len() <= 8192 { m += "aaaaaaaa"; } req.model = m; }"#,
         ] {
             let mut t = table("", None);
             with_rules(&mut t, script);

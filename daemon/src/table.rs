@@ -1073,6 +1073,13 @@ impl RoutingTable {
                 "database.retention: {retention:?} is too short (at least 1d; write e.g. 90d)"
             )));
         }
+        if retention.is_some()
+            && database
+                .and_then(|d| d.enabled.as_ref())
+                .is_some_and(|e| !e.value)
+        {
+            warnings.push("database.retention has no effect: database.enabled is false".to_owned());
+        }
         let mut restart_origins = BTreeMap::new();
         let listen_key = config
             .listen

@@ -775,6 +775,64 @@ async fn retention_deletes_the_old_rows_and_keeps_the_spend() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A reload that removes the retention stops a deletion under way at once: the rows the new
+/// setting keeps are not deleted meanwhile.
+#[tokio::test]
+async fn a_reload_without_retention_stops_the_deletion_under_way() {
+    let (dir, db) = db_in_temp_dir();
+    let day = orproxy_ledger::DAY_MS;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    {
+        let conn = orproxy_ledger::open(&db).unwrap();
+        // A hundred deletions' worth: seconds of work.
+        conn.execute_batch(&format!(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 200000)
+             INSERT INTO requests (ts_ms, request_id, status, outcome, stream, cost_source,
+                                   latency_us, attempts)
+             SELECT {} + i, 'old-' || i, 200, 'ok', 0, 'none', 10, '[]' FROM c",
+            now - 40 * day
+        ))
+        .unwrap();
+    }
+    let config = dir.join("config.yaml");
+    let database = format!("database:\n  path: {}\n", db.display());
+    std::fs::write(&config, format!("{database}  retention: 30d\n")).unwrap();
+    let daemon = Daemon::start(
+        Options::default()
+            .arg("--config")
+            .arg(config.to_str().unwrap()),
+    );
+    // Once the deletion is under way.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.status().await["ledger"]["rows_pruned"] == 0 {
+        assert!(Instant::now() < deadline, "no deletion started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::write(&config, &database).unwrap();
+    let reloaded: Value = client()
+        .post(daemon.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reloaded["result"], "ok", "{reloaded}");
+    let line = daemon.wait_log(|v| v["message"] == "Usage rows past the retention deleted.");
+    assert_eq!(line["end"], "stopped: the retention was removed", "{line}");
+    let deleted = line["rows"].as_u64().unwrap();
+    assert!(deleted < 200_000, "{line}");
+    // Nothing more is deleted afterwards.
+    let status = daemon.status().await;
+    assert_eq!(status["ledger"]["rows_pruned"], deleted, "{status}");
+    assert_eq!(rows(&db).len() as u64, 200_000 - deleted);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `orproxy report --format csv --group-by key` prints the header, a line per key and a total
 /// line (the same text as `/admin/usage?format=csv`); an unknown grouping or a date that does
 /// not exist is refused.

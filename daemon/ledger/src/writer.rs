@@ -49,6 +49,9 @@ const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// Rows deleted per transaction when pruning: about 10 ms each on the benchmark machine,
 /// taken out of the next batch's gathering time.
 const PRUNE_PIECE: usize = 2000;
+/// How long a deletion piece waits for another process's lock before giving up until the
+/// next pass.
+const PRUNE_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 /// Waits between the last tries of rows SQLite refuses at shutdown.
 const RETRY: [Duration; 3] = [
     Duration::from_millis(50),
@@ -65,6 +68,8 @@ enum Message {
         before_ms: i64,
         cutoff: String,
     },
+    /// Stop the deletion under way (the retention was removed).
+    StopPruning,
     Stop,
 }
 
@@ -74,6 +79,21 @@ struct Pruning {
     cutoff: String,
     deleted: u64,
     started: Instant,
+}
+
+impl Pruning {
+    /// Logs what the deletion removed, if anything, and how it ended.
+    fn report(&self, end: &str) {
+        if self.deleted > 0 {
+            tracing::info!(
+                message = "Usage rows past the retention deleted.",
+                rows = self.deleted,
+                older_than = %self.cutoff,
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                end,
+            );
+        }
+    }
 }
 
 /// Counters of the writer, read by `/metrics`.
@@ -177,8 +197,14 @@ impl Writer {
     /// Deletes the rows that arrived before `before_ms` (Unix milliseconds), a few thousand
     /// per transaction between batches; `cutoff` names that time in the log line that reports
     /// the deletion. The budgets' spend summary keeps what those rows cost.
+    /// A deletion under way takes the new cutoff at once.
     pub fn prune(&self, before_ms: i64, cutoff: String) {
         let _ = self.tx.send(Message::Prune { before_ms, cutoff });
+    }
+
+    /// Stops the deletion under way, if any (the retention was removed).
+    pub fn stop_pruning(&self) {
+        let _ = self.tx.send(Message::StopPruning);
     }
 
     /// Commits everything queued, then ends the thread. A database that cannot be written gets
@@ -301,8 +327,11 @@ impl Worker {
                     match message {
                         Message::Row(row) => batch.push(*row),
                         Message::Flush(done) => waiting.push(done),
-                        Message::Prune { .. } | Message::Stop => {}
+                        Message::Prune { .. } | Message::StopPruning | Message::Stop => {}
                     }
+                }
+                if let Some(pruning) = self.pruning.take() {
+                    pruning.report("stopped by the shutdown");
                 }
                 if !batch.is_empty() {
                     self.commit(&mut batch, true);
@@ -339,6 +368,11 @@ impl Worker {
                     });
                 }
             },
+            Message::StopPruning => {
+                if let Some(pruning) = self.pruning.take() {
+                    pruning.report("stopped: the retention was removed");
+                }
+            }
             Message::Stop => return true,
         }
         false
@@ -361,14 +395,7 @@ impl Worker {
                 self.stats.pruned.fetch_add(deleted, Ordering::Relaxed);
                 pruning.deleted += deleted;
                 if deleted < PRUNE_PIECE as u64 {
-                    if pruning.deleted > 0 {
-                        tracing::info!(
-                            message = "Usage rows past the retention deleted.",
-                            rows = pruning.deleted,
-                            older_than = %pruning.cutoff,
-                            elapsed_ms = pruning.started.elapsed().as_millis() as u64,
-                        );
-                    }
+                    pruning.report("done");
                     self.pruning = None;
                 }
             }
@@ -380,6 +407,7 @@ impl Worker {
                     older_than = %pruning.cutoff,
                     %error,
                 );
+                pruning.report("stopped by the error");
                 self.pruning = None;
             }
         }
@@ -545,13 +573,17 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
 /// Deletes up to [`PRUNE_PIECE`] of the oldest rows that arrived before `before_ms`, in one
 /// transaction (the `ts_ms` index finds them).
 fn delete_before(conn: &mut Connection, before_ms: i64) -> rusqlite::Result<u64> {
+    // Another process holding the lock gets a short wait, not the rows' busy timeout: the
+    // deletion can wait for its next pass, and rows (or a stop) queue behind it meanwhile.
+    conn.busy_timeout(PRUNE_BUSY_TIMEOUT)?;
     let deleted = conn
         .prepare_cached(
             "DELETE FROM requests WHERE id IN \
              (SELECT id FROM requests WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
-        )?
-        .execute(rusqlite::params![before_ms, PRUNE_PIECE as i64])?;
-    Ok(deleted as u64)
+        )
+        .and_then(|mut stmt| stmt.execute(rusqlite::params![before_ms, PRUNE_PIECE as i64]));
+    conn.busy_timeout(crate::BUSY_TIMEOUT)?;
+    Ok(deleted? as u64)
 }
 
 /// A row that cannot be stored goes to the log whole, so it can still be recovered.
@@ -678,6 +710,30 @@ mod tests {
         assert_eq!(spent, old + 110);
         writer.stop();
         assert_eq!(writer.stats().pruned.load(Ordering::Relaxed), old as u64);
+    }
+
+    #[test]
+    fn a_new_cutoff_replaces_the_one_of_the_deletion_under_way() {
+        let (_dir, path) = temp_db("prune-change");
+        let writer = Writer::start(crate::open(&path).unwrap(), &path).unwrap();
+        for i in 0..100 {
+            writer.send(Row::example(&format!("r-{i}"), i, 1));
+        }
+        assert!(writer.flush());
+        // Both reach the writer in one round: the second cutoff is the one applied.
+        writer.prune(90, "first".into());
+        writer.prune(30, "second".into());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while writer.stats().pruned.load(Ordering::Relaxed) < 30 {
+            assert!(
+                Instant::now() < deadline,
+                "rows before the cutoff still there"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(writer.flush());
+        assert_eq!(count(&path), 70);
+        writer.stop();
     }
 
     /// Another process holding the write lock stands in for a full disk: SQLite refuses

@@ -551,3 +551,17 @@ budgets:
     assert_eq!(ok.pricing[0].price.prompt_per_mtok, 150_000_000);
     assert_eq!(ok.pricing[0].price.completion_per_mtok, 600_000_000);
 }
+
+#[test]
+fn a_retention_without_a_database_is_a_warning() {
+    let yaml = "default_backend: mock\ndatabase:\n  enabled: false\n  retention: 30d\n";
+    let table = build(yaml, Overrides::default(), &[]).unwrap();
+    assert!(
+        table
+            .warnings
+            .iter()
+            .any(|w| w.contains("database.retention has no effect")),
+        "{:?}",
+        table.warnings
+    );
+}

@@ -63,10 +63,12 @@ impl Usage {
             reasoning_tokens: wire
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens),
-            // A negative cost is no charge anyone made: it would lower a budget's spend.
+            // A negative cost is no charge anyone made: it would lower a budget's spend. One
+            // past what nano-dollars hold counts as the most they hold: dropping it would
+            // price the request from `pricing` instead, as if it were nearly free.
             cost_nanos: wire
                 .cost
-                .and_then(|c| usd_to_nanos(c.get()))
+                .and_then(|c| usd_to_nanos(c.get()).or_else(|| beyond_nanos(c.get())))
                 .filter(|nanos| *nanos >= 0),
         })
     }
@@ -120,10 +122,16 @@ pub fn usd_to_nanos(text: &str) -> Option<Nanos> {
                 kept.parse::<i64>().ok()?
             };
             let round_up = dropped.as_bytes().first().is_some_and(|d| *d >= b'5');
-            kept + i64::from(round_up)
+            kept.saturating_add(i64::from(round_up))
         }
     };
     Some(if negative { -magnitude } else { magnitude })
+}
+
+/// [`Nanos::MAX`] for a USD amount too large for nano-dollars (`1e300`), else `None`.
+fn beyond_nanos(text: &str) -> Option<Nanos> {
+    let usd: f64 = text.trim().trim_matches('"').parse().ok()?;
+    (usd.is_finite() && usd >= Nanos::MAX as f64 / 1e9).then_some(Nanos::MAX)
 }
 
 /// Formats nano-dollars as USD with nine decimals (`0.003530250`).
@@ -201,6 +209,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(Usage::from_openai_json(&negative).unwrap().cost_nanos, None);
+        // Past what nano-dollars hold: the most they hold, not nothing.
+        for cost in ["9223372036.854775808", "1e300", "99999999999999999999999"] {
+            let huge = RawValue::from_string(format!(
+                r#"{{"prompt_tokens":1,"completion_tokens":1,"cost":{cost}}}"#
+            ))
+            .unwrap();
+            let usage = Usage::from_openai_json(&huge).unwrap();
+            assert_eq!(usage.cost_nanos, Some(Nanos::MAX), "{cost}");
+        }
+        // Rounding up at the very top saturates instead of overflowing.
+        assert_eq!(usd_to_nanos("9223372036.8547758075"), Some(Nanos::MAX));
     }
 
     #[test]
