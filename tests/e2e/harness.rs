@@ -248,6 +248,18 @@ impl Daemon {
             .unwrap()
     }
 
+    /// `POST /admin/reload`: the reload's outcome.
+    pub async fn reload(&self) -> Value {
+        client()
+            .post(self.admin_url("/admin/reload"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// `GET /metrics`, as text.
     pub async fn metrics(&self) -> String {
         client()

@@ -166,6 +166,13 @@ pub fn report_json(db: &Path, group_by: &str) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// A fresh directory for a database the test controls (the daemon's own goes with it).
 fn db_in_temp_dir() -> (PathBuf, PathBuf) {
     let dir = temp_dir();
@@ -720,11 +727,7 @@ async fn damage_inside_the_database_is_reported_after_a_prompt_start() {
 #[tokio::test]
 async fn retention_deletes_the_old_rows_and_keeps_the_spend() {
     let (dir, db) = db_in_temp_dir();
-    let day = orproxy_ledger::DAY_MS;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let (day, now) = (orproxy_ledger::DAY_MS, now_ms());
     {
         let conn = orproxy_ledger::open(&db).unwrap();
         // 12,000 rows of 40 days ago (more than two deletions' worth), 100 of 10 days ago,
@@ -780,11 +783,7 @@ async fn retention_deletes_the_old_rows_and_keeps_the_spend() {
 #[tokio::test]
 async fn a_reload_without_retention_stops_the_deletion_under_way() {
     let (dir, db) = db_in_temp_dir();
-    let day = orproxy_ledger::DAY_MS;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let (day, now) = (orproxy_ledger::DAY_MS, now_ms());
     {
         let conn = orproxy_ledger::open(&db).unwrap();
         // A hundred deletions' worth: seconds of work.
@@ -812,14 +811,7 @@ async fn a_reload_without_retention_stops_the_deletion_under_way() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     std::fs::write(&config, &database).unwrap();
-    let reloaded: Value = client()
-        .post(daemon.admin_url("/admin/reload"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reloaded: Value = daemon.reload().await;
     assert_eq!(reloaded["result"], "ok", "{reloaded}");
     let line = daemon.wait_log(|v| v["message"] == "Usage rows past the retention deleted.");
     assert_eq!(line["end"], "stopped: the retention was removed", "{line}");

@@ -227,12 +227,7 @@ async fn a_fifo_or_a_device_in_the_rules_directory_is_refused_not_read() {
     std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
     // The fragments are read first, then the scripts.
     for (name, remove) in [("20-zero.yaml", &zero), ("zz.rhai", &fifo)] {
-        let response = client()
-            .post(daemon.admin_url("/admin/reload"))
-            .send()
-            .await
-            .unwrap();
-        let outcome: Value = response.json().await.unwrap();
+        let outcome = daemon.reload().await;
         assert_eq!(outcome["result"], "error", "{outcome}");
         let errors = outcome["errors"].to_string();
         assert!(
