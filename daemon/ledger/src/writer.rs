@@ -49,6 +49,10 @@ const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// Rows deleted per transaction when pruning: about 10 ms each on the benchmark machine,
 /// taken out of the next batch's gathering time.
 const PRUNE_PIECE: usize = 2000;
+/// How long a commit waits for another process's lock. Refused rows are tried again every
+/// [`RETRY_EVERY`] anyway; a longer wait would only hold up a stop that arrives meanwhile
+/// (SQLite's wait cannot be interrupted).
+const COMMIT_BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a deletion piece waits for another process's lock before giving up until the
 /// next pass.
 const PRUNE_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
@@ -134,6 +138,8 @@ impl Writer {
     }
 
     fn with_limit(conn: Connection, path: &Path, max_queued: u64) -> std::io::Result<Writer> {
+        conn.busy_timeout(COMMIT_BUSY_TIMEOUT)
+            .map_err(std::io::Error::other)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let stopping = Arc::new(AtomicBool::new(false));
@@ -418,10 +424,6 @@ impl Worker {
     /// large, so that a little freed disk space lets rows through. At stop, a refusing database
     /// gets a few quick tries, then the rows are logged whole, so that nothing is lost silently.
     fn commit(&mut self, batch: &mut Vec<Row>, stopping: bool) {
-        if stopping && let Some(conn) = &self.conn {
-            // A database another process keeps locked must not hold the exit up for long.
-            let _ = conn.busy_timeout(Duration::from_secs(1));
-        }
         let mut pauses = if stopping { &RETRY[..] } else { &[][..] }.iter();
         loop {
             let error = match self.write_pieces(batch, self.piece) {
@@ -502,6 +504,8 @@ impl Worker {
         }
         if self.conn.is_none() {
             let conn = crate::open(&self.path).map_err(|e| e.to_string())?;
+            conn.busy_timeout(COMMIT_BUSY_TIMEOUT)
+                .map_err(|e| e.to_string())?;
             self.file =
                 FileId::of(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
             self.wal = FileId::of(&wal_path(&self.path)).ok();
@@ -582,7 +586,7 @@ fn delete_before(conn: &mut Connection, before_ms: i64) -> rusqlite::Result<u64>
              (SELECT id FROM requests WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
         )
         .and_then(|mut stmt| stmt.execute(rusqlite::params![before_ms, PRUNE_PIECE as i64]));
-    conn.busy_timeout(crate::BUSY_TIMEOUT)?;
+    conn.busy_timeout(COMMIT_BUSY_TIMEOUT)?;
     Ok(deleted? as u64)
 }
 
