@@ -150,8 +150,8 @@ impl Accounts {
     }
 }
 
-/// How often rows past `database.retention` are looked for (and so how soon a changed
-/// retention applies).
+/// How often rows past `database.retention` are looked for (a reload applies a changed
+/// retention at once).
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// Has the writer delete rows past `database.retention` at start and every [`PRUNE_EVERY`];
