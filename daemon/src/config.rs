@@ -188,11 +188,7 @@ impl<'de> Deserialize<'de> for Usd {
         };
         match orproxy_plugin::usage::usd_to_nanos(&text) {
             Some(n) if n >= 0 => Ok(Usd(n)),
-            // Nano-dollars are 64-bit integers.
-            None if text
-                .parse::<f64>()
-                .is_ok_and(|v| v.is_finite() && v >= 9.2e9) =>
-            {
+            None if orproxy_plugin::usage::beyond_nanos(&text).is_some() => {
                 Err(serde::de::Error::custom(format!(
                     "`{text}` USD is too large (at most 9,223,372,036 USD)"
                 )))
@@ -892,7 +888,7 @@ impl Sources {
 
 /// The largest config file, YAML fragment, rule script or rule test read (far more than any
 /// real one): a mistaken path to a huge file must not take the daemon's memory.
-pub const MAX_SOURCE_BYTES: u64 = 4 << 20;
+const MAX_SOURCE_BYTES: u64 = 4 << 20;
 
 /// Reads a config file, fragment, script or test as text. Only regular files are read: a
 /// FIFO would block the reload (and with it the shutdown) until something writes to it, and a

@@ -298,20 +298,11 @@ fn apply_rules(
             "the model or backend it set has a control character".to_owned(),
         )));
     }
-    if after.model.len() > selector::MAX_SELECTOR_BYTES {
-        return Err(ProxyError::Rule(rule_fault(
-            trace_out,
-            &["model"],
-            format!(
-                "the model it set is {} bytes long; a model selector is at most {}",
-                after.model.len(),
-                selector::MAX_SELECTOR_BYTES
-            ),
-        )));
-    }
     // A model with a backend prefix, parameters or a chain is a full selector: parse it again;
-    // its own chain comes before the rest.
+    // its own chain comes before the rest. One too long to be a selector is parsed too, so
+    // that it fails as one.
     let rewritten = after.model.contains(['?', '|'])
+        || after.model.len() > selector::MAX_SELECTOR_BYTES
         || selector::parse_chain(&after.model).is_ok_and(|c| c[0].backend.is_some());
     let mut first = if rewritten {
         let mut chain = selector::parse_chain(&after.model)

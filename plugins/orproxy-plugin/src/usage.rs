@@ -129,7 +129,7 @@ pub fn usd_to_nanos(text: &str) -> Option<Nanos> {
 }
 
 /// [`Nanos::MAX`] for a USD amount too large for nano-dollars (`1e300`), else `None`.
-fn beyond_nanos(text: &str) -> Option<Nanos> {
+pub fn beyond_nanos(text: &str) -> Option<Nanos> {
     let usd: f64 = text.trim().trim_matches('"').parse().ok()?;
     (usd.is_finite() && usd >= Nanos::MAX as f64 / 1e9).then_some(Nanos::MAX)
 }
