@@ -224,9 +224,7 @@ async fn run(
     tokio::spawn(reload_on_sighup(reload_tx));
     if !app.table.load().budgets.is_empty() {
         // Budgets price every request before it is sent: have the prices before serving.
-        for (backend, priced) in crate::models::refresh_prices(&app, false).await {
-            tracing::info!(message = "Prices fetched.", backend, models = priced);
-        }
+        crate::models::refresh_stale_prices(&app).await;
     }
     let _ = app.bound.set((api_addr, admin.local_addr()?));
     tokio::spawn(service::watchdog());

@@ -105,8 +105,8 @@ async fn models_of(app: &App, backend: &BackendEntry) -> Arc<Vec<ModelInfo>> {
     }
     let stale = cached.map(|(_, models)| models).unwrap_or_default();
     match fetch(app, backend).await {
-        Some(models) => models,
-        None => {
+        Some(Ok(models)) => models,
+        None | Some(Err(_)) => {
             app.models
                 .store(&backend.name, Arc::clone(&stale), RETRY_AFTER_FAILURE);
             stale
@@ -114,8 +114,12 @@ async fn models_of(app: &App, backend: &BackendEntry) -> Arc<Vec<ModelInfo>> {
     }
 }
 
-/// Fetches a backend's list now (and caches it); `None` when it has none or the fetch failed.
-pub async fn fetch(app: &App, backend: &BackendEntry) -> Option<Arc<Vec<ModelInfo>>> {
+/// Fetches a backend's list now (and caches it); `None` when the backend publishes none, the
+/// reason (already logged) when the fetch failed.
+pub async fn fetch(
+    app: &App,
+    backend: &BackendEntry,
+) -> Option<Result<Arc<Vec<ModelInfo>>, String>> {
     let prepared = backend
         .plugin
         .list_models(backend.any_key().map(|k| k.expose()))?;
@@ -149,19 +153,28 @@ pub async fn fetch(app: &App, backend: &BackendEntry) -> Option<Arc<Vec<ModelInf
         Ok(models) => {
             let models = Arc::new(models);
             app.models.store(&backend.name, Arc::clone(&models), TTL);
-            Some(models)
+            Some(Ok(models))
         }
         Err(error) => {
             tracing::warn!(message = "Could not list models.", backend = %backend.name, %error);
-            None
+            Some(Err(error))
         }
     }
 }
 
+/// What a price refresh did for one backend.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PriceFetch {
+    /// The list was fetched; this many of its models had prices.
+    Priced(usize),
+    /// The list could not be fetched (the reason); the prices already known are kept.
+    Failed(String),
+}
+
 /// Fetches the price lists of every backend that publishes one and keeps them (in memory and
 /// in the database). With `force` false, lists younger than `price_refresh` are kept.
-/// Returns `(backend, models priced)` for each list fetched.
-pub async fn refresh_prices(app: &App, force: bool) -> Vec<(String, usize)> {
+/// Returns what happened for each backend that publishes a list.
+pub async fn refresh_prices(app: &App, force: bool) -> Vec<(String, PriceFetch)> {
     let table = app.table.load_full();
     let now = crate::budget::now_ms();
     let max_age = i64::try_from(table.price_refresh.as_millis()).unwrap_or(i64::MAX);
@@ -178,16 +191,30 @@ pub async fn refresh_prices(app: &App, force: bool) -> Vec<(String, usize)> {
         })
         .collect();
     let lists = join_all(due.iter().map(|b| fetch(app, b))).await;
-    let mut out = Vec::new();
-    for (backend, models) in due.into_iter().zip(lists) {
-        if let Some(models) = models {
-            let priced = app.accounts.store_prices(&backend.name, &models, now);
-            if priced > 0 {
-                out.push((backend.name.clone(), priced));
-            }
+    due.into_iter()
+        .zip(lists)
+        .filter_map(|(backend, fetched)| {
+            let outcome = match fetched? {
+                Ok(models) => {
+                    PriceFetch::Priced(app.accounts.store_prices(&backend.name, &models, now))
+                }
+                Err(error) => PriceFetch::Failed(error),
+            };
+            Some((backend.name.clone(), outcome))
+        })
+        .collect()
+}
+
+/// Fetches the price lists that are missing or older than `price_refresh`, and logs what came
+/// (failures are logged by the fetch itself).
+pub async fn refresh_stale_prices(app: &App) {
+    for (backend, outcome) in refresh_prices(app, false).await {
+        if let PriceFetch::Priced(priced) = outcome
+            && priced > 0
+        {
+            tracing::info!(message = "Prices fetched.", backend, models = priced);
         }
     }
-    out
 }
 
 /// Keeps price lists fresh while budgets need them (reservations are priced before any
@@ -203,9 +230,7 @@ pub async fn keep_prices_fresh(app: Arc<App>) {
             .clamp(Duration::from_secs(60), Duration::from_secs(3600));
         tokio::time::sleep(every).await;
         if !app.table.load().budgets.is_empty() {
-            for (backend, priced) in refresh_prices(&app, false).await {
-                tracing::info!(message = "Prices fetched.", backend, models = priced);
-            }
+            refresh_stale_prices(&app).await;
         }
     }
 }

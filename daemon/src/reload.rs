@@ -212,7 +212,7 @@ fn apply(app: &Arc<App>, reason: Reason, built: Result<RoutingTable, Vec<Diagnos
                 // Budgets may be new: fetch the price lists they need (only those missing or stale).
                 let app = Arc::clone(app);
                 tokio::spawn(async move {
-                    crate::models::refresh_prices(&app, false).await;
+                    crate::models::refresh_stale_prices(&app).await;
                 });
             }
             let version = app.next_version();

@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use crate::app::App;
 use crate::budget::{days_from_civil, now_ms};
 use crate::cli::{ReportArgs, ReportFormat};
+use crate::models::PriceFetch;
 
 /// Where the systemd unit's database is (`StateDirectory=orproxy`).
 const SERVICE_DATABASE: &str = "/var/lib/orproxy/usage.db";
@@ -186,14 +187,29 @@ pub async fn budgets(State(app): State<Arc<App>>) -> Response {
     Json(json!({ "budgets": app.accounts.budgets.status(now_ms()) })).into_response()
 }
 
-/// `POST /admin/prices/refresh`: fetches every backend's price list now.
+/// `POST /admin/prices/refresh`: fetches every backend's price list now. 502 when any list could
+/// not be fetched (the body names each and why; the prices known before are kept).
 pub async fn refresh_prices(State(app): State<Arc<App>>) -> Response {
-    let fetched = crate::models::refresh_prices(&app, true).await;
-    let fetched: Vec<_> = fetched
-        .into_iter()
-        .map(|(backend, models)| json!({"backend": backend, "models": models}))
-        .collect();
-    Json(json!({ "fetched": fetched })).into_response()
+    let mut fetched = Vec::new();
+    let mut failed = Vec::new();
+    for (backend, outcome) in crate::models::refresh_prices(&app, true).await {
+        match outcome {
+            PriceFetch::Priced(models) => {
+                fetched.push(json!({"backend": backend, "models": models}))
+            }
+            PriceFetch::Failed(error) => failed.push(json!({"backend": backend, "error": error})),
+        }
+    }
+    let status = if failed.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    (
+        status,
+        Json(json!({ "fetched": fetched, "failed": failed })),
+    )
+        .into_response()
 }
 
 /// `orproxy report`: the usage report from the database file, offline.

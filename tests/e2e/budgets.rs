@@ -364,6 +364,44 @@ async fn spend_and_prices_survive_a_restart() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `POST /admin/prices/refresh` says which lists it fetched and which it could not (502): an
+/// operator's script sees the failure instead of an empty success.
+#[tokio::test]
+async fn a_price_refresh_names_the_lists_it_could_not_fetch() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    // A port nobody listens on: bound, then released.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = format!(
+        "backends:\n  openrouter:\n    type: openrouter\n    base_url: {}\n    api_key_env: FAKE_OR_KEY\n  \
+         gone:\n    type: openrouter\n    base_url: http://{gone}/api/v1\n    api_key_env: FAKE_OR_KEY\n\
+         default_backend: openrouter\n",
+        fake.base_url()
+    );
+    let daemon = Daemon::start(Options::config(config).env("FAKE_OR_KEY", FAKE_API_KEY));
+    let response = client()
+        .post(daemon.admin_url("/admin/prices/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    // The built-in `mock` backend publishes its one model too.
+    let fetched = body["fetched"].as_array().unwrap();
+    let openrouter = fetched.iter().find(|f| f["backend"] == "openrouter");
+    assert!(
+        openrouter.is_some_and(|f| f["models"].as_u64().is_some_and(|n| n > 0)),
+        "{body:#}"
+    );
+    assert_eq!(body["failed"].as_array().unwrap().len(), 1, "{body:#}");
+    assert_eq!(body["failed"][0]["backend"], "gone");
+    let error = body["failed"][0]["error"].as_str().unwrap();
+    assert!(error.contains("gone"), "{error}");
+    assert!(!error.contains(FAKE_API_KEY), "{error}");
+}
+
 /// A budget with `action: fallback` sends requests to its fallback once its cap is reached.
 #[tokio::test]
 async fn an_exhausted_budget_falls_back_to_its_selector() {
