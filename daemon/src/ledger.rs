@@ -52,7 +52,10 @@ impl Accounts {
         for p in orproxy_ledger::load_prices(&conn).map_err(sql)? {
             let entry = by_backend.entry(p.backend.clone()).or_default();
             entry.1 = entry.1.max(p.fetched_ms);
-            entry.0.insert(p.model.clone(), listed(&p));
+            // Lists cached before negative prices were refused may still hold some.
+            if let Some(listed) = listed(&p) {
+                entry.0.insert(p.model.clone(), listed);
+            }
         }
         for (backend, (list, fetched)) in by_backend {
             prices.set(&backend, list, fetched);
@@ -107,7 +110,7 @@ impl Accounts {
         let stored: Vec<StoredPrice> = models
             .iter()
             .filter_map(|m| {
-                let p = m.price?;
+                let p = m.price?.chargeable()?;
                 Some(StoredPrice {
                     backend: backend.to_owned(),
                     model: m.id.clone(),
@@ -125,7 +128,7 @@ impl Accounts {
         }
         let list = stored
             .iter()
-            .map(|p| (p.model.clone(), listed(p)))
+            .filter_map(|p| Some((p.model.clone(), listed(p)?)))
             .collect();
         self.prices.set(backend, list, fetched_ms);
         if let Some(path) = &self.path {
@@ -217,16 +220,18 @@ fn check_in_background(path: &Path) -> Arc<OnceLock<Result<(), String>>> {
     result
 }
 
-fn listed(p: &StoredPrice) -> Listed {
-    Listed {
-        price: orproxy_plugin::Price {
-            prompt_per_mtok: p.prompt_per_mtok,
-            completion_per_mtok: p.completion_per_mtok,
-            cached_prompt_per_mtok: p.cached_prompt_per_mtok,
-            request: p.request_nanos,
-        },
-        max_output_tokens: p.max_output_tokens.and_then(|n| u64::try_from(n).ok()),
+fn listed(p: &StoredPrice) -> Option<Listed> {
+    let price = orproxy_plugin::Price {
+        prompt_per_mtok: p.prompt_per_mtok,
+        completion_per_mtok: p.completion_per_mtok,
+        cached_prompt_per_mtok: p.cached_prompt_per_mtok,
+        request: p.request_nanos,
     }
+    .chargeable()?;
+    Some(Listed {
+        price,
+        max_output_tokens: p.max_output_tokens.and_then(|n| u64::try_from(n).ok()),
+    })
 }
 
 #[cfg(test)]
@@ -261,6 +266,41 @@ mod tests {
         assert_eq!(spend.spent_usd("global", "day"), 1e-9);
         assert_eq!(spend.spent_usd("global", "month"), 1e-9);
         assert_eq!(spend.spent_usd("global", "total"), 1111e-9);
+        accounts.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn negative_prices_cached_by_an_older_version_are_not_loaded() {
+        let dir = std::env::temp_dir().join(format!("orproxy-prices-{}", std::process::id()));
+        let path = dir.join("usage.db");
+        {
+            let mut conn = orproxy_ledger::open(&path).unwrap();
+            let price = |model: &str, per_mtok: i64| StoredPrice {
+                backend: "openrouter".into(),
+                model: model.into(),
+                prompt_per_mtok: per_mtok,
+                completion_per_mtok: per_mtok,
+                cached_prompt_per_mtok: None,
+                request_nanos: 0,
+                max_output_tokens: None,
+                fetched_ms: 1,
+            };
+            let stored = [
+                price("openrouter/auto", -1_000_000_000_000_000),
+                price("cheap", 1_000),
+            ];
+            orproxy_ledger::store_prices(&mut conn, "openrouter", &stored).unwrap();
+        }
+        let accounts = Accounts::open(&path).unwrap();
+        assert!(
+            accounts
+                .prices
+                .get("openrouter", "openrouter/auto")
+                .is_none()
+        );
+        let cheap = accounts.prices.get("openrouter", "cheap").unwrap();
+        assert_eq!(cheap.price.prompt_per_mtok, 1_000);
         accounts.close();
         let _ = std::fs::remove_dir_all(dir);
     }

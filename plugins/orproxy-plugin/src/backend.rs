@@ -285,3 +285,18 @@ pub struct Price {
     /// Per request.
     pub request: Nanos,
 }
+
+impl Price {
+    /// The price if it can be charged: a negative amount is no price (OpenRouter lists `"-1"`
+    /// for routers whose price depends on the model they pick) and would lower a budget's spend.
+    /// A negative cached-input price alone falls back to the input price.
+    pub fn chargeable(self) -> Option<Price> {
+        if self.prompt_per_mtok < 0 || self.completion_per_mtok < 0 || self.request < 0 {
+            return None;
+        }
+        Some(Price {
+            cached_prompt_per_mtok: self.cached_prompt_per_mtok.filter(|n| *n >= 0),
+            ..self
+        })
+    }
+}

@@ -422,12 +422,13 @@ pub fn map_models(body: &[u8]) -> Result<Vec<ModelInfo>, MapError> {
             price: m.pricing.and_then(|p| {
                 let per_mtok =
                     |raw: Option<&RawValue>| raw.and_then(|r| per_token_to_per_mtok(r.get()));
-                Some(Price {
+                Price {
                     prompt_per_mtok: per_mtok(p.prompt)?,
                     completion_per_mtok: per_mtok(p.completion)?,
                     cached_prompt_per_mtok: per_mtok(p.input_cache_read),
                     request: p.request.and_then(|r| usd_to_nanos(r.get())).unwrap_or(0),
-                })
+                }
+                .chargeable()
             }),
             max_output_tokens: m.top_provider.and_then(|t| t.max_completion_tokens),
             id: m.id,
@@ -607,6 +608,18 @@ mod tests {
         assert_eq!(models[0].price.unwrap().completion_per_mtok, 60_000_000_000);
         assert_eq!(models[1].price, None);
         assert_eq!(per_token_to_per_mtok("\"0.000000075\""), Some(75_000_000));
+        // OpenRouter's "-1" (a router priced by the model it picks) is no price at all.
+        let models = map_models(
+            br#"{"data":[{"id":"openrouter/auto","pricing":{"prompt":"-1","completion":"-1"}},{"id":"r","pricing":{"prompt":"0.000001","completion":"0.000002","request":"-1"}},{"id":"c","pricing":{"prompt":"0.000001","completion":"0.000002","input_cache_read":"-1"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(models[0].price, None);
+        assert_eq!(models[1].price, None);
+        let cached = models[2].price.unwrap();
+        assert_eq!(
+            (cached.prompt_per_mtok, cached.cached_prompt_per_mtok),
+            (1_000_000_000, None)
+        );
         assert_eq!(per_token_to_per_mtok("7.5e-8"), Some(75_000_000));
     }
 
