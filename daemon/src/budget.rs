@@ -340,12 +340,13 @@ impl BudgetBook {
             .add(cost, at_ms);
     }
 
-    /// Reserves `worst` in every budget counting `subject`, or names the first one whose cap
-    /// is already reached (nothing is reserved then).
+    /// Reserves `worst` once in every budget counting any of `subjects` (the targets of a
+    /// failover chain: any may serve), or names the first one whose cap is already reached
+    /// (nothing is reserved then).
     /// Budgets named in `passed` are not checked (the request is already on their fallback).
     pub fn reserve(
         &self,
-        subject: &Subject,
+        subjects: &[Subject],
         worst: Nanos,
         now_ms: i64,
         passed: &[String],
@@ -354,7 +355,7 @@ impl BudgetBook {
         let rules = Arc::clone(&book.rules);
         let mut holds = Vec::new();
         for rule in rules.iter().filter(|r| !passed.contains(&r.name)) {
-            let Some(instance) = rule.instance(subject) else {
+            let Some(instance) = subjects.iter().find_map(|s| rule.instance(s)) else {
                 continue;
             };
             let used = book
@@ -516,21 +517,21 @@ pub fn admit(
     // Budgets whose fallback the request is on: it is not refused by them again (their spend
     // still counts), so that a capped global budget can send requests to a free model.
     let mut passed: Vec<String> = Vec::new();
-    for hop in 0..=MAX_FALLBACKS {
-        let first = &route.targets[0];
-        let subject = Subject {
+    let mut hops = 0;
+    loop {
+        // Every target of the chain may end up serving (a failure or a cool-down skips those
+        // before it), so each one's budgets hold the request's worst case.
+        let subject = |t: &route::Target| Subject {
             key: record.key.clone(),
-            backend: first.backend.clone(),
-            model: first.model.clone(),
+            backend: t.backend.clone(),
+            model: t.model.clone(),
         };
-        let Some(budget) = table
-            .budgets
-            .iter()
-            .find(|r| !passed.contains(&r.name) && r.instance(&subject).is_some())
-        else {
+        let subjects: Vec<Subject> = route.targets.iter().map(subject).collect();
+        let Some(budget) = table.budgets.iter().find(|r| {
+            !passed.contains(&r.name) && subjects.iter().any(|s| r.instance(s).is_some())
+        }) else {
             return Ok(());
         };
-        // The worst case over the chain: any target may end up serving.
         let mut worst = 0;
         for target in &route.targets {
             let quote = pricing::quote(
@@ -554,7 +555,9 @@ pub fn admit(
                 choices,
             ));
         }
-        let reserved = accounts.budgets.reserve(&subject, worst, now_ms(), &passed);
+        let reserved = accounts
+            .budgets
+            .reserve(&subjects, worst, now_ms(), &passed);
         let Exceeded { rule, resets } = match reserved {
             Ok(reservation) => {
                 record.reservation = reservation;
@@ -562,8 +565,18 @@ pub fn admit(
             }
             Err(exceeded) => exceeded,
         };
+        if rule.instance(&subjects[0]).is_none() {
+            // Only later targets of the chain are over this cap: the request goes on without
+            // them (each pass removes at least one target, so this ends).
+            crate::metrics::budget_rejection(&rule.name, "skip");
+            route
+                .targets
+                .retain(|t| rule.instance(&subject(t)).is_none());
+            continue;
+        }
         match &rule.fallback {
-            Some(fallback) if hop < MAX_FALLBACKS => {
+            Some(fallback) if hops < MAX_FALLBACKS => {
+                hops += 1;
                 crate::metrics::budget_rejection(&rule.name, "fallback");
                 route.targets = route::chain(table, fallback)?;
                 record.route = route.targets.first().map(route::Target::label);
@@ -584,7 +597,6 @@ pub fn admit(
             }
         }
     }
-    Ok(())
 }
 
 /// What a target will be sent as the answer's bounds: `max_completion_tokens` or `max_tokens`
@@ -740,7 +752,7 @@ mod tests {
         let s = subject("k", "b", "m");
         let worst = 300;
         let admitted: Vec<Reservation> = (0..64)
-            .filter_map(|_| book.reserve(&s, worst, 0, &[]).ok())
+            .filter_map(|_| book.reserve(std::slice::from_ref(&s), worst, 0, &[]).ok())
             .collect();
         // 0, 300, 600, 900 are below the cap: four are admitted, holding 1200.
         assert_eq!(admitted.len(), 4);
@@ -750,7 +762,9 @@ mod tests {
         let status = &book.status(0)[0];
         assert_eq!((status.spent_nanos, status.reserved_nanos), (1_200, 0));
         assert!(status.spent_nanos <= 1_000 + worst);
-        let exceeded = book.reserve(&s, 1, 0, &[]).unwrap_err();
+        let exceeded = book
+            .reserve(std::slice::from_ref(&s), 1, 0, &[])
+            .unwrap_err();
         assert_eq!(exceeded.rule.name, "cap");
         assert!(exceeded.resets.is_none());
     }
@@ -837,7 +851,7 @@ mod tests {
         )]));
         let s = subject("k", "b", "m");
         let admitted: Vec<Reservation> = (0..32)
-            .filter_map(|_| book.reserve(&s, worst, 0, &[]).ok())
+            .filter_map(|_| book.reserve(std::slice::from_ref(&s), worst, 0, &[]).ok())
             .collect();
         // Every admitted request may really produce n answers of max_tokens each.
         let could_spend = admitted.len() as i64 * worst;
@@ -867,14 +881,57 @@ mod tests {
         let a = subject("team-a", "or", "anthropic/claude-3");
         let b = subject("team-b", "or", "openai/gpt-4o");
         book.settle(Reservation::default(), Some(&a), 150, 10);
-        assert!(book.reserve(&a, 1, 20, &[]).is_err());
-        assert!(book.reserve(&b, 1, 20, &[]).is_ok());
-        assert!(book.reserve(&subject("ops", "or", "x"), 1, 20, &[]).is_ok());
+        assert!(book.reserve(std::slice::from_ref(&a), 1, 20, &[]).is_err());
+        assert!(book.reserve(std::slice::from_ref(&b), 1, 20, &[]).is_ok());
+        assert!(
+            book.reserve(&[subject("ops", "or", "x")], 1, 20, &[])
+                .is_ok()
+        );
         // The next UTC day opens a new window.
-        assert!(book.reserve(&a, 1, DAY_MS + 1, &[]).is_ok());
+        assert!(
+            book.reserve(std::slice::from_ref(&a), 1, DAY_MS + 1, &[])
+                .is_ok()
+        );
         let names: Vec<String> = book.status(20).into_iter().map(|s| s.name).collect();
         assert!(names.contains(&"per-team/team-a".to_owned()), "{names:?}");
         assert!(names.contains(&"claude".to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn a_chain_holds_in_the_budgets_of_every_target_once() {
+        let book = BudgetBook::default();
+        book.set_rules(Arc::new(vec![
+            rule(
+                "claude",
+                BudgetScope::Model,
+                Some("claude"),
+                1_000,
+                BudgetPeriod::Day,
+            ),
+            rule("all", BudgetScope::Global, None, 10_000, BudgetPeriod::Day),
+        ]));
+        let cheap = subject("k", "or", "cheap");
+        let claude = subject("k", "or", "anthropic/claude-3");
+        let chain = [cheap.clone(), claude.clone()];
+        let held = book.reserve(&chain, 600, 0, &[]).unwrap();
+        let reserved = |name: &str| {
+            book.status(0)
+                .into_iter()
+                .find(|s| s.name == name)
+                .map(|s| s.reserved_nanos)
+        };
+        assert_eq!(
+            (reserved("claude"), reserved("all")),
+            (Some(600), Some(600))
+        );
+        book.settle(held, Some(&claude), 1_000, 0);
+        // The claude cap is reached: a chain that ends on claude names it, one without it passes.
+        let exceeded = book.reserve(&chain, 1, 0, &[]).unwrap_err();
+        assert_eq!(exceeded.rule.name, "claude");
+        assert!(
+            book.reserve(std::slice::from_ref(&cheap), 1, 0, &[])
+                .is_ok()
+        );
     }
 
     #[test]
@@ -893,7 +950,7 @@ mod tests {
         book.settle(Reservation::default(), Some(&s), 2_000, 10);
         book.settle(Reservation::default(), Some(&s), Nanos::MAX, 10);
         book.settle(Reservation::default(), Some(&s), Nanos::MAX, 10);
-        assert!(book.reserve(&s, 1, 20, &[]).is_err());
+        assert!(book.reserve(std::slice::from_ref(&s), 1, 20, &[]).is_err());
         let status = &book.status(20)[0];
         assert_eq!(status.spent_nanos, Nanos::MAX);
         assert_eq!(status.remaining_usd, "0.000000000");

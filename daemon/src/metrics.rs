@@ -243,8 +243,8 @@ pub fn register_event_counters() {
 pub fn register_budgets(rules: &[crate::budget::BudgetRule]) {
     for rule in rules {
         let actions: &[&'static str] = match rule.action {
-            crate::config::BudgetAction::Reject => &["reject"],
-            crate::config::BudgetAction::Fallback => &["fallback", "reject"],
+            crate::config::BudgetAction::Reject => &["reject", "skip"],
+            crate::config::BudgetAction::Fallback => &["fallback", "reject", "skip"],
         };
         for action in actions {
             counter!("orproxy_budget_rejections_total", "budget" => rule.name.clone(), "action" => *action)

@@ -402,6 +402,60 @@ async fn a_price_refresh_names_the_lists_it_could_not_fetch() {
     assert!(!error.contains(FAKE_API_KEY), "{error}");
 }
 
+/// A budget counts every target of a chain, not only the first: once the `fake/echo` cap is
+/// reached, a chain that ends on it goes without it (its first target's failure reaches the
+/// client) instead of spending past the cap through a failover.
+#[tokio::test]
+async fn a_capped_model_later_in_a_chain_is_not_served() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = Daemon::start(
+        Options::config(openrouter_config(
+            &fake.base_url(),
+            &format!(
+                "{FAKE_PRICING}budgets:\n  - {{ name: echo-cap, scope: model, match: \"echo\", limit_usd: 0.00002, period: day }}\n"
+            ),
+        ))
+        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    );
+    let http = client();
+    let mut capped = false;
+    for _ in 0..20 {
+        settled(&daemon, "echo-cap").await;
+        let response = post_raw(&http, &daemon, body("fake/echo", 16)).await;
+        if response.status() == 402 {
+            capped = true;
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    assert!(capped, "the cap was never reached");
+    let spent = nanos(&settled(&daemon, "echo-cap").await["spent_nanos"]);
+    let served = fake.billing().len();
+
+    let response = post_raw(&http, &daemon, body("fake/status-500|fake/echo", 16)).await;
+    assert_eq!(
+        response.status(),
+        500,
+        "the chain went on to the capped model"
+    );
+    response.bytes().await.unwrap();
+    // Chains that do not end on the capped model, or start on an uncapped one, are served.
+    let response = post_raw(&http, &daemon, body("fake/fail-first-1|fake/events-3", 16)).await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    assert_eq!(fake.billing().len(), served + 1);
+    assert_eq!(
+        nanos(&settled(&daemon, "echo-cap").await["spent_nanos"]),
+        spent
+    );
+    let metrics = daemon.metrics().await;
+    assert!(
+        metrics.contains(r#"orproxy_budget_rejections_total{budget="echo-cap",action="skip"} 1"#),
+        "{metrics}"
+    );
+}
+
 /// A budget with `action: fallback` sends requests to its fallback once its cap is reached.
 #[tokio::test]
 async fn an_exhausted_budget_falls_back_to_its_selector() {
