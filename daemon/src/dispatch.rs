@@ -269,8 +269,19 @@ impl Plan {
     /// rest is one of the route's failover triggers (skipping it is failing over); otherwise it
     /// is tried like any other. When every target is skipped: if all of them rest because their
     /// upstream asked (429 with `Retry-After`), the request is answered 429 at once with the
-    /// shortest wait left, without calling them; else they are all probed.
-    pub fn new(route: &Route, health: &HealthBook) -> Plan {
+    /// shortest wait left, without calling them; else they are all probed. A skipped target
+    /// counts as a failed attempt (in the record and the final error): the client learns of
+    /// the earliest wait, and of every target the request did not get.
+    pub fn new(route: &Route, health: &HealthBook, record: &mut Record) -> Plan {
+        let plan = Plan::order(route, health);
+        for skipped in &plan.failures {
+            record.attempt(&skipped.label, "resting");
+        }
+        plan
+    }
+
+    /// [`Plan::new`] without the record: the skipped targets are the plan's first failures.
+    fn order(route: &Route, health: &HealthBook) -> Plan {
         let mut ready = VecDeque::new();
         let mut skipped = Vec::new();
         for target in &route.targets {
@@ -283,32 +294,37 @@ impl Plan {
                 None => ready.push_back(target.clone()),
             }
         }
-        let mut last = None;
-        if ready.is_empty() {
-            if skipped.iter().all(|(_, _, rest)| rest.asked) {
-                last = Some(ProxyError::AllRateLimited {
-                    retry_after: skipped.iter().map(|(_, _, rest)| rest.left).min(),
-                    attempts: skipped
-                        .iter()
-                        .map(|(_, label, rest)| {
-                            format!(
-                                "{label}: the upstream asked to wait, {} s left",
-                                rest.left.as_secs_f64().ceil()
-                            )
-                        })
-                        .collect(),
-                });
-            } else {
-                ready = skipped.into_iter().map(|(target, ..)| target).collect();
-            }
-        }
-        Plan {
-            queue: ready,
+        let mut plan = Plan {
+            queue: VecDeque::new(),
             triggers: route.triggers.clone(),
             failures: Vec::new(),
-            last,
+            last: None,
             key_retries: 0,
+        };
+        if ready.is_empty() && !skipped.iter().all(|(_, _, rest)| rest.asked) {
+            plan.queue = skipped.into_iter().map(|(target, ..)| target).collect();
+            return plan;
         }
+        for (_, label, rest) in skipped {
+            let left = rest.left.as_secs_f64().ceil();
+            let why = if rest.asked {
+                format!("resting: the upstream asked to wait, {left} s left")
+            } else {
+                format!("resting after repeated failures, {left} s left")
+            };
+            plan.failures.push(FailedAttempt {
+                label,
+                why,
+                retry_after: rest.asked.then_some(rest.left),
+                rate_limited: rest.asked,
+            });
+        }
+        if ready.is_empty() {
+            // Every target rests at its upstream's request: answered at once, calling none.
+            plan.last = Some(plan.aggregate());
+        }
+        plan.queue = ready;
+        plan
     }
 
     /// The next target to try.
@@ -341,6 +357,9 @@ impl Plan {
         record.attempt(&label, &reason);
         let trigger = trigger(&cause);
         tracing::info!(message = "Attempt failed.", request_id = %record.id, route = %label, reason = %reason);
+        // A prompt too long for a model says nothing of the target's health: resting it would
+        // send the short prompts that follow to the next model of the chain.
+        let health_trigger = trigger.filter(|t| *t != Trigger::ContextLength);
 
         // A key the upstream refused rests alone; the same target is tried with another key.
         let key_problem = failure.is_some_and(|f| {
@@ -363,10 +382,10 @@ impl Plan {
                 return true;
             }
             // Every key rests: so does the target, or each request would call it again.
-            if let Some(cause) = trigger {
+            if let Some(cause) = health_trigger {
                 app.health.failed(&label, &reason, failure, cause);
             }
-        } else if let Some(cause) = trigger {
+        } else if let Some(cause) = health_trigger {
             app.health.failed(&label, &reason, failure, cause);
         }
 
@@ -389,22 +408,28 @@ impl Plan {
     /// error; with several, 429 if all were rate-limited, else 502 listing every attempt.
     pub fn into_error(self) -> ProxyError {
         if self.failures.len() > 1 {
-            let attempts: Vec<String> = self
-                .failures
-                .iter()
-                .map(|f| format!("{}: {}", f.label, f.why))
-                .collect();
-            if self.failures.iter().all(|f| f.rate_limited) {
-                let retry_after = self.failures.iter().filter_map(|f| f.retry_after).min();
-                return ProxyError::AllRateLimited {
-                    retry_after,
-                    attempts,
-                };
-            }
-            return ProxyError::AllAttemptsFailed { attempts };
+            return self.aggregate();
         }
-        // A route is never empty, so the first attempt set `last`.
+        // A route is never empty, so the first attempt (or skip) set `last`.
         self.last.unwrap_or(ProxyError::ShuttingDown)
+    }
+
+    /// The error of several failed (or skipped) attempts: 429 with the earliest wait if all
+    /// were rate-limited, else 502 listing each.
+    fn aggregate(&self) -> ProxyError {
+        let attempts: Vec<String> = self
+            .failures
+            .iter()
+            .map(|f| format!("{}: {}", f.label, f.why))
+            .collect();
+        if self.failures.iter().all(|f| f.rate_limited) {
+            let retry_after = self.failures.iter().filter_map(|f| f.retry_after).min();
+            return ProxyError::AllRateLimited {
+                retry_after,
+                attempts,
+            };
+        }
+        ProxyError::AllAttemptsFailed { attempts }
     }
 }
 
@@ -416,7 +441,7 @@ pub async fn json(
     record: &mut Record,
 ) -> Result<(Response, Outcome), ProxyError> {
     let limits = table.limits;
-    let mut plan = Plan::new(&exchange.route, &app.health);
+    let mut plan = Plan::new(&exchange.route, &app.health, record);
     while let Some(target) = plan.next_target() {
         let Some(backend) = table.backend(&target.backend) else {
             continue;
@@ -617,20 +642,20 @@ mod tests {
         health.failed("a:m", "429", Some(&limited(5)), Trigger::RateLimited);
         let all = Trigger::ALL;
         assert_eq!(
-            order(Plan::new(&route(&["a:m", "b:m"], &all), &health)),
+            order(Plan::order(&route(&["a:m", "b:m"], &all), &health)),
             ["b:m"]
         );
         // 429s are no trigger of this chain: skipping `a` would be failing over on one.
         let no_429 = [Trigger::Connect, Trigger::ServerError];
         assert_eq!(
-            order(Plan::new(&route(&["a:m", "b:m"], &no_429), &health)),
+            order(Plan::order(&route(&["a:m", "b:m"], &no_429), &health)),
             ["a:m", "b:m"]
         );
         for _ in 0..crate::health::FAILURES_BEFORE_COOLDOWN {
             health.failed("c:m", "503", None, Trigger::ServerError);
         }
         assert_eq!(
-            order(Plan::new(
+            order(Plan::order(
                 &route(&["c:m", "b:m"], &[Trigger::Connect]),
                 &health
             )),
@@ -639,11 +664,43 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_skipped_target_counts_in_the_final_error() {
+        let health = HealthBook::default();
+        health.failed("a:m", "429", Some(&limited(10)), Trigger::RateLimited);
+        let failed_with = |status: u16, retry_after: Option<u64>| {
+            let mut plan = Plan::order(&route(&["a:m", "b:m"], &Trigger::ALL), &health);
+            assert_eq!(
+                plan.next_target().map(|t| t.label()).as_deref(),
+                Some("b:m")
+            );
+            plan.failures.push(FailedAttempt {
+                label: "b:m".into(),
+                why: format!("status {status}"),
+                retry_after: retry_after.map(Duration::from_secs),
+                rate_limited: status == 429,
+            });
+            plan.into_error()
+        };
+        // Both rate-limited: the earliest wait is the resting target's, not the one just asked.
+        let error = failed_with(429, Some(60));
+        assert_eq!(error.status(), 429);
+        assert_eq!(error.retry_after().unwrap(), "10");
+        let error = failed_with(503, None);
+        assert_eq!(error.status(), 502);
+        assert!(
+            error
+                .to_string()
+                .contains("a:m: resting: the upstream asked to wait"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn when_every_target_was_asked_to_wait_none_is_called() {
         let health = HealthBook::default();
         health.failed("a:m", "429", Some(&limited(7)), Trigger::RateLimited);
         health.failed("b:m", "429", Some(&limited(4)), Trigger::RateLimited);
-        let mut plan = Plan::new(&route(&["a:m", "b:m"], &Trigger::ALL), &health);
+        let mut plan = Plan::order(&route(&["a:m", "b:m"], &Trigger::ALL), &health);
         assert!(plan.next_target().is_none());
         let error = plan.into_error();
         assert_eq!(error.status(), 429);
@@ -653,7 +710,7 @@ mod tests {
             health.failed("c:m", "503", None, Trigger::ServerError);
         }
         assert_eq!(
-            order(Plan::new(&route(&["a:m", "c:m"], &Trigger::ALL), &health)),
+            order(Plan::order(&route(&["a:m", "c:m"], &Trigger::ALL), &health)),
             ["a:m", "c:m"]
         );
     }

@@ -165,7 +165,7 @@ impl Relay {
     async fn run(mut self) {
         let table = Arc::clone(&self.table);
         let app = Arc::clone(&self.app);
-        let mut plan = Plan::new(&self.exchange.route, &app.health);
+        let mut plan = Plan::new(&self.exchange.route, &app.health, &mut self.record);
         let mut tick = self.record.started + table.limits.commit_after;
         while let Some(target) = plan.next_target() {
             let Some(backend) = table.backend(&target.backend) else {

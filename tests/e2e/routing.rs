@@ -444,6 +444,66 @@ async fn a_target_whose_every_key_was_asked_to_wait_is_not_called_until_the_wait
     assert_eq!(calls(), 2);
 }
 
+/// A target skipped because it rests is part of the answer: a chain whose other targets fail
+/// gets 429 with the resting target's earlier wait, or 502 naming the skip, not the last
+/// target's error as if it had been the only one.
+#[tokio::test]
+async fn a_resting_target_skipped_in_a_chain_is_named_in_its_error() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let resting = "fake/status-429-retry-10";
+    assert_eq!(ask(&daemon, resting, false).await.status(), 429);
+
+    let response = ask(
+        &daemon,
+        &format!("{resting}|fake/status-429-retry-60"),
+        false,
+    )
+    .await;
+    assert_eq!(response.status(), 429);
+    let wait: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&wait), "{wait}");
+
+    let response = ask(&daemon, &format!("{resting}|fake/status-503"), false).await;
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "all_attempts_failed");
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("openrouter:{resting}: resting")),
+        "{message}"
+    );
+    // Skipped, not called again.
+    assert_eq!(
+        models_asked(&fake).iter().filter(|m| *m == resting).count(),
+        1
+    );
+}
+
+/// A context-length error moves the request on without resting the model: the next, shorter
+/// prompt is still sent to it.
+#[tokio::test]
+async fn context_length_errors_do_not_rest_the_model() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let chain = "fake/context-length|fake/echo";
+    // One more than the failures in a row that rest a target (3).
+    let rounds = 4;
+    for _ in 0..rounds {
+        let response = ask(&daemon, chain, false).await;
+        assert_eq!(route_of(&response), "openrouter:fake/echo");
+    }
+    let asked = models_asked(&fake)
+        .iter()
+        .filter(|m| *m == "fake/context-length")
+        .count();
+    assert_eq!(asked, rounds);
+}
+
 #[tokio::test]
 async fn failover_is_bounded_in_time() {
     let fake = FakeOpenRouter::start().await.unwrap();
