@@ -361,10 +361,16 @@ impl Relay {
         if self.exchange.deadline > now {
             until = until.min(self.exchange.deadline);
         }
-        match timeout_at(until, self.events.send(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(AttemptEnd::Stop(Stop::ClientGone)),
-            Err(_) => Err(AttemptEnd::Stop(Stop::ClientStalled)),
+        // The end of the shutdown grace must reach a relay waiting here too: the daemon exits
+        // shortly after, and a relay still waiting would never write its usage row.
+        tokio::select! {
+            biased;
+            _ = self.hard_stop.wait_for(|stop| *stop) => Err(AttemptEnd::Stop(Stop::Shutdown)),
+            sent = timeout_at(until, self.events.send(bytes)) => match sent {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(AttemptEnd::Stop(Stop::ClientGone)),
+                Err(_) => Err(AttemptEnd::Stop(Stop::ClientStalled)),
+            },
         }
     }
 

@@ -108,3 +108,55 @@ async fn connections_that_never_sent_a_request_do_not_hold_up_the_drain() {
     );
     drop((silent, silent_admin));
 }
+
+/// A client that stopped reading its stream still gets a usage row and a log line when the
+/// grace runs out: the relay, blocked on the client's full queue, hears the end of the grace
+/// too (it used to wait there for `client_timeout`, and the daemon exited first).
+// Several threads: the fake upstream runs on this test's runtime while the client blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stopped_reading_is_recorded_when_the_grace_runs_out() {
+    use std::io::{Read, Write};
+
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let mut daemon = daemon_for(
+        &fake.base_url(),
+        "limits:\n  shutdown_grace: 300ms\n  client_timeout: 60s\n",
+    );
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&daemon.addr.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    let body = chat("fake/events-100000", "x", true).to_string();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: orproxy\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // The head, then nothing more is read.
+    let (stream, head) = tokio::task::spawn_blocking(move || {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        (stream, String::from_utf8(head).unwrap())
+    })
+    .await
+    .unwrap();
+    let id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-orproxy-request-id: "))
+        .expect("a request id")
+        .to_owned();
+    daemon.terminate();
+    assert!(daemon.wait_exit().success());
+    let line = daemon.request_log(&id);
+    assert_eq!(line["outcome"], "midstream_error", "{line}");
+    assert!(
+        line["attempts"].as_str().unwrap().ends_with("=shutdown"),
+        "{line}"
+    );
+    drop(stream);
+}
