@@ -962,6 +962,13 @@ pub fn rule_scripts(dir: &Path) -> Result<Vec<(String, String)>, Vec<Diagnostic>
 /// Returns the merged document and the rules directory actually used (to watch it), or every
 /// problem found.
 pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnostic>> {
+    let (config, rules_dir) = load_parts(sources);
+    config.map(|config| (config, rules_dir))
+}
+
+/// [`load`], with the rules directory known even when the YAML has errors: its scripts can
+/// still be checked, so that one run reports every problem.
+pub fn load_parts(sources: &Sources) -> (Result<Config, Vec<Diagnostic>>, Option<PathBuf>) {
     let mut errors = Vec::new();
     let mut config = Config::default();
     if let Some(path) = &sources.config {
@@ -1033,9 +1040,9 @@ pub fn load(sources: &Sources) -> Result<(Config, Option<PathBuf>), Vec<Diagnost
         }
     }
     if errors.is_empty() {
-        Ok((config, rules_dir))
+        (Ok(config), rules_dir)
     } else {
-        Err(errors)
+        (Err(errors), rules_dir)
     }
 }
 

@@ -31,7 +31,8 @@ pub fn build_with(
     overrides: &Overrides,
     env: &dyn Env,
 ) -> Result<RoutingTable, Vec<Diagnostic>> {
-    let (config, rules_dir) = config::load(sources)?;
+    // Scripts are compiled even when the YAML has errors: one run reports both.
+    let (config, rules_dir) = config::load_parts(sources);
     let rules = match &rules_dir {
         Some(dir) => config::rule_scripts(dir).and_then(|sources| {
             RuleSet::compile(&sources, Sandbox::default())
@@ -50,7 +51,7 @@ pub fn build_with(
         }),
         None => Ok(None),
     };
-    let table = RoutingTable::build(&config, rules_dir, overrides, env);
+    let table = config.and_then(|config| RoutingTable::build(&config, rules_dir, overrides, env));
     match (table, rules) {
         (Ok(mut table), Ok(rules)) => {
             table.rules = rules.map(Arc::new);

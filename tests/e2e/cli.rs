@@ -131,8 +131,9 @@ fn a_busy_port_is_a_runtime_error() {
     );
 }
 
+/// Script errors are reported with the YAML's, not only once the YAML is fixed.
 #[test]
-fn check_prints_every_unknown_key_of_every_file() {
+fn check_prints_every_unknown_key_of_every_file_and_every_script_error() {
     let config = temp_file(
         "lisen: 127.0.0.1:0\nbackends:\n  a:\n    type: mock\n    modles: [x]\nlimits:\n  idle_timeout: 1s\n  idel: 2s\n",
         ".yaml",
@@ -141,6 +142,11 @@ fn check_prints_every_unknown_key_of_every_file() {
     std::fs::write(
         rules.join("10-a.yaml"),
         "model_aliases:\n  - pattern: x\n    replacment: y\nbogus: 1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        rules.join("20-broken.rhai"),
+        "fn on_request(req) {\n    let x = ;\n}\n",
     )
     .unwrap();
     let output = command()
@@ -164,6 +170,7 @@ fn check_prints_every_unknown_key_of_every_file() {
         format!("{name}:8:3: unknown field `idel`"),
         format!("{fragment}:3:5: unknown field `replacment`"),
         format!("{fragment}:4:1: unknown field `bogus`"),
+        format!("{}:2:13: ", rules.join("20-broken.rhai").display()),
     ];
     assert_eq!(lines.len(), expected.len(), "{stderr}");
     for (line, start) in lines.iter().zip(&expected) {
