@@ -50,7 +50,7 @@ pub struct ReportArgs {
     /// Start (YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds; UTC) [default: the beginning].
     #[arg(long, value_name = "TIME", value_parser = crate::report::parse_time)]
     pub from: Option<i64>,
-    /// End, exclusive [default: now].
+    /// End, exclusive [default: none, rows dated later too].
     #[arg(long, value_name = "TIME", value_parser = crate::report::parse_time)]
     pub to: Option<i64>,
     /// model, backend, key, day or tag:NAME.

@@ -84,11 +84,24 @@ fn query(
     to: Option<&str>,
     group_by: Option<&str>,
 ) -> Result<UsageQuery, String> {
+    let from_ms = from.map(parse_time).transpose()?;
+    let to_ms = to.map(parse_time).transpose()?;
+    check_range(from_ms, to_ms)?;
     Ok(UsageQuery {
-        from_ms: from.map(parse_time).transpose()?.unwrap_or(i64::MIN),
-        to_ms: to.map(parse_time).transpose()?.unwrap_or(i64::MAX),
+        from_ms: from_ms.unwrap_or(i64::MIN),
+        to_ms: to_ms.unwrap_or(i64::MAX),
         group_by: GroupBy::parse(group_by.unwrap_or("model"))?,
     })
+}
+
+/// A range that ends before it starts is a mistake, not an empty report.
+fn check_range(from_ms: Option<i64>, to_ms: Option<i64>) -> Result<(), String> {
+    match (from_ms, to_ms) {
+        (Some(from), Some(to)) if from > to => {
+            Err("`from` is after `to` (`to` is the end of the range, exclusive)".to_owned())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn read_report(path: &Path, query: &UsageQuery) -> Result<Report, String> {
@@ -230,6 +243,10 @@ pub fn run(args: &ReportArgs) -> ExitCode {
                 }
             })
     });
+    if let Err(message) = check_range(args.from, args.to) {
+        eprintln!("orproxy report: {message}");
+        return ExitCode::from(2);
+    }
     let query = UsageQuery {
         from_ms: args.from.unwrap_or(i64::MIN),
         to_ms: args.to.unwrap_or(i64::MAX),
@@ -258,6 +275,14 @@ pub fn run(args: &ReportArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_that_ends_before_it_starts_is_refused() {
+        let error = query(Some("2026-11-25"), Some("2026-11-24"), None).unwrap_err();
+        assert!(error.contains("`from` is after `to`"), "{error}");
+        assert!(query(Some("2026-11-24"), Some("2026-11-24"), None).is_ok());
+        assert!(query(Some("2026-11-25"), None, None).is_ok());
+    }
 
     #[test]
     fn times_parse_as_utc() {

@@ -78,8 +78,9 @@ pub struct UsageQuery {
 /// One group's figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Group {
-    /// The group's value (`-` when the rows have none).
-    pub group: String,
+    /// The group's value; `None` (JSON `null`, an empty CSV field, `(none)` in the table) for
+    /// rows that have none (no key, no such tag), kept apart from any value a row may hold.
+    pub group: Option<String>,
     /// Requests.
     pub requests: u64,
     /// Requests whose outcome was not `ok`.
@@ -138,7 +139,7 @@ impl Acc {
         self.latencies.add(r.latency_us);
     }
 
-    fn finish(self, name: String) -> Group {
+    fn finish(self, name: Option<String>) -> Group {
         let mut g = self.group;
         g.group = name;
         g.cost_usd = format_usd(g.cost_nanos);
@@ -211,7 +212,7 @@ pub fn usage(conn: &Connection, query: &UsageQuery) -> rusqlite::Result<Report> 
         }
         _ => stmt.query(rusqlite::params![query.from_ms, query.to_ms])?,
     };
-    let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut groups: BTreeMap<Option<String>, Acc> = BTreeMap::new();
     let mut total = Acc::default();
     while let Some(r) = rows.next()? {
         let n = |i: usize| -> rusqlite::Result<u64> {
@@ -226,11 +227,9 @@ pub fn usage(conn: &Connection, query: &UsageQuery) -> rusqlite::Result<Report> 
             cost_nanos: r.get(6)?,
             latency_us: r.get(7)?,
         };
-        let name = r.get_ref(0)?.as_str_or_null()?.unwrap_or("-");
-        match groups.get_mut(name) {
-            Some(acc) => acc.add(&fields),
-            None => groups.entry(name.to_owned()).or_default().add(&fields),
-        }
+        let name = r.get_ref(0)?.as_str_or_null()?;
+        let key = name.map(str::to_owned);
+        groups.entry(key).or_default().add(&fields);
         total.add(&fields);
     }
     let mut groups: Vec<Group> = groups
@@ -245,7 +244,7 @@ pub fn usage(conn: &Connection, query: &UsageQuery) -> rusqlite::Result<Report> 
         to_ms: query.to_ms,
         group_by: query.group_by.name(),
         groups,
-        total: total.finish("total".to_owned()),
+        total: total.finish(Some("total".to_owned())),
     })
 }
 
@@ -264,7 +263,7 @@ const HEADER: [&str; 10] = [
 
 fn cells(g: &Group) -> [String; 10] {
     [
-        g.group.clone(),
+        g.group.clone().unwrap_or_default(),
         g.requests.to_string(),
         g.errors.to_string(),
         g.tokens_in.to_string(),
@@ -283,7 +282,9 @@ impl Report {
         let mut out = HEADER.join(",");
         out.push_str("\r\n");
         for g in self.groups.iter().chain(std::iter::once(&self.total)) {
-            let line: Vec<String> = cells(g).iter().map(|c| csv_field(c)).collect();
+            let mut line = cells(g);
+            line[0] = csv_text(&line[0]);
+            let line: Vec<String> = line.iter().map(|c| csv_field(c)).collect();
             out.push_str(&line.join(","));
             out.push_str("\r\n");
         }
@@ -301,7 +302,10 @@ impl Report {
             .chain(std::iter::once(&self.total))
             .map(|g| {
                 let mut line = cells(g);
-                line[0] = printable(&line[0]);
+                line[0] = g
+                    .group
+                    .as_deref()
+                    .map_or_else(|| "(none)".to_owned(), printable);
                 line
             })
             .collect();
@@ -349,6 +353,17 @@ fn printable(text: &str) -> String {
             }
         })
         .collect()
+}
+
+/// A group name as a spreadsheet shows it as text: a name starting with `=`, `+`, `-`, `@`
+/// or a tab or carriage return would be read as a formula (names come from clients and rules),
+/// so it gets a leading `'`, as OWASP recommends.
+fn csv_text(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    }
 }
 
 fn csv_field(text: &str) -> String {
@@ -438,7 +453,10 @@ mod tests {
         .unwrap();
         assert_eq!(report.groups.len(), 2);
         let a = &report.groups[0];
-        assert_eq!((a.group.as_str(), a.requests, a.errors), ("a", 100, 10));
+        assert_eq!(
+            (a.group.as_deref(), a.requests, a.errors),
+            (Some("a"), 100, 10)
+        );
         assert_eq!(a.cost_nanos, 100_000_000_100);
         assert_eq!(a.cost_usd, "100.000000100");
         assert_eq!((a.latency_p50_ms, a.latency_p95_ms), (50.0, 95.0));
@@ -462,12 +480,20 @@ mod tests {
             },
         )
         .unwrap();
-        let names: Vec<&str> = by_tag.groups.iter().map(|g| g.group.as_str()).collect();
-        assert_eq!(names, ["-", "search, web"]);
+        let names: Vec<Option<&str>> = by_tag.groups.iter().map(|g| g.group.as_deref()).collect();
+        assert_eq!(names, [None, Some("search, web")]);
+        let csv = by_tag.to_csv();
+        assert!(csv.contains("\"search, web\",1,0,"), "{csv}");
+        // Rows without the tag: an empty field, apart from any tag value.
+        assert!(csv.contains("\r\n,1,0,"), "{csv}");
         assert!(
-            by_tag.to_csv().contains("\"search, web\",1,0,"),
+            by_tag.to_table().contains("\n(none) "),
             "{}",
-            by_tag.to_csv()
+            by_tag.to_table()
+        );
+        assert_eq!(
+            serde_json::to_value(&by_tag.groups[0]).unwrap()["group"],
+            serde_json::Value::Null
         );
         let by_day = usage(
             &conn,
@@ -478,7 +504,11 @@ mod tests {
             },
         )
         .unwrap();
-        let days: Vec<&str> = by_day.groups.iter().map(|g| g.group.as_str()).collect();
+        let days: Vec<&str> = by_day
+            .groups
+            .iter()
+            .filter_map(|g| g.group.as_deref())
+            .collect();
         assert_eq!(days, ["1970-01-01", "1970-01-03"]);
         let table = by_day.to_table();
         assert!(table.starts_with("day "), "{table}");
@@ -486,6 +516,22 @@ mod tests {
             table.lines().last().unwrap().starts_with("total"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn csv_group_names_are_never_formulas() {
+        let conn = db(&[row("f", 1, "=HYPERLINK(\"x\")", 1, 1000, true)]);
+        let report = usage(
+            &conn,
+            &UsageQuery {
+                from_ms: 0,
+                to_ms: i64::MAX,
+                group_by: GroupBy::Model,
+            },
+        )
+        .unwrap();
+        let csv = report.to_csv();
+        assert!(csv.contains("\r\n\"'=HYPERLINK(\"\"x\"\")\",1,"), "{csv}");
     }
 
     #[test]
