@@ -240,7 +240,13 @@ async fn explain(
         host: Arc::clone(&app.spending),
         clock: None,
     };
-    axum::Json(crate::explain::explain(&table, &body, &cx)).into_response()
+    axum::Json(crate::explain::explain(
+        &table,
+        &body,
+        &cx,
+        Some(&app.accounts),
+    ))
+    .into_response()
 }
 
 /// The effective routing table, secrets redacted (keys appear as their variable names).

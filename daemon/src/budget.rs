@@ -342,7 +342,7 @@ impl BudgetBook {
 
     /// Reserves `worst` once in every budget counting any of `subjects` (the targets of a
     /// failover chain: any may serve), or names the first one whose cap is already reached
-    /// (nothing is reserved then).
+    /// (nothing is reserved then). With `hold` false it only checks (nothing is reserved).
     /// Budgets named in `passed` are not checked (the request is already on their fallback).
     pub fn reserve(
         &self,
@@ -350,6 +350,7 @@ impl BudgetBook {
         worst: Nanos,
         now_ms: i64,
         passed: &[String],
+        hold: bool,
     ) -> Result<Reservation, Exceeded> {
         let mut book = self.lock();
         let rules = Arc::clone(&book.rules);
@@ -368,6 +369,9 @@ impl BudgetBook {
                 });
             }
             holds.push((instance, worst));
+        }
+        if !hold {
+            return Ok(Reservation::default());
         }
         for (instance, worst) in &holds {
             let held = book.reserved.entry(instance.clone()).or_default();
@@ -514,6 +518,59 @@ pub fn admit(
     if table.budgets.is_empty() {
         return Ok(());
     }
+    let request = Request {
+        key: &record.key,
+        body,
+        prompt_estimate: record.prompt_estimate,
+    };
+    record.reservation = admission(table, accounts, &request, route, Admission::Reserve)?;
+    record.route = route.targets.first().map(route::Target::label);
+    Ok(())
+}
+
+/// What [`admit`] would do with a request now, holding nothing and counting nothing: the
+/// route it would serve (after fallbacks and skipped targets), or its refusal.
+pub fn preview(
+    table: &RoutingTable,
+    accounts: &Accounts,
+    key: &Option<String>,
+    body: &JsonObject,
+    route: &mut Route,
+) -> Result<(), ProxyError> {
+    let request = Request {
+        key,
+        body,
+        prompt_estimate: route::prompt_estimate(body),
+    };
+    admission(table, accounts, &request, route, Admission::Preview).map(drop)
+}
+
+/// Whether admission holds the worst case (a request) or only looks (explain).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Reserve,
+    Preview,
+}
+
+/// What admission needs to know of a request.
+struct Request<'a> {
+    key: &'a Option<String>,
+    body: &'a JsonObject,
+    prompt_estimate: u64,
+}
+
+fn admission(
+    table: &RoutingTable,
+    accounts: &Accounts,
+    request: &Request<'_>,
+    route: &mut Route,
+    mode: Admission,
+) -> Result<Reservation, ProxyError> {
+    let count = |budget: &str, action: &'static str| {
+        if mode == Admission::Reserve {
+            crate::metrics::budget_rejection(budget, action);
+        }
+    };
     // Budgets whose fallback the request is on: it is not refused by them again (their spend
     // still counts), so that a capped global budget can send requests to a free model.
     let mut passed: Vec<String> = Vec::new();
@@ -522,7 +579,7 @@ pub fn admit(
         // Every target of the chain may end up serving (a failure or a cool-down skips those
         // before it), so each one's budgets hold the request's worst case.
         let subject = |t: &route::Target| Subject {
-            key: record.key.clone(),
+            key: request.key.clone(),
             backend: t.backend.clone(),
             model: t.model.clone(),
         };
@@ -530,7 +587,7 @@ pub fn admit(
         let Some(budget) = table.budgets.iter().find(|r| {
             !passed.contains(&r.name) && subjects.iter().any(|s| r.instance(s).is_some())
         }) else {
-            return Ok(());
+            return Ok(Reservation::default());
         };
         let mut worst = 0;
         for target in &route.targets {
@@ -541,34 +598,32 @@ pub fn admit(
                 &target.model,
             )
             .ok_or_else(|| {
-                crate::metrics::budget_rejection(&budget.name, "reject");
+                count(&budget.name, "reject");
                 ProxyError::NoPrice {
                     budget: budget.name.clone(),
                     route: target.label(),
                 }
             })?;
-            let (max_tokens, choices) = answer_limits(target, body);
+            let (max_tokens, choices) = answer_limits(target, request.body);
             worst = worst.max(pricing::worst_case(
                 &quote,
-                record.prompt_estimate,
+                request.prompt_estimate,
                 max_tokens,
                 choices,
             ));
         }
+        let hold = mode == Admission::Reserve;
         let reserved = accounts
             .budgets
-            .reserve(&subjects, worst, now_ms(), &passed);
+            .reserve(&subjects, worst, now_ms(), &passed, hold);
         let Exceeded { rule, resets } = match reserved {
-            Ok(reservation) => {
-                record.reservation = reservation;
-                return Ok(());
-            }
+            Ok(reservation) => return Ok(reservation),
             Err(exceeded) => exceeded,
         };
         if rule.instance(&subjects[0]).is_none() {
             // Only later targets of the chain are over this cap: the request goes on without
             // them (each pass removes at least one target, so this ends).
-            crate::metrics::budget_rejection(&rule.name, "skip");
+            count(&rule.name, "skip");
             route
                 .targets
                 .retain(|t| rule.instance(&subject(t)).is_none());
@@ -577,13 +632,12 @@ pub fn admit(
         match &rule.fallback {
             Some(fallback) if hops < MAX_FALLBACKS => {
                 hops += 1;
-                crate::metrics::budget_rejection(&rule.name, "fallback");
+                count(&rule.name, "fallback");
                 route.targets = route::chain(table, fallback)?;
-                record.route = route.targets.first().map(route::Target::label);
                 passed.push(rule.name);
             }
             _ => {
-                crate::metrics::budget_rejection(&rule.name, "reject");
+                count(&rule.name, "reject");
                 return Err(ProxyError::BudgetExceeded {
                     budget: rule.name,
                     limit_usd: format_usd(rule.limit),
@@ -752,7 +806,10 @@ mod tests {
         let s = subject("k", "b", "m");
         let worst = 300;
         let admitted: Vec<Reservation> = (0..64)
-            .filter_map(|_| book.reserve(std::slice::from_ref(&s), worst, 0, &[]).ok())
+            .filter_map(|_| {
+                book.reserve(std::slice::from_ref(&s), worst, 0, &[], true)
+                    .ok()
+            })
             .collect();
         // 0, 300, 600, 900 are below the cap: four are admitted, holding 1200.
         assert_eq!(admitted.len(), 4);
@@ -763,7 +820,7 @@ mod tests {
         assert_eq!((status.spent_nanos, status.reserved_nanos), (1_200, 0));
         assert!(status.spent_nanos <= 1_000 + worst);
         let exceeded = book
-            .reserve(std::slice::from_ref(&s), 1, 0, &[])
+            .reserve(std::slice::from_ref(&s), 1, 0, &[], true)
             .unwrap_err();
         assert_eq!(exceeded.rule.name, "cap");
         assert!(exceeded.resets.is_none());
@@ -851,7 +908,10 @@ mod tests {
         )]));
         let s = subject("k", "b", "m");
         let admitted: Vec<Reservation> = (0..32)
-            .filter_map(|_| book.reserve(std::slice::from_ref(&s), worst, 0, &[]).ok())
+            .filter_map(|_| {
+                book.reserve(std::slice::from_ref(&s), worst, 0, &[], true)
+                    .ok()
+            })
             .collect();
         // Every admitted request may really produce n answers of max_tokens each.
         let could_spend = admitted.len() as i64 * worst;
@@ -881,15 +941,21 @@ mod tests {
         let a = subject("team-a", "or", "anthropic/claude-3");
         let b = subject("team-b", "or", "openai/gpt-4o");
         book.settle(Reservation::default(), Some(&a), 150, 10);
-        assert!(book.reserve(std::slice::from_ref(&a), 1, 20, &[]).is_err());
-        assert!(book.reserve(std::slice::from_ref(&b), 1, 20, &[]).is_ok());
         assert!(
-            book.reserve(&[subject("ops", "or", "x")], 1, 20, &[])
+            book.reserve(std::slice::from_ref(&a), 1, 20, &[], true)
+                .is_err()
+        );
+        assert!(
+            book.reserve(std::slice::from_ref(&b), 1, 20, &[], true)
+                .is_ok()
+        );
+        assert!(
+            book.reserve(&[subject("ops", "or", "x")], 1, 20, &[], true)
                 .is_ok()
         );
         // The next UTC day opens a new window.
         assert!(
-            book.reserve(std::slice::from_ref(&a), 1, DAY_MS + 1, &[])
+            book.reserve(std::slice::from_ref(&a), 1, DAY_MS + 1, &[], true)
                 .is_ok()
         );
         let names: Vec<String> = book.status(20).into_iter().map(|s| s.name).collect();
@@ -913,7 +979,7 @@ mod tests {
         let cheap = subject("k", "or", "cheap");
         let claude = subject("k", "or", "anthropic/claude-3");
         let chain = [cheap.clone(), claude.clone()];
-        let held = book.reserve(&chain, 600, 0, &[]).unwrap();
+        let held = book.reserve(&chain, 600, 0, &[], true).unwrap();
         let reserved = |name: &str| {
             book.status(0)
                 .into_iter()
@@ -926,10 +992,10 @@ mod tests {
         );
         book.settle(held, Some(&claude), 1_000, 0);
         // The claude cap is reached: a chain that ends on claude names it, one without it passes.
-        let exceeded = book.reserve(&chain, 1, 0, &[]).unwrap_err();
+        let exceeded = book.reserve(&chain, 1, 0, &[], true).unwrap_err();
         assert_eq!(exceeded.rule.name, "claude");
         assert!(
-            book.reserve(std::slice::from_ref(&cheap), 1, 0, &[])
+            book.reserve(std::slice::from_ref(&cheap), 1, 0, &[], true)
                 .is_ok()
         );
     }
@@ -950,7 +1016,10 @@ mod tests {
         book.settle(Reservation::default(), Some(&s), 2_000, 10);
         book.settle(Reservation::default(), Some(&s), Nanos::MAX, 10);
         book.settle(Reservation::default(), Some(&s), Nanos::MAX, 10);
-        assert!(book.reserve(std::slice::from_ref(&s), 1, 20, &[]).is_err());
+        assert!(
+            book.reserve(std::slice::from_ref(&s), 1, 20, &[], true)
+                .is_err()
+        );
         let status = &book.status(20)[0];
         assert_eq!(status.spent_nanos, Nanos::MAX);
         assert_eq!(status.remaining_usd, "0.000000000");

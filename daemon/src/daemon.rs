@@ -118,7 +118,8 @@ fn explain(args: &ExplainArgs) -> ExitCode {
         host: std::sync::Arc::new(orproxy_rules::NoLedger),
         clock: None,
     };
-    let out = crate::explain::explain(&table, &body, &cx);
+    // Offline, without the daemon's spend: budgets are not applied (README).
+    let out = crate::explain::explain(&table, &body, &cx, None);
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     ExitCode::SUCCESS
 }

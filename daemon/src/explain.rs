@@ -9,6 +9,7 @@ use orproxy_plugin::JsonObject;
 use serde_json::{Value, json};
 
 use crate::error::ProxyError;
+use crate::ledger::Accounts;
 use crate::route::{self, Context, Target};
 use crate::table::RoutingTable;
 
@@ -18,14 +19,26 @@ fn target_json(target: &Target) -> Value {
     json!({"backend": target.backend, "model": target.model, "params": params, "unset": target.unset})
 }
 
-/// The explanation of one request body.
-pub fn explain(table: &RoutingTable, body: &[u8], cx: &Context) -> Value {
+/// The explanation of one request body. With `accounts` (the running daemon's), budgets are
+/// applied as they stand now (a fallback or a refusal shows), holding nothing.
+pub fn explain(
+    table: &RoutingTable,
+    body: &[u8],
+    cx: &Context,
+    accounts: Option<&Accounts>,
+) -> Value {
     let body = match JsonObject::parse(body) {
         Ok(body) => body,
         Err(e) => return outcome(&ProxyError::BadBody(e), Vec::new()),
     };
     let mut trace = Vec::new();
-    match route::resolve_traced(table, &body, cx, &mut trace) {
+    let route = route::resolve_traced(table, &body, cx, &mut trace).and_then(|mut route| {
+        if let Some(accounts) = accounts {
+            crate::budget::preview(table, accounts, &cx.key, &body, &mut route)?;
+        }
+        Ok(route)
+    });
+    match route {
         Err(error) => outcome(&error, trace),
         Ok(route) => {
             let headers: BTreeMap<&str, &str> = route
@@ -76,7 +89,7 @@ mod tests {
             host: Arc::new(orproxy_rules::NoLedger),
             clock: None,
         };
-        let out = explain(&table, br#"{"model": "mock:a", "messages": []}"#, &cx);
+        let out = explain(&table, br#"{"model": "mock:a", "messages": []}"#, &cx, None);
         assert_eq!(
             out["failover_triggers"],
             json!(["rate_limited", "server_error"]),

@@ -454,6 +454,41 @@ async fn a_capped_model_later_in_a_chain_is_not_served() {
         metrics.contains(r#"orproxy_budget_rejections_total{budget="echo-cap",action="skip"} 1"#),
         "{metrics}"
     );
+    // `/admin/explain` applies the budgets as they stand, and counts nothing.
+    let explain = |model: &'static str| {
+        let url = daemon.admin_url("/admin/explain");
+        let http = http.clone();
+        async move {
+            http.post(url)
+                .body(body(model, 16))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let refused = explain("fake/echo").await;
+    assert_eq!(refused["status"], 402, "{refused:#}");
+    assert_eq!(refused["error"]["code"], "budget_exceeded", "{refused:#}");
+    let skipped = explain("fake/status-500|fake/echo").await;
+    assert_eq!(skipped["status"], 200, "{skipped:#}");
+    assert_eq!(
+        skipped["attempts"],
+        serde_json::json!(["openrouter:fake/status-500"]),
+        "{skipped:#}"
+    );
+    let rejections = |text: &str| {
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("orproxy_budget_rejections_total{"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(rejections(&daemon.metrics().await), rejections(&metrics));
 }
 
 /// A budget with `action: fallback` sends requests to its fallback once its cap is reached.
