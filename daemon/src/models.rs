@@ -57,9 +57,12 @@ impl ModelCatalog {
 /// `GET /v1/models`: needs a proxy key like every client route when auth is on (listing makes
 /// orproxy call each backend with its own keys).
 pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    const REQUEST: &str = "GET /v1/models";
+    let started = std::time::Instant::now();
     let table = app.table.load_full();
     if let Err(error) = table.auth.authenticate(&headers) {
-        return crate::server::stamped(&app, crate::error::ProxyError::from(error).into_response());
+        let response = crate::error::ProxyError::from(error).into_response();
+        return crate::server::stamped(&app, REQUEST, started, response);
     }
     let lists = join_all(
         table
@@ -88,10 +91,8 @@ pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         .into_iter()
         .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
         .collect();
-    crate::server::stamped(
-        &app,
-        Json(json!({"object": "list", "data": data})).into_response(),
-    )
+    let response = Json(json!({"object": "list", "data": data})).into_response();
+    crate::server::stamped(&app, REQUEST, started, response)
 }
 
 /// One backend's list: fresh from cache, else fetched; a failed fetch serves the stale copy

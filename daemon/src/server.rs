@@ -46,21 +46,48 @@ pub fn api_router(app: Arc<App>) -> Router {
         .route("/v1/messages", post(pipeline::messages))
         .route("/v1/messages/count_tokens", post(front::count_tokens))
         .route("/v1/models", get(models::list))
-        .fallback(|State(app): State<Arc<App>>, uri: http::Uri| async move {
-            stamped(&app, admin::not_found(uri).await)
-        })
+        .fallback(
+            |State(app): State<Arc<App>>, method: http::Method, uri: http::Uri| async move {
+                let request = format!("{method} {}", uri.path());
+                let started = std::time::Instant::now();
+                stamped(&app, &request, started, admin::not_found(uri).await)
+            },
+        )
         .method_not_allowed_fallback(
             |State(app): State<Arc<App>>, method: http::Method, uri: http::Uri| async move {
-                stamped(&app, admin::method_not_allowed(method, uri).await)
+                let request = format!("{method} {}", uri.path());
+                let started = std::time::Instant::now();
+                stamped(
+                    &app,
+                    &request,
+                    started,
+                    admin::method_not_allowed(method, uri).await,
+                )
             },
         )
         .with_state(app)
 }
 
-/// A response made outside the pipeline (unknown path, wrong method), with a request id and
-/// `x-orproxy-route: none` like every other client API response.
-pub fn stamped(app: &App, response: axum::response::Response) -> axum::response::Response {
-    pipeline::stamp(response, http::HeaderValue::try_from(app.ids.next()).ok())
+/// A response made outside the pipeline (unknown path, wrong method, the model list), with a
+/// request id and `x-orproxy-route: none` like every other client API response, and its log
+/// line (no usage row: nothing was routed).
+pub fn stamped(
+    app: &App,
+    request: &str,
+    started: std::time::Instant,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    let id = app.ids.next();
+    tracing::info!(
+        target: "orproxy::request",
+        message = "Request finished.",
+        request_id = %id,
+        request,
+        route = "none",
+        status = response.status().as_u16(),
+        latency_ms = crate::record::millis(started.elapsed()),
+    );
+    pipeline::stamp(response, http::HeaderValue::try_from(id).ok())
 }
 
 /// How many client API workers to run: one per core.

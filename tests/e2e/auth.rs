@@ -74,10 +74,17 @@ async fn keys_are_checked_and_named_in_the_log() {
 async fn every_client_route_needs_a_key_and_every_answer_is_stamped() {
     let daemon = Daemon::start(Options::config(KEYS).env("TEAM_A_KEY", "sk-team-a-secret"));
     let http = client();
+    // Each has a request id, `x-orproxy-route: none` and its log line.
     let stamped = |response: &reqwest::Response| {
         let headers = response.headers();
-        assert!(headers.contains_key("x-orproxy-request-id"), "{headers:?}");
         assert_eq!(headers["x-orproxy-route"], "none");
+        let id = headers["x-orproxy-request-id"].to_str().unwrap();
+        let line = daemon.request_log(id);
+        assert_eq!(line["status"], response.status().as_u16(), "{line}");
+        assert!(
+            line["request"].as_str().unwrap().starts_with("GET /v1/"),
+            "{line}"
+        );
     };
     let anonymous = http.get(daemon.url("/v1/models")).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
