@@ -703,6 +703,17 @@ async fn an_upstream_rate_limit_is_a_rate_limit_error_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_timeout_is_a_timeout_error() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for_openrouter(&fake, "limits:\n  first_byte_timeout: 300ms\n");
+    for stream in [false, true] {
+        let response = post_messages(&daemon, &message("fake/hang", "hi", stream)).await;
+        let message = pipeline_error(response, 504, "timeout_error").await;
+        assert!(message.contains("first_byte_timeout"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exceeded_budget_is_a_billing_error() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_for_openrouter(

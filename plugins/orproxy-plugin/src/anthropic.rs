@@ -122,7 +122,7 @@ fn error_json(status: u16, message: &str) -> Vec<u8> {
     serde_json::to_vec(&envelope).unwrap_or_default()
 }
 
-/// Anthropic's error `type` for an HTTP status.
+/// Anthropic's error `type` for an HTTP status, as its error documentation lists them.
 fn error_kind(status: u16) -> &'static str {
     match status {
         400 => "invalid_request_error",
@@ -132,6 +132,8 @@ fn error_kind(status: u16) -> &'static str {
         404 => "not_found_error",
         413 => "request_too_large",
         429 => "rate_limit_error",
+        500 => "api_error",
+        504 => "timeout_error",
         529 => "overloaded_error",
         // Other client errors are still the request's fault; everything else is ours or upstream's.
         405..=499 => "invalid_request_error",

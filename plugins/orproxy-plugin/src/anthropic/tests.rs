@@ -381,7 +381,9 @@ fn errors_follow_anthropic_types() {
         (500, "api_error"),
         (502, "api_error"),
         (503, "api_error"),
-        (504, "api_error"),
+        (504, "timeout_error"),
+        (405, "invalid_request_error"),
+        (422, "invalid_request_error"),
         (529, "overloaded_error"),
     ] {
         assert_eq!(
