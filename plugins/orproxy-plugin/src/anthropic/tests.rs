@@ -209,6 +209,50 @@ fn choices_documents_and_adaptive_thinking_translate() {
     }
 }
 
+/// The schema the `anthropic` SDK sends for `messages.parse(output_format=Person)`.
+fn person_schema() -> Value {
+    json!({"type": "object", "title": "Person", "additionalProperties": false,
+           "properties": {"name": {"type": "string", "title": "Name"}, "age": {"type": "integer", "title": "Age"}},
+           "required": ["name", "age"]})
+}
+
+#[test]
+fn structured_outputs_and_strict_tools_translate() {
+    let expected = json!({
+        "type": "json_schema",
+        "json_schema": {"name": "Person", "schema": person_schema(), "strict": true},
+    });
+    let format = json!({"type": "json_schema", "schema": person_schema()});
+    let base = json!({"model": "m", "messages": [{"role": "user", "content": "Ann, 31"}]});
+    let with = |key: &str, value: &Value| {
+        let mut request = base.clone();
+        request[key] = value.clone();
+        request
+    };
+    for request in [
+        with("output_config", &json!({"format": format, "effort": "low"})),
+        with("output_format", &format),
+    ] {
+        let out = translate(&request).expect("translates");
+        assert_eq!(out["response_format"], expected, "{request}");
+    }
+    // A schema without a usable title still needs a name on the OpenAI side.
+    let untitled =
+        json!({"type": "json_schema", "schema": {"type": "object", "title": "a person"}});
+    let out = translate(&with("output_config", &json!({"format": untitled}))).expect("translates");
+    assert_eq!(out["response_format"]["json_schema"]["name"], "output");
+    let tool = |strict: Value| {
+        with(
+            "tools",
+            &json!([{"name": "f", "input_schema": person_schema(), "strict": strict}]),
+        )
+    };
+    let out = translate(&tool(json!(true))).expect("translates");
+    assert_eq!(out["tools"][0]["function"]["strict"], true);
+    let out = translate(&tool(Value::Null)).expect("translates");
+    assert_eq!(out["tools"][0]["function"].get("strict"), None);
+}
+
 #[test]
 fn untranslatable_requests_name_the_field() {
     let user = |content: Value| json!({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": content}]});
@@ -256,6 +300,35 @@ fn untranslatable_requests_name_the_field() {
     assert_eq!(
         request_error(json!({"model": "m", "messages": [], "temperature": "hot"})),
         "temperature: must be a number"
+    );
+    let format = json!({"type": "json_schema", "schema": {"type": "object"}});
+    assert_eq!(
+        request_error(
+            json!({"model": "m", "messages": [], "output_config": {"format": format}, "output_format": format})
+        ),
+        "output_format: give either this or `output_config.format`, not both"
+    );
+    assert!(
+        request_error(
+            json!({"model": "m", "messages": [], "output_config": {"format": {"type": "grammar", "schema": {}}}})
+        )
+        .starts_with("output_config.format.type: unsupported format `grammar`")
+    );
+    assert_eq!(
+        request_error(
+            json!({"model": "m", "messages": [], "output_format": {"type": "json_schema"}})
+        ),
+        "output_format.schema: required, a JSON schema object"
+    );
+    assert_eq!(
+        request_error(json!({"model": "m", "messages": [], "output_config": {"task_budget": 5}})),
+        "output_config.task_budget: has no OpenAI equivalent"
+    );
+    assert_eq!(
+        request_error(
+            json!({"model": "m", "messages": [], "tools": [{"name": "f", "input_schema": {}, "strict": "yes"}]})
+        ),
+        "tools[0].strict: must be a boolean"
     );
     assert!(matches!(
         request_to_openai(b"{\"model\":"),
