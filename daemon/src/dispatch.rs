@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use orproxy_plugin::anthropic::AnswerContext;
 use orproxy_plugin::{Call, Failure, FailureKind, JsonObject, Prepared};
 use tokio::time::Instant;
 
@@ -504,6 +505,7 @@ pub async fn json(
                         attempt.native,
                         mapped.body.unwrap_or(body),
                         &backend.name,
+                        &target.model,
                     )?;
                     return Ok((success(response, body), outcome));
                 }
@@ -570,15 +572,20 @@ pub fn served(record: &mut Record, partial: Option<Failure>) -> Outcome {
 }
 
 /// A successful answer's body as the client's API wants it: translated back for a Messages
-/// client whose backend answered in the pipeline's format.
+/// client whose backend answered in the pipeline's format, naming `model` (the target's) when
+/// the answer names none.
 pub fn client_body(
     exchange: &Exchange,
     native: bool,
     body: Bytes,
     backend: &str,
+    model: &str,
 ) -> Result<Bytes, ProxyError> {
     match &exchange.messages {
-        Some(request) if !native => front::messages_answer(&body, request, backend),
+        Some(_) if !native => {
+            let context = AnswerContext::new(model, &exchange.body);
+            front::messages_answer(&body, &context, backend)
+        }
         _ => Ok(body),
     }
 }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue};
-use orproxy_plugin::anthropic::{self, StreamTranslator};
+use orproxy_plugin::anthropic::{self, AnswerContext, StreamTranslator};
 use orproxy_plugin::{Call, JsonObject, Output, SseFramer};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -93,8 +93,6 @@ fn client_message(error: &ProxyError) -> String {
 pub struct MessagesRequest {
     /// The body as the client sent it (for backends that speak Messages).
     pub body: JsonObject,
-    /// The model the client asked for, reported back in answers.
-    pub model: String,
 }
 
 /// Translates a Messages body; `Err` is a 400 naming the field.
@@ -104,19 +102,38 @@ pub fn messages_to_openai(
 ) -> Result<(JsonObject, MessagesRequest), ProxyError> {
     let openai =
         anthropic::request_to_openai(bytes).map_err(|e| ProxyError::Translate(e.to_string()))?;
-    let model = body.get_str("model")?.unwrap_or_default();
-    Ok((openai, MessagesRequest { body, model }))
+    Ok((openai, MessagesRequest { body }))
 }
 
 /// A successful OpenAI answer body for a Messages client.
 pub fn messages_answer(
     body: &Bytes,
-    request: &MessagesRequest,
+    context: &AnswerContext,
     backend: &str,
 ) -> Result<Bytes, ProxyError> {
-    anthropic::response_from_openai(body, &request.model).map_err(|e| ProxyError::Unreachable {
+    anthropic::response_from_openai(body, context).map_err(|e| ProxyError::Unreachable {
         backend: backend.to_owned(),
         reason: format!("cannot translate the answer to the Messages format: {e}"),
+    })
+}
+
+/// A complete answer, already in the client's API, as the stream the client asked for (an
+/// upstream that ignored `stream: true` answered one JSON body); `include_usage` is whether a
+/// chat client asked for the usage chunk.
+pub fn answer_as_stream(
+    api: Api,
+    body: &[u8],
+    include_usage: bool,
+    backend: &str,
+) -> Result<Bytes, ProxyError> {
+    let events = match api {
+        Api::Chat => orproxy_plugin::openai::completion_events(body, include_usage)
+            .map_err(|e| e.to_string()),
+        Api::Messages => anthropic::message_events(body).map_err(|e| e.to_string()),
+    };
+    events.map_err(|e| ProxyError::Unreachable {
+        backend: backend.to_owned(),
+        reason: format!("cannot replay the answer as a stream: {e}"),
     })
 }
 
@@ -128,9 +145,9 @@ pub struct StreamOut {
 
 impl StreamOut {
     /// A translator for one attempt's stream.
-    pub fn new(request_id: &str, model: &str) -> StreamOut {
+    pub fn new(request_id: &str, context: &AnswerContext) -> StreamOut {
         StreamOut {
-            translator: StreamTranslator::new(&format!("msg_{request_id}"), model),
+            translator: StreamTranslator::new(&format!("msg_{request_id}"), context),
             framer: SseFramer::new(),
         }
     }

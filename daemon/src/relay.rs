@@ -20,18 +20,22 @@ use futures_util::FutureExt;
 use http::HeaderValue;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http_body::Frame;
-use orproxy_plugin::{EventKind, Failure, FailureKind, MappedEvent, Output, Prepared, SseFramer};
+use orproxy_plugin::anthropic::AnswerContext;
+use orproxy_plugin::{
+    EventKind, Failure, MappedEvent, MappedResponse, Output, Prepared, SseFramer,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
 use crate::dispatch::{
-    Cause, Exchange, Plan, attempt_error, client_body, prepare, served, success, upstream_error,
+    Cause, Exchange, Plan, attempt_error, client_body, prepare, served, upstream_error,
 };
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
-use crate::front::StreamOut;
+use crate::front::{self, StreamOut};
 use crate::pipeline::with_route;
 use crate::record::{Outcome, Record};
+use crate::route::Target;
 use crate::table::{BackendEntry, RoutingTable};
 use crate::upstream::{AttemptError, UpstreamResponse};
 
@@ -178,14 +182,21 @@ impl Relay {
                 Err(error) => return self.fail(error).await,
             };
             self.translator = match &self.exchange.messages {
-                Some(request) if !attempt.native => {
-                    Some(StreamOut::new(&self.record.id, &request.model))
+                Some(_) if !attempt.native => {
+                    let context = AnswerContext::new(&target.model, &self.exchange.body);
+                    Some(StreamOut::new(&self.record.id, &context))
                 }
                 _ => None,
             };
             let sent = Instant::now();
             let end = self
-                .attempt(backend, &label, attempt.prepared, attempt.native, &mut tick)
+                .attempt(
+                    backend,
+                    &target,
+                    attempt.prepared,
+                    attempt.native,
+                    &mut tick,
+                )
                 .await;
             self.record.upstream += sent.elapsed();
             match end {
@@ -408,11 +419,12 @@ impl Relay {
     async fn attempt(
         &mut self,
         backend: &BackendEntry,
-        label: &str,
+        target: &Target,
         prepared: Prepared,
         native: bool,
         tick: &mut Instant,
     ) -> AttemptEnd {
+        let label = &target.label();
         let limits = self.table.limits;
         let first_content = self
             .exchange
@@ -427,7 +439,7 @@ impl Relay {
         };
         if !response.status.is_success() || !response.is_event_stream() {
             return self
-                .plain_answer(backend, label, response, native, tick)
+                .plain_answer(backend, target, response, native, tick)
                 .await;
         }
 
@@ -679,11 +691,12 @@ impl Relay {
         AttemptEnd::Finished(Outcome::MidstreamError)
     }
 
-    /// A non-stream answer to a stream request: an upstream error, or JSON instead of SSE.
+    /// A non-stream answer to a stream request: an upstream error, or JSON instead of SSE,
+    /// which the client gets as the stream it asked for.
     async fn plain_answer(
         &mut self,
         backend: &BackendEntry,
-        label: &str,
+        target: &Target,
         mut response: UpstreamResponse,
         native: bool,
         tick: &mut Instant,
@@ -700,41 +713,19 @@ impl Relay {
             Ok(Ok(body)) => body,
         };
         let failure = if response.status.is_success() {
-            let mapped = if native {
+            let mut mapped = if native {
                 backend.plugin.map_messages_response(&body)
             } else {
                 backend.plugin.map_response(&body)
             };
-            match (mapped.failure, self.commit.take()) {
-                (None, Some(commit)) => {
-                    self.record.error = None;
-                    self.record.usage = mapped.usage;
-                    self.record.model_served = mapped.model;
-                    self.record.attempt(label, "ok");
-                    let outcome = served(&mut self.record, mapped.partial);
-                    let body = client_body(
-                        &self.exchange,
-                        native,
-                        mapped.body.unwrap_or(body),
-                        &backend.name,
-                    );
-                    let response = match body {
-                        Ok(body) => success(response, body),
-                        Err(error) => self.exchange.api.error_response(error),
-                    };
-                    let _ = commit.send(Commit::Response(response));
-                    return AttemptEnd::Finished(outcome);
+            match mapped.failure.take() {
+                None => {
+                    return self
+                        .replay(backend, target, native, mapped, body)
+                        .await
+                        .unwrap_or_else(|end| end);
                 }
-                (None, None) => Failure {
-                    kind: FailureKind::Server,
-                    status: 502,
-                    message: "the upstream answered a stream request with a plain body".into(),
-                    retry_after: None,
-                },
-                (Some(failure), commit) => {
-                    self.commit = commit;
-                    failure
-                }
+                Some(failure) => failure,
             }
         } else {
             backend
@@ -748,6 +739,47 @@ impl Relay {
             failure: Some(failure),
             how: How::Upstream,
         }
+    }
+
+    /// Serves a complete answer (`body`, in the pipeline's format or the backend's own) as the
+    /// stream the client asked for, whether or not the stream was already committed.
+    async fn replay(
+        &mut self,
+        backend: &BackendEntry,
+        target: &Target,
+        native: bool,
+        mut mapped: MappedResponse,
+        body: Bytes,
+    ) -> Result<AttemptEnd, AttemptEnd> {
+        let body = mapped.body.take().unwrap_or(body);
+        let include_usage = orproxy_plugin::openai::asks_for_usage(&self.exchange.body);
+        let events = client_body(&self.exchange, native, body, &backend.name, &target.model)
+            .and_then(|body| {
+                front::answer_as_stream(self.exchange.api, &body, include_usage, &backend.name)
+            });
+        let events = match events {
+            Ok(events) => events,
+            Err(error) => {
+                self.record.error = Some(error.to_string());
+                return Err(AttemptEnd::Failed {
+                    error,
+                    failure: None,
+                    how: How::NoAnswer,
+                });
+            }
+        };
+        self.record.error = None;
+        self.record.usage = mapped.usage;
+        self.record.model_served = mapped.model;
+        self.record.first_byte = Some(Instant::now());
+        let outcome = served(&mut self.record, mapped.partial);
+        // The events are already in the client's API: no chunk translation applies.
+        self.translator = None;
+        self.content_started = true;
+        self.pending.extend_from_slice(&events);
+        self.flush().await?;
+        self.record.attempt(&target.label(), "ok");
+        Ok(AttemptEnd::Finished(outcome))
     }
 }
 

@@ -703,6 +703,17 @@ async fn an_upstream_rate_limit_is_a_rate_limit_error_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_timeout_is_a_timeout_error() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for_openrouter(&fake, "limits:\n  first_byte_timeout: 300ms\n");
+    for stream in [false, true] {
+        let response = post_messages(&daemon, &message("fake/hang", "hi", stream)).await;
+        let message = pipeline_error(response, 504, "timeout_error").await;
+        assert!(message.contains("first_byte_timeout"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exceeded_budget_is_a_billing_error() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_for_openrouter(
@@ -1503,4 +1514,75 @@ fn the_grammar_check_catches_violations() {
     assert!(check_grammar(&cut, false).is_err());
     assert!(check_grammar(&cut, true).is_ok());
     assert!(check_grammar(&good, true).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_name_the_model_that_served_not_the_selector() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for_openrouter(&fake, "limits:\n  first_byte_timeout: 500ms\n");
+    for selector in [
+        "openai/gpt-4o?temperature=0.3&max_tokens=7",
+        "fake/hang|openai/gpt-4o",
+        "openrouter:openai/gpt-4o",
+    ] {
+        let response = post_messages(&daemon, &message(selector, "hi", false)).await;
+        assert_eq!(response.status(), 200, "{selector}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["model"], "openai/gpt-4o", "{selector}: {body:#}");
+        let response = post_messages(&daemon, &message(selector, "hi", true)).await;
+        let checked = valid(&sse(response).await);
+        assert_eq!(checked.message["model"], "openai/gpt-4o", "{selector}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_answer_to_a_stream_request_is_replayed_as_a_stream_naming_its_route() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for_openrouter(&fake, "");
+    let response = post_messages(&daemon, &message("fake/ignore-stream", "one two", true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-orproxy-route"],
+        "openrouter:fake/ignore-stream"
+    );
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let checked = valid(&sse(response).await);
+    assert_eq!(checked.blocks.len(), 1, "{checked:#?}");
+    assert_eq!(checked.blocks[0].text, "echo: one two");
+    assert_eq!(checked.stop_reason.as_deref(), Some("end_turn"));
+    assert!(checked.final_usage["output_tokens"].as_u64().unwrap() > 0);
+
+    // Chat clients get the chunks, the usage chunk they asked for, and [DONE].
+    let mut body = chat("fake/ignore-stream", "one two", true);
+    body["stream_options"] = json!({"include_usage": true});
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-orproxy-route"],
+        "openrouter:fake/ignore-stream"
+    );
+    let (raw, error) = events(response).await;
+    assert_eq!(error, None);
+    let data: Vec<&str> = raw
+        .iter()
+        .filter_map(|(_, e)| e.trim_end().strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.len(), 3, "{raw:?}");
+    let first: Value = serde_json::from_str(data[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["content"], "echo: one two");
+    assert_eq!(first["choices"][0]["finish_reason"], "stop");
+    let usage: Value = serde_json::from_str(data[1]).unwrap();
+    assert!(usage["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(data[2], "[DONE]");
 }

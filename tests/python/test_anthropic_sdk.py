@@ -150,3 +150,34 @@ def test_errors_use_the_anthropic_shape(orproxy, client):
             max_tokens=10,
             messages=[{"role": "user", "content": "hi"}],
         )
+
+
+def test_parse_returns_the_structured_output(client):
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    message = client.messages.parse(
+        model="anthropic/claude-sonnet-4.5",
+        max_tokens=200,
+        messages=[{"role": "user", "content": "Ann"}],
+        output_format=Person,
+    )
+    assert message.parsed_output == Person(name="Ann", age=1)
+    assert message.stop_reason == "end_turn"
+
+
+def test_a_json_answer_to_a_stream_request_still_streams(client):
+    with client.messages.stream(
+        model="fake/ignore-stream",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "one two"}],
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "echo: one two"
+    assert final.stop_reason == "end_turn"
+    assert final.model == "fake/ignore-stream"
+    assert final.usage.output_tokens > 0

@@ -18,6 +18,7 @@
 //! | `fake/slow-MS`, `fake/keepalive-MS`, `fake/first-byte-MS` | delays (see [`FakeOptions`]) |
 //! | `fake/hang`, `fake/reset` | never answer / close without answering |
 //! | `fake/malformed`, `fake/no-done`, `fake/200-error`, `fake/usage-variant` | wire anomalies |
+//! | `fake/ignore-stream` | as `fake/echo`, but a stream request gets the JSON answer (`application/json`) |
 //!
 //! The request shapes the answer of the echo-like behaviours (the first two rows, the delays,
 //! the wire anomalies; not `fast`, `events-N`, `midstream-error`, `cut-after-N`,
@@ -32,6 +33,10 @@
 //!   (`index, id, type, function: {name, arguments: ""}`), then its arguments in 3 pieces
 //!   (`index` and `function.arguments` only), next to `content: null` as OpenRouter sends it.
 //!   `parallel_tool_calls: false` keeps `fake/two-tools` to one call.
+//! * **Structured outputs**: with `response_format: {"type": "json_schema", "json_schema":
+//!   {"schema"}}` and no tool call, the answer text is compact JSON the schema accepts: every
+//!   property of an object, strings set to the last user text, integers 1, numbers 1.5,
+//!   booleans true, one item per array, the first of an `enum` or `anyOf`, `$ref`s followed.
 //! * **Tool results**: when the last message is `role: "tool"`, the answer is the text
 //!   `"tool said: " + <that message's content text>`.
 //! * **Reasoning**: `reasoning` with `effort`, `max_tokens` or `enabled: true` (and not
@@ -60,6 +65,7 @@ mod errors;
 mod reasoning;
 mod routes;
 mod scenario;
+mod schema;
 pub(crate) mod server;
 mod tools;
 mod wire;

@@ -813,6 +813,7 @@ impl WireUsage {
                 + self.cache_read_input_tokens.unwrap_or(0),
             completion_tokens: self.output_tokens.unwrap_or(0),
             cached_tokens: self.cache_read_input_tokens,
+            cache_write_tokens: self.cache_creation_input_tokens,
             reasoning_tokens: None,
             cost_nanos: None,
         }
@@ -826,7 +827,7 @@ impl WireUsage {
             total_tokens: usage.prompt_tokens + usage.completion_tokens,
             prompt_tokens_details: PromptDetails {
                 cached_tokens: usage.cached_tokens.unwrap_or(0),
-                cache_write_tokens: self.cache_creation_input_tokens.unwrap_or(0),
+                cache_write_tokens: usage.cache_write_tokens.unwrap_or(0),
             },
         }
     }
@@ -1929,6 +1930,7 @@ mod tests {
                 prompt_tokens: 2095 + 1000 + 500,
                 completion_tokens: 503,
                 cached_tokens: Some(500),
+                cache_write_tokens: Some(1000),
                 reasoning_tokens: None,
                 cost_nanos: None,
             })
@@ -2151,6 +2153,7 @@ mod tests {
             prompt_tokens: 572,
             completion_tokens: completion,
             cached_tokens: Some(100),
+            cache_write_tokens: Some(0),
             reasoning_tokens: None,
             cost_nanos: None,
         };

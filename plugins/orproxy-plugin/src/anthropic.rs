@@ -8,18 +8,22 @@
 //! - `request`: Messages request → chat-completions request, and the token estimate.
 //! - `response`: chat completion → Messages response.
 //! - `stream`: chat-completion chunks → Messages stream events ([`StreamTranslator`]).
-//! - here: errors, usage and the stop-reason mapping the three share.
+//! - `replay`: a whole Messages response → the stream events that would have carried it.
+//! - here: errors, usage, the stop-reason mapping and the [`AnswerContext`] they share.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::body::JsonObject;
 use crate::usage::Usage;
 
+mod replay;
 mod request;
 mod response;
 mod stream;
 
+pub use replay::message_events;
 pub use request::{count_tokens_estimate, request_to_openai};
 pub use response::response_from_openai;
 pub use stream::StreamTranslator;
@@ -44,6 +48,33 @@ pub enum TranslateError {
     Upstream(String),
 }
 
+/// What translating an answer back needs to know besides the answer itself.
+#[derive(Debug, Clone, Default)]
+pub struct AnswerContext {
+    /// The model reported when the upstream's answer names none: the target's, never the
+    /// client's selector.
+    pub model: String,
+    /// The request's stop sequence when it gave exactly one, named in `stop_sequence` when the
+    /// upstream says a stop sequence matched without saying which.
+    pub stop_sequence: Option<String>,
+}
+
+impl AnswerContext {
+    /// The context for an answer from `model` to `request`, a translated (OpenAI) body.
+    pub fn new(model: &str, request: &JsonObject) -> AnswerContext {
+        let stop = request
+            .get("stop")
+            .and_then(|raw| serde_json::from_str::<Vec<String>>(raw.get()).ok());
+        AnswerContext {
+            model: model.to_owned(),
+            // With several, which one matched cannot be told: null, as the upstream left it.
+            stop_sequence: stop
+                .filter(|list| list.len() == 1)
+                .and_then(|mut list| list.pop()),
+        }
+    }
+}
+
 /// Anthropic usage (`input_tokens`, `output_tokens`, `cache_creation_input_tokens`,
 /// `cache_read_input_tokens`) → [`Usage`]; `None` unless it holds input or output tokens.
 pub fn usage_from_anthropic(usage: &Value) -> Option<Usage> {
@@ -54,29 +85,33 @@ pub fn usage_from_anthropic(usage: &Value) -> Option<Usage> {
         return None;
     }
     let cache_read = count("cache_read_input_tokens");
+    let cache_write = count("cache_creation_input_tokens");
     // Anthropic's input_tokens excludes both cache kinds; Usage counts every input token.
     let prompt_tokens = input
         .unwrap_or(0)
-        .saturating_add(count("cache_creation_input_tokens").unwrap_or(0))
+        .saturating_add(cache_write.unwrap_or(0))
         .saturating_add(cache_read.unwrap_or(0));
     Some(Usage {
         prompt_tokens,
         completion_tokens: output.unwrap_or(0),
         cached_tokens: cache_read,
+        cache_write_tokens: cache_write,
         reasoning_tokens: None,
         cost_nanos: None,
     })
 }
 
-/// [`Usage`] → an Anthropic usage object; `input_tokens` excludes the cache-read tokens.
+/// [`Usage`] → an Anthropic usage object; `input_tokens` excludes the tokens read from and
+/// written to the prompt cache, which have their own fields.
 pub fn usage_to_anthropic(u: &Usage) -> Value {
-    let cached = u.cached_tokens.unwrap_or(0);
+    let read = u.cached_tokens.unwrap_or(0);
+    // Unreported writes are 0 rather than absent, so that client-side sums keep working.
+    let written = u.cache_write_tokens.unwrap_or(0);
     serde_json::json!({
-        "input_tokens": u.prompt_tokens.saturating_sub(cached),
+        "input_tokens": u.prompt_tokens.saturating_sub(read).saturating_sub(written),
         "output_tokens": u.completion_tokens,
-        // OpenAI usage does not report cache writes; 0 keeps client-side sums working.
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": written,
+        "cache_read_input_tokens": read,
     })
 }
 
@@ -94,6 +129,16 @@ pub fn error_event(status: u16, message: &str) -> Bytes {
     out.extend_from_slice(&json);
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
+}
+
+/// Appends the event `event: <name>\ndata: <json>\n\n`.
+fn push_event(out: &mut BytesMut, name: &str, data: &impl Serialize) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    // Strings, numbers and maps of them: writing into memory cannot fail.
+    let _ = serde_json::to_writer(out.writer(), data);
+    out.extend_from_slice(b"\n\n");
 }
 
 #[derive(Serialize)]
@@ -122,7 +167,7 @@ fn error_json(status: u16, message: &str) -> Vec<u8> {
     serde_json::to_vec(&envelope).unwrap_or_default()
 }
 
-/// Anthropic's error `type` for an HTTP status.
+/// Anthropic's error `type` for an HTTP status, as its error documentation lists them.
 fn error_kind(status: u16) -> &'static str {
     match status {
         400 => "invalid_request_error",
@@ -132,6 +177,8 @@ fn error_kind(status: u16) -> &'static str {
         404 => "not_found_error",
         413 => "request_too_large",
         429 => "rate_limit_error",
+        500 => "api_error",
+        504 => "timeout_error",
         529 => "overloaded_error",
         // Other client errors are still the request's fault; everything else is ours or upstream's.
         405..=499 => "invalid_request_error",
@@ -152,15 +199,20 @@ struct Finish {
 
 impl Finish {
     /// Anthropic's `stop_reason` and `stop_sequence`. A reply that called tools reports
-    /// `tool_use` even when the backend said `stop`, because agent loops key on it.
-    fn to_anthropic(&self, called_tools: bool) -> (&'static str, Option<String>) {
+    /// `tool_use` even when the backend said `stop`, because agent loops key on it; `only` is
+    /// the request's single stop sequence, if it had one.
+    fn to_anthropic(
+        &self,
+        called_tools: bool,
+        only: Option<&str>,
+    ) -> (&'static str, Option<String>) {
         let natural = if called_tools { "tool_use" } else { "end_turn" };
         match self.reason.as_deref() {
             None | Some("stop" | "end_turn") => {
                 if let Some(sequence) = &self.matched {
                     ("stop_sequence", Some(sequence.clone()))
                 } else if self.native.as_deref() == Some("stop_sequence") {
-                    ("stop_sequence", None)
+                    ("stop_sequence", only.map(str::to_owned))
                 } else {
                     (natural, None)
                 }

@@ -23,6 +23,10 @@ use crate::failure::{Failure, FailureKind};
 use crate::sse::SseEvent;
 use crate::usage::{Usage, usd_to_nanos};
 
+mod replay;
+
+pub use replay::completion_events;
+
 /// Builds a JSON POST to `url` with the call's body, bearer key, identity and extra headers.
 pub fn json_post(url: Uri, call: &Call<'_>) -> Result<UpstreamRequest, PrepareError> {
     let mut headers = json_headers(call, 8 + call.headers.len())?;

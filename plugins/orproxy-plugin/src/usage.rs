@@ -18,6 +18,9 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// Input tokens served from the provider's prompt cache, when reported.
     pub cached_tokens: Option<u64>,
+    /// Input tokens written to the provider's prompt cache (OpenRouter's
+    /// `prompt_tokens_details.cache_write_tokens`, Anthropic's cache creation), when reported.
+    pub cache_write_tokens: Option<u64>,
     /// Output tokens spent on reasoning, when reported.
     pub reasoning_tokens: Option<u64>,
     /// The cost the upstream reported (OpenRouter's `usage.cost`), exact.
@@ -43,6 +46,8 @@ struct WireUsage<'a> {
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
+    #[serde(default)]
+    cache_write_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -59,7 +64,14 @@ impl Usage {
         Some(Usage {
             prompt_tokens: wire.prompt_tokens,
             completion_tokens: wire.completion_tokens,
-            cached_tokens: wire.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            cached_tokens: wire
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|d| d.cached_tokens),
+            cache_write_tokens: wire
+                .prompt_tokens_details
+                .as_ref()
+                .and_then(|d| d.cache_write_tokens),
             reasoning_tokens: wire
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens),
@@ -187,7 +199,7 @@ mod tests {
     fn usage_reads_openrouter_fields() {
         let raw = RawValue::from_string(
             r#"{"prompt_tokens":17,"completion_tokens":1763,"total_tokens":1780,"cost":0.00353025,
-            "prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":832}}"#
+            "prompt_tokens_details":{"cached_tokens":3,"cache_write_tokens":4},"completion_tokens_details":{"reasoning_tokens":832}}"#
                 .to_owned(),
         )
         .unwrap();
@@ -198,6 +210,7 @@ mod tests {
                 prompt_tokens: 17,
                 completion_tokens: 1763,
                 cached_tokens: Some(3),
+                cache_write_tokens: Some(4),
                 reasoning_tokens: Some(832),
                 cost_nanos: Some(3_530_250),
             }

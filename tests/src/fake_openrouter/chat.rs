@@ -48,6 +48,8 @@ pub(crate) struct ChatRequest {
     pub(crate) tool_result: Option<String>,
     pub(crate) tools: ToolRequest,
     pub(crate) reasoning: Reasoning,
+    /// The schema of `response_format: {"type": "json_schema"}`.
+    pub(crate) json_schema: Option<Value>,
 }
 
 /// Text of a message `content` (user, tool or any other role): a string, or the `text` of
@@ -135,6 +137,7 @@ impl ChatRequest {
             tool_result,
             tools: ToolRequest::parse(obj),
             reasoning: Reasoning::parse(obj),
+            json_schema: super::schema::requested(obj),
         })
     }
 
@@ -486,7 +489,9 @@ fn conversation(scenario: &Scenario, req: &ChatRequest, ctx: &GenCtx) -> Answer 
                 1
             };
             let calls = req.tools.calls(&req.last_user_text, wanted);
-            if calls.is_empty() {
+            if let (true, Some(schema)) = (calls.is_empty(), &req.json_schema) {
+                text(super::schema::instance(schema, &req.last_user_text).to_string())
+            } else if calls.is_empty() {
                 text(format!("echo: {}", req.last_user_text))
             } else {
                 Answer::tool_calls(calls)
@@ -544,7 +549,7 @@ async fn serve(
     }
     let ctx = GenCtx::new(shared.dialect, &model);
     let answer = answer_for(&scenario, &req, &ctx);
-    if req.stream {
+    if req.stream && scenario != Scenario::IgnoreStream {
         return Ok(start_stream(
             shared, ctx, &req, scenario, answer, client, guard,
         ));

@@ -45,6 +45,8 @@ pub(crate) enum Scenario {
     NoDone,
     Error200,
     UsageVariant,
+    /// Answers a stream request with a JSON body, as some OpenAI-compatible servers do.
+    IgnoreStream,
 }
 
 fn count(text: &str) -> Option<usize> {
@@ -89,6 +91,7 @@ impl Scenario {
             "no-done" => Some(Scenario::NoDone),
             "200-error" => Some(Scenario::Error200),
             "usage-variant" => Some(Scenario::UsageVariant),
+            "ignore-stream" => Some(Scenario::IgnoreStream),
             _ => None,
         };
         if fixed.is_some() {

@@ -22,6 +22,7 @@ pub fn request_to_openai(body: &[u8]) -> Result<JsonObject, TranslateError> {
     sampling(&request, &mut out)?;
     tools(&request, &mut out)?;
     reasoning(&request, &mut out)?;
+    output_format(&request, &mut out)?;
     if let Some(stream) = present(&request, "stream") {
         let stream = stream
             .as_bool()
@@ -150,6 +151,8 @@ struct Function<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<&'a str>,
     parameters: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
 }
 
 /// Counts the bytes written through it.
@@ -545,12 +548,18 @@ fn tools(request: &Map<String, Value>, out: &mut JsonObject) -> Result<(), Trans
                         "required, a JSON schema object",
                     )
                 })?;
+            let strict = match present(tool, "strict") {
+                None => None,
+                Some(Value::Bool(strict)) => Some(*strict),
+                Some(_) => return Err(invalid(format!("{path}.strict"), "must be a boolean")),
+            };
             translated.push(Tool {
                 kind: "function",
                 function: Function {
                     name: str_field(tool, "name", &path)?,
                     description: present(tool, "description").and_then(Value::as_str),
                     parameters,
+                    strict,
                 },
             });
         }
@@ -625,6 +634,69 @@ fn reasoning(request: &Map<String, Value>, out: &mut JsonObject) -> Result<(), T
     };
     out.set("reasoning", &reasoning);
     Ok(())
+}
+
+/// `output_config.format`, or the top-level `output_format` of the structured-outputs beta,
+/// → `response_format`; any other `output_config` field but `effort` (read by [`reasoning`]) is
+/// refused, since dropping it would change the answer unseen.
+fn output_format(request: &Map<String, Value>, out: &mut JsonObject) -> Result<(), TranslateError> {
+    let config = match present(request, "output_config") {
+        Some(config) => Some(as_object(config, "output_config")?),
+        None => None,
+    };
+    if let Some(key) = config
+        .into_iter()
+        .flat_map(Map::keys)
+        .find(|key| !matches!(key.as_str(), "effort" | "format"))
+    {
+        let message = "has no OpenAI equivalent";
+        return Err(invalid(format!("output_config.{key}"), message));
+    }
+    let nested = config.and_then(|config| present(config, "format"));
+    let (format, path) = match (nested, present(request, "output_format")) {
+        (Some(_), Some(_)) => {
+            let message = "give either this or `output_config.format`, not both";
+            return Err(invalid("output_format", message));
+        }
+        (Some(format), None) => (format, "output_config.format"),
+        (None, Some(format)) => (format, "output_format"),
+        (None, None) => return Ok(()),
+    };
+    let format = as_object(format, path)?;
+    match str_field(format, "type", path)? {
+        "json_schema" => {}
+        other => {
+            let message = format!("unsupported format `{other}`, only `json_schema` translates");
+            return Err(invalid(format!("{path}.type"), message));
+        }
+    }
+    let schema = format
+        .get("schema")
+        .filter(|schema| schema.is_object())
+        .ok_or_else(|| invalid(format!("{path}.schema"), "required, a JSON schema object"))?;
+    out.set(
+        "response_format",
+        &serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {"name": schema_name(schema), "schema": schema, "strict": true},
+        }),
+    );
+    Ok(())
+}
+
+/// OpenAI requires a schema name (`[a-zA-Z0-9_-]{1,64}`) where Anthropic has none: the schema's
+/// `title` (Pydantic's model name) when it fits, else a fixed one.
+fn schema_name(schema: &Value) -> &str {
+    schema
+        .get("title")
+        .and_then(Value::as_str)
+        .filter(|title| {
+            (1..=64).contains(&title.len())
+                && title
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+        .unwrap_or("output")
 }
 
 // === helpers ===

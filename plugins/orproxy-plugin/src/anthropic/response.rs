@@ -5,12 +5,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::{Finish, TranslateError, usage_to_anthropic};
+use super::{AnswerContext, Finish, TranslateError, usage_to_anthropic};
 use crate::usage::Usage;
 
-/// An OpenAI chat-completion (non-stream) body → an Anthropic Messages response body;
-/// `model` is the model name to report (the one the client asked for).
-pub fn response_from_openai(body: &[u8], model: &str) -> Result<Bytes, TranslateError> {
+/// An OpenAI chat-completion (non-stream) body → an Anthropic Messages response body, naming
+/// the model the upstream says served (else `context.model`).
+pub fn response_from_openai(body: &[u8], context: &AnswerContext) -> Result<Bytes, TranslateError> {
     let completion: Completion = serde_json::from_slice(body)
         .map_err(|e| TranslateError::Upstream(format!("unreadable JSON: {e}")))?;
     let id = message_id(completion.id.as_deref());
@@ -34,7 +34,8 @@ pub fn response_from_openai(body: &[u8], model: &str) -> Result<Bytes, Translate
             .stop_reason
             .and_then(|v| v.as_str().map(str::to_owned)),
     };
-    let (mut stop_reason, stop_sequence) = finish.to_anthropic(called_tools);
+    let (mut stop_reason, stop_sequence) =
+        finish.to_anthropic(called_tools, context.stop_sequence.as_deref());
     if refused {
         stop_reason = "refusal";
     }
@@ -47,7 +48,11 @@ pub fn response_from_openai(body: &[u8], model: &str) -> Result<Bytes, Translate
         id,
         kind: "message",
         role: "assistant",
-        model,
+        model: completion
+            .model
+            .as_deref()
+            .filter(|model| !model.is_empty())
+            .unwrap_or(&context.model),
         content,
         stop_reason,
         stop_sequence,
@@ -135,6 +140,8 @@ fn text_of(content: &Value) -> String {
 struct Completion {
     #[serde(default)]
     id: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     choices: Vec<Choice>,
     #[serde(default)]

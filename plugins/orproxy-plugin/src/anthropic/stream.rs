@@ -21,12 +21,12 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::{Finish, error_event, usage_to_anthropic};
+use super::{AnswerContext, Finish, error_event, push_event, usage_to_anthropic};
 use crate::failure::Failure;
 use crate::usage::Usage;
 
@@ -34,7 +34,10 @@ use crate::usage::Usage;
 #[derive(Debug)]
 pub struct StreamTranslator {
     message_id: String,
+    /// The model named in `message_start`: the upstream's, once its first chunk names it.
     model: String,
+    /// The request's single stop sequence, if it had one.
+    stop_sequence: Option<String>,
     /// `message_start` was emitted.
     started: bool,
     /// `message_stop` (or `error`) was emitted: everything else is ignored.
@@ -78,12 +81,12 @@ struct ToolCall {
 // === impl StreamTranslator ===
 
 impl StreamTranslator {
-    /// A translator for one stream; `message_id` is like `msg_<...>`, `model` is reported in
-    /// `message_start`.
-    pub fn new(message_id: &str, model: &str) -> Self {
+    /// A translator for one stream; `message_id` is like `msg_<...>`.
+    pub fn new(message_id: &str, context: &AnswerContext) -> Self {
         StreamTranslator {
             message_id: message_id.to_owned(),
-            model: model.to_owned(),
+            model: context.model.clone(),
+            stop_sequence: context.stop_sequence.clone(),
             started: false,
             finished: false,
             segments: VecDeque::new(),
@@ -116,6 +119,11 @@ impl StreamTranslator {
         }
         if let Some(usage) = chunk.usage.and_then(Usage::from_openai_json) {
             self.usage = Some(usage);
+        }
+        if !self.started
+            && let Some(model) = chunk.model.filter(|model| !model.is_empty())
+        {
+            self.model = model.into_owned();
         }
         self.start(out);
         // Only the first choice is translated: Messages has no `n`.
@@ -303,7 +311,9 @@ impl StreamTranslator {
             segment.drain(out);
             segment.stop(out);
         }
-        let (stop_reason, stop_sequence) = self.finish.to_anthropic(called_tools);
+        let (stop_reason, stop_sequence) = self
+            .finish
+            .to_anthropic(called_tools, self.stop_sequence.as_deref());
         let usage = usage_to_anthropic(&self.usage.clone().unwrap_or_default());
         emit(
             out,
@@ -462,20 +472,16 @@ impl Event<'_> {
     }
 }
 
-/// Appends `event: <name>\ndata: <json>\n\n`.
 fn emit(out: &mut BytesMut, event: &Event<'_>) {
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(event.name().as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    // Strings, numbers and maps of them: writing into memory cannot fail.
-    let _ = serde_json::to_writer(out.writer(), event);
-    out.extend_from_slice(b"\n\n");
+    push_event(out, event.name(), event);
 }
 
 // === chunks ===
 
 #[derive(Deserialize)]
 struct Chunk<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     choices: Option<Vec<ChunkChoice<'a>>>,
     #[serde(default, borrow)]

@@ -12,6 +12,14 @@ fn translate(request: &Value) -> Result<Value, TranslateError> {
     request_to_openai(&body).map(|out| parse(&out.to_bytes()))
 }
 
+/// The context of a request for `model` without stop sequences.
+pub(super) fn context(model: &str) -> AnswerContext {
+    AnswerContext {
+        model: model.to_owned(),
+        stop_sequence: None,
+    }
+}
+
 fn request_error(request: Value) -> String {
     translate(&request).expect_err("must fail").to_string()
 }
@@ -209,6 +217,50 @@ fn choices_documents_and_adaptive_thinking_translate() {
     }
 }
 
+/// The schema the `anthropic` SDK sends for `messages.parse(output_format=Person)`.
+fn person_schema() -> Value {
+    json!({"type": "object", "title": "Person", "additionalProperties": false,
+           "properties": {"name": {"type": "string", "title": "Name"}, "age": {"type": "integer", "title": "Age"}},
+           "required": ["name", "age"]})
+}
+
+#[test]
+fn structured_outputs_and_strict_tools_translate() {
+    let expected = json!({
+        "type": "json_schema",
+        "json_schema": {"name": "Person", "schema": person_schema(), "strict": true},
+    });
+    let format = json!({"type": "json_schema", "schema": person_schema()});
+    let base = json!({"model": "m", "messages": [{"role": "user", "content": "Ann, 31"}]});
+    let with = |key: &str, value: &Value| {
+        let mut request = base.clone();
+        request[key] = value.clone();
+        request
+    };
+    for request in [
+        with("output_config", &json!({"format": format, "effort": "low"})),
+        with("output_format", &format),
+    ] {
+        let out = translate(&request).expect("translates");
+        assert_eq!(out["response_format"], expected, "{request}");
+    }
+    // A schema without a usable title still needs a name on the OpenAI side.
+    let untitled =
+        json!({"type": "json_schema", "schema": {"type": "object", "title": "a person"}});
+    let out = translate(&with("output_config", &json!({"format": untitled}))).expect("translates");
+    assert_eq!(out["response_format"]["json_schema"]["name"], "output");
+    let tool = |strict: Value| {
+        with(
+            "tools",
+            &json!([{"name": "f", "input_schema": person_schema(), "strict": strict}]),
+        )
+    };
+    let out = translate(&tool(json!(true))).expect("translates");
+    assert_eq!(out["tools"][0]["function"]["strict"], true);
+    let out = translate(&tool(Value::Null)).expect("translates");
+    assert_eq!(out["tools"][0]["function"].get("strict"), None);
+}
+
 #[test]
 fn untranslatable_requests_name_the_field() {
     let user = |content: Value| json!({"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": content}]});
@@ -257,6 +309,35 @@ fn untranslatable_requests_name_the_field() {
         request_error(json!({"model": "m", "messages": [], "temperature": "hot"})),
         "temperature: must be a number"
     );
+    let format = json!({"type": "json_schema", "schema": {"type": "object"}});
+    assert_eq!(
+        request_error(
+            json!({"model": "m", "messages": [], "output_config": {"format": format}, "output_format": format})
+        ),
+        "output_format: give either this or `output_config.format`, not both"
+    );
+    assert!(
+        request_error(
+            json!({"model": "m", "messages": [], "output_config": {"format": {"type": "grammar", "schema": {}}}})
+        )
+        .starts_with("output_config.format.type: unsupported format `grammar`")
+    );
+    assert_eq!(
+        request_error(
+            json!({"model": "m", "messages": [], "output_format": {"type": "json_schema"}})
+        ),
+        "output_format.schema: required, a JSON schema object"
+    );
+    assert_eq!(
+        request_error(json!({"model": "m", "messages": [], "output_config": {"task_budget": 5}})),
+        "output_config.task_budget: has no OpenAI equivalent"
+    );
+    assert_eq!(
+        request_error(
+            json!({"model": "m", "messages": [], "tools": [{"name": "f", "input_schema": {}, "strict": "yes"}]})
+        ),
+        "tools[0].strict: must be a boolean"
+    );
     assert!(matches!(
         request_to_openai(b"{\"model\":"),
         Err(TranslateError::Json(_))
@@ -288,7 +369,7 @@ const TOOL_RESPONSE: &str = r#"{
 }"#;
 
 const TOOL_RESPONSE_ANTHROPIC: &str = r#"{
-  "id": "msg_gen-1747-abc", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+  "id": "msg_gen-1747-abc", "type": "message", "role": "assistant", "model": "anthropic/claude-sonnet-4",
   "content": [
     {"type": "thinking", "thinking": "Need weather.", "signature": ""},
     {"type": "text", "text": "Let me look that up."},
@@ -301,15 +382,15 @@ const TOOL_RESPONSE_ANTHROPIC: &str = r#"{
 
 #[test]
 fn tool_response_translates_to_the_recorded_anthropic_body() {
-    let out =
-        response_from_openai(TOOL_RESPONSE.as_bytes(), "claude-sonnet-4-5").expect("translates");
+    let out = response_from_openai(TOOL_RESPONSE.as_bytes(), &context("claude-sonnet-4-5"))
+        .expect("translates");
     assert_eq!(parse(&out), parse(TOOL_RESPONSE_ANTHROPIC.as_bytes()));
     assert!(out.starts_with(br#"{"id":"msg_gen-1747-abc","type":"message","role":"assistant""#));
 }
 
 fn answer(choice: Value) -> Value {
     let body = json!({"id": "msg_01", "choices": [choice]});
-    parse(&response_from_openai(body.to_string().as_bytes(), "m").expect("translates"))
+    parse(&response_from_openai(body.to_string().as_bytes(), &context("m")).expect("translates"))
 }
 
 #[test]
@@ -340,6 +421,25 @@ fn finish_reasons_map_to_stop_reasons() {
         (&claude["stop_reason"], &claude["stop_sequence"]),
         (&json!("stop_sequence"), &Value::Null)
     );
+    // With the request's only stop sequence known, it is the one that matched.
+    let body = json!({"choices": [{"finish_reason": "stop", "native_finish_reason": "stop_sequence", "message": message}]});
+    let request = JsonObject::parse(br#"{"model":"m","stop":["</answer>"]}"#).expect("JSON");
+    let out = response_from_openai(
+        body.to_string().as_bytes(),
+        &AnswerContext::new("m", &request),
+    );
+    let out = parse(&out.expect("translates"));
+    assert_eq!(
+        (&out["stop_reason"], &out["stop_sequence"]),
+        (&json!("stop_sequence"), &json!("</answer>"))
+    );
+    // With several, which one matched is unknown.
+    let request = JsonObject::parse(br#"{"model":"m","stop":["a","b"]}"#).expect("JSON");
+    assert_eq!(AnswerContext::new("m", &request).stop_sequence, None);
+    assert_eq!(
+        AnswerContext::new("m", &JsonObject::default()).stop_sequence,
+        None
+    );
     let lenient = answer(
         json!({"finish_reason": "stop", "message": {"content": null, "tool_calls": [
         {"function": {"name": "f", "arguments": {"a": 1}}}]}}),
@@ -358,12 +458,30 @@ fn finish_reasons_map_to_stop_reasons() {
 }
 
 #[test]
+fn the_model_named_is_the_upstreams_else_the_targets() {
+    let choice = json!({"finish_reason": "stop", "message": {"content": "hi"}});
+    let named = json!({"model": "openai/gpt-4o-2024-08-06", "choices": [choice]});
+    let out = response_from_openai(named.to_string().as_bytes(), &context("openai/gpt-4o"));
+    assert_eq!(
+        parse(&out.expect("translates"))["model"],
+        "openai/gpt-4o-2024-08-06"
+    );
+    for unnamed in [
+        json!({"choices": [choice]}),
+        json!({"model": "", "choices": [choice]}),
+    ] {
+        let out = response_from_openai(unnamed.to_string().as_bytes(), &context("gpt-4o"));
+        assert_eq!(parse(&out.expect("translates"))["model"], "gpt-4o");
+    }
+}
+
+#[test]
 fn answers_without_choices_are_upstream_errors() {
-    let err = response_from_openai(br#"{"error":{"message":"boom","code":500}}"#, "m")
+    let err = response_from_openai(br#"{"error":{"message":"boom","code":500}}"#, &context("m"))
         .expect_err("no choices");
     assert!(err.to_string().contains("boom"), "{err}");
     assert!(matches!(
-        response_from_openai(b"<html>", "m"),
+        response_from_openai(b"<html>", &context("m")),
         Err(TranslateError::Upstream(_))
     ));
 }
@@ -381,7 +499,9 @@ fn errors_follow_anthropic_types() {
         (500, "api_error"),
         (502, "api_error"),
         (503, "api_error"),
-        (504, "api_error"),
+        (504, "timeout_error"),
+        (405, "invalid_request_error"),
+        (422, "invalid_request_error"),
         (529, "overloaded_error"),
     ] {
         assert_eq!(
@@ -408,6 +528,7 @@ fn anthropic_usage_counts_cache_tokens_as_input() {
             prompt_tokens: 1110,
             completion_tokens: 5,
             cached_tokens: Some(1000),
+            cache_write_tokens: Some(100),
             reasoning_tokens: None,
             cost_nanos: None,
         }
@@ -419,6 +540,24 @@ fn anthropic_usage_counts_cache_tokens_as_input() {
     );
     assert_eq!(usage_from_anthropic(&json!({"server_tool_use": {}})), None);
     assert_eq!(usage_from_anthropic(&Value::Null), None);
+}
+
+/// OpenRouter's usage for a prompt of 100 tokens: 80 read from the cache, 10 written to it.
+pub(super) const CACHE_USAGE: &str = r#"{"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+    "prompt_tokens_details": {"cached_tokens": 80, "cache_write_tokens": 10, "audio_tokens": 0}}"#;
+
+/// [`CACHE_USAGE`] in Anthropic's terms: each input token counted in exactly one field.
+pub(super) fn cache_usage_anthropic() -> Value {
+    json!({"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 80})
+}
+
+#[test]
+fn cache_writes_are_reported_as_cache_creation() {
+    let body = format!(
+        r#"{{"id": "gen-1", "choices": [{{"index": 0, "finish_reason": "stop", "message": {{"content": "hi"}}}}], "usage": {CACHE_USAGE}}}"#
+    );
+    let out = parse(&response_from_openai(body.as_bytes(), &context("m")).expect("translates"));
+    assert_eq!(out["usage"], cache_usage_anthropic());
 }
 
 #[test]
@@ -440,11 +579,12 @@ fn token_estimate_counts_json_bytes_and_images_flat() {
 
 proptest! {
     #[test]
-    fn usage_survives_a_round_trip(prompt in 0u64..1 << 40, completion in 0u64..1 << 40, cached in 0u64..1 << 40) {
+    fn usage_survives_a_round_trip(prompt in 0u64..1 << 40, completion in 0u64..1 << 40, cached in 0u64..1 << 40, written in 0u64..1 << 40) {
         let usage = Usage {
-            prompt_tokens: prompt.max(cached),
+            prompt_tokens: prompt.max(cached + written),
             completion_tokens: completion,
             cached_tokens: Some(cached),
+            cache_write_tokens: Some(written),
             ..Usage::default()
         };
         prop_assert_eq!(usage_from_anthropic(&usage_to_anthropic(&usage)), Some(usage));
@@ -453,7 +593,7 @@ proptest! {
     #[test]
     fn arbitrary_bodies_never_panic(body in "\\PC{0,200}") {
         let _ = request_to_openai(body.as_bytes());
-        let _ = response_from_openai(body.as_bytes(), "m");
+        let _ = response_from_openai(body.as_bytes(), &context("m"));
         let _ = count_tokens_estimate(body.as_bytes());
     }
 }

@@ -3,6 +3,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
+use super::super::tests::context;
 use super::*;
 use crate::sse::SseFramer;
 
@@ -30,7 +31,7 @@ fn events(bytes: &[u8]) -> Vec<(String, Value)> {
 fn translate(transcript: &str) -> BytesMut {
     let mut framer = SseFramer::new();
     framer.push(transcript.as_bytes());
-    let mut translator = StreamTranslator::new("msg_test", "gpt-4.1");
+    let mut translator = StreamTranslator::new("msg_test", &context("gpt-4.1"));
     let mut out = BytesMut::new();
     while let Some(event) = framer.next_event() {
         if let Some(data) = event.data().filter(|_| !event.is_comment()) {
@@ -80,7 +81,7 @@ fn interleaved_tool_calls_become_whole_blocks_in_order() {
         (
             "message_start",
             json!({"type": "message_start", "message": {
-            "id": "msg_test", "type": "message", "role": "assistant", "model": "gpt-4.1", "content": [],
+            "id": "msg_test", "type": "message", "role": "assistant", "model": "openai/gpt-4.1", "content": [],
             "stop_reason": null, "stop_sequence": null, "usage": zero}}),
         ),
         (
@@ -143,7 +144,7 @@ fn interleaved_tool_calls_become_whole_blocks_in_order() {
 }
 
 fn run(chunks: &[Value]) -> (StreamTranslator, BytesMut) {
-    let mut translator = StreamTranslator::new("msg_t", "m");
+    let mut translator = StreamTranslator::new("msg_t", &context("m"));
     let mut out = BytesMut::new();
     for chunk in chunks {
         translator.push(chunk.to_string().as_bytes(), &mut out);
@@ -188,6 +189,55 @@ fn reasoning_then_text_are_two_blocks_and_stop_sequences_are_reported() {
 }
 
 #[test]
+fn cache_writes_are_reported_as_cache_creation_at_start_and_end() {
+    let usage: Value = serde_json::from_str(super::super::tests::CACHE_USAGE).expect("JSON");
+    let expected = super::super::tests::cache_usage_anthropic();
+    // Usage in the last chunk, as OpenAI-style streams send it: only `message_delta` has it.
+    let (mut translator, mut out) = run(&[
+        delta(json!({"content": "hi"})),
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        json!({"choices": [], "usage": usage}),
+    ]);
+    translator.finish(&mut out);
+    let got = events(&out);
+    assert_eq!(got[got.len() - 2].1["usage"], expected);
+    // Usage already in the first chunk (a JSON answer replayed as a stream): both have it.
+    let (mut translator, mut out) = run(&[
+        json!({"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}], "usage": usage}),
+    ]);
+    translator.finish(&mut out);
+    let got = events(&out);
+    assert_eq!(got[0].1["message"]["usage"], expected);
+    assert_eq!(got[got.len() - 2].1["usage"], expected);
+}
+
+#[test]
+fn the_upstreams_model_and_the_only_stop_sequence_are_named() {
+    let context = AnswerContext {
+        model: "openai/gpt-4o".to_owned(),
+        stop_sequence: Some("</a>".to_owned()),
+    };
+    let mut translator = StreamTranslator::new("msg_t", &context);
+    let mut out = BytesMut::new();
+    for chunk in [
+        json!({"model": "openai/gpt-4o-2024-08-06", "choices": [{"index": 0, "delta": {"content": "42"}}]}),
+        json!({"model": "other", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "native_finish_reason": "stop_sequence"}]}),
+    ] {
+        translator.push(chunk.to_string().as_bytes(), &mut out);
+    }
+    translator.finish(&mut out);
+    let got = events(&out);
+    assert_eq!(got[0].1["message"]["model"], "openai/gpt-4o-2024-08-06");
+    assert_eq!(
+        got[got.len() - 2].1["delta"],
+        json!({"stop_reason": "stop_sequence", "stop_sequence": "</a>"})
+    );
+    // An upstream that names no model: the target's.
+    let (_, out) = run(&[delta(json!({"content": "hi"}))]);
+    assert_eq!(events(&out)[0].1["message"]["model"], "m");
+}
+
+#[test]
 fn an_error_chunk_ends_the_stream() {
     let (mut translator, mut out) = run(&[
         delta(json!({"content": "Hel"})),
@@ -216,7 +266,7 @@ fn an_error_chunk_ends_the_stream() {
 
 #[test]
 fn finish_closes_whatever_is_open() {
-    let mut translator = StreamTranslator::new("msg_t", "m");
+    let mut translator = StreamTranslator::new("msg_t", &context("m"));
     let mut out = BytesMut::new();
     translator.finish(&mut out);
     assert_eq!(
@@ -489,7 +539,7 @@ proptest! {
         steps in prop::collection::vec(step(), 0..40),
         call_finish in any::<bool>(),
     ) {
-        let mut translator = StreamTranslator::new("msg_p", "m");
+        let mut translator = StreamTranslator::new("msg_p", &context("m"));
         let mut out = BytesMut::new();
         let mut seen = BTreeSet::new();
         // What reached the translator before the stream ended.
