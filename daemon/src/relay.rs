@@ -183,11 +183,11 @@ impl Relay {
                 }
                 _ => None,
             };
-            let sent = Instant::now();
+            self.record.upstream_wait(true);
             let end = self
                 .attempt(backend, &label, attempt.prepared, attempt.native, &mut tick)
                 .await;
-            self.record.upstream += sent.elapsed();
+            self.record.upstream_wait(false);
             match end {
                 AttemptEnd::Finished(outcome) => {
                     if outcome == Outcome::Ok {
@@ -239,11 +239,11 @@ impl Relay {
                 let response = self.exchange.api.error_response(error);
                 let response = with_route(response, self.record.route.as_deref());
                 let _ = commit.send(Commit::Response(response));
-                self.record.finish(status, outcome);
+                self.record.answered(status, outcome);
             }
             None => {
                 let event = self.exchange.api.error_event(&error);
-                let _ = self.send(event).await;
+                self.send_error_event(event).await;
                 self.record.finish(200, outcome);
             }
         }
@@ -282,7 +282,7 @@ impl Relay {
                 let status = match self.commit.take() {
                     None => {
                         let event = self.exchange.api.error_event(&ProxyError::ShuttingDown);
-                        let _ = self.send(event).await;
+                        self.send_error_event(event).await;
                         200
                     }
                     Some(commit) => {
@@ -291,6 +291,7 @@ impl Relay {
                         let response = self.exchange.api.error_response(error);
                         let response = with_route(response, self.record.route.as_deref());
                         let _ = commit.send(Commit::Response(response));
+                        self.record.answer_reached_client();
                         status
                     }
                 };
@@ -302,6 +303,14 @@ impl Relay {
                 };
                 self.record.finish(status, outcome);
             }
+        }
+    }
+
+    /// Sends the error event that ends a committed stream: when nothing but keep-alives came
+    /// before it, it is the answer the client reads first.
+    async fn send_error_event(&mut self, event: Bytes) {
+        if self.send(event).await.is_ok() {
+            self.record.answer_reached_client();
         }
     }
 
@@ -603,8 +612,8 @@ impl Relay {
                 self.content_started = true;
                 // This attempt serves: failed ones keep their reasons in the attempt list.
                 self.record.error = None;
-                self.record.relayed_events += u64::from(mapped.kind == EventKind::Content);
-                self.record.first_byte = Some(Instant::now());
+                self.record.relayed_tokens += u64::from(mapped.kind == EventKind::Content);
+                self.record.answer_reached_client();
                 let held = std::mem::take(&mut stream.held);
                 self.emit(Output::Many(held));
                 self.emit(mapped.out);
@@ -635,7 +644,7 @@ impl Relay {
                 return Some(AttemptEnd::Finished(stream.outcome()));
             }
             EventKind::Content => {
-                self.record.relayed_events += 1;
+                self.record.relayed_tokens += 1;
                 self.emit(mapped.out);
             }
             _ => self.emit(mapped.out),
@@ -704,8 +713,8 @@ impl Relay {
                     self.record.error = None;
                     self.record.usage = mapped.usage;
                     self.record.model_served = mapped.model;
-                    self.record.attempt(label, "ok");
-                    let outcome = served(&mut self.record, mapped.partial);
+                    let outcome =
+                        served(&mut self.record, label, mapped.partial, mapped.answer_bytes);
                     let body = client_body(
                         &self.exchange,
                         native,
@@ -717,6 +726,7 @@ impl Relay {
                         Err(error) => self.exchange.api.error_response(error),
                     };
                     let _ = commit.send(Commit::Response(response));
+                    self.record.answer_reached_client();
                     return AttemptEnd::Finished(outcome);
                 }
                 (None, None) => Failure {
