@@ -351,9 +351,11 @@ impl Plan {
             Cause::Stream(f) => *f,
             _ => None,
         };
-        let reason = match failure {
-            Some(f) => failure_reason(f),
-            None => error.code().to_owned(),
+        let reason = match (failure, &cause) {
+            (Some(f), _) => failure_reason(f),
+            // Named as its failover trigger is; how it broke is in the error listed with it.
+            (None, Cause::Stream(_)) => "stream".to_owned(),
+            (None, _) => error.code().to_owned(),
         };
         record.attempt(&label, &reason);
         let trigger = trigger(&cause);
@@ -453,8 +455,8 @@ pub async fn json(
         let first_byte = exchange
             .deadline
             .min(Instant::now() + limits.first_byte_timeout);
-        let sent = Instant::now();
         record.attempt_open = true;
+        record.upstream_wait(true);
         let answer = match app.client().send(attempt.prepared, first_byte).await {
             Ok(mut response) => response
                 .collect(
@@ -466,7 +468,7 @@ pub async fn json(
                 .map(|body| (response, body)),
             Err(e) => Err(e),
         };
-        record.upstream += sent.elapsed();
+        record.upstream_wait(false);
         let (response, body) = match answer {
             Ok(answer) => answer,
             Err(error) => {
@@ -498,8 +500,7 @@ pub async fn json(
                     record.error = None;
                     record.usage = mapped.usage;
                     record.model_served = mapped.model;
-                    record.attempt(&label, "ok");
-                    let outcome = served(record, mapped.partial);
+                    let outcome = served(record, &label, mapped.partial, mapped.answer_bytes);
                     let body = client_body(
                         exchange,
                         attempt.native,
@@ -560,14 +561,25 @@ pub fn upstream_error(
     }
 }
 
-/// The outcome of an answer that was served: `midstream_error` when the upstream cut it short.
-pub fn served(record: &mut Record, partial: Option<Failure>) -> Outcome {
+/// Notes the attempt that served a whole answer of `answer_bytes` (of its messages' JSON) and
+/// returns the request's outcome: `midstream_error` when the upstream cut the answer short.
+pub fn served(
+    record: &mut Record,
+    label: &str,
+    partial: Option<Failure>,
+    answer_bytes: usize,
+) -> Outcome {
+    record.relayed_tokens = answer_bytes as u64 / 4;
     match partial {
         Some(failure) => {
+            record.attempt(label, format!("midstream_error: {}", failure.message));
             record.error = Some(failure.message);
             Outcome::MidstreamError
         }
-        None => Outcome::Ok,
+        None => {
+            record.attempt(label, "ok");
+            Outcome::Ok
+        }
     }
 }
 

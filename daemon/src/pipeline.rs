@@ -86,7 +86,7 @@ async fn handle(
             let status = error.status().as_u16();
             record.error = Some(error.to_string());
             let route = record.route.clone();
-            record.finish(status, outcome_of(&error));
+            record.answered(status, outcome_of(&error));
             with_route(api.error_response(error), route.as_deref())
         }
         Ok(exchange) if exchange.stream => {
@@ -94,17 +94,16 @@ async fn handle(
         }
         Ok(exchange) => match answer_or_stop(&app, &table, &exchange, &mut record).await {
             Ok((response, outcome)) => {
-                record.first_byte = Some(Instant::now());
                 let status = response.status().as_u16();
                 let route = record.route.clone();
-                record.finish(status, outcome);
+                record.answered(status, outcome);
                 with_route(response, route.as_deref())
             }
             Err(error) => {
                 let status = error.status().as_u16();
                 let route = record.route.clone();
                 record.error.get_or_insert_with(|| error.to_string());
-                record.finish(status, outcome_of(&error));
+                record.answered(status, outcome_of(&error));
                 with_route(api.error_response(error), route.as_deref())
             }
         },

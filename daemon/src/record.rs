@@ -4,8 +4,9 @@
 //! without [`Record::finish`] (the client went away and the request future was cancelled), the
 //! drop writes it with outcome `client_disconnected`, so no request goes unrecorded.
 //!
-//! Writing prices the request (the upstream's cost, else a known price, else nothing), settles
-//! its budget reservation, and hands the row to the ledger writer; nothing here waits on disk.
+//! Writing prices the request (the upstream's cost, else a known price, else nothing; an answer
+//! whose upstream reported no usage is estimated), settles its budget reservation, and hands the
+//! row to the ledger writer; nothing here waits on disk.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -64,6 +65,51 @@ impl fmt::Display for Outcome {
 
 pub use orproxy_ledger::Attempt;
 
+/// What a request cost and how that is known, kept together so that no row carries a cost
+/// without its source: a cost from `none` is always zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    nanos: Nanos,
+    source: CostSource,
+}
+
+impl Cost {
+    /// Nothing known, nothing counted.
+    pub const NONE: Cost = Cost {
+        nanos: 0,
+        source: CostSource::None,
+    };
+
+    /// `nanos` as `source` gives it (a known source: `none` has no amount).
+    pub fn new(nanos: Nanos, source: CostSource) -> Cost {
+        debug_assert!(
+            source != CostSource::None,
+            "a cost of {nanos} without a source"
+        );
+        Cost { nanos, source }
+    }
+
+    /// Adds what failed attempts reported (always an upstream's own figure): with nothing else
+    /// known, the cost is theirs and so is its source.
+    pub fn plus_failed(self, failed: Nanos) -> Cost {
+        match (failed, self.source) {
+            (0, _) => self,
+            (_, CostSource::None) => Cost::new(failed, CostSource::Upstream),
+            (_, source) => Cost::new(self.nanos.saturating_add(failed), source),
+        }
+    }
+
+    /// Nano-dollars.
+    pub fn nanos(self) -> Nanos {
+        self.nanos
+    }
+
+    /// Where the amount comes from.
+    pub fn source(self) -> CostSource {
+        self.source
+    }
+}
+
 /// Everything recorded about one request.
 pub struct Record {
     /// orproxy's request id.
@@ -96,16 +142,21 @@ pub struct Record {
     pub rules: Option<String>,
     /// When the request arrived.
     pub started: Instant,
-    /// When the first byte of the answer went to the client.
-    pub first_byte: Option<Instant>,
+    /// When the client could first read the answer (its `ttfb`): a stream's first content or
+    /// error event, the head of any other response (which carries the whole answer). orproxy's
+    /// keep-alives do not count.
+    pub first_answer: Option<Instant>,
     /// Time spent waiting on upstreams (sending to answer complete), all attempts.
     pub upstream: Duration,
+    /// When the wait on the upstream in flight began (see [`Record::upstream_wait`]).
+    waiting_since: Option<Instant>,
     /// The client's address.
     pub client_ip: Option<IpAddr>,
-    /// Estimated prompt tokens (for pricing a stream the client cut short).
+    /// Estimated prompt tokens (for pricing an answer whose upstream reported no usage).
     pub prompt_estimate: u64,
-    /// Content events relayed to the client (about one token each).
-    pub relayed_events: u64,
+    /// Completion tokens relayed to the client, estimated: one per content event of a stream,
+    /// four bytes of JSON per token of a whole answer's messages.
+    pub relayed_tokens: u64,
     /// Worst-case costs held in budgets until the request ends.
     pub reservation: Reservation,
     /// Cost reported by upstreams for attempts that failed (billed on top).
@@ -144,11 +195,12 @@ impl Record {
             tags: std::collections::BTreeMap::new(),
             rules: None,
             started,
-            first_byte: None,
+            first_answer: None,
             upstream: Duration::ZERO,
+            waiting_since: None,
             client_ip: None,
             prompt_estimate: 0,
-            relayed_events: 0,
+            relayed_tokens: 0,
             reservation: Reservation::default(),
             failed_cost: 0,
             attempt_open: false,
@@ -178,6 +230,29 @@ impl Record {
         });
     }
 
+    /// Notes that the client can now read the answer; the first time is the one kept.
+    pub fn answer_reached_client(&mut self) {
+        self.first_answer.get_or_insert_with(Instant::now);
+    }
+
+    /// Starts (`true`) or ends (`false`) a wait on an upstream. A wait still running when the
+    /// record is written (the client left, the daemon stopped) counts up to then.
+    pub fn upstream_wait(&mut self, waiting: bool) {
+        if let Some(since) = self.waiting_since.take() {
+            self.upstream += since.elapsed();
+        }
+        if waiting {
+            self.waiting_since = Some(Instant::now());
+        }
+    }
+
+    /// Closes the record of a request answered with one whole response (status, headers and
+    /// body together): the client can read it from its head.
+    pub fn answered(mut self, status: u16, outcome: Outcome) {
+        self.answer_reached_client();
+        self.finish(status, outcome);
+    }
+
     /// Closes the record with the final status and outcome, and writes it.
     pub fn finish(mut self, status: u16, outcome: Outcome) {
         self.status = status;
@@ -195,51 +270,48 @@ impl Record {
         })
     }
 
-    /// What the request cost and how that is known.
-    fn cost(&self, subject: Option<&Subject>) -> (Nanos, CostSource, Option<Usage>) {
-        let quote = || {
-            let s = subject?;
-            pricing::quote(
-                &self.accounts.prices,
-                &self.table.pricing,
-                &s.backend,
-                &s.model,
-            )
+    /// What the request cost and how that is known, with the usage it was priced from.
+    fn cost(&self, subject: Option<&Subject>) -> (Cost, Option<Usage>) {
+        let priced = |usage: &Usage, source: CostSource| {
+            subject
+                .and_then(|s| {
+                    pricing::quote(
+                        &self.accounts.prices,
+                        &self.table.pricing,
+                        &s.backend,
+                        &s.model,
+                    )
+                })
+                .map_or(Cost::NONE, |q| {
+                    Cost::new(pricing::cost(&q.price, usage), source)
+                })
         };
         match &self.usage {
             Some(u) => match u.cost_nanos {
-                Some(cost) => (cost, CostSource::Upstream, Some(u.clone())),
-                None => match quote() {
-                    Some(q) => (
-                        pricing::cost(&q.price, u),
-                        CostSource::Pricing,
-                        Some(u.clone()),
-                    ),
-                    None => (0, CostSource::None, Some(u.clone())),
-                },
+                Some(cost) => (Cost::new(cost, CostSource::Upstream), Some(u.clone())),
+                None => (priced(u, CostSource::Pricing), Some(u.clone())),
             },
-            // A stream cut short (by the client, a broken or stalled upstream, or shutdown) that
-            // reported no usage: what was relayed, priced, so that budgets count it.
-            None if matches!(
-                self.outcome,
-                Outcome::ClientDisconnected | Outcome::MidstreamError
-            ) && self.relayed_events > 0 =>
-            {
+            // An answer that reached the client, whole or cut short after content, whose
+            // upstream reported no usage: the prompt and what was relayed, priced, so that
+            // budgets count it.
+            None if self.delivered() => {
                 let relayed = Usage {
                     prompt_tokens: self.prompt_estimate,
-                    completion_tokens: self.relayed_events,
+                    completion_tokens: self.relayed_tokens,
                     ..Usage::default()
                 };
-                match quote() {
-                    Some(q) => (
-                        pricing::cost(&q.price, &relayed),
-                        CostSource::Estimate,
-                        Some(relayed),
-                    ),
-                    None => (0, CostSource::None, Some(relayed)),
-                }
+                (priced(&relayed, CostSource::Estimate), Some(relayed))
             }
-            None => (0, CostSource::None, None),
+            None => (Cost::NONE, None),
+        }
+    }
+
+    /// Whether an answer reached the client: a complete one, or content before a break.
+    fn delivered(&self) -> bool {
+        match self.outcome {
+            Outcome::Ok => true,
+            Outcome::ClientDisconnected | Outcome::MidstreamError => self.relayed_tokens > 0,
+            _ => false,
         }
     }
 
@@ -248,14 +320,15 @@ impl Record {
             return;
         }
         self.finished = true;
+        self.upstream_wait(false);
         let latency = self.started.elapsed();
         let subject = self.subject();
-        let (cost, source, usage) = self.cost(subject.as_ref());
-        let cost = cost.saturating_add(self.failed_cost);
+        let (cost, usage) = self.cost(subject.as_ref());
+        let cost = cost.plus_failed(self.failed_cost);
         let reservation = std::mem::take(&mut self.reservation);
         self.accounts
             .budgets
-            .settle(reservation, subject.as_ref(), cost, self.ts_ms);
+            .settle(reservation, subject.as_ref(), cost.nanos(), self.ts_ms);
 
         let (backend, model) = subject
             .as_ref()
@@ -267,9 +340,15 @@ impl Record {
         };
         metrics::request(backend, label, self.status, latency, self.upstream);
         if let Some(u) = &usage {
-            metrics::usage(backend, label, u.prompt_tokens, u.completion_tokens, cost);
+            metrics::usage(
+                backend,
+                label,
+                u.prompt_tokens,
+                u.completion_tokens,
+                cost.nanos(),
+            );
         }
-        let ttfb = self.first_byte.map(|t| t.duration_since(self.started));
+        let ttfb = self.first_answer.map(|t| t.duration_since(self.started));
         tracing::info!(
             target: "orproxy::request",
             message = "Request finished.",
@@ -286,8 +365,8 @@ impl Record {
             ttfb_ms = ttfb.map(millis),
             tokens_in = usage.as_ref().map(|u| u.prompt_tokens),
             tokens_out = usage.as_ref().map(|u| u.completion_tokens),
-            cost_nanos = cost,
-            cost_source = source.as_str(),
+            cost_nanos = cost.nanos(),
+            cost_source = cost.source().as_str(),
             attempts = %Attempts(&self.attempts),
             error = self.error.as_deref(),
             tags = (!self.tags.is_empty()).then(|| serde_json::to_string(&self.tags).unwrap_or_default()),
@@ -317,8 +396,8 @@ impl Record {
             completion_tokens: usage.as_ref().map(|u| u.completion_tokens),
             cached_tokens: usage.as_ref().and_then(|u| u.cached_tokens),
             reasoning_tokens: usage.as_ref().and_then(|u| u.reasoning_tokens),
-            cost_nanos: cost,
-            cost_source: source,
+            cost_nanos: cost.nanos(),
+            cost_source: cost.source(),
             latency_us: micros(latency),
             ttfb_us: ttfb.map(micros),
             upstream_us: (!self.upstream.is_zero()).then(|| micros(self.upstream)),
@@ -361,5 +440,22 @@ impl Drop for Record {
             }
             self.write();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempts_cost_is_the_upstreams_when_nothing_else_is_known() {
+        assert_eq!(Cost::NONE.plus_failed(0), Cost::NONE);
+        let failed = Cost::NONE.plus_failed(500_000_000);
+        assert_eq!(
+            (failed.nanos(), failed.source()),
+            (500_000_000, CostSource::Upstream)
+        );
+        let served = Cost::new(7, CostSource::Pricing).plus_failed(3);
+        assert_eq!((served.nanos(), served.source()), (10, CostSource::Pricing));
     }
 }

@@ -188,7 +188,7 @@ impl Relay {
                 }
                 _ => None,
             };
-            let sent = Instant::now();
+            self.record.upstream_wait(true);
             let end = self
                 .attempt(
                     backend,
@@ -198,7 +198,7 @@ impl Relay {
                     &mut tick,
                 )
                 .await;
-            self.record.upstream += sent.elapsed();
+            self.record.upstream_wait(false);
             match end {
                 AttemptEnd::Finished(outcome) => {
                     if outcome == Outcome::Ok {
@@ -250,11 +250,11 @@ impl Relay {
                 let response = self.exchange.api.error_response(error);
                 let response = with_route(response, self.record.route.as_deref());
                 let _ = commit.send(Commit::Response(response));
-                self.record.finish(status, outcome);
+                self.record.answered(status, outcome);
             }
             None => {
                 let event = self.exchange.api.error_event(&error);
-                let _ = self.send(event).await;
+                self.send_error_event(event).await;
                 self.record.finish(200, outcome);
             }
         }
@@ -293,7 +293,7 @@ impl Relay {
                 let status = match self.commit.take() {
                     None => {
                         let event = self.exchange.api.error_event(&ProxyError::ShuttingDown);
-                        let _ = self.send(event).await;
+                        self.send_error_event(event).await;
                         200
                     }
                     Some(commit) => {
@@ -302,6 +302,7 @@ impl Relay {
                         let response = self.exchange.api.error_response(error);
                         let response = with_route(response, self.record.route.as_deref());
                         let _ = commit.send(Commit::Response(response));
+                        self.record.answer_reached_client();
                         status
                     }
                 };
@@ -313,6 +314,14 @@ impl Relay {
                 };
                 self.record.finish(status, outcome);
             }
+        }
+    }
+
+    /// Sends the error event that ends a committed stream: when nothing but keep-alives came
+    /// before it, it is the answer the client reads first.
+    async fn send_error_event(&mut self, event: Bytes) {
+        if self.send(event).await.is_ok() {
+            self.record.answer_reached_client();
         }
     }
 
@@ -621,8 +630,8 @@ impl Relay {
                 self.content_started = true;
                 // This attempt serves: failed ones keep their reasons in the attempt list.
                 self.record.error = None;
-                self.record.relayed_events += u64::from(mapped.kind == EventKind::Content);
-                self.record.first_byte = Some(Instant::now());
+                self.record.relayed_tokens += u64::from(mapped.kind == EventKind::Content);
+                self.record.answer_reached_client();
                 let held = std::mem::take(&mut stream.held);
                 self.emit(Output::Many(held));
                 self.emit(mapped.out);
@@ -653,7 +662,7 @@ impl Relay {
                 return Some(AttemptEnd::Finished(stream.outcome()));
             }
             EventKind::Content => {
-                self.record.relayed_events += 1;
+                self.record.relayed_tokens += 1;
                 self.emit(mapped.out);
             }
             _ => self.emit(mapped.out),
@@ -771,14 +780,18 @@ impl Relay {
         self.record.error = None;
         self.record.usage = mapped.usage;
         self.record.model_served = mapped.model;
-        self.record.first_byte = Some(Instant::now());
-        let outcome = served(&mut self.record, mapped.partial);
         // The events are already in the client's API: no chunk translation applies.
         self.translator = None;
         self.content_started = true;
         self.pending.extend_from_slice(&events);
         self.flush().await?;
-        self.record.attempt(&target.label(), "ok");
+        self.record.answer_reached_client();
+        let outcome = served(
+            &mut self.record,
+            &target.label(),
+            mapped.partial,
+            mapped.answer_bytes,
+        );
         Ok(AttemptEnd::Finished(outcome))
     }
 }

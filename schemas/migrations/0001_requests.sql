@@ -21,7 +21,7 @@ CREATE TABLE requests (
     cost_nanos        INTEGER NOT NULL DEFAULT 0,
     cost_source       TEXT    NOT NULL,            -- upstream | pricing | estimate | none
     latency_us        INTEGER NOT NULL,
-    ttfb_us           INTEGER,                     -- first byte to the client
+    ttfb_us           INTEGER,                     -- until the client could read the answer's first content (a stream's first event that is no keep-alive, else the response head); NULL if nothing else reached it
     upstream_us       INTEGER,                     -- time spent waiting on upstreams
     attempts          TEXT    NOT NULL,            -- JSON: [{"route": "backend:model", "result": "ok" | why}]
     tags              TEXT,                        -- JSON object set by rules

@@ -73,7 +73,7 @@ async fn budget(daemon: &Daemon, name: &str) -> Value {
 }
 
 /// Waits until no request holds a reservation in `name`; returns its figures then.
-async fn settled(daemon: &Daemon, name: &str) -> Value {
+pub async fn settled(daemon: &Daemon, name: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let b = budget(daemon, name).await;

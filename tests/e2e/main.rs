@@ -16,6 +16,7 @@ mod cli;
 mod errors;
 mod install;
 mod ledger;
+mod ledger_rows;
 mod messages;
 mod reload;
 mod routing;

@@ -13,15 +13,18 @@
 //! | `fake/bad-model`, unknown `fake/...` | 400 `<model> is not a valid model ID` |
 //! | `fake/fail-first-N` | 503 for the first N requests naming this model, then success |
 //! | `fake/midstream-error[-after-N]` | N (3) content events then an in-band error chunk |
+//! | `fake/billed-error-after-N` | as `midstream-error-after-N`, but the error's usage is charged at the model's price instead of OpenRouter's zero-completion `cost: 0` (what a provider without that insurance, or a BYOK key, reports) |
 //! | `fake/cut-after-N`, `fake/stall-after-N` | N content events then abort / silence |
 //! | `fake/events-N` | answer `w1 w2 ... wN` |
 //! | `fake/slow-MS`, `fake/keepalive-MS`, `fake/first-byte-MS` | delays (see [`FakeOptions`]) |
 //! | `fake/hang`, `fake/reset` | never answer / close without answering |
 //! | `fake/malformed`, `fake/no-done`, `fake/200-error`, `fake/usage-variant` | wire anomalies |
 //! | `fake/ignore-stream` | as `fake/echo`, but a stream request gets the JSON answer (`application/json`) |
+//! | `fake/no-usage` | a complete echo answer without usage: no `usage` in the JSON body; streamed, content, finish chunk and `[DONE]` but no usage chunk even when `stream_options.include_usage` asked for it (as OpenAI-compatible servers that ignore it do); nothing is billed |
 //!
 //! The request shapes the answer of the echo-like behaviours (the first two rows, the delays,
-//! the wire anomalies; not `fast`, `events-N`, `midstream-error`, `cut-after-N`,
+//! the wire anomalies, `no-usage`; not `fast`, `events-N`, `midstream-error`,
+//! `billed-error-after-N`, `cut-after-N`,
 //! `stall-after-N`), in both stream and non-stream form:
 //!
 //! * **Tool calls**: with a non-empty `tools` array of function tools, `tool_choice` other

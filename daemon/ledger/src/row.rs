@@ -13,9 +13,10 @@ pub enum CostSource {
     Upstream,
     /// Computed from the token counts and a known price.
     Pricing,
-    /// A stream cut short by the client: the tokens relayed so far, priced.
+    /// An answer whose upstream reported no usage (complete, or cut short after content): the
+    /// estimated prompt and the tokens relayed, priced.
     Estimate,
-    /// No cost known (nothing was billed, or no price).
+    /// No cost known (no answer, or no price); its amount is always zero.
     None,
 }
 
@@ -79,7 +80,8 @@ pub struct Row {
     pub cost_source: CostSource,
     /// Arrival to last byte, microseconds.
     pub latency_us: i64,
-    /// Arrival to first byte sent, microseconds.
+    /// Arrival to when the client could read the answer's first content (a stream's first
+    /// event that is no keep-alive, else the response head), microseconds.
     pub ttfb_us: Option<i64>,
     /// Time spent waiting on upstreams, microseconds.
     pub upstream_us: Option<i64>,

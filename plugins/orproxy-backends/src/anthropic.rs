@@ -187,7 +187,8 @@ impl Backend for Anthropic {
             failure: message.failure(),
             usage: message.usage.map(WireUsage::to_usage),
             model: message.model,
-            partial: None,
+            // Anthropic always reports usage: nothing is estimated from the answer's size.
+            ..MappedResponse::default()
         }
     }
 
@@ -973,8 +974,8 @@ fn to_completion(body: &[u8], created: u64) -> MappedResponse {
         )),
         usage: message.usage.map(WireUsage::to_usage),
         model: (!model.is_empty()).then_some(model),
-        failure: None,
-        partial: None,
+        // Anthropic always reports usage: nothing is estimated from the answer's size.
+        ..MappedResponse::default()
     }
 }
 

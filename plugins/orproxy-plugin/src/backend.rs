@@ -197,6 +197,9 @@ pub struct MappedResponse {
     /// Set when the answer is there but cut short by an upstream failure (OpenRouter's
     /// choice-level `error` with `finish_reason: "error"`): relayed, recorded as broken.
     pub partial: Option<Failure>,
+    /// Bytes of JSON of the answer's messages (text, tool calls, reasoning): what an answer
+    /// that reports no usage is estimated from, four bytes per token as the prompt is.
+    pub answer_bytes: usize,
 }
 
 /// Maps one stream's events, keeping whatever state the translation needs.

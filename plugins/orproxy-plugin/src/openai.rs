@@ -148,6 +148,8 @@ struct ResponseView<'a> {
 struct ResponseChoice<'a> {
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    message: Option<&'a RawValue>,
 }
 
 /// Reads usage, served model, a 200-with-error and an answer cut short from a chat completion.
@@ -178,12 +180,20 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
         .flatten()
         .find_map(|c| c.error.filter(|e| e.get() != "null"))
         .map(Failure::from_error_object);
+    let answer_bytes = view
+        .choices
+        .iter()
+        .flatten()
+        .filter_map(|c| c.message)
+        .map(|m| m.get().len())
+        .sum();
     MappedResponse {
         body: None,
         usage: view.usage.and_then(Usage::from_openai_json),
         model: view.model.map(Cow::into_owned),
         failure,
         partial,
+        answer_bytes,
     }
 }
 

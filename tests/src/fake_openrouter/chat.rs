@@ -239,7 +239,7 @@ impl FastResponses {
             "stop",
             Some("stop"),
             None,
-            &billed.usage,
+            Some(&billed.usage),
         );
         let mut events = Vec::with_capacity(pieces.len() + 4);
         events.push(ctx.preamble());
@@ -463,7 +463,10 @@ fn answer_for(scenario: &Scenario, req: &ChatRequest, ctx: &GenCtx) -> Answer {
             let words: Vec<String> = (1..=*n).map(|i| format!("w{i}")).collect();
             truncate(owned_pieces(&words.join(" ")), req.max_tokens)
         }
-        Scenario::MidstreamError(n) | Scenario::CutAfter(n) | Scenario::StallAfter(n) => {
+        Scenario::MidstreamError(n)
+        | Scenario::BilledError(n)
+        | Scenario::CutAfter(n)
+        | Scenario::StallAfter(n) => {
             let mut pieces = echo();
             while pieces.len() < *n {
                 pieces.push(format!(" w{}", pieces.len() + 1));
@@ -572,14 +575,15 @@ async fn serve(
             FakeBody::full(Bytes::from_static(b"{not json"), guard),
             &gen_header(),
         ),
-        Scenario::MidstreamError(_) => {
-            let billed = answer.bill(&ctx, prompt_tokens, false);
+        Scenario::MidstreamError(_) | Scenario::BilledError(_) => {
+            let charge = matches!(scenario, Scenario::BilledError(_));
+            let billed = answer.bill(&ctx, prompt_tokens, charge);
             let error = json!({
                 "code": 502,
                 "message": "Provider returned error",
                 "metadata": { "error_type": "provider_unavailable" },
             });
-            let body = ctx.completion(&reply, "error", None, Some(&error), &billed.usage);
+            let body = ctx.completion(&reply, "error", None, Some(&error), Some(&billed.usage));
             shared.record_generation(record(
                 &ctx,
                 &billed,
@@ -592,7 +596,7 @@ async fn serve(
         }
         Scenario::CutAfter(_) | Scenario::StallAfter(_) => {
             let billed = answer.bill(&ctx, prompt_tokens, true);
-            let body = ctx.completion(&reply, "stop", Some("stop"), None, &billed.usage);
+            let body = ctx.completion(&reply, "stop", Some("stop"), None, Some(&billed.usage));
             let half = body.slice(..body.len() / 2);
             let (tx, rx) = mpsc::channel(4);
             let stall = matches!(scenario, Scenario::StallAfter(_));
@@ -608,6 +612,11 @@ async fn serve(
             });
             routes::json_response(dialect, 200, FakeBody::channel(rx, guard), &gen_header())
         }
+        // Nothing reported, so nothing on the fake's bill either.
+        Scenario::NoUsage => {
+            let body = ctx.completion(&reply, answer.finish, Some(answer.finish), None, None);
+            routes::json_response(dialect, 200, FakeBody::full(body, guard), &gen_header())
+        }
         _ => {
             let billed = answer.bill(&ctx, prompt_tokens, true);
             let body = ctx.completion(
@@ -615,7 +624,7 @@ async fn serve(
                 answer.finish,
                 Some(answer.finish),
                 None,
-                &billed.usage,
+                Some(&billed.usage),
             );
             shared.record_generation(record(
                 &ctx,
@@ -683,7 +692,10 @@ enum Tail {
         repeat_choice: bool,
         done: bool,
     },
-    MidstreamError,
+    /// The in-band error chunk; `charge: false` is OpenRouter's zero-completion insurance.
+    MidstreamError {
+        charge: bool,
+    },
     Cut,
     Stall,
     Error200,
@@ -715,12 +727,13 @@ fn start_stream(
     };
     let usage = shared.dialect == Dialect::OpenRouter || req.include_usage;
     let tail = match scenario {
-        Scenario::MidstreamError(_) => Tail::MidstreamError,
+        Scenario::MidstreamError(_) => Tail::MidstreamError { charge: false },
+        Scenario::BilledError(_) => Tail::MidstreamError { charge: true },
         Scenario::CutAfter(_) => Tail::Cut,
         Scenario::StallAfter(_) => Tail::Stall,
         Scenario::Error200 => Tail::Error200,
         _ => Tail::Finish {
-            usage,
+            usage: usage && scenario != Scenario::NoUsage,
             repeat_choice: scenario == Scenario::UsageVariant,
             done: scenario != Scenario::NoDone,
         },
@@ -803,8 +816,8 @@ async fn run_stream(job: StreamJob, em: Emitter) -> Option<()> {
         Tail::Cut => em.abort().await,
         Tail::Stall => em.stall().await,
         Tail::Error200 => {}
-        Tail::MidstreamError => {
-            let billed = job.answer.bill(ctx, job.prompt_tokens, false);
+        Tail::MidstreamError { charge } => {
+            let billed = job.answer.bill(ctx, job.prompt_tokens, charge);
             em.send(ctx.error_chunk(&midstream_error(), &billed.usage))
                 .await?;
             job.shared.record_generation(record(

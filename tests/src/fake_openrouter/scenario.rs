@@ -33,6 +33,8 @@ pub(crate) enum Scenario {
     Unknown,
     FailFirst(u64),
     MidstreamError(usize),
+    /// `MidstreamError` whose error chunk is billed at the model's price.
+    BilledError(usize),
     CutAfter(usize),
     StallAfter(usize),
     Events(usize),
@@ -47,6 +49,8 @@ pub(crate) enum Scenario {
     UsageVariant,
     /// Answers a stream request with a JSON body, as some OpenAI-compatible servers do.
     IgnoreStream,
+    /// A complete answer that reports no usage, even when the stream asked for it.
+    NoUsage,
 }
 
 fn count(text: &str) -> Option<usize> {
@@ -92,6 +96,7 @@ impl Scenario {
             "200-error" => Some(Scenario::Error200),
             "usage-variant" => Some(Scenario::UsageVariant),
             "ignore-stream" => Some(Scenario::IgnoreStream),
+            "no-usage" => Some(Scenario::NoUsage),
             _ => None,
         };
         if fixed.is_some() {
@@ -104,6 +109,7 @@ impl Scenario {
         match prefix {
             "fail-first" => number(arg).map(Scenario::FailFirst),
             "midstream-error-after" => count(arg).map(Scenario::MidstreamError),
+            "billed-error-after" => count(arg).map(Scenario::BilledError),
             "cut-after" => count(arg).map(Scenario::CutAfter),
             "stall-after" => count(arg).map(Scenario::StallAfter),
             "events" => count(arg).map(Scenario::Events),
@@ -169,6 +175,10 @@ mod tests {
             Scenario::parse("fake/midstream-error-after-5"),
             Scenario::MidstreamError(5)
         );
+        assert_eq!(
+            Scenario::parse("fake/billed-error-after-0"),
+            Scenario::BilledError(0)
+        );
         assert_eq!(Scenario::parse("fake/cut-after-4"), Scenario::CutAfter(4));
         assert_eq!(Scenario::parse("fake/events-0"), Scenario::Events(0));
         assert_eq!(
@@ -181,6 +191,7 @@ mod tests {
         );
         assert_eq!(Scenario::parse("fake/events-+3"), Scenario::Unknown);
         assert_eq!(Scenario::parse("fake/events-1000001"), Scenario::Unknown);
+        assert_eq!(Scenario::parse("fake/no-usage"), Scenario::NoUsage);
         assert_eq!(Scenario::parse("fake/nope"), Scenario::Unknown);
     }
 }

@@ -764,6 +764,31 @@ async fn stream_anomalies() {
     assert!(usage["choices"][0]["finish_reason"].is_null());
     assert!(usage["usage"]["cost"].is_number());
 
+    let billed = fake.billing().len();
+    let mut asked = streamed(user("fake/no-usage", "x y"));
+    asked["stream_options"] = json!({ "include_usage": true });
+    let no_usage = chat(&fake, asked).await;
+    assert!(no_usage.complete);
+    let events = no_usage.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(
+        chunk(&events[events.len() - 2])["choices"][0]["finish_reason"],
+        "stop"
+    );
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\"")),
+        "{events:?}"
+    );
+    let plain = chat(&fake, user("fake/no-usage", "x y")).await;
+    let body = plain.json();
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: x y");
+    assert!(body.get("usage").is_none(), "{body}");
+    assert_eq!(
+        fake.billing().len(),
+        billed,
+        "nothing reported, nothing billed"
+    );
+
     let malformed = chat(&fake, streamed(user("fake/malformed", "x y"))).await;
     let events = malformed.events();
     assert!(events.iter().any(|e| e == "{not json"));

@@ -445,7 +445,8 @@ struct Completion<'a> {
     choices: [Choice<'a>; 1],
     #[serde(skip_serializing_if = "Option::is_none")]
     system_fingerprint: Option<Option<()>>,
-    usage: &'a Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<&'a Usage>,
 }
 
 #[derive(Serialize)]
@@ -809,14 +810,14 @@ impl GenCtx {
         self.event(&[choice], Some(error), Some(usage))
     }
 
-    /// A whole non-streaming `chat.completion` body.
+    /// A whole non-streaming `chat.completion` body; `usage: None` leaves the field out.
     pub(crate) fn completion(
         &self,
         reply: &Reply<'_>,
         finish_reason: &str,
         native_finish_reason: Option<&str>,
         error: Option<&Value>,
-        usage: &Usage,
+        usage: Option<&Usage>,
     ) -> Bytes {
         let or = self.is_openrouter();
         let body = Completion {
