@@ -23,6 +23,15 @@ fn route_of(response: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// The `Retry-After` seconds of a response.
+fn retry_after(response: &reqwest::Response) -> u64 {
+    response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 fn models_asked(fake: &FakeOpenRouter) -> Vec<String> {
     fake.requests()
         .iter()
@@ -435,11 +444,7 @@ async fn a_target_whose_every_key_was_asked_to_wait_is_not_called_until_the_wait
     // Alone, the resting target is answered for: 429 with the wait left, no call.
     let response = ask(&daemon, limited, false).await;
     assert_eq!(response.status(), 429);
-    let wait: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = retry_after(&response);
     assert!((1..=30).contains(&wait), "{wait}");
     assert_eq!(calls(), 2);
 }
@@ -461,11 +466,7 @@ async fn a_resting_target_skipped_in_a_chain_is_named_in_its_error() {
     )
     .await;
     assert_eq!(response.status(), 429);
-    let wait: u64 = response.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = retry_after(&response);
     assert!((1..=10).contains(&wait), "{wait}");
 
     let response = ask(&daemon, &format!("{resting}|fake/status-503"), false).await;
