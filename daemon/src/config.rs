@@ -608,10 +608,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// serde reports only the first error; when there is one, every unknown key of the file is
 /// reported with it (see [`keys`]).
 pub fn parse(name: &str, text: &str) -> Result<ConfigFile, Vec<Diagnostic>> {
-    if text
-        .lines()
-        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-    {
+    // An empty document (blank, comments, document markers only) is the defaults.
+    let empty = |line: &str| {
+        let line = line.trim();
+        line.is_empty() || line.starts_with('#') || line == "---" || line == "..."
+    };
+    if text.lines().all(empty) {
         return Ok(ConfigFile::default());
     }
     let error = match serde_saphyr::from_str::<ConfigFile>(text) {
@@ -1028,7 +1030,7 @@ pub fn load_parts(sources: &Sources) -> (Result<Config, Vec<Diagnostic>>, Option
                                 errors.push(Diagnostic::at(&name, key.referenced, "`rules_dir` belongs in the main config, not in the rules directory"));
                             }
                             if let Some(key) = file.database.take() {
-                                errors.push(Diagnostic::at(&name, key.referenced, "`database` belongs in the main config, not in the rules directory"));
+                                errors.push(Diagnostic::at(&name, key.referenced, "`database` (or its other name `ledger`) belongs in the main config, not in the rules directory"));
                             }
                             config.files.push(path.clone());
                             config.merge(&name, file, &mut errors);

@@ -79,6 +79,18 @@ pub enum Reason {
     Admin,
 }
 
+impl Reason {
+    /// The name logs use, as `/admin/status` does.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Startup => "startup",
+            Reason::Watch => "watch",
+            Reason::Signal => "signal",
+            Reason::Admin => "admin",
+        }
+    }
+}
+
 /// A reload request, with an optional channel for its result.
 pub struct Request {
     /// Why.
@@ -158,7 +170,10 @@ pub fn status_line(app: &App) -> String {
     let tail = if last.result == "ok" {
         String::new()
     } else {
-        format!("; last reload refused ({} errors)", last.errors.len())
+        match last.errors.len() {
+            1 => "; last reload refused (1 error)".to_owned(),
+            n => format!("; last reload refused ({n} errors)"),
+        }
     };
     let (listen, admin) = app
         .bound
@@ -219,7 +234,7 @@ fn apply(app: &Arc<App>, reason: Reason, built: Result<RoutingTable, Vec<Diagnos
             let version = app.next_version();
             tracing::info!(
                 message = "Routing table reloaded.",
-                ?reason,
+                reason = reason.as_str(),
                 version,
                 files = files.len()
             );
@@ -234,7 +249,7 @@ fn apply(app: &Arc<App>, reason: Reason, built: Result<RoutingTable, Vec<Diagnos
         }
         Err(errors) => {
             for error in &errors {
-                tracing::error!(message = "Reload refused; the running table is kept.", ?reason, error = %error);
+                tracing::error!(message = "Reload refused; the running table is kept.", reason = reason.as_str(), error = %error);
             }
             Outcome {
                 at: unix_now(),

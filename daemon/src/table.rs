@@ -507,8 +507,10 @@ impl IdentityPolicy {
 /// Why an environment variable gives no value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnvError {
-    /// Not set, or set to the empty string.
+    /// Not set.
     NotSet,
+    /// Set to the empty string (an `EnvironmentFile` line with no value, usually).
+    Empty,
     /// Set, but not valid UTF-8.
     NotUnicode,
 }
@@ -541,6 +543,7 @@ pub fn header_problem(var: &str, value: &str) -> Option<String> {
 pub fn secret_var(env: &dyn Env, var: &str) -> Result<String, String> {
     let value = env.var(var).map_err(|e| match e {
         EnvError::NotSet => format!("environment variable {var} is not set"),
+        EnvError::Empty => format!("environment variable {var} is set but empty"),
         EnvError::NotUnicode => format!("environment variable {var} is not valid UTF-8"),
     })?;
     match header_problem(var, &value) {
@@ -556,7 +559,8 @@ impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Result<String, EnvError> {
         match std::env::var(name) {
             Ok(value) if !value.is_empty() => Ok(value),
-            Ok(_) | Err(std::env::VarError::NotPresent) => Err(EnvError::NotSet),
+            Ok(_) => Err(EnvError::Empty),
+            Err(std::env::VarError::NotPresent) => Err(EnvError::NotSet),
             Err(std::env::VarError::NotUnicode(_)) => Err(EnvError::NotUnicode),
         }
     }
@@ -822,7 +826,14 @@ impl RoutingTable {
         }
         let implied_key = match secret_var(env, "OPENROUTER_API_KEY") {
             Ok(key) => Some(key),
-            Err(_) if env.var("OPENROUTER_API_KEY") == Err(EnvError::NotSet) => None,
+            Err(_)
+                if matches!(
+                    env.var("OPENROUTER_API_KEY"),
+                    Err(EnvError::NotSet | EnvError::Empty)
+                ) =>
+            {
+                None
+            }
             // Only a problem when the key is used: for the implied backend.
             Err(problem) => {
                 if !backends.contains_key(OPENROUTER_BACKEND) {

@@ -212,6 +212,12 @@ fn durations_accept_units_and_numbers() {
 fn empty_and_comment_only_files_are_empty_configs() {
     assert!(parse("c", "\n# nothing\n").unwrap().backends.is_empty());
     assert!(parse("c", "").unwrap().listen.is_none());
+    assert!(
+        parse("c", "---\n# nothing yet\n...\n")
+            .unwrap()
+            .listen
+            .is_none()
+    );
 }
 
 #[test]

@@ -7,11 +7,11 @@ pub(crate) struct FakeEnv(pub HashMap<&'static str, &'static str>);
 
 impl Env for FakeEnv {
     fn var(&self, name: &str) -> Result<String, EnvError> {
-        self.0
-            .get(name)
-            .filter(|v| !v.is_empty())
-            .map(|v| v.to_string())
-            .ok_or(EnvError::NotSet)
+        match self.0.get(name) {
+            None => Err(EnvError::NotSet),
+            Some(&"") => Err(EnvError::Empty),
+            Some(v) => Ok(v.to_string()),
+        }
     }
 }
 
@@ -140,6 +140,17 @@ fn every_error_is_reported_with_its_place() {
         "{text:?}"
     );
     assert!(text[1].contains("MISSING_KEY is not set"), "{text:?}");
+    let empty = build(
+        "backends:\n  b:\n    type: openai\n    api_key_env: EMPTY_KEY\n",
+        Overrides::default(),
+        &[("EMPTY_KEY", "")],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        empty[0].to_string().contains("EMPTY_KEY is set but empty"),
+        "{empty:?}"
+    );
     assert!(
         text[2].starts_with("c.yaml:7:18: default_backend: unknown backend `c`"),
         "{text:?}"

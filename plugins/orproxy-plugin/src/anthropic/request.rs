@@ -533,7 +533,7 @@ fn tools(request: &Map<String, Value>, out: &mut JsonObject) -> Result<(), Trans
                     return Err(invalid(
                         path,
                         format!(
-                            "server tool `{kind}` runs on Anthropic's servers and has no OpenAI equivalent"
+                            "tool type `{kind}` is defined by Anthropic (a server tool such as web search, or a client tool whose schema only Claude knows, such as bash or the text editor) and has no OpenAI equivalent; route it to an `anthropic` backend"
                         ),
                     ));
                 }

@@ -299,7 +299,7 @@ fn untranslatable_requests_name_the_field() {
     assert_eq!(request_error(json!({"messages": []})), "model: required");
     assert!(
         request_error(json!({"model": "m", "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]}))
-            .starts_with("tools[0]: server tool `web_search_20250305`")
+            .starts_with("tools[0]: tool type `web_search_20250305` is defined by Anthropic")
     );
     assert_eq!(
         request_error(json!({"model": "m", "messages": [], "thinking": {"type": "enabled"}})),
