@@ -488,12 +488,21 @@ pub async fn json(
             }
         };
         let failure = if response.status.is_success() {
-            let mapped = if attempt.native {
+            let mut mapped = if attempt.native {
                 backend.plugin.map_messages_response(&body)
             } else {
                 backend.plugin.map_response(&body)
             };
-            match mapped.failure {
+            let failure = mapped.failure.take().or_else(|| {
+                lost_in_translation(
+                    exchange,
+                    attempt.native,
+                    &mut mapped.partial,
+                    &mut mapped.usage,
+                    record,
+                )
+            });
+            match failure {
                 None => {
                     app.health.succeeded(&label);
                     // The failed attempts keep their reasons in the attempt list.
@@ -559,6 +568,29 @@ pub fn upstream_error(
         backend: backend.to_owned(),
         answer: Box::new(answer),
     }
+}
+
+/// The failure of an answer cut short (`partial`) when the client speaks Messages and the answer
+/// must be translated: Anthropic's format has no stop reason for "the provider failed", and a
+/// translated answer would read as complete. The attempt then fails like one that answered an
+/// error (the chain may go on; alone, the client gets the error), and the cost the upstream
+/// reported for it is billed as a failed attempt's. `None` (nothing taken) otherwise: an OpenAI
+/// client gets the answer with its `finish_reason: "error"` as it came.
+pub fn lost_in_translation(
+    exchange: &Exchange,
+    native: bool,
+    partial: &mut Option<Failure>,
+    usage: &mut Option<orproxy_plugin::Usage>,
+    record: &mut Record,
+) -> Option<Failure> {
+    if exchange.messages.is_none() || native {
+        return None;
+    }
+    let failure = partial.take()?;
+    if let Some(cost) = usage.take().and_then(|u| u.cost_nanos) {
+        record.failed_cost = record.failed_cost.saturating_add(cost);
+    }
+    Some(failure)
 }
 
 /// Notes the attempt that served a whole answer of `answer_bytes` (of its messages' JSON) and

@@ -29,7 +29,8 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
 use crate::dispatch::{
-    Cause, Exchange, Plan, attempt_error, client_body, prepare, served, upstream_error,
+    Cause, Exchange, Plan, attempt_error, client_body, lost_in_translation, prepare, served,
+    upstream_error,
 };
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
 use crate::front::{self, StreamOut};
@@ -727,7 +728,16 @@ impl Relay {
             } else {
                 backend.plugin.map_response(&body)
             };
-            match mapped.failure.take() {
+            let failure = mapped.failure.take().or_else(|| {
+                lost_in_translation(
+                    &self.exchange,
+                    native,
+                    &mut mapped.partial,
+                    &mut mapped.usage,
+                    &mut self.record,
+                )
+            });
+            match failure {
                 None => {
                     return self
                         .replay(backend, target, native, mapped, body)

@@ -582,6 +582,37 @@ async fn pipeline_error(response: reqwest::Response, status: u16, kind: &str) ->
     anthropic_error(response, status, kind).await
 }
 
+/// An answer the provider cut short (OpenRouter's `finish_reason: "error"` in a 200) cannot be
+/// told from a complete one once translated: a Messages client gets the error (or the next
+/// target of its chain), never a clean `end_turn`. An OpenAI client gets the answer as it came.
+#[tokio::test]
+async fn an_answer_cut_short_is_an_error_for_a_messages_client() {
+    let or = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for_openrouter(&or, "");
+    let cut = "fake/midstream-error";
+    let response = post_messages(&daemon, &message(cut, "hi", false)).await;
+    let text = pipeline_error(response, 502, "api_error").await;
+    assert!(text.contains("Provider returned error"), "{text}");
+    let response = post_messages(&daemon, &message(&format!("{cut}|fake/echo"), "hi", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-orproxy-route"],
+        "openrouter:fake/echo"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["stop_reason"], "end_turn", "{body:#}");
+
+    let response = client()
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&crate::harness::chat(cut, "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "error", "{body:#}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_proxy_key_is_an_anthropic_authentication_error() {
     let fake = FakeOpenRouter::start().await.unwrap();
