@@ -267,7 +267,7 @@ impl Book {
             .iter()
             .filter(|(subject, _)| rule.counts(instance, subject))
             .map(|(_, sums)| sums.in_window(rule.period, now_ms))
-            .sum()
+            .fold(0, Nanos::saturating_add)
     }
 }
 
@@ -479,7 +479,7 @@ impl BudgetBook {
                 _ => true,
             })
             .map(|(_, sums)| sums.in_window(period, now_ms))
-            .sum();
+            .fold(0, Nanos::saturating_add);
         nanos as f64 / 1e9
     }
 
@@ -1023,5 +1023,15 @@ mod tests {
         let status = &book.status(20)[0];
         assert_eq!(status.spent_nanos, Nanos::MAX);
         assert_eq!(status.remaining_usd, "0.000000000");
+        // Spread over subjects, the budget's sum saturates too (and so do the rules' helpers).
+        let other = subject("k", "or", "other");
+        book.settle(Reservation::default(), Some(&other), 20_000, 10);
+        assert!(book.reserve(&[other.clone()], 1, 20, &[], true).is_err());
+        assert_eq!(book.status(20)[0].spent_nanos, Nanos::MAX);
+        let host = SpendHost::new(Arc::new(book));
+        assert!(
+            orproxy_rules::Host::spent_usd(&host, "global", "total") > 9e9,
+            "saturated, not wrapped"
+        );
     }
 }
