@@ -1026,7 +1026,10 @@ mod tests {
         // Spread over subjects, the budget's sum saturates too (and so do the rules' helpers).
         let other = subject("k", "or", "other");
         book.settle(Reservation::default(), Some(&other), 20_000, 10);
-        assert!(book.reserve(&[other.clone()], 1, 20, &[], true).is_err());
+        assert!(
+            book.reserve(std::slice::from_ref(&other), 1, 20, &[], true)
+                .is_err()
+        );
         assert_eq!(book.status(20)[0].spent_nanos, Nanos::MAX);
         let host = SpendHost::new(Arc::new(book));
         assert!(
