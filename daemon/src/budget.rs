@@ -574,6 +574,12 @@ fn admission(
     // Budgets whose fallback the request is on: it is not refused by them again (their spend
     // still counts), so that a capped global budget can send requests to a free model.
     let mut passed: Vec<String> = Vec::new();
+    let mut visited: Vec<String> = route
+        .targets
+        .iter()
+        .take(1)
+        .map(route::Target::label)
+        .collect();
     let mut hops = 0;
     loop {
         // Every target of the chain may end up serving (a failure or a cool-down skips those
@@ -584,13 +590,23 @@ fn admission(
             model: t.model.clone(),
         };
         let subjects: Vec<Subject> = route.targets.iter().map(subject).collect();
-        let Some(budget) = table.budgets.iter().find(|r| {
-            !passed.contains(&r.name) && subjects.iter().any(|s| r.instance(s).is_some())
-        }) else {
+        let counted = table
+            .budgets
+            .iter()
+            .any(|r| !passed.contains(&r.name) && subjects.iter().any(|s| r.instance(s).is_some()));
+        if !counted {
             return Ok(Reservation::default());
-        };
+        }
         let mut worst = 0;
         for target in &route.targets {
+            // A target no budget counts needs no price: nothing it spends is capped.
+            let Some(covering) = table
+                .budgets
+                .iter()
+                .find(|r| !passed.contains(&r.name) && r.instance(&subject(target)).is_some())
+            else {
+                continue;
+            };
             let quote = pricing::quote(
                 &accounts.prices,
                 &table.pricing,
@@ -598,9 +614,9 @@ fn admission(
                 &target.model,
             )
             .ok_or_else(|| {
-                count(&budget.name, "reject");
+                count(&covering.name, "reject");
                 ProxyError::NoPrice {
-                    budget: budget.name.clone(),
+                    budget: covering.name.clone(),
                     route: target.label(),
                 }
             })?;
@@ -629,14 +645,29 @@ fn admission(
                 .retain(|t| rule.instance(&subject(t)).is_none());
             continue;
         }
-        match &rule.fallback {
+        // A fallback that leads back to a route already refused (budgets falling back on each
+        // other) would serve what its cap refused: it counts as no fallback.
+        let fallback = match &rule.fallback {
             Some(fallback) if hops < MAX_FALLBACKS => {
+                let (targets, triggers) = route::fallback_chain(table, fallback)?;
+                let first = targets
+                    .first()
+                    .map(route::Target::label)
+                    .unwrap_or_default();
+                (!visited.contains(&first)).then_some((targets, triggers, first))
+            }
+            _ => None,
+        };
+        match fallback {
+            Some((targets, triggers, first)) => {
                 hops += 1;
                 count(&rule.name, "fallback");
-                route.targets = route::chain(table, fallback)?;
+                route.targets = targets;
+                route.triggers = triggers;
+                visited.push(first);
                 passed.push(rule.name);
             }
-            _ => {
+            None => {
                 count(&rule.name, "reject");
                 return Err(ProxyError::BudgetExceeded {
                     budget: rule.name,

@@ -100,26 +100,7 @@ pub fn resolve_traced(
     if let Some(rewritten) = table.aliases.iter().find_map(|alias| alias.apply(&text)) {
         text = rewritten;
     }
-    let chain = selector::parse_chain(&text)?;
-    let mut targets = chain
-        .into_iter()
-        .map(|s| target(table, s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut triggers: HashSet<Trigger> = Trigger::ALL.into_iter().collect();
-    let first = targets.first().map(Target::label).unwrap_or_default();
-    if let Some(rule) = table
-        .failover
-        .iter()
-        .find(|rule| rule.regex.is_match(&first))
-    {
-        triggers = rule.triggers.clone();
-        for selector in &rule.chain {
-            let extra = target(table, selector.clone())?;
-            if !targets.iter().any(|t| t.label() == extra.label()) {
-                targets.push(extra);
-            }
-        }
-    }
+    let (targets, triggers) = chain_of(table, &text)?;
     let mut route = Route {
         rewritten: (requested.as_deref() != Some(text.as_str())).then_some(text),
         requested,
@@ -144,12 +125,46 @@ pub fn resolve_traced(
     Ok(route)
 }
 
-/// The targets of a selector chain (`a|b|c`), as written (no aliases, no rules).
-pub fn chain(table: &RoutingTable, text: &str) -> Result<Vec<Target>, ProxyError> {
-    selector::parse_chain(text)?
+/// The targets of a selector chain (`a|b|c`) with the `failover:` chain the config gives its
+/// first target appended, and the triggers that move along it (no aliases, no rules).
+fn chain_of(
+    table: &RoutingTable,
+    text: &str,
+) -> Result<(Vec<Target>, HashSet<Trigger>), ProxyError> {
+    let mut targets = selector::parse_chain(text)?
         .into_iter()
         .map(|s| target(table, s))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut triggers: HashSet<Trigger> = Trigger::ALL.into_iter().collect();
+    let first = targets.first().map(Target::label).unwrap_or_default();
+    if let Some(rule) = table
+        .failover
+        .iter()
+        .find(|rule| rule.regex.is_match(&first))
+    {
+        triggers = rule.triggers.clone();
+        for selector in &rule.chain {
+            let extra = target(table, selector.clone())?;
+            if !targets.iter().any(|t| t.label() == extra.label()) {
+                targets.push(extra);
+            }
+        }
+    }
+    Ok((targets, triggers))
+}
+
+/// The targets and triggers of `selector` (a budget's fallback), routed as a client's model
+/// is: its alias, its chain and the config's `failover:` chain for it (rules have run already).
+pub fn fallback_chain(
+    table: &RoutingTable,
+    selector: &str,
+) -> Result<(Vec<Target>, HashSet<Trigger>), ProxyError> {
+    let text = table
+        .aliases
+        .iter()
+        .find_map(|alias| alias.apply(selector))
+        .unwrap_or_else(|| selector.to_owned());
+    chain_of(table, &text)
 }
 
 /// Body fields the upstream reads as prompt input (and bills as such): the conversation, and
@@ -705,6 +720,18 @@ mod tests {
         assert_eq!(r.triggers, [Trigger::Connect].into_iter().collect());
         let r = route(&t, r#"{"model":"mock:m"}"#).unwrap();
         assert_eq!(r.triggers.len(), Trigger::ALL.len());
+    }
+
+    #[test]
+    fn a_budget_fallback_is_routed_with_its_alias_and_config_chain() {
+        let t = table(
+            "model_aliases:\n  - { pattern: \"^cheap$\", replacement: \"local:a\" }\nfailover:\n  - match: \"^local:\"\n    chain: [\"mock:m\"]\n    triggers: [server_error]\n",
+            None,
+        );
+        let (targets, triggers) = fallback_chain(&t, "cheap").unwrap();
+        let labels: Vec<String> = targets.iter().map(Target::label).collect();
+        assert_eq!(labels, ["local:a", "mock:m"]);
+        assert_eq!(triggers, [Trigger::ServerError].into_iter().collect());
     }
 
     #[test]

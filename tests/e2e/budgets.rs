@@ -491,6 +491,46 @@ async fn a_capped_model_later_in_a_chain_is_not_served() {
     assert_eq!(rejections(&daemon.metrics().await), rejections(&metrics));
 }
 
+/// Budgets that fall back on each other refuse once the fallbacks come back to a route already
+/// refused, instead of serving the capped model; and a target of a chain that no budget counts
+/// needs no price.
+#[tokio::test]
+async fn fallbacks_that_loop_refuse_and_uncounted_targets_need_no_price() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = Daemon::start(
+        Options::config(openrouter_config(
+            &fake.base_url(),
+            &format!(
+                "{FAKE_PRICING}budgets:\n  - {{ name: cy1, scope: model, match: \"^fake/echo$\", limit_usd: 0.00002, period: day, action: fallback, fallback: \"fake/events-3\" }}\n  - {{ name: cy2, scope: model, match: \"^fake/events-3$\", limit_usd: 0.00002, period: day, action: fallback, fallback: \"fake/echo\" }}\n"
+            ),
+        ))
+        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    );
+    let http = client();
+    // `mock:unpriced` has no price, and no budget counts it.
+    let response = post_raw(&http, &daemon, body("fake/echo|mock:unpriced", 16)).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+    let mut refused = None;
+    for _ in 0..40 {
+        settled(&daemon, "cy1").await;
+        settled(&daemon, "cy2").await;
+        let response = post_raw(&http, &daemon, body("fake/echo", 16)).await;
+        if response.status() == 402 {
+            refused = Some(error_of(response).await);
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let error = refused.expect("the capped models kept being served");
+    assert_eq!(error["code"], "budget_exceeded", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("cy2"),
+        "{error}"
+    );
+}
+
 /// A budget with `action: fallback` sends requests to its fallback once its cap is reached.
 #[tokio::test]
 async fn an_exhausted_budget_falls_back_to_its_selector() {
