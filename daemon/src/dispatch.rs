@@ -570,6 +570,19 @@ pub fn upstream_error(
     }
 }
 
+/// Notes the request's final error in its record. A chain's summary replaces the last
+/// attempt's own error, so that the row says what the client was told.
+pub fn note_error(record: &mut Record, error: &ProxyError) {
+    match error {
+        ProxyError::AllAttemptsFailed { .. } | ProxyError::AllRateLimited { .. } => {
+            record.error = Some(error.to_string());
+        }
+        _ => {
+            record.error.get_or_insert_with(|| error.to_string());
+        }
+    }
+}
+
 /// The failure of an answer cut short (`partial`) when the client speaks Messages and the answer
 /// must be translated: Anthropic's format has no stop reason for "the provider failed", and a
 /// translated answer would read as complete. The attempt then fails like one that answered an

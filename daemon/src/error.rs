@@ -160,13 +160,13 @@ pub enum ProxyError {
         answer: Box<UpstreamAnswer>,
     },
     /// 502: every attempt of a failover chain failed.
-    #[error("all {} attempts failed: {}", .attempts.len(), .attempts.join("; "))]
+    #[error("{}", every_attempt(.attempts, "failed", "failed"))]
     AllAttemptsFailed {
         /// `target: reason`, in order.
         attempts: Vec<String>,
     },
     /// 429: every attempt of a failover chain was rate-limited.
-    #[error("all {} attempts were rate-limited: {}", .attempts.len(), .attempts.join("; "))]
+    #[error("{}", every_attempt(.attempts, "were rate-limited", "was rate-limited"))]
     AllRateLimited {
         /// The earliest `Retry-After` among them.
         retry_after: Option<Duration>,
@@ -214,6 +214,15 @@ fn fmt_duration(d: Duration) -> String {
         format!("{}s", d.as_secs())
     } else {
         format!("{}ms", d.as_millis())
+    }
+}
+
+/// "all 3 attempts failed: a: why; b: why; c: why", or for a lone target (its rest answered for
+/// it) "its only target was ...".
+fn every_attempt(attempts: &[String], plural: &str, singular: &str) -> String {
+    match attempts {
+        [one] => format!("its only target {singular}: {one}"),
+        all => format!("all {} attempts {plural}: {}", all.len(), all.join("; ")),
     }
 }
 

@@ -102,7 +102,7 @@ async fn handle(
             Err(error) => {
                 let status = error.status().as_u16();
                 let route = record.route.clone();
-                record.error.get_or_insert_with(|| error.to_string());
+                crate::dispatch::note_error(&mut record, &error);
                 record.answered(status, outcome_of(&error));
                 with_route(api.error_response(error), route.as_deref())
             }

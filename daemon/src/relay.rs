@@ -244,7 +244,7 @@ impl Relay {
     /// Ends the request with `error`: a plain error answer, or an error event if committed.
     async fn fail(mut self, error: ProxyError) {
         let outcome = crate::dispatch::outcome_of(&error);
-        self.record.error.get_or_insert_with(|| error.to_string());
+        crate::dispatch::note_error(&mut self.record, &error);
         match self.commit.take() {
             Some(commit) => {
                 let status = error.status().as_u16();

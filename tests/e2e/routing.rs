@@ -471,7 +471,13 @@ async fn a_resting_target_skipped_in_a_chain_is_named_in_its_error() {
 
     let response = ask(&daemon, &format!("{resting}|fake/status-503"), false).await;
     assert_eq!(response.status(), 502);
+    let id = response.headers()["x-orproxy-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let error: Value = response.json().await.unwrap();
+    // The log line (and the row) say what the client was told, not the last upstream's words.
+    assert_eq!(daemon.request_log(&id)["error"], error["error"]["message"]);
     assert_eq!(error["error"]["code"], "all_attempts_failed");
     let message = error["error"]["message"].as_str().unwrap();
     assert!(
