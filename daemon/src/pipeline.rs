@@ -86,7 +86,13 @@ async fn handle(
             let status = error.status().as_u16();
             record.error = Some(error.to_string());
             let route = record.route.clone();
-            record.answered(status, outcome_of(&error));
+            let outcome = outcome_of(&error);
+            if outcome == crate::record::Outcome::ClientDisconnected {
+                // The client left while sending its body: no answer reached it.
+                record.finish(status, outcome);
+            } else {
+                record.answered(status, outcome);
+            }
             with_route(api.error_response(error), route.as_deref())
         }
         Ok(exchange) if exchange.stream => {

@@ -1074,6 +1074,24 @@ impl RoutingTable {
                 }
             }
         }
+        // A forced model naming no backend would fail every request with 404.
+        if let Some(Ok(chain)) = force_model.as_deref().map(selector::parse_chain) {
+            for selector in chain {
+                let backend = selector.backend.as_deref().unwrap_or(&default_backend);
+                if backends.contains_key(backend) {
+                    continue;
+                }
+                let message = format!(
+                    "force_model: {}",
+                    unknown_backend_message(backend, &backends)
+                );
+                match (&overrides.force_model, &config.force_model) {
+                    (Some(_), _) => errors.push(Diagnostic::general("--force-model", message)),
+                    (None, Some(key)) => errors.push(key.error(message)),
+                    (None, None) => {}
+                }
+            }
+        }
         let database = config.database.as_ref().map(|d| &d.value);
         let retention = database.and_then(|d| d.retention).map(|d| d.0);
         if let (Some(retention), Some(d)) = (retention, &config.database)

@@ -396,4 +396,6 @@ async fn a_client_that_leaves_while_sending_its_body_is_recorded_as_gone_not_as_
     let log = daemon.wait_log(|v| v["message"] == "Request finished.");
     assert_eq!(log["status"], 499, "{log}");
     assert_eq!(log["outcome"], "client_disconnected", "{log}");
+    // Nothing reached it: no time to first answer.
+    assert!(log["ttfb_ms"].is_null(), "{log}");
 }

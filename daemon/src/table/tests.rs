@@ -204,6 +204,20 @@ fn flags_win_over_config() {
         "{}",
         errs[0]
     );
+    let errs = build(
+        "backends:\n  x:\n    type: mock\nforce_model: \"zzz:foo\"\n",
+        Overrides::default(),
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("c.yaml:4:14: force_model: unknown backend `zzz`"),
+        "{}",
+        errs[0]
+    );
 }
 
 #[test]
