@@ -352,6 +352,10 @@ impl Plan {
             _ => None,
         };
         let reason = match (failure, &cause) {
+            // An unreadable answer reaches the client as `upstream_unreachable`: named so.
+            (Some(_), _) if matches!(error, ProxyError::Unreachable { .. }) => {
+                error.code().to_owned()
+            }
             (Some(f), _) => failure_reason(f),
             // Named as its failover trigger is; how it broke is in the error listed with it.
             (None, Cause::Stream(_)) => "stream".to_owned(),
@@ -519,7 +523,10 @@ pub async fn json(
                     )?;
                     return Ok((success(response, body), outcome));
                 }
-                Some(failure) => failure,
+                Some(failure) => {
+                    bill_failed(record, mapped.usage.take());
+                    failure
+                }
             }
         } else {
             backend
@@ -600,10 +607,16 @@ pub fn lost_in_translation(
         return None;
     }
     let failure = partial.take()?;
-    if let Some(cost) = usage.take().and_then(|u| u.cost_nanos) {
+    bill_failed(record, usage.take());
+    Some(failure)
+}
+
+/// Bills the cost an upstream reported for an attempt that failed (SPEC §9: only the attempt
+/// that served is billed, plus what a failed one reported).
+pub fn bill_failed(record: &mut Record, usage: Option<orproxy_plugin::Usage>) {
+    if let Some(cost) = usage.and_then(|u| u.cost_nanos) {
         record.failed_cost = record.failed_cost.saturating_add(cost);
     }
-    Some(failure)
 }
 
 /// Notes the attempt that served a whole answer of `answer_bytes` (of its messages' JSON) and

@@ -29,8 +29,8 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
 use crate::dispatch::{
-    Cause, Exchange, Plan, attempt_error, client_body, lost_in_translation, prepare, served,
-    upstream_error,
+    Cause, Exchange, Plan, attempt_error, bill_failed, client_body, lost_in_translation, prepare,
+    served, upstream_error,
 };
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
 use crate::front::{self, StreamOut};
@@ -744,7 +744,10 @@ impl Relay {
                         .await
                         .unwrap_or_else(|end| end);
                 }
-                Some(failure) => failure,
+                Some(failure) => {
+                    bill_failed(&mut self.record, mapped.usage.take());
+                    failure
+                }
             }
         } else {
             backend

@@ -138,6 +138,41 @@ async fn a_cost_reported_by_a_failed_attempt_is_the_upstreams() {
     );
 }
 
+/// A whole answer that is only an error (`finish_reason: "error"` before any content) fails
+/// over like the same failure in a stream, and the cost the upstream reported for it is billed;
+/// an unreadable 200 is named as the client is told, `upstream_unreachable`.
+#[tokio::test]
+async fn an_error_answer_without_content_fails_over_and_is_billed() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    let chain = "fake/billed-error-after-0|fake/echo";
+    let response = post(&daemon, &chat(chain, "x", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-orproxy-route"],
+        "openrouter:fake/echo"
+    );
+    let id = request_id(&response);
+    response.bytes().await.unwrap();
+    let malformed = post(&daemon, &chat("fake/malformed", "x", false)).await;
+    assert_eq!(malformed.status(), 502);
+    let malformed_id = request_id(&malformed);
+    malformed.bytes().await.unwrap();
+
+    let stored = flushed_rows(&daemon, &default_db(&daemon)).await;
+    let row = row_of(&stored, &id);
+    assert_eq!(row.outcome, "ok", "{row:?}");
+    assert_eq!(row.attempts[0]["result"], "502 Server", "{row:?}");
+    let billed: i64 = fake.billing().iter().map(billed_nanos).sum();
+    assert_eq!(
+        (row.cost_nanos, row.cost_source.as_str()),
+        (billed, "upstream"),
+        "{row:?}"
+    );
+    let row = row_of(&stored, &malformed_id);
+    assert_eq!(row.attempts[0]["result"], "upstream_unreachable", "{row:?}");
+}
+
 /// `ttfb_us` is when the client could first read the answer: the head of a whole response
 /// (errors passed through included), or a stream's first event that is not a keep-alive (its
 /// error event when it failed after orproxy committed it); NULL when only keep-alives went out.

@@ -170,16 +170,26 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
             };
         }
     };
-    let failure = match (view.error, &view.choices) {
+    let mut failure = match (view.error, &view.choices) {
         (Some(err), None) if err.get() != "null" => Some(Failure::from_error_object(err)),
         _ => None,
     };
-    let partial = view
+    let mut partial = None;
+    if let Some(cut) = view
         .choices
         .iter()
         .flatten()
-        .find_map(|c| c.error.filter(|e| e.get() != "null"))
-        .map(Failure::from_error_object);
+        .find(|c| c.error.is_some_and(|e| e.get() != "null"))
+    {
+        let error = cut.error.map(Failure::from_error_object);
+        // Cut short before any content, the answer is only an error in a 200 (and fails over
+        // as one, as the same failure does in a stream); after content it is relayed.
+        if cut.message.is_some_and(has_content) {
+            partial = error;
+        } else {
+            failure = failure.or(error);
+        }
+    }
     let answer_bytes = view
         .choices
         .iter()
@@ -195,6 +205,24 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
         partial,
         answer_bytes,
     }
+}
+
+/// Whether a completion's `message` holds anything: text, tool calls or reasoning.
+fn has_content(message: &RawValue) -> bool {
+    #[derive(Deserialize)]
+    struct Message<'a> {
+        #[serde(default, borrow)]
+        content: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        reasoning: Option<Cow<'a, str>>,
+        #[serde(default)]
+        tool_calls: Option<Vec<IgnoredAny>>,
+    }
+    serde_json::from_str::<Message<'_>>(message.get()).is_ok_and(|m| {
+        m.content.is_some_and(|c| !c.is_empty())
+            || m.reasoning.is_some_and(|r| !r.is_empty())
+            || m.tool_calls.is_some_and(|t| !t.is_empty())
+    })
 }
 
 /// Whether a stream request asks for the final usage chunk (`stream_options.include_usage`).
@@ -501,6 +529,14 @@ mod tests {
             br#"{"choices":[{"message":{"content":"ok"},"finish_reason":"stop","error":null}]}"#,
         );
         assert!(map_response(&whole).partial.is_none());
+        // Cut short before any content: an error in a 200, not an answer.
+        let empty = Bytes::from_static(
+            br#"{"id":"gen-1","model":"m","choices":[{"message":{"role":"assistant","content":""},"finish_reason":"error","error":{"code":502,"message":"provider went away"}}]}"#,
+        );
+        let mapped = map_response(&empty);
+        assert!(mapped.partial.is_none());
+        let failure = mapped.failure.unwrap();
+        assert_eq!((failure.kind, failure.status), (FailureKind::Server, 502));
     }
 
     #[test]
