@@ -289,7 +289,10 @@ pub struct Exceeded {
 /// Worst-case costs held for one request until it ends.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    holds: Vec<(String, Nanos)>,
+    /// `(budget instance, budget name, amount held)`.
+    holds: Vec<(String, String, Nanos)>,
+    /// The worst case of one attempt, held in each.
+    worst: Nanos,
 }
 
 /// One budget's state, for `/admin/budgets`.
@@ -368,16 +371,47 @@ impl BudgetBook {
                     resets: window(rule.period, now_ms).1.map(rfc3339),
                 });
             }
-            holds.push((instance, worst));
+            holds.push((instance, rule.name.clone(), worst));
         }
         if !hold {
             return Ok(Reservation::default());
         }
-        for (instance, worst) in &holds {
+        for (instance, _, worst) in &holds {
             let held = book.reserved.entry(instance.clone()).or_default();
             *held = held.saturating_add(*worst);
         }
-        Ok(Reservation { holds })
+        Ok(Reservation { holds, worst })
+    }
+
+    /// Holds `cost`, which a failed attempt of the request reported and which will be billed
+    /// with it, on top of its reservation, and says whether another attempt may follow: only
+    /// while every budget holding it would still admit the request (spend and reservations,
+    /// this one's failed costs included, under the cap), so that a chain of billed failures
+    /// cannot spend past a cap by more than one attempt's worst case.
+    pub fn hold_failed_cost(
+        &self,
+        reservation: &mut Reservation,
+        cost: Nanos,
+        now_ms: i64,
+    ) -> bool {
+        let mut book = self.lock();
+        let rules = Arc::clone(&book.rules);
+        let mut room = true;
+        for (instance, name, held) in &mut reservation.holds {
+            *held = held.saturating_add(cost);
+            let reserved = book.reserved.entry(instance.clone()).or_default();
+            *reserved = reserved.saturating_add(cost);
+            let reserved = *reserved;
+            let Some(rule) = rules.iter().find(|r| r.name == *name) else {
+                continue;
+            };
+            let used = book
+                .spent(rule, instance, now_ms)
+                .saturating_add(reserved)
+                .saturating_sub(reservation.worst);
+            room &= used < rule.limit;
+        }
+        room
     }
 
     /// Ends a request: releases its reservation and adds its real cost to `subject`'s spend.
@@ -389,7 +423,7 @@ impl BudgetBook {
         at_ms: i64,
     ) {
         let mut book = self.lock();
-        for (instance, worst) in reservation.holds {
+        for (instance, _, worst) in reservation.holds {
             if let Some(held) = book.reserved.get_mut(&instance) {
                 *held = held.saturating_sub(worst);
                 if *held <= 0 {
@@ -1029,6 +1063,30 @@ mod tests {
             book.reserve(std::slice::from_ref(&cheap), 1, 0, &[], true)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn failed_attempts_billed_costs_are_held_and_end_the_room_for_more() {
+        let book = BudgetBook::default();
+        book.set_rules(Arc::new(vec![rule(
+            "cap",
+            BudgetScope::Global,
+            None,
+            1_000,
+            BudgetPeriod::Day,
+        )]));
+        let s = subject("k", "b", "m");
+        let mut held = book
+            .reserve(std::slice::from_ref(&s), 300, 0, &[], true)
+            .unwrap();
+        // 200 billed for a failure: 200 used before this request's next attempt, room left.
+        assert!(book.hold_failed_cost(&mut held, 200, 0));
+        assert_eq!(book.status(0)[0].reserved_nanos, 500);
+        // 900 more: 1,100 used, no room for another attempt.
+        assert!(!book.hold_failed_cost(&mut held, 900, 0));
+        book.settle(held, Some(&s), 1_100, 0);
+        let status = &book.status(0)[0];
+        assert_eq!((status.reserved_nanos, status.spent_nanos), (0, 1_100));
     }
 
     #[test]

@@ -403,8 +403,21 @@ impl Plan {
             rate_limited: failure.is_some_and(|f| f.kind == FailureKind::RateLimited),
         });
         self.last = Some(error);
+        // What this attempt's upstream billed is held in the budgets now: it may leave no room
+        // for another attempt.
+        let unheld = record.failed_cost.saturating_sub(record.failed_cost_held);
+        record.failed_cost_held = record.failed_cost;
+        let room = unheld == 0
+            || app.accounts.budgets.hold_failed_cost(
+                &mut record.reservation,
+                unheld,
+                crate::budget::now_ms(),
+            );
+        if !room && !self.queue.is_empty() {
+            tracing::info!(message = "No failover: the failed attempts' billed cost used up a budget.", request_id = %record.id);
+        }
         let moves_on =
-            trigger.is_some_and(|t| self.triggers.contains(&t)) && !self.queue.is_empty();
+            room && trigger.is_some_and(|t| self.triggers.contains(&t)) && !self.queue.is_empty();
         if moves_on {
             metrics::failover();
         }

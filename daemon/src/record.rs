@@ -161,6 +161,8 @@ pub struct Record {
     pub reservation: Reservation,
     /// Cost reported by upstreams for attempts that failed (billed on top).
     pub failed_cost: Nanos,
+    /// The part of `failed_cost` already held in the request's budgets.
+    pub failed_cost_held: Nanos,
     /// An attempt to `route` was sent and its result is not noted yet.
     pub attempt_open: bool,
     /// Arrival, Unix milliseconds.
@@ -203,6 +205,7 @@ impl Record {
             relayed_tokens: 0,
             reservation: Reservation::default(),
             failed_cost: 0,
+            failed_cost_held: 0,
             attempt_open: false,
             ts_ms: crate::budget::now_ms(),
             table,

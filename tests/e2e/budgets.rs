@@ -491,6 +491,39 @@ async fn a_capped_model_later_in_a_chain_is_not_served() {
     assert_eq!(rejections(&daemon.metrics().await), rejections(&metrics));
 }
 
+/// Failed attempts whose upstream bills them are held in the budget as they happen: once they
+/// use it up, the chain stops instead of paying for one failure after another.
+#[tokio::test]
+async fn billed_failures_stop_a_chain_once_the_budget_is_used_up() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = Daemon::start(
+        Options::config(openrouter_config(
+            &fake.base_url(),
+            &format!(
+                "{FAKE_PRICING}budgets:\n  - {{ name: cap, scope: global, limit_usd: 0.00002, period: day }}\n"
+            ),
+        ))
+        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    );
+    let failure = "fake/billed-error-after-0";
+    let chain = format!("{}fake/echo", format!("{failure}|").repeat(10));
+    let response = post_raw(&client(), &daemon, body(&chain, 16)).await;
+    let status = response.status();
+    response.bytes().await.unwrap();
+    let billing = fake.billing();
+    let each = billing.iter().map(billed_nanos).max().unwrap_or(0);
+    assert!(each > 0, "{billing:?}");
+    let spent = nanos(&settled(&daemon, "cap").await["spent_nanos"]);
+    assert_eq!(spent, billing.iter().map(billed_nanos).sum::<i64>());
+    // The cap (20,000) plus at most the one attempt that used it up.
+    assert!(
+        spent <= 20_000 + each,
+        "spent {spent} in {} attempts",
+        billing.len()
+    );
+    assert!(billing.len() < 11, "every target was tried: {status}");
+}
+
 /// Budgets that fall back on each other refuse once the fallbacks come back to a route already
 /// refused, instead of serving the capped model; and a target of a chain that no budget counts
 /// needs no price.
