@@ -428,8 +428,10 @@ impl fmt::Display for Attempts<'_> {
     }
 }
 
+/// Milliseconds with three decimals, for log lines.
 pub(crate) fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
+    // Whole microseconds, as the usage row stores them, so that the two agree.
+    d.as_micros() as f64 / 1e3
 }
 
 impl Drop for Record {
