@@ -38,6 +38,17 @@ fn worst_case_of_choices(
     (prompt * prompt_per_mtok + (max_tokens * n) as i64 * completion_per_mtok + 500_000) / 1_000_000
 }
 
+/// A daemon in front of `fake` with [`FAKE_PRICING`] and `budgets` (the YAML list's items).
+fn with_budgets(fake: &FakeOpenRouter, budgets: &str) -> Daemon {
+    Daemon::start(
+        Options::config(openrouter_config(
+            &fake.base_url(),
+            &format!("{FAKE_PRICING}budgets:\n{budgets}"),
+        ))
+        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    )
+}
+
 /// POSTs a raw JSON body.
 async fn post_raw(http: &reqwest::Client, daemon: &Daemon, body: String) -> reqwest::Response {
     post_to(http.clone(), daemon.url("/v1/chat/completions"), body).await
@@ -123,14 +134,9 @@ fn nanos(v: &Value) -> i64 {
 async fn concurrent_requests_overspend_by_at_most_one_worst_case() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let limit: i64 = 100_000; // USD 0.0001
-    let daemon = Daemon::start(
-        Options::config(openrouter_config(
-            &fake.base_url(),
-            &format!(
-                "{FAKE_PRICING}budgets:\n  - {{ name: cap, scope: global, limit_usd: 0.0001, period: total }}\n"
-            ),
-        ))
-        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    let daemon = with_budgets(
+        &fake,
+        "  - { name: cap, scope: global, limit_usd: 0.0001, period: total }\n",
     );
     assert_eq!(nanos(&budget(&daemon, "cap").await["limit_nanos"]), limit);
     let max_tokens = 16;
@@ -231,14 +237,9 @@ async fn concurrent_requests_overspend_by_at_most_one_worst_case() {
 async fn a_reservation_counts_every_choice() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let limit: i64 = 10_000_000; // USD 0.01
-    let daemon = Daemon::start(
-        Options::config(openrouter_config(
-            &fake.base_url(),
-            &format!(
-                "{FAKE_PRICING}budgets:\n  - {{ name: cap, scope: global, limit_usd: 0.01, period: total }}\n"
-            ),
-        ))
-        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    let daemon = with_budgets(
+        &fake,
+        "  - { name: cap, scope: global, limit_usd: 0.01, period: total }\n",
     );
     let (max_tokens, n) = (100, 100);
     let one_answer = worst_case(1_000_000_000, 2_000_000_000, max_tokens);
@@ -408,14 +409,9 @@ async fn a_price_refresh_names_the_lists_it_could_not_fetch() {
 #[tokio::test]
 async fn a_capped_model_later_in_a_chain_is_not_served() {
     let fake = FakeOpenRouter::start().await.unwrap();
-    let daemon = Daemon::start(
-        Options::config(openrouter_config(
-            &fake.base_url(),
-            &format!(
-                "{FAKE_PRICING}budgets:\n  - {{ name: echo-cap, scope: model, match: \"echo\", limit_usd: 0.00002, period: day }}\n"
-            ),
-        ))
-        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    let daemon = with_budgets(
+        &fake,
+        "  - { name: echo-cap, scope: model, match: \"echo\", limit_usd: 0.00002, period: day }\n",
     );
     let http = client();
     let mut capped = false;
@@ -496,14 +492,9 @@ async fn a_capped_model_later_in_a_chain_is_not_served() {
 #[tokio::test]
 async fn billed_failures_stop_a_chain_once_the_budget_is_used_up() {
     let fake = FakeOpenRouter::start().await.unwrap();
-    let daemon = Daemon::start(
-        Options::config(openrouter_config(
-            &fake.base_url(),
-            &format!(
-                "{FAKE_PRICING}budgets:\n  - {{ name: cap, scope: global, limit_usd: 0.00002, period: day }}\n"
-            ),
-        ))
-        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    let daemon = with_budgets(
+        &fake,
+        "  - { name: cap, scope: global, limit_usd: 0.00002, period: day }\n",
     );
     let failure = "fake/billed-error-after-0";
     let chain = format!("{}fake/echo", format!("{failure}|").repeat(10));
@@ -530,14 +521,9 @@ async fn billed_failures_stop_a_chain_once_the_budget_is_used_up() {
 #[tokio::test]
 async fn fallbacks_that_loop_refuse_and_uncounted_targets_need_no_price() {
     let fake = FakeOpenRouter::start().await.unwrap();
-    let daemon = Daemon::start(
-        Options::config(openrouter_config(
-            &fake.base_url(),
-            &format!(
-                "{FAKE_PRICING}budgets:\n  - {{ name: cy1, scope: model, match: \"^fake/echo$\", limit_usd: 0.00002, period: day, action: fallback, fallback: \"fake/events-3\" }}\n  - {{ name: cy2, scope: model, match: \"^fake/events-3$\", limit_usd: 0.00002, period: day, action: fallback, fallback: \"fake/echo\" }}\n"
-            ),
-        ))
-        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    let daemon = with_budgets(
+        &fake,
+        "  - { name: cy1, scope: model, match: \"^fake/echo$\", limit_usd: 0.00002, period: day, action: fallback, fallback: \"fake/events-3\" }\n  - { name: cy2, scope: model, match: \"^fake/events-3$\", limit_usd: 0.00002, period: day, action: fallback, fallback: \"fake/echo\" }\n",
     );
     let http = client();
     // `mock:unpriced` has no price, and no budget counts it.
@@ -568,14 +554,9 @@ async fn fallbacks_that_loop_refuse_and_uncounted_targets_need_no_price() {
 #[tokio::test]
 async fn an_exhausted_budget_falls_back_to_its_selector() {
     let fake = FakeOpenRouter::start().await.unwrap();
-    let daemon = Daemon::start(
-        Options::config(openrouter_config(
-            &fake.base_url(),
-            &format!(
-                "{FAKE_PRICING}budgets:\n  - {{ name: or-cap, scope: backend, match: \"^openrouter$\", limit_usd: 0.00002, period: month, action: fallback, fallback: \"mock:mock\" }}\n"
-            ),
-        ))
-        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    let daemon = with_budgets(
+        &fake,
+        "  - { name: or-cap, scope: backend, match: \"^openrouter$\", limit_usd: 0.00002, period: month, action: fallback, fallback: \"mock:mock\" }\n",
     );
     let route_of =
         |r: &reqwest::Response| r.headers()["x-orproxy-route"].to_str().unwrap().to_owned();
@@ -670,14 +651,9 @@ async fn an_unpriced_route_under_a_budget_is_refused_until_priced() {
 #[tokio::test]
 async fn a_daily_budget_says_when_it_resets() {
     let fake = FakeOpenRouter::start().await.unwrap();
-    let daemon = Daemon::start(
-        Options::config(openrouter_config(
-            &fake.base_url(),
-            &format!(
-                "{FAKE_PRICING}budgets:\n  - {{ name: daily-cap, scope: model, match: \"^fake/echo$\", limit_usd: 0.00001, period: day }}\n"
-            ),
-        ))
-        .env("FAKE_OR_KEY", FAKE_API_KEY),
+    let daemon = with_budgets(
+        &fake,
+        "  - { name: daily-cap, scope: model, match: \"^fake/echo$\", limit_usd: 0.00001, period: day }\n",
     );
     let mut refusal = None;
     for _ in 0..10 {
