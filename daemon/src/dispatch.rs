@@ -514,6 +514,7 @@ pub async fn json(
                 lost_in_translation(
                     exchange,
                     attempt.native,
+                    &label,
                     &mut mapped.partial,
                     &mut mapped.usage,
                     record,
@@ -537,7 +538,7 @@ pub async fn json(
                     return Ok((success(response, body), outcome));
                 }
                 Some(failure) => {
-                    bill_failed(record, mapped.usage.take());
+                    record.bill_failed(&label, mapped.usage.take());
                     failure
                 }
             }
@@ -612,6 +613,7 @@ pub fn note_error(record: &mut Record, error: &ProxyError) {
 pub fn lost_in_translation(
     exchange: &Exchange,
     native: bool,
+    target: &str,
     partial: &mut Option<Failure>,
     usage: &mut Option<orproxy_plugin::Usage>,
     record: &mut Record,
@@ -620,16 +622,8 @@ pub fn lost_in_translation(
         return None;
     }
     let failure = partial.take()?;
-    bill_failed(record, usage.take());
+    record.bill_failed(target, usage.take());
     Some(failure)
-}
-
-/// Bills the cost an upstream reported for an attempt that failed (SPEC §9: only the attempt
-/// that served is billed, plus what a failed one reported).
-pub fn bill_failed(record: &mut Record, usage: Option<orproxy_plugin::Usage>) {
-    if let Some(cost) = usage.and_then(|u| u.cost_nanos) {
-        record.failed_cost = record.failed_cost.saturating_add(cost);
-    }
 }
 
 /// Notes the attempt that served a whole answer of `answer_bytes` (of its messages' JSON) and

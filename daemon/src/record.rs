@@ -163,6 +163,8 @@ pub struct Record {
     pub failed_cost: Nanos,
     /// The part of `failed_cost` already held in the request's budgets.
     pub failed_cost_held: Nanos,
+    /// `failed_cost` by the target (`backend:model`) that billed it: its budgets count it.
+    failed_by_target: Vec<(String, Nanos)>,
     /// An attempt to `route` was sent and its result is not noted yet.
     pub attempt_open: bool,
     /// Arrival, Unix milliseconds.
@@ -206,6 +208,7 @@ impl Record {
             reservation: Reservation::default(),
             failed_cost: 0,
             failed_cost_held: 0,
+            failed_by_target: Vec::new(),
             attempt_open: false,
             ts_ms: crate::budget::now_ms(),
             table,
@@ -231,6 +234,16 @@ impl Record {
             route: route.to_owned(),
             result: result.into(),
         });
+    }
+
+    /// Bills the cost an upstream reported for a failed attempt on `target` (`backend:model`):
+    /// only the attempt that served is billed, plus what a failed one reported (SPEC §9), each
+    /// in the budgets of the target that billed it.
+    pub fn bill_failed(&mut self, target: &str, usage: Option<Usage>) {
+        if let Some(cost) = usage.and_then(|u| u.cost_nanos).filter(|c| *c != 0) {
+            self.failed_cost = self.failed_cost.saturating_add(cost);
+            self.failed_by_target.push((target.to_owned(), cost));
+        }
     }
 
     /// Notes that the client can now read the answer; the first time is the one kept.
@@ -265,7 +278,12 @@ impl Record {
 
     /// The route's backend and model, split.
     fn subject(&self) -> Option<Subject> {
-        let (backend, model) = self.route.as_deref()?.split_once(':')?;
+        self.subject_of(self.route.as_deref()?)
+    }
+
+    /// The request's key with a target's backend and model (`backend:model`).
+    fn subject_of(&self, target: &str) -> Option<Subject> {
+        let (backend, model) = target.split_once(':')?;
         Some(Subject {
             key: self.key.clone(),
             backend: backend.to_owned(),
@@ -326,12 +344,19 @@ impl Record {
         self.upstream_wait(false);
         let latency = self.started.elapsed();
         let subject = self.subject();
-        let (cost, usage) = self.cost(subject.as_ref());
-        let cost = cost.plus_failed(self.failed_cost);
+        let (served, usage) = self.cost(subject.as_ref());
+        let cost = served.plus_failed(self.failed_cost);
         let reservation = std::mem::take(&mut self.reservation);
-        self.accounts
-            .budgets
-            .settle(reservation, subject.as_ref(), cost.nanos(), self.ts_ms);
+        let budgets = &self.accounts.budgets;
+        budgets.settle(reservation, subject.as_ref(), served.nanos(), self.ts_ms);
+        let billed_failures: Vec<(Subject, Nanos)> = self
+            .failed_by_target
+            .iter()
+            .filter_map(|(target, nanos)| Some((self.subject_of(target)?, *nanos)))
+            .collect();
+        for (failed, nanos) in &billed_failures {
+            budgets.settle(Reservation::default(), Some(failed), *nanos, self.ts_ms);
+        }
 
         let (backend, model) = subject
             .as_ref()
@@ -408,6 +433,10 @@ impl Record {
             tags: std::mem::take(&mut self.tags),
             rules: self.rules.take(),
             error: self.error.take(),
+            billed_failures: billed_failures
+                .into_iter()
+                .map(|(s, nanos)| (s.backend, s.model, nanos))
+                .collect(),
         });
     }
 }

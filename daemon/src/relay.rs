@@ -29,8 +29,8 @@ use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::app::App;
 use crate::dispatch::{
-    Cause, Exchange, Plan, attempt_error, bill_failed, client_body, lost_in_translation, prepare,
-    served, upstream_error,
+    Cause, Exchange, Plan, attempt_error, client_body, lost_in_translation, prepare, served,
+    upstream_error,
 };
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
 use crate::front::{self, StreamOut};
@@ -215,9 +215,8 @@ impl Relay {
                     how,
                 } => {
                     // Only the attempt that served is billed, unless a failed one reported a cost.
-                    if let Some(usage) = self.record.usage.take() {
-                        self.record.failed_cost += usage.cost_nanos.unwrap_or(0);
-                    }
+                    let usage = self.record.usage.take();
+                    self.record.bill_failed(&label, usage);
                     let cause = match (how, &failure) {
                         (How::Upstream, Some(f)) => Cause::Upstream(f),
                         (How::Stream, f) => Cause::Stream(f.as_ref()),
@@ -732,6 +731,7 @@ impl Relay {
                 lost_in_translation(
                     &self.exchange,
                     native,
+                    &target.label(),
                     &mut mapped.partial,
                     &mut mapped.usage,
                     &mut self.record,
@@ -745,7 +745,8 @@ impl Relay {
                         .unwrap_or_else(|end| end);
                 }
                 Some(failure) => {
-                    bill_failed(&mut self.record, mapped.usage.take());
+                    self.record
+                        .bill_failed(&target.label(), mapped.usage.take());
                     failure
                 }
             }

@@ -515,6 +515,52 @@ async fn billed_failures_stop_a_chain_once_the_budget_is_used_up() {
     assert!(billing.len() < 11, "every target was tried: {status}");
 }
 
+/// What a failed attempt's upstream billed counts in the budgets of the target that billed it,
+/// not of the one that served, in memory and, after a restart, from the per-day summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_billed_failure_counts_for_the_target_that_billed_it() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let dir = temp_dir();
+    let options = Options::config(openrouter_config(
+        &fake.base_url(),
+        &format!(
+            "{FAKE_PRICING}budgets:\n  - {{ name: billed, scope: model, match: \"billed\", limit_usd: 1, period: day }}\n  - {{ name: echo, scope: model, match: \"echo\", limit_usd: 1, period: day }}\n"
+        ),
+    ))
+    .env("FAKE_OR_KEY", FAKE_API_KEY)
+    .arg("--db")
+    .arg(dir.join("usage.db").to_str().unwrap());
+    let mut first = Daemon::start(options.clone());
+    let response = post_raw(
+        &client(),
+        &first,
+        body("fake/billed-error-after-0|fake/echo", 16),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    let billing = fake.billing();
+    let by_model = |model: &str| -> i64 {
+        billing
+            .iter()
+            .filter(|b| b.model.contains(model))
+            .map(billed_nanos)
+            .sum()
+    };
+    let (billed, echo) = (by_model("billed"), by_model("echo"));
+    assert!(billed > 0 && echo > 0, "{billing:?}");
+    let spent = |b: Value| nanos(&b["spent_nanos"]);
+    assert_eq!(spent(settled(&first, "billed").await), billed);
+    assert_eq!(spent(settled(&first, "echo").await), echo);
+    first.terminate();
+    assert!(first.wait_exit().success());
+    let second = Daemon::start(options);
+    assert_eq!(spent(budget(&second, "billed").await), billed);
+    assert_eq!(spent(budget(&second, "echo").await), echo);
+    drop(second);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Budgets that fall back on each other refuse once the fallbacks come back to a route already
 /// refused, instead of serving the capped model; and a target of a chain that no budget counts
 /// needs no price.

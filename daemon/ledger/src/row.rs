@@ -93,6 +93,9 @@ pub struct Row {
     pub rules: Option<String>,
     /// Short reason for a failure.
     pub error: Option<String>,
+    /// `(backend, model, nano-dollars)` that failed attempts' upstreams billed, part of
+    /// `cost_nanos`: kept in `spend_days` under the target that billed them (not a column).
+    pub billed_failures: Vec<(String, String, i64)>,
 }
 
 /// The insert every row goes through (cached per connection).
@@ -172,6 +175,7 @@ impl Row {
             tags: BTreeMap::new(),
             rules: None,
             error: None,
+            billed_failures: Vec::new(),
         }
     }
 }

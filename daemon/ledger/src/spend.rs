@@ -70,14 +70,24 @@ pub fn spend_between(
 pub(crate) fn add_spend(tx: &Transaction<'_>, rows: &[Row]) -> rusqlite::Result<()> {
     let mut groups: HashMap<(i64, &str, &str, &str), i64> = HashMap::new();
     for row in rows.iter().filter(|r| r.cost_nanos != 0) {
-        let group = (
-            row.ts_ms / DAY_MS,
-            row.key.as_deref().unwrap_or_default(),
+        let day = row.ts_ms / DAY_MS;
+        let key = row.key.as_deref().unwrap_or_default();
+        // What failed attempts' upstreams billed counts for the targets that billed it, the
+        // rest for the target that served, as the budgets in memory count them.
+        let mut own = row.cost_nanos;
+        for (backend, model, cost) in &row.billed_failures {
+            let sum = groups.entry((day, key, backend, model)).or_default();
+            *sum = sum.saturating_add(*cost);
+            own = own.saturating_sub(*cost);
+        }
+        let served = (
+            day,
+            key,
             row.backend.as_deref().unwrap_or_default(),
             row.model.as_deref().unwrap_or_default(),
         );
-        let sum = groups.entry(group).or_default();
-        *sum = sum.saturating_add(row.cost_nanos);
+        let sum = groups.entry(served).or_default();
+        *sum = sum.saturating_add(own);
     }
     if groups.is_empty() {
         return Ok(());
