@@ -185,9 +185,9 @@ impl Backend for Anthropic {
         MappedResponse {
             body: None,
             failure: message.failure(),
+            answer_bytes: message.answer_bytes(),
             usage: message.usage.map(WireUsage::to_usage),
             model: message.model,
-            // Anthropic always reports usage: nothing is estimated from the answer's size.
             ..MappedResponse::default()
         }
     }
@@ -732,6 +732,22 @@ struct WireMessage {
     error: Option<WireError>,
 }
 
+impl WireMessage {
+    /// The answer's size (text, thinking, tool inputs), for an estimate when an upstream
+    /// reports no usage (Anthropic always does; servers that speak its API may not).
+    fn answer_bytes(&self) -> usize {
+        self.content
+            .iter()
+            .map(|block| match block {
+                WireBlock::Text { text } => text.len(),
+                WireBlock::Thinking { thinking } => thinking.len(),
+                WireBlock::ToolUse { name, input, .. } => name.len() + input.to_string().len(),
+                WireBlock::Other => 0,
+            })
+            .sum()
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum WireBlock {
@@ -928,6 +944,7 @@ fn to_completion(body: &[u8], created: u64) -> MappedResponse {
             ..MappedResponse::default()
         };
     }
+    let answer_bytes = message.answer_bytes();
     let mut text = String::new();
     let mut reasoning: Option<String> = None;
     let mut tool_calls = Vec::new();
@@ -974,7 +991,7 @@ fn to_completion(body: &[u8], created: u64) -> MappedResponse {
         )),
         usage: message.usage.map(WireUsage::to_usage),
         model: (!model.is_empty()).then_some(model),
-        // Anthropic always reports usage: nothing is estimated from the answer's size.
+        answer_bytes,
         ..MappedResponse::default()
     }
 }
@@ -2012,6 +2029,18 @@ mod tests {
             ),
             (3595, 503, Some(500))
         );
+    }
+
+    #[test]
+    fn an_answer_without_usage_has_its_size_for_an_estimate() {
+        let body = Bytes::from_static(
+            br#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"hello from anthropic"},{"type":"tool_use","id":"t","name":"f","input":{"a":1}}],"stop_reason":"end_turn"}"#,
+        );
+        let expected = "hello from anthropic".len() + "f".len() + r#"{"a":1}"#.len();
+        let passed = backend().map_messages_response(&body);
+        assert!(passed.usage.is_none());
+        assert_eq!(passed.answer_bytes, expected);
+        assert_eq!(backend().map_response(&body).answer_bytes, expected);
     }
 
     #[test]

@@ -18,7 +18,16 @@ pub fn message_events(body: &[u8]) -> Result<Bytes, TranslateError> {
     };
     let stop_reason = message.insert("stop_reason".into(), Value::Null);
     let stop_sequence = message.insert("stop_sequence".into(), Value::Null);
-    let usage = message.get("usage").cloned().unwrap_or_else(|| json!({}));
+    // SDKs read `usage.output_tokens` of both events: an answer that reported none still
+    // carries the fields, at zero.
+    let usage = match message.get("usage") {
+        Some(Value::Object(usage)) => Value::Object(usage.clone()),
+        _ => {
+            let zero = json!({"input_tokens": 0, "output_tokens": 0});
+            message.insert("usage".into(), zero.clone());
+            zero
+        }
+    };
     let mut out = BytesMut::new();
     push_event(
         &mut out,
@@ -189,5 +198,20 @@ mod tests {
             json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": usage})
         );
         assert!(message_events(b"not json").is_err());
+    }
+
+    #[test]
+    fn an_answer_without_usage_still_carries_the_usage_fields() {
+        let got = events(
+            &message_events(br#"{"id":"m","type":"message","role":"assistant","model":"x","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null}"#)
+                .unwrap(),
+        );
+        let zero = json!({"input_tokens": 0, "output_tokens": 0});
+        assert_eq!(got[0].1["message"]["usage"], zero);
+        let delta = got
+            .iter()
+            .find(|(name, _)| name == "message_delta")
+            .unwrap();
+        assert_eq!(delta.1["usage"], zero);
     }
 }
