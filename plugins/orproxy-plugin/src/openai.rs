@@ -150,6 +150,17 @@ struct ResponseChoice<'a> {
     error: Option<&'a RawValue>,
     #[serde(default, borrow)]
     message: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+impl ResponseChoice<'_> {
+    /// Whether the provider cut this choice short: OpenRouter's choice-level `error`, or a
+    /// `finish_reason` of `"error"` (with the error at the top level, or none at all).
+    fn cut(&self) -> bool {
+        self.error.is_some_and(|e| e.get() != "null")
+            || self.finish_reason.as_deref() == Some("error")
+    }
 }
 
 /// Reads usage, served model, a 200-with-error and an answer cut short from a chat completion.
@@ -175,13 +186,22 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
         _ => None,
     };
     let mut partial = None;
-    if let Some(cut) = view
-        .choices
-        .iter()
-        .flatten()
-        .find(|c| c.error.is_some_and(|e| e.get() != "null"))
-    {
-        let error = cut.error.map(Failure::from_error_object);
+    if let Some(cut) = view.choices.iter().flatten().find(|c| c.cut()) {
+        let error = Some(
+            cut.error
+                .filter(|e| e.get() != "null")
+                .or(view.error.filter(|e| e.get() != "null"))
+                .map_or_else(
+                    || Failure {
+                        kind: FailureKind::Server,
+                        status: 502,
+                        message: "the upstream ended the answer with finish_reason \"error\""
+                            .to_owned(),
+                        retry_after: None,
+                    },
+                    Failure::from_error_object,
+                ),
+        );
         // Cut short before any content, the answer is only an error in a 200 (and fails over
         // as one, as the same failure does in a stream); after content it is relayed.
         if cut.message.is_some_and(has_content) {
@@ -537,6 +557,15 @@ mod tests {
         assert!(mapped.partial.is_none());
         let failure = mapped.failure.unwrap();
         assert_eq!((failure.kind, failure.status), (FailureKind::Server, 502));
+        // The error at the top level (as in OpenRouter's error chunks), or none at all.
+        let top = Bytes::from_static(
+            br#"{"choices":[{"message":{"role":"assistant","content":"partial"},"finish_reason":"error"}],"error":{"code":502,"message":"provider died"}}"#,
+        );
+        assert_eq!(map_response(&top).partial.unwrap().message, "provider died");
+        let bare = Bytes::from_static(
+            br#"{"choices":[{"message":{"role":"assistant","content":"partial"},"finish_reason":"error"}]}"#,
+        );
+        assert_eq!(map_response(&bare).partial.unwrap().status, 502);
     }
 
     #[test]
