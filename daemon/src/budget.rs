@@ -632,12 +632,12 @@ fn admission(
             return Ok(Reservation::default());
         }
         let mut worst = 0;
-        for target in &route.targets {
+        for (target, subject) in route.targets.iter().zip(&subjects) {
             // A target no budget counts needs no price: nothing it spends is capped.
             let Some(covering) = table
                 .budgets
                 .iter()
-                .find(|r| !passed.contains(&r.name) && r.instance(&subject(target)).is_some())
+                .find(|r| !passed.contains(&r.name) && r.instance(subject).is_some())
             else {
                 continue;
             };

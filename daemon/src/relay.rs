@@ -194,6 +194,7 @@ impl Relay {
                 .attempt(
                     backend,
                     &target,
+                    &label,
                     attempt.prepared,
                     attempt.native,
                     &mut tick,
@@ -429,11 +430,11 @@ impl Relay {
         &mut self,
         backend: &BackendEntry,
         target: &Target,
+        label: &str,
         prepared: Prepared,
         native: bool,
         tick: &mut Instant,
     ) -> AttemptEnd {
-        let label = &target.label();
         let limits = self.table.limits;
         let first_content = self
             .exchange
@@ -448,7 +449,7 @@ impl Relay {
         };
         if !response.status.is_success() || !response.is_event_stream() {
             return self
-                .plain_answer(backend, target, response, native, tick)
+                .plain_answer(backend, target, label, response, native, tick)
                 .await;
         }
 
@@ -706,6 +707,7 @@ impl Relay {
         &mut self,
         backend: &BackendEntry,
         target: &Target,
+        label: &str,
         mut response: UpstreamResponse,
         native: bool,
         tick: &mut Instant,
@@ -731,7 +733,7 @@ impl Relay {
                 lost_in_translation(
                     &self.exchange,
                     native,
-                    &target.label(),
+                    label,
                     &mut mapped.partial,
                     &mut mapped.usage,
                     &mut self.record,
@@ -740,13 +742,12 @@ impl Relay {
             match failure {
                 None => {
                     return self
-                        .replay(backend, target, native, mapped, body)
+                        .replay(backend, target, label, native, mapped, body)
                         .await
                         .unwrap_or_else(|end| end);
                 }
                 Some(failure) => {
-                    self.record
-                        .bill_failed(&target.label(), mapped.usage.take());
+                    self.record.bill_failed(label, mapped.usage.take());
                     failure
                 }
             }
@@ -770,6 +771,7 @@ impl Relay {
         &mut self,
         backend: &BackendEntry,
         target: &Target,
+        label: &str,
         native: bool,
         mut mapped: MappedResponse,
         body: Bytes,
@@ -800,12 +802,7 @@ impl Relay {
         self.pending.extend_from_slice(&events);
         self.flush().await?;
         self.record.answer_reached_client();
-        let outcome = served(
-            &mut self.record,
-            &target.label(),
-            mapped.partial,
-            mapped.answer_bytes,
-        );
+        let outcome = served(&mut self.record, label, mapped.partial, mapped.answer_bytes);
         Ok(AttemptEnd::Finished(outcome))
     }
 }

@@ -236,40 +236,33 @@ impl Daemon {
         self.wait_log(|v| v["message"] == "Request finished." && v["request_id"] == request_id)
     }
 
-    /// `GET /admin/status`.
-    pub async fn status(&self) -> Value {
+    /// A call to the admin listener.
+    async fn admin_call(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
         client()
-            .get(self.admin_url("/admin/status"))
+            .request(method, self.admin_url(path))
             .send()
             .await
             .unwrap()
-            .json()
-            .await
-            .unwrap()
+    }
+
+    /// `GET /admin/status`.
+    pub async fn status(&self) -> Value {
+        let response = self.admin_call(reqwest::Method::GET, "/admin/status").await;
+        response.json().await.unwrap()
     }
 
     /// `POST /admin/reload`: the reload's outcome.
     pub async fn reload(&self) -> Value {
-        client()
-            .post(self.admin_url("/admin/reload"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let response = self
+            .admin_call(reqwest::Method::POST, "/admin/reload")
+            .await;
+        response.json().await.unwrap()
     }
 
     /// `GET /metrics`, as text.
     pub async fn metrics(&self) -> String {
-        client()
-            .get(self.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        let response = self.admin_call(reqwest::Method::GET, "/metrics").await;
+        response.text().await.unwrap()
     }
 
     /// Sends a signal by name (`TERM`, `HUP`).

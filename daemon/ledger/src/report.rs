@@ -391,6 +391,16 @@ mod tests {
         conn
     }
 
+    /// The report of every row, grouped by `group_by`.
+    fn all_time(conn: &Connection, group_by: GroupBy) -> Report {
+        let query = UsageQuery {
+            from_ms: 0,
+            to_ms: i64::MAX,
+            group_by,
+        };
+        usage(conn, &query).unwrap()
+    }
+
     fn row(id: &str, ts_ms: i64, model: &str, cost: i64, latency_us: i64, ok: bool) -> Row {
         let mut r = Row::example(id, ts_ms, cost);
         r.model = Some(model.into());
@@ -471,15 +481,7 @@ mod tests {
             .tags
             .insert("team".into(), serde_json::json!("search, web"));
         let conn = db(&[tagged, row("t2", 0, "a", 20, 1000, true)]);
-        let by_tag = usage(
-            &conn,
-            &UsageQuery {
-                from_ms: 0,
-                to_ms: i64::MAX,
-                group_by: GroupBy::parse("tag:team").unwrap(),
-            },
-        )
-        .unwrap();
+        let by_tag = all_time(&conn, GroupBy::parse("tag:team").unwrap());
         let names: Vec<Option<&str>> = by_tag.groups.iter().map(|g| g.group.as_deref()).collect();
         assert_eq!(names, [None, Some("search, web")]);
         let csv = by_tag.to_csv();
@@ -495,15 +497,7 @@ mod tests {
             serde_json::to_value(&by_tag.groups[0]).unwrap()["group"],
             serde_json::Value::Null
         );
-        let by_day = usage(
-            &conn,
-            &UsageQuery {
-                from_ms: 0,
-                to_ms: i64::MAX,
-                group_by: GroupBy::Day,
-            },
-        )
-        .unwrap();
+        let by_day = all_time(&conn, GroupBy::Day);
         let days: Vec<&str> = by_day
             .groups
             .iter()
@@ -521,15 +515,7 @@ mod tests {
     #[test]
     fn csv_group_names_are_never_formulas() {
         let conn = db(&[row("f", 1, "=HYPERLINK(\"x\")", 1, 1000, true)]);
-        let report = usage(
-            &conn,
-            &UsageQuery {
-                from_ms: 0,
-                to_ms: i64::MAX,
-                group_by: GroupBy::Model,
-            },
-        )
-        .unwrap();
+        let report = all_time(&conn, GroupBy::Model);
         let csv = report.to_csv();
         assert!(csv.contains("\r\n\"'=HYPERLINK(\"\"x\"\")\",1,"), "{csv}");
     }
@@ -538,15 +524,7 @@ mod tests {
     fn the_table_escapes_control_characters() {
         let hostile = "evil\u{1b}[2J\u{7}\ttab\u{7f}\u{9b}31m\nline";
         let conn = db(&[row("h", 1, hostile, 1, 1000, true)]);
-        let report = usage(
-            &conn,
-            &UsageQuery {
-                from_ms: 0,
-                to_ms: i64::MAX,
-                group_by: GroupBy::Model,
-            },
-        )
-        .unwrap();
+        let report = all_time(&conn, GroupBy::Model);
         let table = report.to_table();
         assert!(
             !table.chars().any(|c| c.is_control() && c != '\n'),
