@@ -426,6 +426,55 @@ impl Trigger {
     ];
 }
 
+/// A set of [`Trigger`]s: a chain's failover triggers, copied into every request's route.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Triggers(u8);
+
+impl Triggers {
+    /// Every trigger: the default of a chain.
+    pub const ALL: Triggers = Triggers(u8::MAX >> (8 - Trigger::ALL.len()));
+
+    /// Whether `trigger` is in the set.
+    pub fn contains(&self, trigger: &Trigger) -> bool {
+        self.0 & Self::bit(*trigger) != 0
+    }
+
+    /// How many triggers the set holds.
+    pub fn len(&self) -> usize {
+        self.0.count_ones() as usize
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// The triggers in the set, in [`Trigger::ALL`]'s order.
+    pub fn iter(&self) -> impl Iterator<Item = Trigger> + '_ {
+        Trigger::ALL.into_iter().filter(|t| self.contains(t))
+    }
+
+    fn bit(trigger: Trigger) -> u8 {
+        1 << trigger as u8
+    }
+}
+
+impl FromIterator<Trigger> for Triggers {
+    fn from_iter<I: IntoIterator<Item = Trigger>>(triggers: I) -> Triggers {
+        Triggers(
+            triggers
+                .into_iter()
+                .fold(0, |set, t| set | Triggers::bit(t)),
+        )
+    }
+}
+
+impl std::fmt::Debug for Triggers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
 /// `identity:` (global or per backend).
 #[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -2,7 +2,7 @@
 //! and (for plain JSON answers) relay the first good answer. Streams continue in
 //! [`crate::relay`], which shares the [`Plan`] that decides what comes next after a failure.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::response::Response;
@@ -13,7 +13,7 @@ use orproxy_plugin::{Call, Failure, FailureKind, JsonObject, Prepared};
 use tokio::time::Instant;
 
 use crate::app::App;
-use crate::config::Trigger;
+use crate::config::{Trigger, Triggers};
 use crate::error::{ProxyError, TimeoutKind, UpstreamAnswer};
 use crate::front::{self, Api, MessagesRequest};
 use crate::health::HealthBook;
@@ -259,7 +259,7 @@ struct FailedAttempt {
 /// The order of attempts for one request, and what happens after each failure.
 pub struct Plan {
     queue: VecDeque<Target>,
-    triggers: HashSet<Trigger>,
+    triggers: Triggers,
     failures: Vec<FailedAttempt>,
     last: Option<ProxyError>,
     key_retries: usize,
@@ -297,7 +297,7 @@ impl Plan {
         }
         let mut plan = Plan {
             queue: VecDeque::new(),
-            triggers: route.triggers.clone(),
+            triggers: route.triggers,
             failures: Vec::new(),
             last: None,
             key_retries: 0,

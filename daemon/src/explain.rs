@@ -46,7 +46,11 @@ pub fn explain(
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.to_str().unwrap_or("")))
                 .collect();
-            let mut triggers: Vec<&str> = route.triggers.iter().map(|t| t.name()).collect();
+            let mut triggers: Vec<&str> = route
+                .triggers
+                .iter()
+                .map(crate::config::Trigger::name)
+                .collect();
             triggers.sort();
             json!({
                 "status": 200,

@@ -4,7 +4,7 @@
 //! selector (first element → primary target, the rest → its failover chain) → `failover:`
 //! config chains appended → rule scripts (which may rewrite all of it) → each backend checked.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use orproxy_plugin::JsonObject;
 use orproxy_rules::{Change, Host, RouteRequest};
 use serde_json::Value;
 
-use crate::config::Trigger;
+use crate::config::Triggers;
 use crate::error::ProxyError;
 use crate::selector::{self, NOT_PARAMS, Selector};
 use crate::table::RoutingTable;
@@ -61,7 +61,7 @@ pub struct Route {
     /// Targets in the order they are tried; never empty.
     pub targets: Vec<Target>,
     /// Failures that move on to the next target.
-    pub triggers: HashSet<Trigger>,
+    pub triggers: Triggers,
     /// Outbound headers set by rules (they win over every other source).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Tags set by rules, stored with the request.
@@ -127,22 +127,19 @@ pub fn resolve_traced(
 
 /// The targets of a selector chain (`a|b|c`) with the `failover:` chain the config gives its
 /// first target appended, and the triggers that move along it (no aliases, no rules).
-fn chain_of(
-    table: &RoutingTable,
-    text: &str,
-) -> Result<(Vec<Target>, HashSet<Trigger>), ProxyError> {
+fn chain_of(table: &RoutingTable, text: &str) -> Result<(Vec<Target>, Triggers), ProxyError> {
     let mut targets = selector::parse_chain(text)?
         .into_iter()
         .map(|s| target(table, s))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut triggers: HashSet<Trigger> = Trigger::ALL.into_iter().collect();
+    let mut triggers = Triggers::ALL;
     let first = targets.first().map(Target::label).unwrap_or_default();
     if let Some(rule) = table
         .failover
         .iter()
         .find(|rule| rule.regex.is_match(&first))
     {
-        triggers = rule.triggers.clone();
+        triggers = rule.triggers;
         for selector in &rule.chain {
             let extra = target(table, selector.clone())?;
             if !targets.iter().any(|t| t.label() == extra.label()) {
@@ -158,7 +155,7 @@ fn chain_of(
 pub fn fallback_chain(
     table: &RoutingTable,
     selector: &str,
-) -> Result<(Vec<Target>, HashSet<Trigger>), ProxyError> {
+) -> Result<(Vec<Target>, Triggers), ProxyError> {
     let text = table
         .aliases
         .iter()
@@ -435,6 +432,7 @@ fn rule_fault(trace: &[Change], fields: &[&str], message: String) -> orproxy_rul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Trigger;
     use crate::table::Overrides;
     use serde_json::json;
 

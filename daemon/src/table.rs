@@ -21,6 +21,7 @@ use serde_saphyr::{Location, Spanned};
 use crate::auth::Auth;
 use crate::config::{
     Config, Diagnostic, IdentityConfig, IdentityMode, IdentityRule, LogFormat, Sourced, Trigger,
+    Triggers,
 };
 use crate::route::MAX_TARGETS;
 use crate::selector::{self, Selector};
@@ -272,7 +273,7 @@ pub struct FailoverRule {
     /// Targets appended after the request's own.
     pub chain: Vec<Selector>,
     /// Failures that move on.
-    pub triggers: HashSet<Trigger>,
+    pub triggers: Triggers,
 }
 
 /// One configured backend, ready to use.

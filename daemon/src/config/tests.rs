@@ -348,3 +348,13 @@ fn the_examples_parse() {
         }
     }
 }
+
+#[test]
+fn a_trigger_set_holds_what_it_was_built_from() {
+    assert!(Triggers::ALL.iter().eq(Trigger::ALL));
+    let set: Triggers = [Trigger::Stream, Trigger::Connect].into_iter().collect();
+    assert!(set.iter().eq([Trigger::Connect, Trigger::Stream]));
+    assert!(set.contains(&Trigger::Stream) && !set.contains(&Trigger::Timeout));
+    assert_eq!((set.len(), Triggers::ALL.len()), (2, 8));
+    assert!(std::iter::empty().collect::<Triggers>().is_empty());
+}

@@ -21,7 +21,7 @@ use crate::backend::{
 use crate::body::JsonObject;
 use crate::failure::{Failure, FailureKind};
 use crate::sse::SseEvent;
-use crate::usage::{Usage, usd_to_nanos};
+use crate::usage::{Usage, WireUsage, usd_to_nanos};
 
 mod replay;
 
@@ -132,12 +132,15 @@ pub fn join_url(base: &str, path: &str) -> String {
     url
 }
 
+/// A chat completion as far as the daemon reads it. `U` is how `usage` is read: in the same
+/// pass ([`WireUsage`]) for an answer as upstreams send it, or raw and apart when that fails,
+/// so that an odd usage object costs the usage, not the answer.
 #[derive(Deserialize)]
-struct ResponseView<'a> {
+struct ResponseView<'a, U> {
     #[serde(default, borrow)]
     model: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a RawValue>,
+    #[serde(default = "none")]
+    usage: Option<U>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
     #[serde(default, borrow)]
@@ -165,22 +168,35 @@ impl ResponseChoice<'_> {
 
 /// Reads usage, served model, a 200-with-error and an answer cut short from a chat completion.
 pub fn map_response(body: &Bytes) -> MappedResponse {
-    let view = match serde_json::from_slice::<ResponseView<'_>>(body) {
-        Ok(view) => view,
+    if let Ok(mut view) = serde_json::from_slice::<ResponseView<'_, WireUsage<'_>>>(body) {
+        let usage = view.usage.take().map(Usage::from);
+        return read_view(view, usage);
+    }
+    match serde_json::from_slice::<ResponseView<'_, &RawValue>>(body) {
+        Ok(mut view) => {
+            let usage = view.usage.take().and_then(Usage::from_openai_json);
+            read_view(view, usage)
+        }
         // A success status over a body that is no answer (a proxy's HTML page, a cut body):
         // nothing usable reached us, so it fails over like a 502.
-        Err(e) => {
-            return MappedResponse {
-                failure: Some(Failure {
-                    kind: FailureKind::Server,
-                    status: 502,
-                    message: format!("unreadable answer: {e}"),
-                    retry_after: None,
-                }),
-                ..MappedResponse::default()
-            };
-        }
-    };
+        Err(e) => MappedResponse {
+            failure: Some(Failure {
+                kind: FailureKind::Server,
+                status: 502,
+                message: format!("unreadable answer: {e}"),
+                retry_after: None,
+            }),
+            ..MappedResponse::default()
+        },
+    }
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+/// What [`map_response`] reports of a parsed answer whose usage was read already.
+fn read_view<U>(view: ResponseView<'_, U>, usage: Option<Usage>) -> MappedResponse {
     let mut failure = match (view.error, &view.choices) {
         (Some(err), None) if err.get() != "null" => Some(Failure::from_error_object(err)),
         _ => None,
@@ -219,7 +235,7 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
         .sum();
     MappedResponse {
         body: None,
-        usage: view.usage.and_then(Usage::from_openai_json),
+        usage,
         model: view.model.map(Cow::into_owned),
         failure,
         partial,
@@ -288,14 +304,15 @@ impl ChunkMapper {
     }
 }
 
+/// A stream chunk as far as the daemon reads it; `U` as in [`ResponseView`].
 #[derive(Deserialize)]
-struct ChunkView<'a> {
+struct ChunkView<'a, U> {
     #[serde(default, borrow)]
     model: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     choices: Option<Vec<ChoiceView<'a>>>,
-    #[serde(default, borrow)]
-    usage: Option<&'a RawValue>,
+    #[serde(default = "none")]
+    usage: Option<U>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,
 }
@@ -349,14 +366,31 @@ impl ChunkMapper {
             }
             return (EventKind::Content, None);
         }
-        let Ok(chunk) = serde_json::from_slice::<ChunkView<'_>>(data) else {
-            return (EventKind::Unknown, None);
-        };
+        match serde_json::from_slice::<ChunkView<'_, WireUsage<'_>>>(data) {
+            Ok(mut chunk) => {
+                let usage = chunk.usage.take().map(Usage::from);
+                self.read_chunk(chunk, usage)
+            }
+            Err(_) => match serde_json::from_slice::<ChunkView<'_, &RawValue>>(data) {
+                Ok(mut chunk) => {
+                    let usage = chunk.usage.take().and_then(Usage::from_openai_json);
+                    self.read_chunk(chunk, usage)
+                }
+                Err(_) => (EventKind::Unknown, None),
+            },
+        }
+    }
+
+    /// Classifies a parsed chunk whose usage was read already.
+    fn read_chunk<U>(
+        &mut self,
+        chunk: ChunkView<'_, U>,
+        usage: Option<Usage>,
+    ) -> (EventKind, Option<Usage>) {
         if self.model.is_none() {
             self.model = chunk.model.map(Cow::into_owned);
         }
         // An error chunk may report what the stream used so far: keep it for the bill.
-        let usage = chunk.usage.and_then(Usage::from_openai_json);
         if let Some(err) = chunk.error.filter(|e| e.get() != "null") {
             return (EventKind::Failed(Failure::from_error_object(err)), usage);
         }
@@ -521,6 +555,20 @@ mod tests {
             .iter()
             .map(|s| mapper.map(SseEvent::new(Bytes::from(s.to_string()))).kind)
             .collect()
+    }
+
+    #[test]
+    fn an_unreadable_usage_costs_the_usage_not_the_answer() {
+        let body = br#"{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":"many"}}"#;
+        let mapped = map_response(&Bytes::from_static(body));
+        assert!(mapped.failure.is_none(), "{:?}", mapped.failure);
+        assert_eq!((mapped.usage, mapped.model.as_deref()), (None, Some("m")));
+        assert_eq!(mapped.answer_bytes, r#"{"content":"hi"}"#.len());
+        let mut mapper = ChunkMapper::default();
+        let event = r#"data: {"model":"m","choices":[{"delta":{"content":"hi"}}],"usage":{"prompt_tokens":-1}}"#;
+        let mapped = mapper.map(SseEvent::new(Bytes::from(event)));
+        assert_eq!((mapped.kind, mapped.usage), (EventKind::Content, None));
+        assert_eq!(mapper.served_model(), Some("m"));
     }
 
     #[test]

@@ -27,9 +27,10 @@ pub struct Usage {
     pub cost_nanos: Option<Nanos>,
 }
 
-/// The OpenAI `usage` object with OpenRouter's additions, read without floats.
+/// The OpenAI `usage` object with OpenRouter's additions, read without floats. An answer's
+/// view can hold it as a field, so that usage is read in the same pass as the rest.
 #[derive(Deserialize)]
-struct WireUsage<'a> {
+pub struct WireUsage<'a> {
     #[serde(default)]
     prompt_tokens: u64,
     #[serde(default)]
@@ -56,22 +57,16 @@ struct CompletionDetails {
     reasoning_tokens: Option<u64>,
 }
 
-impl Usage {
-    /// Reads an OpenAI-shaped `usage` object (raw JSON); `None` for `null` or an unreadable value.
-    pub fn from_openai_json(raw: &RawValue) -> Option<Usage> {
-        let wire: Option<WireUsage<'_>> = serde_json::from_str(raw.get()).ok()?;
-        let wire = wire?;
-        Some(Usage {
+impl From<WireUsage<'_>> for Usage {
+    fn from(wire: WireUsage<'_>) -> Usage {
+        let (cached_tokens, cache_write_tokens) = wire
+            .prompt_tokens_details
+            .map_or((None, None), |d| (d.cached_tokens, d.cache_write_tokens));
+        Usage {
             prompt_tokens: wire.prompt_tokens,
             completion_tokens: wire.completion_tokens,
-            cached_tokens: wire
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|d| d.cached_tokens),
-            cache_write_tokens: wire
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|d| d.cache_write_tokens),
+            cached_tokens,
+            cache_write_tokens,
             reasoning_tokens: wire
                 .completion_tokens_details
                 .and_then(|d| d.reasoning_tokens),
@@ -82,7 +77,15 @@ impl Usage {
                 .cost
                 .and_then(|c| usd_to_nanos(c.get()).or_else(|| beyond_nanos(c.get())))
                 .filter(|nanos| *nanos >= 0),
-        })
+        }
+    }
+}
+
+impl Usage {
+    /// Reads an OpenAI-shaped `usage` object (raw JSON); `None` for `null` or an unreadable value.
+    pub fn from_openai_json(raw: &RawValue) -> Option<Usage> {
+        let wire: Option<WireUsage<'_>> = serde_json::from_str(raw.get()).ok()?;
+        wire.map(Usage::from)
     }
 }
 
@@ -109,35 +112,40 @@ pub fn usd_to_nanos(text: &str) -> Option<Nanos> {
     {
         return None;
     }
-    // value = digits * 10^(exponent - frac_len); nanos = value * 10^9.
-    let digits = format!("{int_part}{frac_part}");
-    let digits = digits.trim_start_matches('0');
+    // value = digits * 10^(exponent - frac_len); nanos = value * 10^9. Computed on the digits
+    // in place: this runs for every answer, and allocating per call showed in profiles.
     let scale = i64::from(exponent) - frac_part.len() as i64 + 9;
-    let magnitude = if digits.is_empty() {
+    let digits = int_part
+        .bytes()
+        .chain(frac_part.bytes())
+        .skip_while(|d| *d == b'0')
+        .map(|d| i64::from(d - b'0'));
+    let count = digits.clone().count();
+    let magnitude = if count == 0 {
         0
     } else if scale >= 0 {
-        // i64 holds at most 19 digits: anything longer is not a price, and must not allocate.
-        if digits.len() as i64 + scale > 19 {
+        // i64 holds at most 19 digits: anything longer is not a price.
+        if count as i64 + scale > 19 {
             return None;
         }
-        let shifted = format!("{digits}{}", "0".repeat(usize::try_from(scale).ok()?));
-        shifted.parse::<i64>().ok()?
+        number(digits.clone())?.checked_mul(10i64.checked_pow(u32::try_from(scale).ok()?)?)?
     } else {
         let drop = usize::try_from(-scale).ok()?;
-        if drop > digits.len() {
+        if drop > count {
             0
         } else {
-            let (kept, dropped) = digits.split_at(digits.len() - drop);
-            let kept = if kept.is_empty() {
-                0
-            } else {
-                kept.parse::<i64>().ok()?
-            };
-            let round_up = dropped.as_bytes().first().is_some_and(|d| *d >= b'5');
+            let mut digits = digits;
+            let kept = number(digits.by_ref().take(count - drop))?;
+            let round_up = digits.next().is_some_and(|d| d >= 5);
             kept.saturating_add(i64::from(round_up))
         }
     };
     Some(if negative { -magnitude } else { magnitude })
+}
+
+/// The decimal digits as a number; `None` past what an `i64` holds.
+fn number(mut digits: impl Iterator<Item = i64>) -> Option<i64> {
+    digits.try_fold(0i64, |acc, d| acc.checked_mul(10)?.checked_add(d))
 }
 
 /// [`Nanos::MAX`] for a USD amount too large for nano-dollars (`1e300`), else `None`.
@@ -241,10 +249,72 @@ mod tests {
         assert_eq!(format_usd(-1), "-0.000000001");
     }
 
+    /// The conversion by shifting the digits as text, the way it was first written: the
+    /// arithmetic in place must agree with it on every input.
+    fn shifted_as_text(text: &str) -> Option<Nanos> {
+        let text = text.trim().trim_matches('"');
+        let (negative, text) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text.strip_prefix('+').unwrap_or(text)),
+        };
+        let (mantissa, exponent) = match text.find(['e', 'E']) {
+            Some(at) => (&text[..at], text[at + 1..].parse::<i32>().ok()?),
+            None => (text, 0),
+        };
+        let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        if (int_part.is_empty() && frac_part.is_empty())
+            || !int_part
+                .bytes()
+                .chain(frac_part.bytes())
+                .all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let digits = format!("{int_part}{frac_part}");
+        let digits = digits.trim_start_matches('0');
+        let scale = i64::from(exponent) - frac_part.len() as i64 + 9;
+        let magnitude = if digits.is_empty() {
+            0
+        } else if scale >= 0 {
+            if digits.len() as i64 + scale > 19 {
+                return None;
+            }
+            format!("{digits}{}", "0".repeat(scale as usize))
+                .parse::<i64>()
+                .ok()?
+        } else {
+            let drop = (-scale) as usize;
+            if drop > digits.len() {
+                0
+            } else {
+                let (kept, dropped) = digits.split_at(digits.len() - drop);
+                let kept = if kept.is_empty() {
+                    0
+                } else {
+                    kept.parse::<i64>().ok()?
+                };
+                kept.saturating_add(i64::from(dropped.as_bytes()[0] >= b'5'))
+            }
+        };
+        Some(if negative { -magnitude } else { magnitude })
+    }
+
     proptest! {
         #[test]
         fn whole_nanos_round_trip(n in 0i64..1_000_000_000_000_000) {
             prop_assert_eq!(usd_to_nanos(&format_usd(n)), Some(n));
+        }
+
+        #[test]
+        fn agrees_with_shifting_the_digits_as_text(
+            sign in "[-+]?",
+            int in "0{0,3}[0-9]{0,12}",
+            frac in "(\\.[0-9]{0,14})?",
+            exp in proptest::option::of(-40i32..30),
+        ) {
+            let exp = exp.map(|e| format!("e{e}")).unwrap_or_default();
+            let text = format!("{sign}{int}{frac}{exp}");
+            prop_assert_eq!(usd_to_nanos(&text), shifted_as_text(&text), "{}", text);
         }
 
         #[test]
