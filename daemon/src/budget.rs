@@ -387,16 +387,17 @@ impl BudgetBook {
     /// with it, on top of its reservation, and says whether another attempt may follow: only
     /// while every budget holding it would still admit the request (spend and reservations,
     /// this one's failed costs included, under the cap), so that a chain of billed failures
-    /// cannot spend past a cap by more than one attempt's worst case.
+    /// cannot spend past a cap by more than one attempt's worst case. `Err` names the first
+    /// budget left without room.
     pub fn hold_failed_cost(
         &self,
         reservation: &mut Reservation,
         cost: Nanos,
         now_ms: i64,
-    ) -> bool {
+    ) -> Result<(), String> {
         let mut book = self.lock();
         let rules = Arc::clone(&book.rules);
-        let mut room = true;
+        let mut full = None;
         for (instance, name, held) in &mut reservation.holds {
             *held = held.saturating_add(cost);
             let reserved = book.reserved.entry(instance.clone()).or_default();
@@ -409,9 +410,11 @@ impl BudgetBook {
                 .spent(rule, instance, now_ms)
                 .saturating_add(reserved)
                 .saturating_sub(reservation.worst);
-            room &= used < rule.limit;
+            if used >= rule.limit && full.is_none() {
+                full = Some(rule.name.clone());
+            }
         }
-        room
+        full.map_or(Ok(()), Err)
     }
 
     /// Ends a request: releases its reservation and adds its real cost to `subject`'s spend.
@@ -1080,10 +1083,13 @@ mod tests {
             .reserve(std::slice::from_ref(&s), 300, 0, &[], true)
             .unwrap();
         // 200 billed for a failure: 200 used before this request's next attempt, room left.
-        assert!(book.hold_failed_cost(&mut held, 200, 0));
+        assert_eq!(book.hold_failed_cost(&mut held, 200, 0), Ok(()));
         assert_eq!(book.status(0)[0].reserved_nanos, 500);
         // 900 more: 1,100 used, no room for another attempt.
-        assert!(!book.hold_failed_cost(&mut held, 900, 0));
+        assert_eq!(
+            book.hold_failed_cost(&mut held, 900, 0),
+            Err("cap".to_owned())
+        );
         book.settle(held, Some(&s), 1_100, 0);
         let status = &book.status(0)[0];
         assert_eq!((status.reserved_nanos, status.spent_nanos), (0, 1_100));

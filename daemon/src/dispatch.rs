@@ -407,21 +407,39 @@ impl Plan {
         // for another attempt.
         let unheld = record.failed_cost.saturating_sub(record.failed_cost_held);
         record.failed_cost_held = record.failed_cost;
-        let room = unheld == 0
-            || app.accounts.budgets.hold_failed_cost(
-                &mut record.reservation,
-                unheld,
-                crate::budget::now_ms(),
-            );
-        if !room && !self.queue.is_empty() {
-            tracing::info!(message = "No failover: the failed attempts' billed cost used up a budget.", request_id = %record.id);
+        let full = if unheld == 0 {
+            None
+        } else {
+            let now = crate::budget::now_ms();
+            let budgets = &app.accounts.budgets;
+            budgets
+                .hold_failed_cost(&mut record.reservation, unheld, now)
+                .err()
+        };
+        let fails_over =
+            trigger.is_some_and(|t| self.triggers.contains(&t)) && !self.queue.is_empty();
+        if let (true, Some(budget)) = (fails_over, full) {
+            // The targets left are not tried: each is named with the budget that stopped the
+            // chain, as a resting target is, in the client's error and on the row.
+            tracing::info!(message = "No failover: the failed attempts' billed cost used up a budget.", request_id = %record.id, budget = %budget);
+            for skipped in self.queue.drain(..) {
+                let label = skipped.label();
+                record.attempt(&label, "budget_exceeded");
+                self.failures.push(FailedAttempt {
+                    label,
+                    why: format!(
+                        "not tried: the failed attempts' billed cost left budget \"{budget}\" no room for another attempt"
+                    ),
+                    retry_after: None,
+                    rate_limited: false,
+                });
+            }
+            return false;
         }
-        let moves_on =
-            room && trigger.is_some_and(|t| self.triggers.contains(&t)) && !self.queue.is_empty();
-        if moves_on {
+        if fails_over {
             metrics::failover();
         }
-        moves_on
+        fails_over
     }
 
     /// The client-facing error once no attempt is left (SPEC §7): with one attempt, its own

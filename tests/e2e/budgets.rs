@@ -500,7 +500,8 @@ async fn billed_failures_stop_a_chain_once_the_budget_is_used_up() {
     let chain = format!("{}fake/echo", format!("{failure}|").repeat(10));
     let response = post_raw(&client(), &daemon, body(&chain, 16)).await;
     let status = response.status();
-    response.bytes().await.unwrap();
+    let id = request_id(&response);
+    let error = error_of(response).await;
     let billing = fake.billing();
     let each = billing.iter().map(billed_nanos).max().unwrap_or(0);
     assert!(each > 0, "{billing:?}");
@@ -513,6 +514,21 @@ async fn billed_failures_stop_a_chain_once_the_budget_is_used_up() {
         billing.len()
     );
     assert!(billing.len() < 11, "every target was tried: {status}");
+    // The client and the row learn which budget stopped the chain, and what was left untried.
+    assert_eq!(status, 502, "{error}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(
+            r#"fake/echo: not tried: the failed attempts' billed cost left budget "cap" no room"#
+        ),
+        "{message}"
+    );
+    let stored = flushed_rows(&daemon, &default_db(&daemon)).await;
+    let attempts = row_of(&stored, &id).attempts.to_string();
+    assert!(
+        attempts.contains("openrouter:fake/echo") && attempts.contains("budget_exceeded"),
+        "{attempts}"
+    );
 }
 
 /// What a failed attempt's upstream billed counts in the budgets of the target that billed it,
