@@ -168,10 +168,18 @@ impl ResponseChoice<'_> {
 
 /// Reads usage, served model, a 200-with-error and an answer cut short from a chat completion.
 pub fn map_response(body: &Bytes) -> MappedResponse {
-    if let Ok(mut view) = serde_json::from_slice::<ResponseView<'_, WireUsage<'_>>>(body) {
-        let usage = view.usage.take().map(Usage::from);
-        return read_view(view, usage);
-    }
+    read_in_one_pass(body).unwrap_or_else(|| read_usage_apart(body))
+}
+
+/// An answer as upstreams send it, its usage read in the same pass; `None` when that fails.
+fn read_in_one_pass(body: &[u8]) -> Option<MappedResponse> {
+    let mut view = serde_json::from_slice::<ResponseView<'_, WireUsage<'_>>>(body).ok()?;
+    let usage = view.usage.take().map(Usage::from);
+    Some(read_view(view, usage))
+}
+
+/// Any other body: its usage read apart (an unreadable one is no usage), or a failure.
+fn read_usage_apart(body: &[u8]) -> MappedResponse {
     match serde_json::from_slice::<ResponseView<'_, &RawValue>>(body) {
         Ok(mut view) => {
             let usage = view.usage.take().and_then(Usage::from_openai_json);
@@ -555,6 +563,48 @@ mod tests {
             .iter()
             .map(|s| mapper.map(SseEvent::new(Bytes::from(s.to_string()))).kind)
             .collect()
+    }
+
+    fn pick(values: &'static [&'static str]) -> proptest::sample::Select<&'static str> {
+        proptest::sample::select(values)
+    }
+
+    proptest::proptest! {
+        /// Whatever the usage object holds, reading it in one pass finds what reading it apart
+        /// finds, or leaves the answer to that slower reading.
+        #[test]
+        fn one_pass_reads_what_reading_usage_apart_reads(
+            prompt in pick(&["absent", "16", "0", "-1", "null", r#""16""#, "1e2"]),
+            cost in pick(&["absent", "3.6e-05", r#""0.1""#, "null", "[]", "-1", "1e300"]),
+            details in pick(&["absent", "null", "{}", r#"{"cached_tokens":3,"audio_tokens":0}"#,
+                r#"{"cached_tokens":null}"#, r#"{"cached_tokens":"x"}"#]),
+            reasoning in pick(&["absent", "null", r#"{"reasoning_tokens":7}"#, "7"]),
+            usage_itself in pick(&["object", "object", "object", "null", "absent", r#""text""#]),
+        ) {
+            let fields: Vec<String> = [
+                ("total_tokens", "18"),
+                ("prompt_tokens", prompt),
+                ("cost", cost),
+                ("prompt_tokens_details", details),
+                ("completion_tokens_details", reasoning),
+            ]
+            .into_iter()
+            .filter(|(_, v)| *v != "absent")
+            .map(|(k, v)| format!("\"{k}\":{v}"))
+            .collect();
+            let usage = match usage_itself {
+                "object" => format!(",\"usage\":{{\"completion_tokens\":2,{}}}", fields.join(",")),
+                "absent" => String::new(),
+                other => format!(",\"usage\":{other}"),
+            };
+            let body = format!(
+                r#"{{"model":"m","choices":[{{"message":{{"content":"hi"}},"finish_reason":"stop"}}]{usage}}}"#
+            );
+            let apart = format!("{:?}", read_usage_apart(body.as_bytes()));
+            if let Some(one_pass) = read_in_one_pass(body.as_bytes()) {
+                proptest::prop_assert_eq!(format!("{one_pass:?}"), apart, "{}", body);
+            }
+        }
     }
 
     #[test]

@@ -26,13 +26,16 @@ use orproxy_testkit::FAKE_API_KEY;
 use serde_json::Value;
 
 const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--concurrency C] \
-[--no-ledger] [--markdown PATH]
+[--rate R] [--no-ledger] [--markdown PATH]
 
   --requests N      requests per path at concurrency 1, per mode (default 2000)
   --duration SECS   measured seconds per path under load, per mode (default 10)
   --concurrency C   connections under load (default 64)
+  --rate R          the daemon with and without its usage database are also compared
+                    at fixed rates: non-stream calls at R and R/2 per second, streams at
+                    R/2 and R/4 (default 20000)
   --no-ledger       run orproxy without its usage database (database.enabled: false);
-                    the comparison of the daemon with and without it is then skipped
+                    the comparisons of the daemon with and without it are then skipped
   --markdown PATH   also write the results (Markdown) to PATH";
 
 /// Calls per path before anything is measured: connections, pools and caches are then warm.
@@ -87,6 +90,7 @@ struct Args {
     concurrency: usize,
     markdown: Option<PathBuf>,
     ledger: bool,
+    rate: usize,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -96,6 +100,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         concurrency: 64,
         markdown: None,
         ledger: true,
+        rate: 20_000,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -116,6 +121,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 parsed.concurrency = positive("--concurrency", value("--concurrency")?)?;
             }
             "--markdown" => parsed.markdown = Some(PathBuf::from(value("--markdown")?)),
+            "--rate" => parsed.rate = positive("--rate", value("--rate")?)?,
             "--no-ledger" => parsed.ledger = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -770,10 +776,13 @@ struct Load {
     latencies: Vec<Duration>,
     connections: HashSet<SocketAddr>,
     cpu: CpuUse,
+    /// Paced runs: calls sent more than [`LATE`] after their time.
+    late: usize,
 }
 
 impl Load {
     fn merge(&mut self, other: Load) {
+        self.late += other.late;
         self.completed += other.completed;
         self.elapsed += other.elapsed;
         self.latencies.extend(other.latencies);
@@ -823,6 +832,90 @@ async fn saturate(
     load.elapsed = start.elapsed();
     load.cpu = CpuUse::now(target.fake_pid, target.proxy_pid)? - cpu_before;
     Ok(load)
+}
+
+/// How late a paced call may be sent before it counts as late: the runtime's timer ticks
+/// every millisecond.
+const LATE: Duration = Duration::from_millis(2);
+
+/// Calls at a fixed total `rate` per second, spread evenly over `concurrency` tasks on their
+/// own connections: an open loop, where a slow answer delays no call of another connection.
+/// Each latency is from sending to the last byte, as in [`saturate`].
+async fn pace(
+    client: &HttpClient,
+    target: &Target,
+    body: &Bytes,
+    stream: bool,
+    concurrency: usize,
+    rate: f64,
+    duration: Duration,
+) -> Result<Load> {
+    let cpu_before = CpuUse::now(target.fake_pid, target.proxy_pid)?;
+    let start = Instant::now();
+    let every = Duration::from_secs_f64(concurrency as f64 / rate);
+    let calls = (duration.as_secs_f64() / every.as_secs_f64()).floor() as u32;
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..concurrency {
+        let (client, target, body) = (client.clone(), target.clone(), body.clone());
+        // Task i starts i/concurrency of a period after the first, so that calls interleave.
+        let first = start + every.mul_f64(task as f64 / concurrency as f64);
+        tasks.spawn(async move {
+            let (mut latencies, mut connections, mut late) = (Vec::new(), HashSet::new(), 0);
+            for k in 0..calls {
+                let due = first + every * k;
+                tokio::time::sleep_until(due.into()).await;
+                late += usize::from(due.elapsed() > LATE);
+                let timing = call(&client, &target, &body, stream).await?;
+                latencies.push(timing.end);
+                connections.extend(timing.local);
+            }
+            Ok::<_, BoxError>((latencies, connections, late))
+        });
+    }
+    let mut load = Load::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (latencies, connections, late) = joined.context("a paced task failed")??;
+        load.completed += latencies.len();
+        load.latencies.extend(latencies);
+        load.connections.extend(connections);
+        load.late += late;
+    }
+    load.elapsed = start.elapsed();
+    load.cpu = CpuUse::now(target.fake_pid, target.proxy_pid)? - cpu_before;
+    Ok(load)
+}
+
+/// The fixed-rate runs for `--rate R`: non-stream calls at R and R/2 per second, streams at R/2
+/// and R/4 (a stream costs about twice a plain call).
+fn paced_runs(rate: usize) -> [(bool, usize); 4] {
+    [
+        (false, rate),
+        (false, rate / 2),
+        (true, rate / 2),
+        (true, rate / 4),
+    ]
+}
+
+/// [`compare_under_load`] at a fixed rate instead of as fast as answers come.
+async fn compare_paced(
+    client: &HttpClient,
+    targets: [&Target; 2],
+    body: &Bytes,
+    stream: bool,
+    rate: f64,
+    args: &Args,
+) -> Result<[Load; 2]> {
+    let half = args.duration / 2;
+    let c = args.concurrency;
+    for target in targets {
+        pace(client, target, body, stream, c, rate, LOAD_WARMUP).await?;
+    }
+    let mut loads = [Load::default(), Load::default()];
+    for i in [0, 1, 1, 0] {
+        let load = pace(client, targets[i], body, stream, c, rate, half).await?;
+        loads[i].merge(load);
+    }
+    Ok(loads)
 }
 
 /// Direct and through orproxy under load, in the order direct, proxy, proxy, direct (half the
@@ -973,6 +1066,8 @@ struct Results {
     load_stream: [Load; 2],
     /// The measured daemon against one without a database, under load: non-stream, stream.
     ledger: Option<[[Load; 2]; 2]>,
+    /// The same at fixed rates ([`paced_runs`]): the kind of call, its rate, off and on.
+    ledger_paced: Option<Vec<(&'static str, usize, [Load; 2])>>,
     idle: Memory,
     after_sequential: Memory,
     after_load: Memory,
@@ -1196,6 +1291,7 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
          ### Concurrency {c}, stream\n\n\
          {load_stream}\n\
          {ledger_section}\
+         {paced_section}\
          ### Memory\n\n\
          {memory}\n\
          ### Targets, this run\n\n\
@@ -1223,6 +1319,29 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
                  Non-stream:\n\n{}\nStream:\n\n{}\n",
                 load_table(whole, labels, ratio),
                 load_table(stream, labels, ratio),
+            )
+        }),
+        paced_section = r.ledger_paced.as_ref().map_or(String::new(), |runs| {
+            let labels = ["orproxy, ledger off", "orproxy, ledger on"];
+            let tables: String = runs
+                .iter()
+                .map(|(kind, rate, loads)| {
+                    let calls: usize = loads.iter().map(|l| l.completed).sum();
+                    let late: usize = loads.iter().map(|l| l.late).sum();
+                    format!(
+                        "{kind}, {rate} calls/s ({late} of {calls} calls sent more than {} ms \
+                         late):\n\n{}\n",
+                        LATE.as_millis(),
+                        load_table(loads, labels, "ratio on / off"),
+                    )
+                })
+                .collect();
+            format!(
+                "### The ledger at fixed rates, on and off\n\n\
+                 The same two daemons at fixed rates instead of as fast as they answer, the \
+                 calls spread evenly over {c} connections (an open loop: a slow answer delays \
+                 no other connection's calls), {secs:.0} s each (off, on, on, off). Latency \
+                 from sending to the last byte.\n\n{tables}"
             )
         }),
         memory = memory_table(r),
@@ -1266,16 +1385,27 @@ async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) ->
     let load_whole = compare_under_load(&client, pair, &whole_body, false, args).await?;
     eprintln!("orproxy-bench: concurrency {c}, stream");
     let load_stream = compare_under_load(&client, pair, &stream_body, true, args).await?;
-    let ledger = match &setup.unrecorded {
+    let (ledger, ledger_paced) = match &setup.unrecorded {
         Some(off) => {
             eprintln!("orproxy-bench: concurrency {c}, ledger on and off");
             let pair = [off, &setup.quiet];
-            Some([
+            let saturated = [
                 compare_under_load(&client, pair, &whole_body, false, args).await?,
                 compare_under_load(&client, pair, &stream_body, true, args).await?,
-            ])
+            ];
+            let mut paced = Vec::new();
+            for (stream, rate) in paced_runs(args.rate) {
+                let (kind, body) = match stream {
+                    false => ("non-stream", &whole_body),
+                    true => ("stream", &stream_body),
+                };
+                eprintln!("orproxy-bench: {kind} at {rate} calls/s, ledger on and off");
+                let loads = compare_paced(&client, pair, body, stream, rate as f64, args).await?;
+                paced.push((kind, rate, loads));
+            }
+            (Some(saturated), Some(paced))
         }
-        None => None,
+        None => (None, None),
     };
     Ok(Results {
         whole,
@@ -1283,6 +1413,7 @@ async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) ->
         load_whole,
         load_stream,
         ledger,
+        ledger_paced,
         idle,
         after_sequential,
         after_load: memory(proxy_pid)?,
