@@ -20,6 +20,9 @@ if [ -n "$snapshot" ]; then
     git -C "$db" add -A
     git -C "$db" -c user.name=orproxy-ci -c user.email=ci@localhost commit -qm "advisory-db snapshot"
   fi
+  # `cargo deny` reads `cargo metadata`, which wants the sources of every crate in the lock
+  # file, those of other platforms too: a new machine's builds have not fetched those.
+  cargo fetch --locked --quiet
   cargo deny --offline check
 else
   echo "deny: no advisory snapshot found; fetching the database" >&2
