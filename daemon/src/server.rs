@@ -246,6 +246,9 @@ fn start_workers(
                     .and_then(|runtime| {
                         runtime.block_on(async move {
                             let listener = TcpListener::from_std(listener)?;
+                            // This worker's upstream pool, built before the first request
+                            // rather than inside it.
+                            app.client();
                             tokio::spawn(timer_heartbeat());
                             serve_connections(listener, api_router(Arc::clone(&app)), app, drain)
                                 .await

@@ -2,6 +2,7 @@
 //! network or from a local plugin.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use tokio::time::{Instant, sleep, timeout_at};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -46,6 +47,23 @@ pub struct UpstreamClient {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
+/// The TLS settings every pool starts from, built once: building them reads and parses the
+/// system's CA certificates, which each worker's first request used to pay for (10 ms here).
+/// Clones share the verifier and the session cache.
+fn shared_tls() -> std::io::Result<rustls::ClientConfig> {
+    static TLS: OnceLock<rustls::ClientConfig> = OnceLock::new();
+    if let Some(config) = TLS.get() {
+        return Ok(config.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.try_with_platform_verifier())
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth();
+    Ok(TLS.get_or_init(|| config).clone())
+}
+
 thread_local! {
     static THREAD_CLIENT: std::cell::OnceCell<UpstreamClient> = const { std::cell::OnceCell::new() };
 }
@@ -70,7 +88,7 @@ impl UpstreamClient {
         tcp.set_keepalive(Some(Duration::from_secs(30)));
         tcp.enforce_http(false);
         let https = HttpsConnectorBuilder::new()
-            .with_provider_and_platform_verifier(rustls::crypto::ring::default_provider())?
+            .with_tls_config(shared_tls()?)
             .https_or_http()
             .enable_http1()
             .enable_http2()
