@@ -92,26 +92,12 @@ impl Usage {
 /// Converts a decimal USD amount written as JSON number text (`0.00353025`, `4.25e-06`, `"0.1"`)
 /// to nano-dollars, rounding half away from zero at the ninth decimal.
 pub fn usd_to_nanos(text: &str) -> Option<Nanos> {
-    let text = text.trim().trim_matches('"');
-    let (negative, text) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text.strip_prefix('+').unwrap_or(text)),
-    };
-    let (mantissa, exponent) = match text.find(['e', 'E']) {
-        Some(at) => (&text[..at], text[at + 1..].parse::<i32>().ok()?),
-        None => (text, 0),
-    };
-    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    if int_part.is_empty() && frac_part.is_empty() {
-        return None;
-    }
-    if !int_part
-        .bytes()
-        .chain(frac_part.bytes())
-        .all(|b| b.is_ascii_digit())
-    {
-        return None;
-    }
+    let Decimal {
+        negative,
+        int_part,
+        frac_part,
+        exponent,
+    } = Decimal::parse(text)?;
     // value = digits * 10^(exponent - frac_len); nanos = value * 10^9. Computed on the digits
     // in place: this runs for every answer, and allocating per call showed in profiles.
     let scale = i64::from(exponent) - frac_part.len() as i64 + 9;
@@ -141,6 +127,41 @@ pub fn usd_to_nanos(text: &str) -> Option<Nanos> {
         }
     };
     Some(if negative { -magnitude } else { magnitude })
+}
+
+/// A decimal number's text taken apart: `-12.5e3` is negative, `12`, `5`, exponent 3.
+struct Decimal<'a> {
+    negative: bool,
+    int_part: &'a str,
+    frac_part: &'a str,
+    exponent: i32,
+}
+
+impl<'a> Decimal<'a> {
+    /// Reads JSON number text, possibly quoted; `None` unless every mantissa character is a
+    /// digit (besides one point) and there is at least one.
+    fn parse(text: &'a str) -> Option<Decimal<'a>> {
+        let text = text.trim().trim_matches('"');
+        let (negative, text) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text.strip_prefix('+').unwrap_or(text)),
+        };
+        let (mantissa, exponent) = match text.find(['e', 'E']) {
+            Some(at) => (&text[..at], text[at + 1..].parse::<i32>().ok()?),
+            None => (text, 0),
+        };
+        let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let mut digits = int_part.bytes().chain(frac_part.bytes());
+        if (int_part.is_empty() && frac_part.is_empty()) || !digits.all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Decimal {
+            negative,
+            int_part,
+            frac_part,
+            exponent,
+        })
+    }
 }
 
 /// The decimal digits as a number; `None` past what an `i64` holds.
@@ -252,27 +273,11 @@ mod tests {
     /// The conversion by shifting the digits as text, the way it was first written: the
     /// arithmetic in place must agree with it on every input.
     fn shifted_as_text(text: &str) -> Option<Nanos> {
-        let text = text.trim().trim_matches('"');
-        let (negative, text) = match text.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, text.strip_prefix('+').unwrap_or(text)),
-        };
-        let (mantissa, exponent) = match text.find(['e', 'E']) {
-            Some(at) => (&text[..at], text[at + 1..].parse::<i32>().ok()?),
-            None => (text, 0),
-        };
-        let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-        if (int_part.is_empty() && frac_part.is_empty())
-            || !int_part
-                .bytes()
-                .chain(frac_part.bytes())
-                .all(|b| b.is_ascii_digit())
-        {
-            return None;
-        }
+        let decimal = Decimal::parse(text)?;
+        let (int_part, frac_part) = (decimal.int_part, decimal.frac_part);
         let digits = format!("{int_part}{frac_part}");
         let digits = digits.trim_start_matches('0');
-        let scale = i64::from(exponent) - frac_part.len() as i64 + 9;
+        let scale = i64::from(decimal.exponent) - frac_part.len() as i64 + 9;
         let magnitude = if digits.is_empty() {
             0
         } else if scale >= 0 {
@@ -296,7 +301,11 @@ mod tests {
                 kept.saturating_add(i64::from(dropped.as_bytes()[0] >= b'5'))
             }
         };
-        Some(if negative { -magnitude } else { magnitude })
+        Some(if decimal.negative {
+            -magnitude
+        } else {
+            magnitude
+        })
     }
 
     proptest! {
