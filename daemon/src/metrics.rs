@@ -4,12 +4,12 @@
 //! renders it. Labels stay low-cardinality: models outside the routing table count as `other`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt};
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::formatting::{sanitize_label_value, write_type_line};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -123,6 +123,8 @@ impl Handles {
 }
 
 /// Values by backend, then model; looked up with borrowed names, so a hit allocates nothing.
+/// Hashed with foldhash: label values are the routing table's own names, and SipHash's
+/// flooding resistance cost more than the counting on every request.
 type ByRoute<T> = HashMap<Box<str>, HashMap<Box<str>, T>>;
 
 fn by_route<'a, T>(
