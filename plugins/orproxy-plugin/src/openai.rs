@@ -174,7 +174,7 @@ pub fn map_response(body: &Bytes) -> MappedResponse {
 /// An answer as upstreams send it, its usage read in the same pass; `None` when that fails.
 fn read_in_one_pass(body: &[u8]) -> Option<MappedResponse> {
     let mut view = serde_json::from_slice::<ResponseView<'_, WireUsage<'_>>>(body).ok()?;
-    let usage = view.usage.take().map(Usage::from);
+    let usage = view.usage.take().and_then(WireUsage::read);
     Some(read_view(view, usage))
 }
 
@@ -376,24 +376,28 @@ impl ChunkMapper {
         }
         match serde_json::from_slice::<ChunkView<'_, WireUsage<'_>>>(data) {
             Ok(mut chunk) => {
-                let usage = chunk.usage.take().map(Usage::from);
-                self.read_chunk(chunk, usage)
+                let reported = chunk.usage.is_some();
+                let usage = chunk.usage.take().and_then(WireUsage::read);
+                self.read_chunk(chunk, usage, reported)
             }
             Err(_) => match serde_json::from_slice::<ChunkView<'_, &RawValue>>(data) {
                 Ok(mut chunk) => {
+                    let reported = chunk.usage.is_some();
                     let usage = chunk.usage.take().and_then(Usage::from_openai_json);
-                    self.read_chunk(chunk, usage)
+                    self.read_chunk(chunk, usage, reported)
                 }
                 Err(_) => (EventKind::Unknown, None),
             },
         }
     }
 
-    /// Classifies a parsed chunk whose usage was read already.
+    /// Classifies a parsed chunk whose usage was read already; `reported` when it carried a
+    /// `usage` that is not `null`, readable or not.
     fn read_chunk<U>(
         &mut self,
         chunk: ChunkView<'_, U>,
         usage: Option<Usage>,
+        reported: bool,
     ) -> (EventKind, Option<Usage>) {
         if self.model.is_none() {
             self.model = chunk.model.map(Cow::into_owned);
@@ -417,7 +421,9 @@ impl ChunkMapper {
         let kind = if content {
             self.content_seen = true;
             EventKind::Content
-        } else if usage.is_some() {
+        } else if usage.is_some() || (reported && chunk.choices.iter().flatten().next().is_none()) {
+            // A chunk of nothing but a usage that cannot be read is still the usage chunk:
+            // kept from a client that did not ask for it, like a readable one.
             EventKind::Usage
         } else {
             EventKind::Preamble
@@ -604,6 +610,26 @@ mod tests {
             if let Some(one_pass) = read_in_one_pass(body.as_bytes()) {
                 proptest::prop_assert_eq!(format!("{one_pass:?}"), apart, "{}", body);
             }
+        }
+    }
+
+    #[test]
+    fn an_unreadable_usage_chunk_is_kept_from_a_client_that_did_not_ask() {
+        for usage in [r#""lots""#, "[1,2]", "{}", r#"{"prompt_tokens":"x"}"#] {
+            let mut mapper = ChunkMapper::stripping_usage();
+            let content = r#"data: {"choices":[{"delta":{"content":"hi"}}]}"#;
+            assert_eq!(
+                mapper.map(SseEvent::new(Bytes::from(content))).kind,
+                EventKind::Content
+            );
+            let event = format!(r#"data: {{"choices":[],"usage":{usage}}}"#);
+            let mapped = mapper.map(SseEvent::new(Bytes::from(event)));
+            assert_eq!(
+                (mapped.kind, mapped.usage),
+                (EventKind::Usage, None),
+                "{usage}"
+            );
+            assert!(matches!(mapped.out, Output::Nothing), "{usage}");
         }
     }
 

@@ -3,7 +3,10 @@
 //! Costs are integer nano-dollars (1e-9 USD) so that sums never drift; upstream decimals are
 //! converted from their text, never through a float.
 
+use std::fmt;
+
 use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 /// Nano-dollars: 1 USD is 1_000_000_000.
@@ -29,55 +32,220 @@ pub struct Usage {
 
 /// The OpenAI `usage` object with OpenRouter's additions, read without floats. An answer's
 /// view can hold it as a field, so that usage is read in the same pass as the rest.
-#[derive(Deserialize)]
+///
+/// Each field is read on its own: one odd value (a count as `null` or text, details that are
+/// not an object) costs that field, not the cost or the counts beside it. Anything but an
+/// object (an array, text, a number) is no usage at all.
+#[derive(Default)]
 pub struct WireUsage<'a> {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-    #[serde(default, borrow)]
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
     cost: Option<&'a RawValue>,
-    #[serde(default)]
-    prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default)]
-    completion_tokens_details: Option<CompletionDetails>,
-}
-
-#[derive(Deserialize)]
-struct PromptDetails {
-    #[serde(default)]
     cached_tokens: Option<u64>,
-    #[serde(default)]
     cache_write_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct CompletionDetails {
-    #[serde(default)]
     reasoning_tokens: Option<u64>,
 }
 
-impl From<WireUsage<'_>> for Usage {
-    fn from(wire: WireUsage<'_>) -> Usage {
-        let (cached_tokens, cache_write_tokens) = wire
-            .prompt_tokens_details
-            .map_or((None, None), |d| (d.cached_tokens, d.cache_write_tokens));
-        Usage {
-            prompt_tokens: wire.prompt_tokens,
-            completion_tokens: wire.completion_tokens,
-            cached_tokens,
-            cache_write_tokens,
-            reasoning_tokens: wire
-                .completion_tokens_details
-                .and_then(|d| d.reasoning_tokens),
-            // A negative cost is no charge anyone made: it would lower a budget's spend. One
-            // past what nano-dollars hold counts as the most they hold: dropping it would
-            // price the request from `pricing` instead, as if it were nearly free.
-            cost_nanos: wire
-                .cost
-                .and_then(|c| usd_to_nanos(c.get()).or_else(|| beyond_nanos(c.get())))
-                .filter(|nanos| *nanos >= 0),
+impl<'de: 'a, 'a> Deserialize<'de> for WireUsage<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+            type Value = WireUsage<'a>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a usage object")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<WireUsage<'a>, M::Error> {
+                let mut wire = WireUsage::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::PromptTokens => wire.prompt_tokens = map.next_value::<Count>()?.0,
+                        Key::CompletionTokens => {
+                            wire.completion_tokens = map.next_value::<Count>()?.0;
+                        }
+                        Key::Cost => wire.cost = map.next_value()?,
+                        Key::PromptTokensDetails => {
+                            let details = map.next_value::<Details>()?;
+                            wire.cached_tokens = details.cached_tokens;
+                            wire.cache_write_tokens = details.cache_write_tokens;
+                        }
+                        Key::CompletionTokensDetails => {
+                            wire.reasoning_tokens = map.next_value::<Details>()?.reasoning_tokens;
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(wire)
+            }
         }
+        deserializer.deserialize_map(Fields(std::marker::PhantomData))
+    }
+}
+
+/// The keys of a usage object and of its details that orproxy reads; matched without
+/// allocating, as derived field names are.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Key {
+    PromptTokens,
+    CompletionTokens,
+    Cost,
+    PromptTokensDetails,
+    CompletionTokensDetails,
+    CachedTokens,
+    CacheWriteTokens,
+    ReasoningTokens,
+    #[serde(other)]
+    Other,
+}
+
+/// A token count as upstreams write it; `None` for anything that is not a whole, non-negative
+/// number (`null`, text that is no number, `10.5`, `-3`, past `u64`).
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Lenient;
+        impl<'de> Visitor<'de> for Lenient {
+            type Value = Count;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a token count")
+            }
+
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+
+            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(n).ok()))
+            }
+
+            fn visit_f64<E>(self, n: f64) -> Result<Count, E> {
+                // `1e2` is a whole number written as a float; 2^64 and beyond is not a count.
+                let whole = n.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&n);
+                Ok(Count(whole.then_some(n as u64)))
+            }
+
+            fn visit_str<E>(self, text: &str) -> Result<Count, E> {
+                Ok(Count(text.trim().parse().ok()))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Count, M::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Count, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+        }
+        deserializer.deserialize_any(Lenient)
+    }
+}
+
+/// `prompt_tokens_details` or `completion_tokens_details`, each count read as [`Count`]; a
+/// value that is not an object holds none.
+#[derive(Default)]
+struct Details {
+    cached_tokens: Option<u64>,
+    cache_write_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Lenient;
+        impl<'de> Visitor<'de> for Lenient {
+            type Value = Details;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("token details")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Details, M::Error> {
+                let mut details = Details::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::CachedTokens => &mut details.cached_tokens,
+                        Key::CacheWriteTokens => &mut details.cache_write_tokens,
+                        Key::ReasoningTokens => &mut details.reasoning_tokens,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = map.next_value::<Count>()?.0;
+                }
+                Ok(details)
+            }
+
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Details, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Details::default())
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+
+            fn visit_unit<E>(self) -> Result<Details, E> {
+                Ok(Details::default())
+            }
+        }
+        deserializer.deserialize_any(Lenient)
+    }
+}
+
+impl WireUsage<'_> {
+    /// What the object tells: its cost when readable and not negative, and its counts. Without
+    /// a readable cost both counts are needed, else it is no usage (the answer is then
+    /// estimated from its size, rather than priced as if it used nothing).
+    pub fn read(self) -> Option<Usage> {
+        // A negative cost is no charge anyone made: it would lower a budget's spend. One past
+        // what nano-dollars hold counts as the most they hold: dropping it would price the
+        // request from `pricing` instead, as if it were nearly free.
+        let cost_nanos = self
+            .cost
+            .and_then(|c| usd_to_nanos(c.get()).or_else(|| beyond_nanos(c.get())))
+            .filter(|nanos| *nanos >= 0);
+        let counted = self.prompt_tokens.is_some() && self.completion_tokens.is_some();
+        (counted || cost_nanos.is_some()).then(|| Usage {
+            prompt_tokens: self.prompt_tokens.unwrap_or(0),
+            completion_tokens: self.completion_tokens.unwrap_or(0),
+            cached_tokens: self.cached_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            cost_nanos,
+        })
     }
 }
 
@@ -85,7 +253,7 @@ impl Usage {
     /// Reads an OpenAI-shaped `usage` object (raw JSON); `None` for `null` or an unreadable value.
     pub fn from_openai_json(raw: &RawValue) -> Option<Usage> {
         let wire: Option<WireUsage<'_>> = serde_json::from_str(raw.get()).ok()?;
-        wire.map(Usage::from)
+        wire?.read()
     }
 }
 
@@ -262,6 +430,66 @@ mod tests {
         }
         // Rounding up at the very top saturates instead of overflowing.
         assert_eq!(usd_to_nanos("9223372036.8547758075"), Some(Nanos::MAX));
+    }
+
+    #[test]
+    fn one_odd_field_costs_that_field_only() {
+        let read =
+            |json: &str| Usage::from_openai_json(&RawValue::from_string(json.into()).unwrap());
+        let usage = |prompt, completion, cost| Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost_nanos: cost,
+            ..Usage::default()
+        };
+        // A readable cost is kept whatever the counts beside it say.
+        let cases = [
+            (
+                r#"{"prompt_tokens":"ten","completion_tokens":5,"cost":0.0001}"#,
+                Some(usage(0, 5, Some(100_000))),
+            ),
+            (
+                r#"{"prompt_tokens":10,"completion_tokens":null,"cost":0.0001}"#,
+                Some(usage(10, 0, Some(100_000))),
+            ),
+            (
+                r#"{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":"x"}"#,
+                Some(usage(10, 5, None)),
+            ),
+            (
+                r#"{"prompt_tokens":1e2,"completion_tokens":10.0}"#,
+                Some(usage(100, 10, None)),
+            ),
+            (
+                r#"{"prompt_tokens":1,"prompt_tokens":2,"completion_tokens":3}"#,
+                Some(usage(2, 3, None)),
+            ),
+            // Without a cost, both counts are needed: else the answer is estimated, not free.
+            (r#"{"prompt_tokens":10.5,"completion_tokens":5}"#, None),
+            (
+                r#"{"prompt_tokens":18446744073709551616,"completion_tokens":1}"#,
+                None,
+            ),
+            (
+                r#"{"prompt_tokens":-1,"completion_tokens":1,"cost":null}"#,
+                None,
+            ),
+            ("{}", None),
+            // Not an object: no usage, even when a position could be read as a count.
+            ("[1,2]", None),
+            (r#""lots""#, None),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(read(json), expected, "{json}");
+        }
+        let details = read(
+            r#"{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":"4","audio_tokens":[]},"completion_tokens_details":{"reasoning_tokens":-3}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (details.cached_tokens, details.reasoning_tokens),
+            (Some(4), None)
+        );
     }
 
     #[test]
