@@ -428,7 +428,7 @@ impl Plan {
                 self.failures.push(FailedAttempt {
                     label,
                     why: format!(
-                        "not tried: the failed attempts' billed cost left budget \"{budget}\" no room for another attempt"
+                        "not tried: the failed attempts' billed cost left budget `{budget}` no room for another attempt"
                     ),
                     retry_after: None,
                     rate_limited: false,

@@ -217,12 +217,13 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// "all 3 attempts failed: a: why; b: why; c: why", or for a lone target (its rest answered for
-/// it) "its only target was ...".
+/// "all 3 targets failed: a: why; b: why; c: why", or for a lone target (its rest answered for
+/// it) "its only target was ...". Targets, not attempts: a resting target, or one a budget left
+/// untried, is listed with why it was not called.
 fn every_attempt(attempts: &[String], plural: &str, singular: &str) -> String {
     match attempts {
         [one] => format!("its only target {singular}: {one}"),
-        all => format!("all {} attempts {plural}: {}", all.len(), all.join("; ")),
+        all => format!("all {} targets {plural}: {}", all.len(), all.join("; ")),
     }
 }
 

@@ -9,7 +9,10 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber (once; later calls are ignored).
 pub fn init(format: Option<LogFormat>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The platform verifier logs each refused certificate as an error of its own, without the
+    // request it belongs to: the request's line already names the certificate problem.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,rustls_platform_verifier=off"));
     let stderr_is_tty = std::io::stderr().is_terminal();
     let format = format.unwrap_or(if stderr_is_tty {
         LogFormat::Text

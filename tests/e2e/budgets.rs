@@ -519,7 +519,7 @@ async fn billed_failures_stop_a_chain_once_the_budget_is_used_up() {
     let message = error["message"].as_str().unwrap_or_default();
     assert!(
         message.contains(
-            r#"fake/echo: not tried: the failed attempts' billed cost left budget "cap" no room"#
+            r#"fake/echo: not tried: the failed attempts' billed cost left budget `cap` no room"#
         ),
         "{message}"
     );
