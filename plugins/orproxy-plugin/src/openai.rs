@@ -199,6 +199,7 @@ fn read_usage_apart(body: &[u8]) -> MappedResponse {
     }
 }
 
+/// A missing field's value, for an `Option<U>` whose `U` has no `Default` to derive one from.
 fn none<T>() -> Option<T> {
     None
 }
