@@ -412,7 +412,7 @@ impl Record {
             ts_ms: self.ts_ms,
             request_id: std::mem::take(&mut self.id),
             key,
-            client_ip: self.client_ip.map(|ip| ip.to_string()),
+            client_ip: self.client_ip,
             backend,
             model,
             model_requested: self.model_requested.take(),

@@ -1,6 +1,7 @@
 //! One request as stored.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use rusqlite::{Statement, params};
 use serde::Serialize;
@@ -50,8 +51,8 @@ pub struct Row {
     pub request_id: String,
     /// Proxy key name.
     pub key: Option<String>,
-    /// Client address.
-    pub client_ip: Option<String>,
+    /// Client address (written as text by the writer, off the request path).
+    pub client_ip: Option<IpAddr>,
     /// Backend that served, or was last tried.
     pub backend: Option<String>,
     /// Upstream model of that route.
@@ -120,7 +121,7 @@ impl Row {
             self.ts_ms,
             self.request_id,
             self.key,
-            self.client_ip,
+            self.client_ip.map(|ip| ip.to_string()),
             self.backend,
             self.model,
             self.model_requested,
@@ -151,7 +152,7 @@ impl Row {
             ts_ms,
             request_id: request_id.to_owned(),
             key: Some("team-a".into()),
-            client_ip: Some("127.0.0.1".into()),
+            client_ip: Some(IpAddr::from([127, 0, 0, 1])),
             backend: Some("openrouter".into()),
             model: Some("openai/gpt-4o-mini".into()),
             model_requested: Some("gpt-4o-mini".into()),

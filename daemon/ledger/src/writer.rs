@@ -601,7 +601,7 @@ fn lost(stats: &WriterStats, row: &Row, why: &str) {
         request_id = %row.request_id,
         ts_ms = row.ts_ms,
         key = row.key.as_deref(),
-        client_ip = row.client_ip.as_deref(),
+        client_ip = row.client_ip.map(tracing::field::display),
         backend = row.backend.as_deref(),
         model = row.model.as_deref(),
         model_requested = row.model_requested.as_deref(),
@@ -671,6 +671,12 @@ mod tests {
         }
         writer.flush();
         assert_eq!(count(&path), 100);
+        // The client's address, handed over as an address, is stored as text.
+        let ip: String = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT client_ip FROM requests LIMIT 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ip, "127.0.0.1");
         writer.stop();
         // A row after stop is not lost silently: it is counted (and logged).
         writer.send(Row::example("late", 0, 1));
