@@ -118,6 +118,19 @@ pub async fn post(daemon: &Daemon, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// Waits until request `id` has its "Request finished." log line. Polled, not waited on:
+/// the fake upstreams of these tests run on the test's own runtime.
+pub async fn request_finished(daemon: &Daemon, id: &str) {
+    let finished = format!("\"request_id\":\"{id}\"");
+    wait_until(|| {
+        daemon
+            .logs()
+            .iter()
+            .any(|l| l.contains(&finished) && l.contains("Request finished."))
+    })
+    .await;
+}
+
 /// Nano-dollars of a billing entry.
 pub fn billed_nanos(entry: &BillingEntry) -> i64 {
     usd_to_nanos(&entry.cost).unwrap_or_else(|| panic!("unparsable cost {entry:?}"))
@@ -421,15 +434,7 @@ async fn a_stream_cut_short_keeps_its_attempt_and_its_estimated_cost() {
     assert!(got.last().unwrap().1.contains("idle_timeout"), "{got:?}");
     let (left, left_id, _) = stream_until_content(&daemon, "fake/slow-100").await;
     drop(left);
-    // Polled, not waited on: the fake runs on this test's runtime.
-    let finished = format!("\"request_id\":\"{left_id}\"");
-    wait_until(|| {
-        daemon
-            .logs()
-            .iter()
-            .any(|l| l.contains(&finished) && l.contains("Request finished."))
-    })
-    .await;
+    request_finished(&daemon, &left_id).await;
 
     let stored = flushed_rows(&daemon, &default_db(&daemon)).await;
     let row = row_of(&stored, &cut_id);

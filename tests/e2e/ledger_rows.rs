@@ -9,7 +9,9 @@ use serde_json::Value;
 
 use crate::budgets::settled;
 use crate::harness::{chat, client, daemon_for, events};
-use crate::ledger::{billed_nanos, default_db, flushed_rows, post, request_id, row_of};
+use crate::ledger::{
+    billed_nanos, default_db, flushed_rows, post, request_finished, request_id, row_of,
+};
 use crate::streaming::wait_until;
 
 /// A price for `fake/no-usage` only (USD 1 / 2 per million tokens) and a budget counting it.
@@ -207,14 +209,7 @@ async fn ttfb_is_when_the_client_could_first_read_the_answer() {
     let left_id = request_id(&left);
     left.chunk().await.unwrap();
     drop(left);
-    let finished = format!("\"request_id\":\"{left_id}\"");
-    wait_until(|| {
-        daemon
-            .logs()
-            .iter()
-            .any(|l| l.contains(&finished) && l.contains("Request finished."))
-    })
-    .await;
+    request_finished(&daemon, &left_id).await;
 
     let db = default_db(&daemon);
     flushed_rows(&daemon, &db).await;

@@ -10,7 +10,7 @@ use orproxy_testkit::{
 use serde_json::{Value, json};
 
 use crate::harness::{Daemon, Options, chat, client, events, openrouter_config};
-use crate::ledger::{billed_nanos, default_db, flushed_rows, request_id, row_of};
+use crate::ledger::{billed_nanos, default_db, flushed_rows, post, request_id, row_of};
 
 // === helpers ===
 
@@ -602,12 +602,7 @@ async fn an_answer_cut_short_is_an_error_for_a_messages_client() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["stop_reason"], "end_turn", "{body:#}");
 
-    let response = client()
-        .post(daemon.url("/v1/chat/completions"))
-        .json(&crate::harness::chat(cut, "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let response = post(&daemon, &chat(cut, "hi", false)).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["choices"][0]["finish_reason"], "error", "{body:#}");
@@ -1591,12 +1586,7 @@ async fn a_json_answer_to_a_stream_request_is_replayed_as_a_stream_naming_its_ro
     // Chat clients get the chunks, the usage chunk they asked for, and [DONE].
     let mut body = chat("fake/ignore-stream", "one two", true);
     body["stream_options"] = json!({"include_usage": true});
-    let response = client()
-        .post(daemon.url("/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = post(&daemon, &body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["x-orproxy-route"],
