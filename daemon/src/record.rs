@@ -4,9 +4,10 @@
 //! without [`Record::finish`] (the client went away and the request future was cancelled), the
 //! drop writes it with outcome `client_disconnected`, so no request goes unrecorded.
 //!
-//! Writing prices the request (the upstream's cost, else a known price, else nothing; an answer
-//! whose upstream reported no usage is estimated), settles its budget reservation, and hands the
-//! row to the ledger writer; nothing here waits on disk.
+//! Closing a record prices the request (the upstream's cost, else a known price, else nothing;
+//! an answer whose upstream reported no usage is estimated) and settles its budget reservation
+//! at once; the metrics, the log line and the row for the ledger writer follow once the answer
+//! is on its way to the client. Nothing here waits on disk.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -172,7 +173,19 @@ pub struct Record {
     table: Arc<RoutingTable>,
     accounts: Arc<Accounts>,
     _inflight: metrics::Inflight,
-    finished: bool,
+    /// The end and the price, fixed by [`Record::settle`] until [`Record::publish`] takes them.
+    settled: Option<Settled>,
+    /// Published: the metrics, the log line and the usage row are out.
+    published: bool,
+}
+
+/// What [`Record::settle`] fixed for [`Record::publish`].
+struct Settled {
+    latency: Duration,
+    subject: Option<Subject>,
+    cost: Cost,
+    usage: Option<Usage>,
+    billed_failures: Vec<(Subject, Nanos)>,
 }
 
 impl Record {
@@ -214,7 +227,8 @@ impl Record {
             table,
             accounts,
             _inflight: metrics::Inflight::start(),
-            finished: false,
+            settled: None,
+            published: false,
         }
     }
 
@@ -269,11 +283,13 @@ impl Record {
         self.finish(status, outcome);
     }
 
-    /// Closes the record with the final status and outcome, and writes it.
+    /// Closes the record with the final status and outcome: settles its budgets now, and
+    /// publishes it once the answer is on its way (see [`publish_after_the_answer`]).
     pub fn finish(mut self, status: u16, outcome: Outcome) {
         self.status = status;
         self.outcome = outcome;
-        self.write();
+        self.settle();
+        publish_after_the_answer(self);
     }
 
     /// The route's backend and model, split.
@@ -336,11 +352,12 @@ impl Record {
         }
     }
 
-    fn write(&mut self) {
-        if self.finished {
+    /// Fixes the request's latency and cost and settles its budgets, before the client sees
+    /// the answer, so that a budget read after it counts the request.
+    fn settle(&mut self) {
+        if self.settled.is_some() || self.published {
             return;
         }
-        self.finished = true;
         self.upstream_wait(false);
         let latency = self.started.elapsed();
         let subject = self.subject();
@@ -357,7 +374,32 @@ impl Record {
         for (failed, nanos) in &billed_failures {
             budgets.settle(Reservation::default(), Some(failed), *nanos, self.ts_ms);
         }
+        self.settled = Some(Settled {
+            latency,
+            subject,
+            cost,
+            usage,
+            billed_failures,
+        });
+    }
 
+    /// Counts the request in the metrics, writes its log line and hands its row to the ledger
+    /// writer, once.
+    fn publish(&mut self) {
+        if self.published {
+            return;
+        }
+        self.published = true;
+        let Some(Settled {
+            latency,
+            subject,
+            cost,
+            usage,
+            billed_failures,
+        }) = self.settled.take()
+        else {
+            return;
+        };
         let (backend, model) = subject
             .as_ref()
             .map_or(("none", "none"), |s| (s.backend.as_str(), s.model.as_str()));
@@ -463,17 +505,32 @@ pub(crate) fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1e3
 }
 
+/// Publishes `record` from a task of its own: the worker runs it once the task at hand
+/// (hyper's connection, or the relay) has passed the answer on, so the client does not wait on
+/// the log line and the row. A task that never runs (the runtime stopped) drops the record,
+/// which publishes it too.
+fn publish_after_the_answer(mut record: Record) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(async move { record.publish() })),
+        Err(_) => record.publish(),
+    }
+}
+
 impl Drop for Record {
     fn drop(&mut self) {
-        if !self.finished {
+        if self.published {
+            return;
+        }
+        if self.settled.is_none() {
             // Dropped mid-flight: the client went away and hyper cancelled the request.
             self.outcome = Outcome::ClientDisconnected;
             self.close_attempt("client_disconnected");
             if self.status == 0 {
                 self.status = 499;
             }
-            self.write();
+            self.settle();
         }
+        self.publish();
     }
 }
 
