@@ -537,6 +537,70 @@ impl Drop for Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::Overrides;
+
+    /// Accounts on a fresh database, and a record of a request served by the mock backend.
+    fn accounts_and_record(name: &str) -> (std::path::PathBuf, Arc<Accounts>, Record) {
+        let dir =
+            std::env::temp_dir().join(format!("orproxy-record-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let accounts = Arc::new(Accounts::open(&dir.join("usage.db")).unwrap());
+        let table = crate::table::tests::build("", Overrides::default(), &[]).unwrap();
+        let mut record = Record::new(
+            "req-1".into(),
+            Instant::now(),
+            Arc::new(table),
+            Arc::clone(&accounts),
+        );
+        record.route = Some("mock:echo".into());
+        (dir, accounts, record)
+    }
+
+    /// Rows committed: (status, outcome).
+    fn rows(accounts: &Accounts) -> Vec<(i64, String)> {
+        assert!(accounts.writer.as_ref().unwrap().flush());
+        let path = accounts.path.as_ref().unwrap();
+        let conn = orproxy_ledger::open_reader(path).unwrap();
+        let mut select = conn
+            .prepare("SELECT status, outcome FROM requests")
+            .unwrap();
+        select
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[test]
+    fn a_record_is_published_after_the_task_that_finished_it() {
+        let (dir, accounts, record) = accounts_and_record("after");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            record.answered(200, Outcome::Ok);
+            assert_eq!(rows(&accounts), []);
+            tokio::task::yield_now().await;
+            assert_eq!(rows(&accounts), [(200, "ok".to_owned())]);
+        });
+        accounts.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_record_whose_publishing_task_never_runs_is_published_as_it_ended() {
+        let (dir, accounts, record) = accounts_and_record("stopped");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async { record.answered(200, Outcome::Ok) });
+        assert_eq!(rows(&accounts), []);
+        // The runtime stops with the task still queued, as a worker's does at shutdown.
+        drop(runtime);
+        assert_eq!(rows(&accounts), [(200, "ok".to_owned())]);
+        accounts.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn a_failed_attempts_cost_is_the_upstreams_when_nothing_else_is_known() {
