@@ -385,7 +385,7 @@ mod tests {
         crate::migrate(&mut conn).unwrap();
         let mut stmt = conn.prepare(crate::row::INSERT).unwrap();
         for row in rows {
-            row.insert(&mut stmt).unwrap();
+            row.insert(&mut stmt, &mut Vec::new()).unwrap();
         }
         drop(stmt);
         conn

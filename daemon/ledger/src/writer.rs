@@ -566,8 +566,9 @@ fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(INSERT)?;
+        let mut json = Vec::new();
         for row in batch {
-            row.insert(&mut stmt)?;
+            row.insert(&mut stmt, &mut json)?;
         }
     }
     crate::spend::add_spend(&tx, batch)?;
