@@ -5,9 +5,9 @@
 //! drop writes it with outcome `client_disconnected`, so no request goes unrecorded.
 //!
 //! Closing a record prices the request (the upstream's cost, else a known price, else nothing;
-//! an answer whose upstream reported no usage is estimated) and settles its budget reservation
-//! at once; the metrics, the log line and the row for the ledger writer follow once the answer
-//! is on its way to the client. Nothing here waits on disk.
+//! an answer whose upstream reported no usage is estimated), settles its budget reservation,
+//! counts it in the metrics and hands its row to the ledger writer, all before the answer
+//! leaves; its log line follows once the answer is on its way. Nothing here waits on disk.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -172,20 +172,18 @@ pub struct Record {
     ts_ms: i64,
     table: Arc<RoutingTable>,
     accounts: Arc<Accounts>,
-    _inflight: metrics::Inflight,
-    /// The end and the price, fixed by [`Record::settle`] until [`Record::publish`] takes them.
+    /// Counted in `orproxy_inflight_requests` until settled.
+    inflight: Option<metrics::Inflight>,
+    /// The request as settled, until [`Record::publish`] logs it.
     settled: Option<Settled>,
-    /// Published: the metrics, the log line and the usage row are out.
+    /// Published: the log line is out.
     published: bool,
 }
 
 /// What [`Record::settle`] fixed for [`Record::publish`].
 struct Settled {
     latency: Duration,
-    subject: Option<Subject>,
-    cost: Cost,
-    usage: Option<Usage>,
-    billed_failures: Vec<(Subject, Nanos)>,
+    row: Arc<Row>,
 }
 
 impl Record {
@@ -226,7 +224,7 @@ impl Record {
             ts_ms: crate::budget::now_ms(),
             table,
             accounts,
-            _inflight: metrics::Inflight::start(),
+            inflight: Some(metrics::Inflight::start()),
             settled: None,
             published: false,
         }
@@ -283,8 +281,8 @@ impl Record {
         self.finish(status, outcome);
     }
 
-    /// Closes the record with the final status and outcome: settles its budgets now, and
-    /// publishes it once the answer is on its way (see [`publish_after_the_answer`]).
+    /// Closes the record with the final status and outcome: settles it now, and writes its
+    /// log line once the answer is on its way (see [`publish_after_the_answer`]).
     pub fn finish(mut self, status: u16, outcome: Outcome) {
         self.status = status;
         self.outcome = outcome;
@@ -352,8 +350,10 @@ impl Record {
         }
     }
 
-    /// Fixes the request's latency and cost and settles its budgets, before the client sees
-    /// the answer, so that a budget read after it counts the request.
+    /// Closes the request's accounts before the client sees the answer, so that whatever
+    /// is read after it counts the request: prices it, settles its budgets, counts it in the
+    /// metrics and hands its row to the ledger writer. Only the log line is left for
+    /// [`Record::publish`].
     fn settle(&mut self) {
         if self.settled.is_some() || self.published {
             return;
@@ -374,32 +374,7 @@ impl Record {
         for (failed, nanos) in &billed_failures {
             budgets.settle(Reservation::default(), Some(failed), *nanos, self.ts_ms);
         }
-        self.settled = Some(Settled {
-            latency,
-            subject,
-            cost,
-            usage,
-            billed_failures,
-        });
-    }
 
-    /// Counts the request in the metrics, writes its log line and hands its row to the ledger
-    /// writer, once.
-    fn publish(&mut self) {
-        if self.published {
-            return;
-        }
-        self.published = true;
-        let Some(Settled {
-            latency,
-            subject,
-            cost,
-            usage,
-            billed_failures,
-        }) = self.settled.take()
-        else {
-            return;
-        };
         let (backend, model) = subject
             .as_ref()
             .map_or(("none", "none"), |s| (s.backend.as_str(), s.model.as_str()));
@@ -418,39 +393,14 @@ impl Record {
                 cost.nanos(),
             );
         }
-        let ttfb = self.first_answer.map(|t| t.duration_since(self.started));
-        tracing::info!(
-            target: "orproxy::request",
-            message = "Request finished.",
-            request_id = %self.id,
-            key = self.key.as_deref().unwrap_or("-"),
-            model = self.model_requested.as_deref().unwrap_or("-"),
-            rewritten = self.rewritten.as_deref(),
-            route = self.route.as_deref().unwrap_or("-"),
-            served = self.model_served.as_deref().unwrap_or("-"),
-            status = self.status,
-            outcome = %self.outcome,
-            stream = self.stream,
-            latency_ms = millis(latency),
-            ttfb_ms = ttfb.map(millis),
-            tokens_in = usage.as_ref().map(|u| u.prompt_tokens),
-            tokens_out = usage.as_ref().map(|u| u.completion_tokens),
-            cost_nanos = cost.nanos(),
-            cost_source = cost.source().as_str(),
-            attempts = %Attempts(&self.attempts),
-            error = self.error.as_deref(),
-            tags = (!self.tags.is_empty()).then(|| serde_json::to_string(&self.tags).unwrap_or_default()),
-            rules = self.rules.as_deref(),
-        );
-        let Some(writer) = &self.accounts.writer else {
-            return;
-        };
+        self.inflight = None;
+
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
         let (key, backend, model) = match subject {
             Some(s) => (s.key, Some(s.backend), Some(s.model)),
             None => (self.key.take(), None, None),
         };
-        writer.send(Row {
+        let row = Arc::new(Row {
             ts_ms: self.ts_ms,
             request_id: std::mem::take(&mut self.id),
             key,
@@ -469,7 +419,7 @@ impl Record {
             cost_nanos: cost.nanos(),
             cost_source: cost.source(),
             latency_us: micros(latency),
-            ttfb_us: ttfb.map(micros),
+            ttfb_us: self.ttfb().map(micros),
             upstream_us: (!self.upstream.is_zero()).then(|| micros(self.upstream)),
             attempts: std::mem::take(&mut self.attempts),
             tags: std::mem::take(&mut self.tags),
@@ -480,6 +430,49 @@ impl Record {
                 .map(|(s, nanos)| (s.backend, s.model, nanos))
                 .collect(),
         });
+        if let Some(writer) = &self.accounts.writer {
+            writer.send(Arc::clone(&row));
+        }
+        self.settled = Some(Settled { latency, row });
+    }
+
+    /// When the client could first read the answer, from arrival.
+    fn ttfb(&self) -> Option<Duration> {
+        self.first_answer.map(|t| t.duration_since(self.started))
+    }
+
+    /// Writes the request's log line, once.
+    fn publish(&mut self) {
+        if self.published {
+            return;
+        }
+        self.published = true;
+        let Some(Settled { latency, row }) = self.settled.take() else {
+            return;
+        };
+        tracing::info!(
+            target: "orproxy::request",
+            message = "Request finished.",
+            request_id = %row.request_id,
+            key = row.key.as_deref().unwrap_or("-"),
+            model = row.model_requested.as_deref().unwrap_or("-"),
+            rewritten = self.rewritten.as_deref(),
+            route = self.route.as_deref().unwrap_or("-"),
+            served = row.model_served.as_deref().unwrap_or("-"),
+            status = row.status,
+            outcome = row.outcome,
+            stream = row.stream,
+            latency_ms = millis(latency),
+            ttfb_ms = self.ttfb().map(millis),
+            tokens_in = row.prompt_tokens,
+            tokens_out = row.completion_tokens,
+            cost_nanos = row.cost_nanos,
+            cost_source = row.cost_source.as_str(),
+            attempts = %Attempts(&row.attempts),
+            error = row.error.as_deref(),
+            tags = (!row.tags.is_empty()).then(|| serde_json::to_string(&row.tags).unwrap_or_default()),
+            rules = row.rules.as_deref(),
+        );
     }
 }
 
@@ -505,10 +498,10 @@ pub(crate) fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1e3
 }
 
-/// Publishes `record` from a task of its own: the worker runs it once the task at hand
-/// (hyper's connection, or the relay) has passed the answer on, so the client does not wait on
-/// the log line and the row. A task that never runs (the runtime stopped) drops the record,
-/// which publishes it too.
+/// Writes `record`'s log line from a task of its own: the worker runs it once the task at
+/// hand (hyper's connection, or the relay) has passed the answer on, so the client does not
+/// wait on formatting and writing the line. A task that never runs (the runtime stopped) drops
+/// the record, which writes the line too.
 fn publish_after_the_answer(mut record: Record) {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => drop(runtime.spawn(async move { record.publish() })),
@@ -572,15 +565,15 @@ mod tests {
     }
 
     #[test]
-    fn a_record_is_published_after_the_task_that_finished_it() {
-        let (dir, accounts, record) = accounts_and_record("after");
+    fn a_records_row_is_sent_before_its_answer_leaves() {
+        // A report read right after the answer must find the request's row; only the log
+        // line waits for the task that follows the answer.
+        let (dir, accounts, record) = accounts_and_record("before");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         runtime.block_on(async {
             record.answered(200, Outcome::Ok);
-            assert_eq!(rows(&accounts), []);
-            tokio::task::yield_now().await;
             assert_eq!(rows(&accounts), [(200, "ok".to_owned())]);
         });
         accounts.close();
@@ -588,13 +581,12 @@ mod tests {
     }
 
     #[test]
-    fn a_record_whose_publishing_task_never_runs_is_published_as_it_ended() {
+    fn a_record_whose_log_task_never_runs_is_stored_once_as_it_ended() {
         let (dir, accounts, record) = accounts_and_record("stopped");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         runtime.block_on(async { record.answered(200, Outcome::Ok) });
-        assert_eq!(rows(&accounts), []);
         // The runtime stops with the task still queued, as a worker's does at shutdown.
         drop(runtime);
         assert_eq!(rows(&accounts), [(200, "ok".to_owned())]);

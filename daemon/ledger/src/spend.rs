@@ -1,7 +1,8 @@
 //! Spend totals for budgets: kept per UTC day by the writer (`spend_days`), read back at start.
 
-use foldhash::{HashMap, HashMapExt};
+use std::borrow::Borrow;
 
+use foldhash::{HashMap, HashMapExt};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Transaction};
 
@@ -67,11 +68,11 @@ pub fn spend_between(
 
 /// Adds the spend of `rows` to `spend_days` inside the transaction that inserts them, so the
 /// totals always equal the rows' sums. One statement per day and group of the batch.
-pub(crate) fn add_spend(tx: &Transaction<'_>, rows: &[Row]) -> rusqlite::Result<()> {
+pub(crate) fn add_spend<R: Borrow<Row>>(tx: &Transaction<'_>, rows: &[R]) -> rusqlite::Result<()> {
     // foldhash, not SipHash: the keys are the daemon's own rows, and hashing them was half of
     // this function's cost per row.
     let mut groups: HashMap<(i64, &str, &str, &str), i64> = HashMap::new();
-    for row in rows.iter().filter(|r| r.cost_nanos != 0) {
+    for row in rows.iter().map(R::borrow).filter(|r| r.cost_nanos != 0) {
         let day = row.ts_ms / DAY_MS;
         let key = row.key.as_deref().unwrap_or_default();
         // What failed attempts' upstreams billed counts for the targets that billed it, the

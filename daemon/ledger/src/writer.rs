@@ -64,7 +64,7 @@ const RETRY: [Duration; 3] = [
 ];
 
 enum Message {
-    Row(Box<Row>),
+    Row(Arc<Row>),
     /// Answered with whether every row sent before it is committed.
     Flush(SyncSender<bool>),
     /// Delete the rows that arrived before `before_ms`, named `cutoff` in the log.
@@ -167,8 +167,10 @@ impl Writer {
     }
 
     /// Queues a row; never blocks. After [`Writer::stop`], or with [`MAX_QUEUED`] rows already
-    /// waiting, the row is logged instead.
-    pub fn send(&self, row: Row) {
+    /// waiting, the row is logged instead. A shared row may still be read by its sender (the
+    /// daemon logs its request from it once the answer is out).
+    pub fn send(&self, row: impl Into<Arc<Row>>) {
+        let row = row.into();
         if self.stats.queued.load(Ordering::Relaxed) >= self.max_queued {
             lost(
                 &self.stats,
@@ -178,7 +180,7 @@ impl Writer {
             return;
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::SendError(Message::Row(row))) = self.tx.send(Message::Row(Box::new(row))) {
+        if let Err(mpsc::SendError(Message::Row(row))) = self.tx.send(Message::Row(row)) {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             lost(&self.stats, &row, "the usage writer has stopped");
         }
@@ -267,7 +269,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
-        let mut batch: Vec<Row> = Vec::new();
+        let mut batch: Vec<Arc<Row>> = Vec::new();
         let mut waiting: Vec<SyncSender<bool>> = Vec::new();
         let mut behind = false;
         // Time the last round spent deleting old rows, which the next batch gathers less.
@@ -331,7 +333,7 @@ impl Worker {
                 let dropped = self.stats.dropped.load(Ordering::Relaxed);
                 while let Ok(message) = self.rx.recv_timeout(Duration::ZERO) {
                     match message {
-                        Message::Row(row) => batch.push(*row),
+                        Message::Row(row) => batch.push(row),
                         Message::Flush(done) => waiting.push(done),
                         Message::Prune { .. } | Message::StopPruning | Message::Stop => {}
                     }
@@ -356,11 +358,11 @@ impl Worker {
     fn take(
         &mut self,
         message: Message,
-        batch: &mut Vec<Row>,
+        batch: &mut Vec<Arc<Row>>,
         waiting: &mut Vec<SyncSender<bool>>,
     ) -> bool {
         match message {
-            Message::Row(row) => batch.push(*row),
+            Message::Row(row) => batch.push(row),
             Message::Flush(done) => waiting.push(done),
             Message::Prune { before_ms, cutoff } => match &mut self.pruning {
                 // A later cutoff takes over the deletion under way.
@@ -423,7 +425,7 @@ impl Worker {
     /// (a few seconds later), and each failed round commits in transactions an eighth as
     /// large, so that a little freed disk space lets rows through. At stop, a refusing database
     /// gets a few quick tries, then the rows are logged whole, so that nothing is lost silently.
-    fn commit(&mut self, batch: &mut Vec<Row>, stopping: bool) {
+    fn commit(&mut self, batch: &mut Vec<Arc<Row>>, stopping: bool) {
         let mut pauses = if stopping { &RETRY[..] } else { &[][..] }.iter();
         loop {
             let error = match self.write_pieces(batch, self.piece) {
@@ -459,7 +461,7 @@ impl Worker {
 
     /// Commits `batch` in transactions of `piece` rows (at most [`MAX_BATCH`]) and removes
     /// what was committed from it.
-    fn write_pieces(&mut self, batch: &mut Vec<Row>, piece: usize) -> Result<(), String> {
+    fn write_pieces(&mut self, batch: &mut Vec<Arc<Row>>, piece: usize) -> Result<(), String> {
         let mut done = 0;
         let written = loop {
             let n = piece.min(MAX_BATCH).min(batch.len() - done);
@@ -562,7 +564,7 @@ fn shm_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Row]) -> rusqlite::Result<()> {
+fn write_batch(conn: &mut Connection, batch: &[Arc<Row>]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(INSERT)?;
