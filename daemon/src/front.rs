@@ -220,7 +220,7 @@ async fn count(
 ) -> Result<Response, ProxyError> {
     let table = app.table.load_full();
     let key = table.auth.authenticate(&headers)?.map(str::to_owned);
-    let bytes = crate::pipeline::read_body(body, &table.limits).await?;
+    let bytes = crate::pipeline::read_body(body, &table.limits, &app.hard_stop).await?;
     let parsed = JsonObject::parse(&bytes)?;
     let (openai, request) = messages_to_openai(&bytes, parsed)?;
     let cx = route::Context {

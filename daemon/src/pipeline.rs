@@ -26,6 +26,7 @@ use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use orproxy_plugin::JsonObject;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::app::App;
@@ -150,7 +151,7 @@ async fn admit(
 ) -> Result<Exchange, ProxyError> {
     record.key = table.auth.authenticate(&headers)?.map(str::to_owned);
     record.client_ip = Some(peer.ip());
-    let bytes = read_body(body, &table.limits).await?;
+    let bytes = read_body(body, &table.limits, &app.hard_stop).await?;
     let body = JsonObject::parse(&bytes)?;
     let (body, messages) = match api {
         Api::Chat => (body, None),
@@ -212,7 +213,11 @@ pub fn compact_trace(trace: &[orproxy_rules::Change]) -> Option<String> {
 /// Reads the request body, refusing more than `limits.max_body_bytes` (before buffering them)
 /// and a client silent for `limits.client_timeout` between two parts of it (hyper's timer
 /// covers the head only: a client stopping mid-body would hold its connection forever).
-pub(crate) async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, ProxyError> {
+pub(crate) async fn read_body(
+    body: Body,
+    limits: &Limits,
+    hard_stop: &watch::Receiver<bool>,
+) -> Result<Bytes, ProxyError> {
     let limit = limits.max_body_bytes;
     let mut body = Limited::new(body, limit);
     let mut first: Option<Bytes> = None;
@@ -222,11 +227,19 @@ pub(crate) async fn read_body(body: Body, limits: &Limits) -> Result<Bytes, Prox
         // and, when dropped, the timer driver's lock).
         let frame = match body.frame().now_or_never() {
             Some(frame) => frame,
-            None => tokio::time::timeout(limits.client_timeout, body.frame())
-                .await
-                .map_err(|_| ProxyError::ClientTimeout {
-                    limit: limits.client_timeout,
-                })?,
+            None => {
+                // A client still sending when the shutdown grace runs out gets its 503 (and
+                // its row) now, rather than holding the worker past the daemon's exit.
+                let mut hard_stop = hard_stop.clone();
+                tokio::select! {
+                    frame = tokio::time::timeout(limits.client_timeout, body.frame()) => {
+                        frame.map_err(|_| ProxyError::ClientTimeout {
+                            limit: limits.client_timeout,
+                        })?
+                    }
+                    Ok(_) = hard_stop.wait_for(|stop| *stop) => return Err(ProxyError::ShuttingDown),
+                }
+            }
         };
         let data = match frame {
             None => break,
@@ -309,6 +322,13 @@ mod tests {
         }
     }
 
+    /// A shutdown signal that is never given (its sender leaks with the test).
+    fn running() -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        std::mem::forget(tx);
+        rx
+    }
+
     fn body_of(parts: &[&'static str]) -> Body {
         let parts: Vec<Result<Bytes, std::io::Error>> = parts
             .iter()
@@ -319,12 +339,22 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_in_parts_is_read_whole_and_its_size_checked() {
-        let read = read_body(body_of(&["{\"a\":", "1", "}"]), &limits(100)).await;
+        let read = read_body(body_of(&["{\"a\":", "1", "}"]), &limits(100), &running()).await;
         assert_eq!(read.unwrap(), Bytes::from_static(b"{\"a\":1}"));
-        let read = read_body(body_of(&["{}"]), &limits(100)).await;
+        let read = read_body(body_of(&["{}"]), &limits(100), &running()).await;
         assert_eq!(read.unwrap(), Bytes::from_static(b"{}"));
-        assert_eq!(read_body(body_of(&[]), &limits(100)).await.unwrap(), "");
-        let read = read_body(body_of(&["0123456789", "0123456789"]), &limits(15)).await;
+        assert_eq!(
+            read_body(body_of(&[]), &limits(100), &running())
+                .await
+                .unwrap(),
+            ""
+        );
+        let read = read_body(
+            body_of(&["0123456789", "0123456789"]),
+            &limits(15),
+            &running(),
+        )
+        .await;
         assert!(matches!(read, Err(ProxyError::BodyTooLarge { limit: 15 })));
     }
 
@@ -332,7 +362,25 @@ mod tests {
     async fn a_body_that_stops_coming_times_out() {
         let parts = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{"))])
             .chain(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
-        let read = read_body(Body::from_stream(parts), &limits(100)).await;
+        let read = read_body(Body::from_stream(parts), &limits(100), &running()).await;
         assert!(matches!(read, Err(ProxyError::ClientTimeout { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_still_coming_when_the_grace_runs_out_ends_at_once() {
+        let parts = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{"))])
+            .chain(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
+        let (stop, stopped) = watch::channel(false);
+        let started = tokio::time::Instant::now();
+        let limits = limits(100);
+        let (read, ()) = tokio::join!(
+            read_body(Body::from_stream(parts), &limits, &stopped),
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                let _ = stop.send(true);
+            }
+        );
+        assert!(matches!(read, Err(ProxyError::ShuttingDown)));
+        assert!(started.elapsed() < limits.client_timeout);
     }
 }
