@@ -75,7 +75,8 @@ pub async fn method_not_allowed(method: http::Method, uri: http::Uri) -> Respons
     )
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+/// An error in the OpenAI shape.
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
     (status, axum::Json(body)).into_response()
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
 use http::HeaderMap;
@@ -59,16 +59,61 @@ impl ModelCatalog {
 pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     const REQUEST: &str = "GET /v1/models";
     let started = std::time::Instant::now();
+    let response = match listed(&app, &headers).await {
+        Ok(models) => {
+            let data: Vec<_> = models
+                .iter()
+                .map(|(id, owner)| model_object(id, owner))
+                .collect();
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
+        Err(response) => response,
+    };
+    crate::server::stamped(&app, REQUEST, started, response)
+}
+
+/// `GET /v1/models/{id}` (the SDKs' `models.retrieve`): one entry of [`list`], or 404
+/// `model_not_found`. Ids hold slashes (`openai/gpt-4o`), so the rest of the path is the id.
+pub async fn retrieve(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    uri: http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let started = std::time::Instant::now();
+    let request = format!("GET {}", uri.path());
+    let response = match listed(&app, &headers).await {
+        Ok(models) => match models.iter().find(|(listed, _)| *listed == id) {
+            Some((id, owner)) => Json(model_object(id, owner)).into_response(),
+            None => crate::admin::error(
+                http::StatusCode::NOT_FOUND,
+                "model_not_found",
+                &format!(
+                    "the model `{id}` is not listed by any backend (GET /v1/models lists them)"
+                ),
+            ),
+        },
+        Err(response) => response,
+    };
+    crate::server::stamped(&app, &request, started, response)
+}
+
+fn model_object(id: &str, owner: &str) -> serde_json::Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
+}
+
+/// Every listed model as `(id, backend)`, ids prefixed `backend:` for non-default backends;
+/// or the 401 of a request without a valid key.
+async fn listed(app: &App, headers: &HeaderMap) -> Result<BTreeSet<(String, String)>, Response> {
     let table = app.table.load_full();
-    if let Err(error) = table.auth.authenticate(&headers) {
-        let response = crate::error::ProxyError::from(error).into_response();
-        return crate::server::stamped(&app, REQUEST, started, response);
+    if let Err(error) = table.auth.authenticate(headers) {
+        return Err(crate::error::ProxyError::from(error).into_response());
     }
     let lists = join_all(
         table
             .backends
             .values()
-            .map(|backend| models_of(&app, backend)),
+            .map(|backend| models_of(app, backend)),
     )
     .await;
     let mut ids = BTreeSet::new();
@@ -87,12 +132,7 @@ pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             ids.insert((prefix(id), backend.name.clone()));
         }
     }
-    let data: Vec<_> = ids
-        .into_iter()
-        .map(|(id, owner)| json!({"id": id, "object": "model", "created": 0, "owned_by": owner}))
-        .collect();
-    let response = Json(json!({"object": "list", "data": data})).into_response();
-    crate::server::stamped(&app, REQUEST, started, response)
+    Ok(ids)
 }
 
 /// One backend's list: fresh from cache, else fetched; a failed fetch serves the stale copy

@@ -46,6 +46,7 @@ pub fn api_router(app: Arc<App>) -> Router {
         .route("/v1/messages", post(pipeline::messages))
         .route("/v1/messages/count_tokens", post(front::count_tokens))
         .route("/v1/models", get(models::list))
+        .route("/v1/models/{*id}", get(models::retrieve))
         .fallback(
             |State(app): State<Arc<App>>, method: http::Method, uri: http::Uri| async move {
                 let request = format!("{method} {}", uri.path());

@@ -213,6 +213,32 @@ async fn models_lists_every_backend() {
 }
 
 #[tokio::test]
+async fn one_listed_model_is_retrieved_by_its_id() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for(&fake.base_url(), "");
+    // SDKs send the id's slash percent-encoded; a raw slash works too.
+    for (path, id) in [
+        ("/v1/models/openai%2Fgpt-4o", "openai/gpt-4o"),
+        ("/v1/models/openai/gpt-4o", "openai/gpt-4o"),
+        ("/v1/models/mock:mock", "mock:mock"),
+    ] {
+        let response = client().get(daemon.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let model: Value = response.json().await.unwrap();
+        assert_eq!(model["id"], id);
+        assert_eq!(model["object"], "model");
+    }
+    let response = client()
+        .get(daemon.url("/v1/models/no/such-model"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found");
+}
+
+#[tokio::test]
 async fn a_backend_failing_to_list_its_models_is_not_asked_on_every_listing() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};

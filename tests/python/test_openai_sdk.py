@@ -55,6 +55,13 @@ def test_models_list(client):
     assert "openai/gpt-4o" in ids
 
 
+def test_models_retrieve(client):
+    assert client.models.retrieve("openai/gpt-4o").id == "openai/gpt-4o"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no/such-model")
+    assert err.value.code == "model_not_found"
+
+
 def test_unknown_proxy_key_is_authentication_error(orproxy):
     bad = openai.OpenAI(base_url=orproxy, api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
