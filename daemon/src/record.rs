@@ -174,16 +174,10 @@ pub struct Record {
     accounts: Arc<Accounts>,
     /// Counted in `orproxy_inflight_requests` until settled.
     inflight: Option<metrics::Inflight>,
-    /// The request as settled, until [`Record::publish`] logs it.
-    settled: Option<Settled>,
+    /// The request's row as settled, until [`Record::publish`] logs it.
+    settled: Option<Arc<Row>>,
     /// Published: the log line is out.
     published: bool,
-}
-
-/// What [`Record::settle`] fixed for [`Record::publish`].
-struct Settled {
-    latency: Duration,
-    row: Arc<Row>,
 }
 
 impl Record {
@@ -419,7 +413,9 @@ impl Record {
             cost_nanos: cost.nanos(),
             cost_source: cost.source(),
             latency_us: micros(latency),
-            ttfb_us: self.ttfb().map(micros),
+            ttfb_us: self
+                .first_answer
+                .map(|t| micros(t.duration_since(self.started))),
             upstream_us: (!self.upstream.is_zero()).then(|| micros(self.upstream)),
             attempts: std::mem::take(&mut self.attempts),
             tags: std::mem::take(&mut self.tags),
@@ -433,12 +429,7 @@ impl Record {
         if let Some(writer) = &self.accounts.writer {
             writer.send(Arc::clone(&row));
         }
-        self.settled = Some(Settled { latency, row });
-    }
-
-    /// When the client could first read the answer, from arrival.
-    fn ttfb(&self) -> Option<Duration> {
-        self.first_answer.map(|t| t.duration_since(self.started))
+        self.settled = Some(row);
     }
 
     /// Writes the request's log line, once.
@@ -447,7 +438,7 @@ impl Record {
             return;
         }
         self.published = true;
-        let Some(Settled { latency, row }) = self.settled.take() else {
+        let Some(row) = self.settled.take() else {
             return;
         };
         tracing::info!(
@@ -462,8 +453,8 @@ impl Record {
             status = row.status,
             outcome = row.outcome,
             stream = row.stream,
-            latency_ms = millis(latency),
-            ttfb_ms = self.ttfb().map(millis),
+            latency_ms = micros_to_millis(row.latency_us),
+            ttfb_ms = row.ttfb_us.map(micros_to_millis),
             tokens_in = row.prompt_tokens,
             tokens_out = row.completion_tokens,
             cost_nanos = row.cost_nanos,
@@ -496,6 +487,11 @@ impl fmt::Display for Attempts<'_> {
 pub(crate) fn millis(d: Duration) -> f64 {
     // Whole microseconds, as the usage row stores them, so that the two agree.
     d.as_micros() as f64 / 1e3
+}
+
+/// A row's whole microseconds as [`millis`] writes them.
+fn micros_to_millis(us: i64) -> f64 {
+    us as f64 / 1e3
 }
 
 /// Writes `record`'s log line from a task of its own: the worker runs it once the task at
