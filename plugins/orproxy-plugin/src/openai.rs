@@ -23,6 +23,7 @@ use crate::failure::{Failure, FailureKind};
 use crate::sse::SseEvent;
 use crate::usage::{Usage, WireUsage, usd_to_nanos};
 
+mod quick;
 mod replay;
 
 pub use replay::completion_events;
@@ -168,6 +169,14 @@ impl ResponseChoice<'_> {
 
 /// Reads usage, served model, a 200-with-error and an answer cut short from a chat completion.
 pub fn map_response(body: &Bytes) -> MappedResponse {
+    quick::read(body)
+        .or_else(|| read_in_one_pass(body))
+        .unwrap_or_else(|| read_usage_apart(body))
+}
+
+/// What serde reads of an answer, without the quick reading in front.
+#[cfg(test)]
+fn read_with_serde(body: &[u8]) -> MappedResponse {
     read_in_one_pass(body).unwrap_or_else(|| read_usage_apart(body))
 }
 
@@ -610,6 +619,125 @@ mod tests {
             let apart = format!("{:?}", read_usage_apart(body.as_bytes()));
             if let Some(one_pass) = read_in_one_pass(body.as_bytes()) {
                 proptest::prop_assert_eq!(format!("{one_pass:?}"), apart, "{}", body);
+            }
+        }
+    }
+
+    /// An OpenRouter answer as the fake sends it, for the quick reading's tests.
+    const ANSWER: &str = r#"{"id":"gen-1","provider":"P","model":"fake/fast","object":"chat.completion","created":1700000000,"choices":[{"index":0,"logprobs":null,"finish_reason":"stop","native_finish_reason":"stop","message":{"role":"assistant","content":"The \"quick\" fox\n\u00e9.","refusal":null,"reasoning":null}}],"usage":{"prompt_tokens":16,"completion_tokens":10,"total_tokens":26,"cost":3.6e-05,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0,"cache_write_tokens":0,"audio_tokens":0,"video_tokens":0},"cost_details":{"upstream_inference_cost":3.6e-05,"upstream_inference_prompt_cost":1.6e-05},"completion_tokens_details":{"reasoning_tokens":0,"image_tokens":0,"audio_tokens":0}}}"#;
+
+    /// The quick reading's verdict on `body` is serde's, or it leaves `body` to serde.
+    fn quick_agrees(body: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        if let Some(quick) = quick::read(body) {
+            proptest::prop_assert_eq!(
+                format!("{quick:?}"),
+                format!("{:?}", read_with_serde(body)),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_ordinary_answer_takes_the_quick_reading() {
+        let quick = quick::read(ANSWER.as_bytes()).expect("read quickly");
+        assert_eq!(
+            format!("{quick:?}"),
+            format!("{:?}", read_with_serde(ANSWER.as_bytes()))
+        );
+        assert!(quick.usage.is_some());
+    }
+
+    proptest::proptest! {
+        /// Answers assembled from ordinary and odd parts: whatever the quick reading reads,
+        /// serde reads the same.
+        #[test]
+        fn the_quick_reading_reads_what_serde_reads(
+            model in pick(&["absent", r#""m""#, "null", r#""a\u0062""#, "7", r#""é""#]),
+            finish in pick(&["absent", r#""stop""#, "null", r#""error""#, "1"]),
+            message in pick(&["absent", "null", r#"{"content":"hi"}"#, r#""text""#, "[1,{}]",
+                r#"{"content":"","tool_calls":[{"id":"c"}]}"#]),
+            choice_error in pick(&["absent", "null", r#"{"message":"cut"}"#]),
+            choices in pick(&["one", "two", "none", "null", "[]", r#""x""#, "[1]"]),
+            count in pick(&["16", "0", "null", "-1", "1.5", "1e2", r#""16""#,
+                "18446744073709551616", "{}"]),
+            cost in pick(&["absent", "3.6e-05", "0", "null", "-1", r#""0.1""#, "1e300", "[]"]),
+            details in pick(&["absent", "null", "{}", r#"{"cached_tokens":3}"#, "[2]", "5",
+                r#"{"cached_tokens":1,"cached_tokens":2}"#, r#"{"reasoning_tokens":4}"#]),
+            usage_itself in pick(&["object", "object", "null", "absent", "[]", r#""u""#]),
+            error in pick(&["absent", "absent", "null", r#"{"code":502,"message":"x"}"#]),
+            extra in pick(&["", r#","x":{"a":[true,false,null,-0.5e+3]}"#, r#","usage2":1"#,
+                r#","model":"again""#, r#","choices":null"#]),
+            space in pick(&["", " ", "\n\t "]),
+        ) {
+            let field = |k: &str, v: &str| (v != "absent").then(|| format!("\"{k}\":{space}{v}"));
+            let choice: Vec<String> = [
+                field("finish_reason", finish),
+                field("message", message),
+                field("error", choice_error),
+                field("index", "0"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let choice = format!("{{{}}}", choice.join(","));
+            let choices = match choices {
+                "one" => format!("[{choice}]"),
+                "two" => format!("[{choice},{space}{choice}]"),
+                "none" => "absent".to_owned(),
+                other => other.to_owned(),
+            };
+            let usage: Vec<String> = [
+                field("prompt_tokens", count),
+                field("completion_tokens", "2"),
+                field("total_tokens", "18"),
+                field("cost", cost),
+                field("prompt_tokens_details", details),
+                field("completion_tokens_details", details),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let usage = match usage_itself {
+                "object" => format!("{{{}}}", usage.join(",")),
+                other => other.to_owned(),
+            };
+            let fields: Vec<String> = [
+                field("model", model),
+                field("choices", &choices),
+                field("usage", &usage),
+                field("error", error),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let body = format!("{space}{{{}{extra}}}{space}", fields.join(","));
+            quick_agrees(body.as_bytes())?;
+        }
+    }
+
+    /// An ordinary answer damaged anywhere, in every way tried (a byte dropped, replaced or
+    /// added, the answer cut): the quick reading never accepts what serde refuses, nor reads
+    /// it differently.
+    #[test]
+    fn a_damaged_answer_is_never_read_differently() {
+        const BYTES: &[&str] = &[
+            "\"", "\\", "{", "}", "[", "]", ",", ":", "0", "-", "+", "e", ".", "n", " ", "\u{1}",
+            "\u{1f}", "\u{e9}",
+        ];
+        let answer = ANSWER.as_bytes();
+        for at in 0..answer.len() {
+            let mut damaged = vec![answer[..at].to_vec()];
+            damaged.push([&answer[..at], &answer[at + 1..]].concat());
+            for byte in BYTES {
+                damaged.push([&answer[..at], byte.as_bytes(), &answer[at + 1..]].concat());
+                damaged.push([&answer[..at], byte.as_bytes(), &answer[at..]].concat());
+            }
+            for body in damaged {
+                if let Err(e) = quick_agrees(&body) {
+                    panic!("{e}");
+                }
             }
         }
     }

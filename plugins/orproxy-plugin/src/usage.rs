@@ -38,12 +38,13 @@ pub struct Usage {
 /// object (an array, text, a number) is no usage at all.
 #[derive(Default)]
 pub struct WireUsage<'a> {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    cost: Option<&'a RawValue>,
-    cached_tokens: Option<u64>,
-    cache_write_tokens: Option<u64>,
-    reasoning_tokens: Option<u64>,
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) completion_tokens: Option<u64>,
+    /// The cost's JSON text as sent (a number, or a number in a string).
+    pub(crate) cost: Option<&'a str>,
+    pub(crate) cached_tokens: Option<u64>,
+    pub(crate) cache_write_tokens: Option<u64>,
+    pub(crate) reasoning_tokens: Option<u64>,
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for WireUsage<'a> {
@@ -64,7 +65,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for WireUsage<'a> {
                         Key::CompletionTokens => {
                             wire.completion_tokens = map.next_value::<Count>()?.0;
                         }
-                        Key::Cost => wire.cost = map.next_value()?,
+                        Key::Cost => {
+                            wire.cost = map.next_value::<Option<&RawValue>>()?.map(RawValue::get);
+                        }
                         Key::PromptTokensDetails => {
                             let details = map.next_value::<Details>()?;
                             wire.cached_tokens = details.cached_tokens;
@@ -235,7 +238,7 @@ impl WireUsage<'_> {
         // request from `pricing` instead, as if it were nearly free.
         let cost_nanos = self
             .cost
-            .and_then(|c| usd_to_nanos(c.get()).or_else(|| beyond_nanos(c.get())))
+            .and_then(|c| usd_to_nanos(c).or_else(|| beyond_nanos(c)))
             .filter(|nanos| *nanos >= 0);
         let counted = self.prompt_tokens.is_some() && self.completion_tokens.is_some();
         (counted || cost_nanos.is_some()).then(|| Usage {
