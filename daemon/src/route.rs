@@ -47,7 +47,11 @@ pub struct Target {
 impl Target {
     /// `backend:model`, as shown in `x-orproxy-route` and logs.
     pub fn label(&self) -> String {
-        format!("{}:{}", self.backend, self.model)
+        let mut label = String::with_capacity(self.backend.len() + 1 + self.model.len());
+        label.push_str(&self.backend);
+        label.push(':');
+        label.push_str(&self.model);
+        label
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use orproxy_backends::Settings;
 use orproxy_plugin::{Backend, Identity};
 use regex::Regex;
@@ -473,7 +473,11 @@ impl IdentityPolicy {
 
     /// Resolves the identity for one request from the client's headers.
     pub fn resolve<'a>(&'a self, client: &'a HeaderMap) -> Identity<'a> {
-        let header = |name: &str| client.get(name).and_then(|v| v.to_str().ok());
+        // Names as constants: a lookup by `&str` parses the name first, each time.
+        const HTTP_REFERER: HeaderName = HeaderName::from_static("http-referer");
+        const X_OPENROUTER_TITLE: HeaderName = HeaderName::from_static("x-openrouter-title");
+        const X_TITLE: HeaderName = HeaderName::from_static("x-title");
+        let header = |name: &HeaderName| client.get(name).and_then(|v| v.to_str().ok());
         // `passthrough` falls back to `fallback` when the client sent nothing; `default` sends
         // orproxy's own value. A title is never invented for passthrough: it would attribute
         // the client's traffic to orproxy.
@@ -485,19 +489,19 @@ impl IdentityPolicy {
         Identity {
             user_agent: choose(
                 &self.user_agent,
-                header("user-agent"),
+                header(&http::header::USER_AGENT),
                 Some(USER_AGENT),
                 Some(USER_AGENT),
             ),
             referer: choose(
                 &self.referer,
-                header("http-referer").or(header("referer")),
+                header(&HTTP_REFERER).or(header(&http::header::REFERER)),
                 None,
                 None,
             ),
             title: choose(
                 &self.title,
-                header("x-openrouter-title").or(header("x-title")),
+                header(&X_OPENROUTER_TITLE).or(header(&X_TITLE)),
                 None,
                 Some(DEFAULT_TITLE),
             ),

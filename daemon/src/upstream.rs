@@ -6,8 +6,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
+use http::uri::Scheme;
+use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use orproxy_plugin::{LocalBody, Prepared};
 use tokio::time::{Instant, sleep, timeout_at};
 
@@ -128,8 +129,12 @@ impl UpstreamClient {
         };
         let mut outbound = http::Request::new(Full::new(request.body));
         *outbound.method_mut() = request.method;
+        let mut headers = request.headers;
+        if let Some(host) = plain_http_host(&request.url) {
+            headers.entry(HOST).or_insert(host);
+        }
         *outbound.uri_mut() = request.url;
-        *outbound.headers_mut() = request.headers;
+        *outbound.headers_mut() = headers;
         let response = match timeout_at(first_byte, self.http.request(outbound)).await {
             Err(_) => return Err(AttemptError::Timeout(TimeoutKind::FirstByte)),
             Ok(Err(e)) => return Err(classify_client_error(&e)),
@@ -142,6 +147,22 @@ impl UpstreamClient {
             body: Body::Http(body),
         })
     }
+}
+
+/// The `Host` of a plain-HTTP request (always HTTP/1.1: HTTP/2 is only offered over TLS).
+/// hyper-util's client would add the same, through `format!` and a scan for a default port,
+/// 1,400 instructions a request; this is the authority's host and port as the URL writes them.
+fn plain_http_host(url: &Uri) -> Option<HeaderValue> {
+    if url.scheme() != Some(&Scheme::HTTP) {
+        return None;
+    }
+    let authority = url.authority()?;
+    // Without any `user:password@` in front.
+    let host = authority
+        .as_str()
+        .rsplit_once('@')
+        .map_or(authority.as_str(), |(_, host)| host);
+    HeaderValue::from_str(host).ok()
 }
 
 fn classify_client_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
@@ -286,5 +307,23 @@ impl UpstreamResponse {
             headers,
             body,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_http_request_names_its_host_and_port_without_credentials() {
+        let host = |url: &str| plain_http_host(&url.parse().unwrap());
+        assert_eq!(
+            host("http://127.0.0.1:8080/v1/x").unwrap(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(host("http://example.com/v1").unwrap(), "example.com");
+        assert_eq!(host("http://user:pw@[::1]:9/v1").unwrap(), "[::1]:9");
+        // hyper-util's client sets it over TLS, where the connection may be HTTP/2.
+        assert_eq!(host("https://openrouter.ai/api/v1"), None);
     }
 }
