@@ -23,8 +23,9 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
 use orproxy_plugin::JsonObject;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -44,7 +45,21 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-orproxy-req
 /// The `backend:model` that served (or was last tried), on every response.
 pub const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-orproxy-route");
 
-/// `POST /v1/chat/completions`.
+/// The path of the chat completions API.
+pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
+
+/// `POST /v1/chat/completions`, as the server hands it over without the router.
+pub async fn chat_completions_request(
+    app: Arc<App>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    handle(app, peer, parts.headers, Body::new(body), Api::Chat).await
+}
+
+/// `POST /v1/chat/completions` through the router, which the server bypasses for it
+/// ([`chat_completions_request`]); the route keeps the router whole (a `GET` there is a 405).
 pub async fn chat_completions(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

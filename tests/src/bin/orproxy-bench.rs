@@ -26,7 +26,7 @@ use orproxy_testkit::FAKE_API_KEY;
 use serde_json::Value;
 
 const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--concurrency C] \
-[--rate R] [--no-ledger] [--markdown PATH]
+[--rate R] [--no-ledger] [--baseline PATH] [--no-nginx] [--markdown PATH]
 
   --requests N      requests per path at concurrency 1, per mode (default 2000)
   --duration SECS   measured seconds per path under load, per mode (default 10)
@@ -36,6 +36,10 @@ const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--co
                     R/2 and R/4 (default 20000)
   --no-ledger       run orproxy without its usage database (database.enabled: false);
                     the comparisons of the daemon with and without it are then skipped
+  --baseline PATH   another orproxy binary (an earlier build, say), measured at
+                    concurrency 1 beside this one's, in the same blocks
+  --no-nginx        skip the reference path through nginx, measured at concurrency 1
+                    when an `nginx` binary is found (PATH, /usr/sbin)
   --markdown PATH   also write the results (Markdown) to PATH";
 
 /// Calls per path before anything is measured: connections, pools and caches are then warm.
@@ -49,6 +53,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// `Ready.` is an info line of `orproxy::daemon`, and readiness is read from it; that target
 /// logs only at startup and shutdown, so this is `warn` for everything a request does.
 const QUIET_LOG: &str = "warn,orproxy::daemon=info";
+/// The concurrency-1 rows of `--baseline` and of nginx.
+const BASELINE_LABEL: &str = "baseline orproxy (RUST_LOG=warn)";
+const NGINX_LABEL: &str = "nginx reverse proxy (reference)";
 const SSE_DONE: &[u8] = b"data: [DONE]";
 
 const WHOLE_BODY: &str =
@@ -91,6 +98,8 @@ struct Args {
     markdown: Option<PathBuf>,
     ledger: bool,
     rate: usize,
+    baseline: Option<PathBuf>,
+    nginx: bool,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -101,6 +110,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         markdown: None,
         ledger: true,
         rate: 20_000,
+        baseline: None,
+        nginx: true,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -123,6 +134,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--markdown" => parsed.markdown = Some(PathBuf::from(value("--markdown")?)),
             "--rate" => parsed.rate = positive("--rate", value("--rate")?)?,
             "--no-ledger" => parsed.ledger = false,
+            "--baseline" => parsed.baseline = Some(PathBuf::from(value("--baseline")?)),
+            "--no-nginx" => parsed.nginx = false,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -193,6 +206,23 @@ impl Proc {
                     return Err(self.failure("exited before it was ready"));
                 }
             }
+        }
+    }
+
+    /// Waits until `addr` accepts connections, for a process that says nothing when ready.
+    fn wait_listening(&mut self, addr: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(self.failure(format_args!("exited ({status}) before it listened")));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.failure(format_args!("not listening after {PATIENCE:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -300,6 +330,72 @@ fn start_orproxy(
         event["listen"].as_str()?.parse::<SocketAddr>().ok()
     })?;
     Ok((daemon, listen))
+}
+
+/// nginx as a reverse proxy in front of the fake (keep-alive to it, no buffering, no access
+/// log): what a conventional proxy written in C adds on this machine, in the same blocks as
+/// orproxy. One process (`master_process off`), as one orproxy worker serves one connection.
+fn start_nginx(base_url: &str, dir: &Path) -> Result<Option<(Proc, SocketAddr, String)>> {
+    let Some(bin) = ["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"]
+        .iter()
+        .map(PathBuf::from)
+        .chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ))
+        .map(|dir| dir.join("nginx"))
+        .find(|path| path.is_file())
+    else {
+        return Ok(None);
+    };
+    let upstream = base_url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(authority, _)| authority)
+        .context(format_args!("unexpected fake URL {base_url:?}"))?;
+    // A port the kernel just handed out and took back: nginx cannot report one of its own.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("cannot find a free port for nginx")?;
+    std::fs::create_dir_all(dir).context(format_args!("cannot create {}", dir.display()))?;
+    let d = dir.display();
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         upstream fake {{ server {upstream}; keepalive 16; }}\n  server {{\n    \
+         listen {addr};\n    location /v1/ {{\n      proxy_pass http://fake/api/v1/;\n      \
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
+         proxy_set_header Authorization \"Bearer {FAKE_API_KEY}\";\n      \
+         proxy_buffering off;\n    }}\n  }}\n}}\n"
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)
+        .context(format_args!("cannot write {}", conf_path.display()))?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut nginx = Proc::spawn("nginx", cmd, |c| {
+        c.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>)
+    })?;
+    nginx.wait_listening(addr)?;
+    // `nginx -v` writes "nginx version: nginx/1.22.1" to stderr.
+    let version = Command::new(&bin)
+        .arg("-v")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        .ok()
+        .and_then(|text| text.rsplit_once(' ').map(|(_, v)| v.to_owned()))
+        .unwrap_or_else(|| "nginx".to_owned());
+    Ok(Some((nginx, addr, version)))
 }
 
 /// The daemons' state directories (their usage databases), removed when dropped.
@@ -1100,7 +1196,7 @@ const STREAM_METRICS: &[Metric] = &[
 fn sequential_table(samples: &[Sequential], metrics: &[Metric]) -> String {
     let mut header = vec!["path"];
     header.extend(metrics.iter().map(|m| m.0));
-    header.extend(["connections", "orproxy CPU µs/call", "fake CPU µs/call"]);
+    header.extend(["connections", "proxy CPU µs/call", "fake CPU µs/call"]);
     let mut t = Table::new(&header);
     let values: Vec<Vec<Duration>> = samples
         .iter()
@@ -1264,7 +1360,7 @@ fn machine() -> String {
     format!("{cores} cores (nproc), CPU {cpu}, Linux {kernel}")
 }
 
-fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
+fn report(args: &Args, r: &Results, noise: &Noise, threads: usize, about: &str) -> String {
     let n = args.requests;
     let c = args.concurrency;
     let secs = args.duration.as_secs_f64();
@@ -1276,7 +1372,8 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize) -> String {
          orproxy's usage database: {ledger}.\n\n\
          ### Concurrency 1, non-stream\n\n\
          {n} calls per path on one kept-alive connection each, after {WARMUP_REQUESTS} \
-         warm-up calls, interleaved in blocks of {BLOCK}; time until the last body byte.\n\n\
+         warm-up calls, interleaved in blocks of {BLOCK}; time until the last body byte. \
+         {about}\n\n\
          {whole}\n\
          ### Concurrency 1, stream\n\n\
          Same, with `\"stream\": true` (14 SSE events, 10 with content). First content: the \
@@ -1358,17 +1455,20 @@ struct Setup {
     chatty: Target,
     /// The same daemon as `quiet` without its database, when `quiet` has one.
     unrecorded: Option<Target>,
+    /// Measured at concurrency 1 only, after the others: `--baseline`, nginx.
+    references: Vec<Target>,
 }
 
 async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) -> Result<Results> {
     let client = http_client();
     let whole_body = Bytes::from_static(WHOLE_BODY.as_bytes());
     let stream_body = Bytes::from_static(STREAM_BODY.as_bytes());
-    let all = [
+    let mut all = vec![
         setup.direct.clone(),
         setup.quiet.clone(),
         setup.chatty.clone(),
     ];
+    all.extend(setup.references.iter().cloned());
     let pair = [&setup.direct, &setup.quiet];
     let proxy_pid = setup
         .quiet
@@ -1439,8 +1539,44 @@ fn run(args: &Args) -> Result<String> {
     } else {
         None
     };
+    let baseline = match &args.baseline {
+        Some(bin) => Some(start_orproxy(
+            bin,
+            &config.0,
+            Some(QUIET_LOG),
+            &state.0.join("baseline"),
+        )?),
+        None => None,
+    };
+    let nginx = if args.nginx {
+        start_nginx(&base_url, &state.0.join("nginx"))?
+    } else {
+        None
+    };
+    if args.nginx && nginx.is_none() {
+        eprintln!("orproxy-bench: no nginx binary found; the reference row is left out");
+    }
     let idle = memory(quiet.pid())?;
     let info_idle = memory(chatty.pid())?;
+    let mut references = Vec::new();
+    if let Some((daemon, addr)) = &baseline {
+        references.push(Target::proxy(BASELINE_LABEL, *addr, &fake, daemon)?);
+    }
+    let mut about = Vec::new();
+    if let (Some(bin), Some(_)) = (&args.baseline, &baseline) {
+        about.push(format!(
+            "`{BASELINE_LABEL}` is `{}`, started the same way as the measured daemon.",
+            bin.display()
+        ));
+    }
+    if let Some((nginx, addr, version)) = &nginx {
+        references.push(Target::proxy(NGINX_LABEL, *addr, &fake, nginx)?);
+        about.push(format!(
+            "`{NGINX_LABEL}` is {version} in front of the same fake: one process, keep-alive \
+             connections to the fake, no buffering, no access log; what a conventional proxy \
+             written in C adds on this machine."
+        ));
+    }
     let setup = Setup {
         direct: Target::direct(&base_url, fake.pid())?,
         quiet: Target::proxy("orproxy (RUST_LOG=warn)", quiet_addr, &fake, &quiet)?,
@@ -1451,6 +1587,7 @@ fn run(args: &Args) -> Result<String> {
             }
             None => None,
         },
+        references,
     };
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1460,6 +1597,8 @@ fn run(args: &Args) -> Result<String> {
         .context("cannot start the tokio runtime")?;
     let mut pids = vec![std::process::id(), fake.pid(), quiet.pid(), chatty.pid()];
     pids.extend(unrecorded.as_ref().map(|(_, (off, _))| off.pid()));
+    pids.extend(baseline.as_ref().map(|(daemon, _)| daemon.pid()));
+    pids.extend(nginx.as_ref().map(|(nginx, ..)| nginx.pid()));
     let (results, noise) = Noise::watch(&pids, || {
         runtime.block_on(measure(args, &setup, idle, info_idle))
     })?;
@@ -1470,7 +1609,7 @@ fn run(args: &Args) -> Result<String> {
             noise.describe()
         );
     }
-    Ok(report(args, &results, &noise, threads))
+    Ok(report(args, &results, &noise, threads, &about.join(" ")))
 }
 
 fn main() -> ExitCode {
