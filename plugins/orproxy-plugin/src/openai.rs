@@ -384,54 +384,27 @@ impl ChunkMapper {
             }
             return (EventKind::Content, None);
         }
-        match serde_json::from_slice::<ChunkView<'_, WireUsage<'_>>>(data) {
-            Ok(mut chunk) => {
-                let reported = chunk.usage.is_some();
-                let usage = chunk.usage.take().and_then(WireUsage::read);
-                self.read_chunk(chunk, usage, reported)
-            }
-            Err(_) => match serde_json::from_slice::<ChunkView<'_, &RawValue>>(data) {
-                Ok(mut chunk) => {
-                    let reported = chunk.usage.is_some();
-                    let usage = chunk.usage.take().and_then(Usage::from_openai_json);
-                    self.read_chunk(chunk, usage, reported)
-                }
-                Err(_) => (EventKind::Unknown, None),
-            },
+        match quick::read_chunk(data).map_or_else(|| chunk_with_serde(data), |c| Some(c.into())) {
+            Some(facts) => self.read_chunk(facts),
+            None => (EventKind::Unknown, None),
         }
     }
 
-    /// Classifies a parsed chunk whose usage was read already; `reported` when it carried a
-    /// `usage` that is not `null`, readable or not.
-    fn read_chunk<U>(
-        &mut self,
-        chunk: ChunkView<'_, U>,
-        usage: Option<Usage>,
-        reported: bool,
-    ) -> (EventKind, Option<Usage>) {
+    /// Classifies a chunk from what was read of it.
+    fn read_chunk(&mut self, chunk: ChunkFacts<'_>) -> (EventKind, Option<Usage>) {
         if self.model.is_none() {
             self.model = chunk.model.map(Cow::into_owned);
         }
+        let usage = chunk.usage;
         // An error chunk may report what the stream used so far: keep it for the bill.
         if let Some(err) = chunk.error.filter(|e| e.get() != "null") {
             return (EventKind::Failed(Failure::from_error_object(err)), usage);
         }
-        let finished = chunk
-            .choices
-            .iter()
-            .flatten()
-            .any(|c| c.finish_reason.is_some());
-        self.complete |= finished || usage.is_some();
-        let content = finished
-            || chunk
-                .choices
-                .iter()
-                .flatten()
-                .any(|c| c.delta.as_ref().is_some_and(DeltaView::has_content));
-        let kind = if content {
+        self.complete |= chunk.finished || usage.is_some();
+        let kind = if chunk.finished || chunk.content {
             self.content_seen = true;
             EventKind::Content
-        } else if usage.is_some() || (reported && chunk.choices.iter().flatten().next().is_none()) {
+        } else if usage.is_some() || (chunk.reported && !chunk.any_choice) {
             // A chunk of nothing but a usage that cannot be read is still the usage chunk:
             // kept from a client that did not ask for it, like a readable one.
             EventKind::Usage
@@ -439,6 +412,73 @@ impl ChunkMapper {
             EventKind::Preamble
         };
         (kind, usage)
+    }
+}
+
+/// A chunk read by serde: its usage in the same pass, or apart when that fails; `None` when it
+/// is no chunk at all.
+fn chunk_with_serde(data: &[u8]) -> Option<ChunkFacts<'_>> {
+    match serde_json::from_slice::<ChunkView<'_, WireUsage<'_>>>(data) {
+        Ok(mut chunk) => {
+            let usage = chunk.usage.take();
+            let reported = usage.is_some();
+            let usage = usage.and_then(WireUsage::read);
+            Some(ChunkFacts::of(chunk, usage, reported))
+        }
+        Err(_) => {
+            let mut chunk = serde_json::from_slice::<ChunkView<'_, &RawValue>>(data).ok()?;
+            let usage = chunk.usage.take();
+            let reported = usage.is_some();
+            let usage = usage.and_then(Usage::from_openai_json);
+            Some(ChunkFacts::of(chunk, usage, reported))
+        }
+    }
+}
+
+/// What [`ChunkMapper`] reads of a chunk, whichever way it was read.
+#[derive(Debug)]
+struct ChunkFacts<'a> {
+    model: Option<Cow<'a, str>>,
+    error: Option<&'a RawValue>,
+    /// A choice has a `finish_reason`.
+    finished: bool,
+    /// A choice's delta carries content.
+    content: bool,
+    /// `choices` holds at least one choice.
+    any_choice: bool,
+    /// The chunk carries a `usage` that is not `null`, readable or not.
+    reported: bool,
+    usage: Option<Usage>,
+}
+
+impl<'a> From<quick::Chunk<'a>> for ChunkFacts<'a> {
+    fn from(chunk: quick::Chunk<'a>) -> Self {
+        ChunkFacts {
+            model: chunk.model.map(Cow::Borrowed),
+            // The quick reading leaves error chunks to serde.
+            error: None,
+            finished: chunk.finished,
+            content: chunk.content,
+            any_choice: chunk.any_choice,
+            reported: chunk.usage.is_some(),
+            usage: chunk.usage.and_then(WireUsage::read),
+        }
+    }
+}
+
+impl<'a> ChunkFacts<'a> {
+    /// The facts of a chunk serde parsed, its usage read already.
+    fn of<U>(chunk: ChunkView<'a, U>, usage: Option<Usage>, reported: bool) -> Self {
+        let choices = || chunk.choices.iter().flatten();
+        ChunkFacts {
+            finished: choices().any(|c| c.finish_reason.is_some()),
+            content: choices().any(|c| c.delta.as_ref().is_some_and(DeltaView::has_content)),
+            any_choice: choices().next().is_some(),
+            model: chunk.model,
+            error: chunk.error,
+            reported,
+            usage,
+        }
     }
 }
 
@@ -650,6 +690,9 @@ mod tests {
     }
 
     proptest::proptest! {
+        // The parts make millions of combinations: sample many (each takes microseconds).
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
         /// Answers assembled from ordinary and odd parts: whatever the quick reading reads,
         /// serde reads the same.
         #[test]
@@ -739,6 +782,117 @@ mod tests {
                     panic!("{e}");
                 }
             }
+        }
+    }
+
+    /// A content chunk and a usage chunk as the fake sends them.
+    const CHUNKS: [&str; 2] = [
+        r#"{"id":"gen-1","object":"chat.completion.chunk","created":1700000000,"model":"fake/fast","provider":"P","choices":[{"index":0,"delta":{"content":"The","role":"assistant"},"finish_reason":null,"native_finish_reason":null}]}"#,
+        r#"{"id":"gen-1","object":"chat.completion.chunk","created":1700000000,"model":"fake/fast","provider":"P","choices":[],"usage":{"prompt_tokens":16,"completion_tokens":10,"total_tokens":26,"cost":3.6e-05,"prompt_tokens_details":{"cached_tokens":2},"completion_tokens_details":{"reasoning_tokens":1}}}"#,
+    ];
+
+    /// The quick reading of a chunk finds what serde finds, or leaves the chunk to serde.
+    fn quick_chunk_agrees(data: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+        if let Some(quick) = quick::read_chunk(data) {
+            proptest::prop_assert_eq!(
+                format!("{:?}", Some(ChunkFacts::from(quick))),
+                format!("{:?}", chunk_with_serde(data)),
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ordinary_chunks_take_the_quick_reading() {
+        for chunk in CHUNKS {
+            let quick = quick::read_chunk(chunk.as_bytes()).expect("read quickly");
+            assert_eq!(
+                format!("{:?}", Some(ChunkFacts::from(quick))),
+                format!("{:?}", chunk_with_serde(chunk.as_bytes()))
+            );
+        }
+    }
+
+    /// Chunks damaged anywhere, in every way tried: never read differently.
+    #[test]
+    fn a_damaged_chunk_is_never_read_differently() {
+        const BYTES: &[&str] = &[
+            "\"", "\\", "{", "}", "[", "]", ",", ":", "0", "n", " ", "\u{1}",
+        ];
+        for chunk in CHUNKS {
+            let chunk = chunk.as_bytes();
+            for at in 0..chunk.len() {
+                let mut damaged = vec![chunk[..at].to_vec()];
+                damaged.push([&chunk[..at], &chunk[at + 1..]].concat());
+                for byte in BYTES {
+                    damaged.push([&chunk[..at], byte.as_bytes(), &chunk[at + 1..]].concat());
+                    damaged.push([&chunk[..at], byte.as_bytes(), &chunk[at..]].concat());
+                }
+                for data in damaged {
+                    if let Err(e) = quick_chunk_agrees(&data) {
+                        panic!("{e}");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        // The parts make millions of combinations: sample many (each takes microseconds).
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Chunks assembled from ordinary and odd parts: whatever the quick reading reads,
+        /// serde reads the same.
+        #[test]
+        fn the_quick_chunk_reading_reads_what_serde_reads(
+            model in pick(&["absent", r#""m""#, "null", r#""a\u0062""#, "3"]),
+            content in pick(&["absent", r#""""#, r#""hi""#, "null", r#""\n""#, "[]", r#""é""#]),
+            reasoning in pick(&["absent", r#""""#, r#""think""#, "null"]),
+            tool_calls in pick(&["absent", "null", "[]", r#"[{"id":"c"}]"#]),
+            delta in pick(&["object", "object", "null", "absent", r#""d""#]),
+            finish in pick(&["absent", "null", r#""stop""#, "1", "{}"]),
+            choices in pick(&["one", "two", "[]", "null", "absent", "[1]"]),
+            usage in pick(&["absent", "null", r#"{"prompt_tokens":3,"completion_tokens":4}"#,
+                r#"{"prompt_tokens":"3"}"#, "[]", r#"{"cost":0.5}"#]),
+            error in pick(&["absent", "absent", "null", r#"{"message":"x"}"#]),
+            extra in pick(&["", r#","role":"assistant""#, r#","content":"again""#]),
+        ) {
+            let field = |k: &str, v: &str| (v != "absent").then(|| format!("\"{k}\":{v}"));
+            let delta_fields: Vec<String> = [
+                field("content", content),
+                field("reasoning", reasoning),
+                field("tool_calls", tool_calls),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let delta = match delta {
+                "object" => format!("{{{}{extra}}}", delta_fields.join(",")),
+                other => other.to_owned(),
+            };
+            let choice: Vec<String> = [field("delta", &delta), field("finish_reason", finish)]
+                .into_iter()
+                .flatten()
+                .collect();
+            let choice = format!("{{\"index\":0,{}}}", choice.join(","));
+            let choices = match choices {
+                "one" => format!("[{choice}]"),
+                "two" => format!("[{choice},{choice}]"),
+                other => other.to_owned(),
+            };
+            let fields: Vec<String> = [
+                field("model", model),
+                field("choices", &choices),
+                field("usage", usage),
+                field("error", error),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let data = format!("{{{}}}", fields.join(","));
+            quick_chunk_agrees(data.as_bytes())?;
         }
     }
 

@@ -1,12 +1,14 @@
-//! The answer upstreams send on success, read in one pass over its bytes.
+//! Answers and stream chunks as upstreams send them on success, read in one pass over their
+//! bytes.
 //!
 //! Reading an answer through serde cost a non-stream call a sixth of orproxy's instructions,
-//! most of it matching keys and parsing values the daemon never reads. This reader checks the
-//! whole answer against JSON's grammar as serde_json does, and reads only the served `model`,
-//! the `usage` and each choice's `message` size and `finish_reason`. Anything it does not
-//! expect (an escape in a key, an `error`, a count that is not a plain integer, a key twice)
-//! makes it give up, and serde reads the answer as before: the property tests in `openai.rs`
-//! hold the two readings equal.
+//! most of it matching keys and parsing values the daemon never reads. These readers check the
+//! whole text against JSON's grammar as serde_json does, and read only what the daemon uses:
+//! the served `model`, the `usage`, and of each choice its `message` size and `finish_reason`
+//! (answers) or whether its `delta` carries content (chunks). Anything they do not expect (an
+//! escape in a key or a text they read, an `error`, a count that is not a plain integer, a key
+//! twice) makes them give up, and serde reads the text as before: the property tests in
+//! `openai.rs` hold the two readings equal.
 
 use crate::backend::MappedResponse;
 use crate::usage::WireUsage;
@@ -38,6 +40,46 @@ pub(super) fn read(body: &[u8]) -> Option<MappedResponse> {
         model: model.0.flatten(),
         answer_bytes: answer_bytes.0.unwrap_or(0),
         ..MappedResponse::default()
+    })
+}
+
+/// What [`super::ChunkMapper`] reads of a stream chunk.
+pub(super) struct Chunk<'a> {
+    pub model: Option<&'a str>,
+    /// `Some` when the chunk carries a `usage` that is not `null`.
+    pub usage: Option<WireUsage<'a>>,
+    /// A choice has a `finish_reason` that is not `null`.
+    pub finished: bool,
+    /// A choice's `delta` carries text, reasoning, a refusal or a tool call.
+    pub content: bool,
+    /// `choices` holds at least one choice.
+    pub any_choice: bool,
+}
+
+/// A stream chunk's data as OpenAI-compatible upstreams send it; `None` leaves it to serde.
+pub(super) fn read_chunk(data: &[u8]) -> Option<Chunk<'_>> {
+    let mut scan = Scan { bytes: data, at: 0 };
+    let mut model = Slot::default();
+    let mut usage = Slot::default();
+    let mut choices = Slot::default();
+    scan.object(|scan, key| match key {
+        b"model" => model.fill(scan.text_or_null()?),
+        b"usage" => usage.fill(scan.usage()?),
+        b"choices" => choices.fill(scan.chunk_choices()?),
+        // An error chunk: serde reads it.
+        b"error" => None,
+        _ => scan.skip(1),
+    })?;
+    if scan.peek().is_some() {
+        return None;
+    }
+    let (finished, content, any_choice) = choices.0.unwrap_or_default();
+    Some(Chunk {
+        model: model.0.flatten(),
+        usage: usage.0.flatten(),
+        finished,
+        content,
+        any_choice,
     })
 }
 
@@ -360,6 +402,61 @@ impl<'a> Scan<'a> {
             Some(())
         })?;
         Some(counts)
+    }
+
+    /// A chunk's `choices`, or `null`: whether one finished, whether one carries content, and
+    /// whether there is any.
+    fn chunk_choices(&mut self) -> Option<(bool, bool, bool)> {
+        let mut seen = (false, false, false);
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|()| seen);
+        }
+        self.array(|scan| {
+            seen.2 = true;
+            let mut delta = Slot::default();
+            let mut finish_reason = Slot::default();
+            scan.object(|scan, key| match key {
+                b"delta" => delta.fill(scan.delta()?),
+                b"finish_reason" => finish_reason.fill(!scan.null_or_skip(3)?),
+                b"error" => None,
+                _ => scan.skip(3),
+            })?;
+            seen.0 |= finish_reason.0.unwrap_or(false);
+            seen.1 |= delta.0.unwrap_or(false);
+            Some(())
+        })?;
+        Some(seen)
+    }
+
+    /// Whether a `delta` (or `null`) carries text, reasoning, a refusal or a tool call.
+    fn delta(&mut self) -> Option<bool> {
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|()| false);
+        }
+        let mut content = false;
+        let mut seen = 0u8;
+        self.object(|scan, key| {
+            let (bit, has) = match key {
+                b"content" => (1, scan.text_or_null()?.is_some_and(|t| !t.is_empty())),
+                b"reasoning" => (2, scan.text_or_null()?.is_some_and(|t| !t.is_empty())),
+                b"reasoning_content" => (4, scan.text_or_null()?.is_some_and(|t| !t.is_empty())),
+                b"refusal" => (8, scan.text_or_null()?.is_some_and(|t| !t.is_empty())),
+                b"tool_calls" => (16, !scan.null_or_skip(4)?),
+                b"function_call" => (32, !scan.null_or_skip(4)?),
+                _ => return scan.skip(4),
+            };
+            content |= has;
+            (seen & bit == 0).then(|| seen |= bit)
+        })?;
+        Some(content)
+    }
+
+    /// `true` for `null`; any other value is passed over.
+    fn null_or_skip(&mut self, depth: usize) -> Option<bool> {
+        match self.peek()? {
+            b'n' => self.literal(b"null").map(|()| true),
+            _ => self.skip(depth).map(|()| false),
+        }
     }
 
     /// The `choices` array, or `null`: the bytes of JSON of the messages.
