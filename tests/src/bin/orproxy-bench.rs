@@ -50,9 +50,10 @@ const BLOCK: usize = 200;
 const LOAD_WARMUP: Duration = Duration::from_secs(1);
 /// How long a child may take to become ready before the run is abandoned.
 const PATIENCE: Duration = Duration::from_secs(30);
-/// `Ready.` is an info line of `orproxy::daemon`, and readiness is read from it; that target
-/// logs only at startup and shutdown, so this is `warn` for everything a request does.
-const QUIET_LOG: &str = "warn,orproxy::daemon=info";
+/// `Ready.` is an info line of `orproxy::daemon`, and readiness is read from it, with the usage
+/// database's check of `orproxy::ledger`; those targets log only at startup and shutdown at
+/// `info`, so this is `warn` for everything a request does.
+const QUIET_LOG: &str = "warn,orproxy::daemon=info,orproxy::ledger=info";
 /// The concurrency-1 rows of `--baseline` and of nginx.
 const BASELINE_LABEL: &str = "baseline orproxy (RUST_LOG=warn)";
 const NGINX_LABEL: &str = "nginx reverse proxy (reference)";
@@ -297,11 +298,14 @@ fn start_fake(bin: &Path) -> Result<(Proc, String)> {
 }
 
 /// Starts orproxy in front of the fake; `rust_log` of `None` is the default (`info`) logging.
+/// With a usage database (`ledger`), it is ready once the database's check after the start has
+/// finished too, so that the idle memory read next is not that check's.
 fn start_orproxy(
     bin: &Path,
     config: &Path,
     rust_log: Option<&str>,
     state_dir: &Path,
+    ledger: bool,
 ) -> Result<(Proc, SocketAddr)> {
     let mut cmd = Command::new(bin);
     cmd.arg("--config")
@@ -324,10 +328,14 @@ fn start_orproxy(
     let mut daemon = Proc::spawn("orproxy", cmd, |c| {
         c.stderr.take().map(|e| Box::new(e) as Box<dyn Read + Send>)
     })?;
+    let (mut listen, mut checked) = (None, !ledger);
     let listen = daemon.wait_ready(|line| {
         let event: Value = serde_json::from_str(line).ok()?;
-        (event["message"] == "Ready.").then_some(())?;
-        event["listen"].as_str()?.parse::<SocketAddr>().ok()
+        match event["message"].as_str()? {
+            "Ready." => listen = event["listen"].as_str()?.parse::<SocketAddr>().ok(),
+            message => checked |= message.starts_with("Usage database checked"),
+        }
+        listen.filter(|_| checked)
     })?;
     Ok((daemon, listen))
 }
@@ -1272,7 +1280,7 @@ fn load_table(loads: &[Load; 2], labels: [&str; 2], ratio_label: &str) -> String
 fn memory_table(r: &Results) -> String {
     let mut t = Table::new(&["orproxy (RUST_LOG=warn)", "VmRSS MB", "VmHWM MB"]);
     for (when, m) in [
-        ("idle, just after Ready.", r.idle),
+        ("idle, after Ready. and the database check", r.idle),
         ("after the concurrency-1 runs", r.after_sequential),
         ("after the load runs", r.after_load),
     ] {
@@ -1529,12 +1537,29 @@ fn run(args: &Args) -> Result<String> {
     let config = ConfigFile::write(&base_url, args.ledger)?;
     let orproxy = sibling("orproxy")?;
     let state = ScratchDir::new()?;
-    let (quiet, quiet_addr) =
-        start_orproxy(&orproxy, &config.0, Some(QUIET_LOG), &state.0.join("quiet"))?;
-    let (chatty, chatty_addr) = start_orproxy(&orproxy, &config.0, None, &state.0.join("chatty"))?;
+    let (quiet, quiet_addr) = start_orproxy(
+        &orproxy,
+        &config.0,
+        Some(QUIET_LOG),
+        &state.0.join("quiet"),
+        args.ledger,
+    )?;
+    let (chatty, chatty_addr) = start_orproxy(
+        &orproxy,
+        &config.0,
+        None,
+        &state.0.join("chatty"),
+        args.ledger,
+    )?;
     let unrecorded = if args.ledger {
         let config = ConfigFile::write(&base_url, false)?;
-        let started = start_orproxy(&orproxy, &config.0, Some(QUIET_LOG), &state.0.join("off"))?;
+        let started = start_orproxy(
+            &orproxy,
+            &config.0,
+            Some(QUIET_LOG),
+            &state.0.join("off"),
+            false,
+        )?;
         Some((config, started))
     } else {
         None
@@ -1545,6 +1570,7 @@ fn run(args: &Args) -> Result<String> {
             &config.0,
             Some(QUIET_LOG),
             &state.0.join("baseline"),
+            args.ledger,
         )?),
         None => None,
     };
