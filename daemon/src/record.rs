@@ -499,6 +499,11 @@ fn micros_to_millis(us: i64) -> f64 {
 /// wait on formatting and writing the line. A task that never runs (the runtime stopped) drops
 /// the record, which writes the line too.
 fn publish_after_the_answer(mut record: Record) {
+    // No line to write (the filter leaves request lines out): nothing to wait for.
+    if !tracing::enabled!(target: "orproxy::request", tracing::Level::INFO) {
+        record.publish();
+        return;
+    }
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => drop(runtime.spawn(async move { record.publish() })),
         Err(_) => record.publish(),
@@ -562,6 +567,20 @@ mod tests {
 
     #[test]
     fn a_records_row_is_sent_before_its_answer_leaves_and_stored_once() {
+        // Request lines enabled, as in production, so that the line waits for its task.
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || SharedBuffer(Arc::clone(&sink)))
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let written = || {
+            let text = lines.lock().map(|l| l.clone()).unwrap_or_default();
+            String::from_utf8_lossy(&text)
+                .matches("Request finished.")
+                .count()
+        };
         let (dir, accounts, record) = accounts_and_record("before");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -571,12 +590,31 @@ mod tests {
             // A report read right after the answer finds the request's row; only the log
             // line waits for the task that follows the answer.
             assert_eq!(rows(&accounts), [(200, "ok".to_owned())]);
+            assert_eq!(written(), 0);
         });
-        // The runtime stops with that task still queued, as a worker's does at shutdown.
+        // The runtime stops with that task still queued, as a worker's does at shutdown: the
+        // record it held writes the line as it is dropped.
         drop(runtime);
         assert_eq!(rows(&accounts), [(200, "ok".to_owned())]);
+        assert_eq!(written(), 1);
         accounts.close();
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A log writer into a buffer the test reads.
+    struct SharedBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut buffer) = self.0.lock() {
+                buffer.extend_from_slice(bytes);
+            }
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
