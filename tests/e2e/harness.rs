@@ -68,10 +68,36 @@ impl Options {
 
 static CONFIGS: AtomicUsize = AtomicUsize::new(0);
 
+/// This test process's scratch directory, `$TMPDIR/orproxy-e2e-<pid>`: every file and
+/// directory the tests write goes under it. A test binary has no hook to run at its exit, so
+/// the first use removes the directories of earlier runs whose process is gone: what a run
+/// leaves behind lasts until the next one.
+fn scratch() -> &'static Path {
+    static SCRATCH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    SCRATCH.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let pid = name.to_str().and_then(|n| n.strip_prefix("orproxy-e2e-"));
+                let gone = pid
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+                if gone {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let path = tmp.join(format!("orproxy-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create the tests' scratch directory");
+        path
+    })
+}
+
 /// Writes `text` to a fresh temporary file.
 pub fn temp_file(text: &str, suffix: &str) -> PathBuf {
     let n = CONFIGS.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("orproxy-e2e-{}-{n}{suffix}", std::process::id()));
+    let path = scratch().join(format!("file-{n}{suffix}"));
     let mut file = std::fs::File::create(&path).expect("create temp file");
     file.write_all(text.as_bytes()).expect("write temp file");
     path
@@ -80,7 +106,7 @@ pub fn temp_file(text: &str, suffix: &str) -> PathBuf {
 /// A fresh empty temporary directory.
 pub fn temp_dir() -> PathBuf {
     let n = CONFIGS.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("orproxy-e2e-dir-{}-{n}", std::process::id()));
+    let path = scratch().join(format!("dir-{n}"));
     let _ = std::fs::remove_dir_all(&path);
     std::fs::create_dir_all(&path).expect("create temp dir");
     path
@@ -98,10 +124,7 @@ pub fn command() -> Command {
         .env_remove("RUST_LOG")
         .env("NO_COLOR", "1")
         // A daemon started this way keeps its usage database out of the source tree.
-        .env(
-            "STATE_DIRECTORY",
-            std::env::temp_dir().join(format!("orproxy-e2e-state-{}", std::process::id())),
-        );
+        .env("STATE_DIRECTORY", scratch().join("state"));
     cmd
 }
 

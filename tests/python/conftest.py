@@ -4,10 +4,12 @@ Both are the repository's own binaries (built by `cargo build`); readiness is re
 they print, never waited for with a sleep.
 """
 
+import atexit
 import json
 import os
 import pathlib
 import queue
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -98,6 +100,13 @@ def fake_anthropic():
     fake.stop()
 
 
+def state_directory():
+    """A fresh directory for a daemon's usage database, removed when the test run ends."""
+    path = tempfile.mkdtemp(prefix="orproxy-sdk-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def start_orproxy(config, env_extra):
     """Starts orproxy with `config` (YAML text); returns the process and its /v1 base URL."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -106,7 +115,7 @@ def start_orproxy(config, env_extra):
     env.pop("OPENROUTER_API_KEY", None)
     env.pop("ANTHROPIC_API_KEY", None)
     env["ORPROXY_TEST_KEY"] = PROXY_KEY
-    env["STATE_DIRECTORY"] = tempfile.mkdtemp(prefix="orproxy-sdk-")
+    env["STATE_DIRECTORY"] = state_directory()
     env.update(env_extra)
     env.setdefault("RUST_LOG", "info")
     args = [

@@ -15,7 +15,7 @@ import openai
 import pytest
 import trustme
 
-from conftest import Process, binary, json_line
+from conftest import Process, binary, json_line, state_directory
 
 ANSWER = {
     "id": "chatcmpl-tls", "object": "chat.completion", "created": 0, "model": "tls-model",
@@ -58,6 +58,7 @@ def start(base_url, ca_file):
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(f"backends:\n  secure:\n    type: openai\n    base_url: {base_url}\ndefault_backend: secure\n")
     env = dict(os.environ)
+    env["STATE_DIRECTORY"] = state_directory()
     env.pop("SSL_CERT_DIR", None)
     if ca_file:
         env["SSL_CERT_FILE"] = ca_file
@@ -66,6 +67,7 @@ def start(base_url, ca_file):
     args = [binary("orproxy"), "--config", f.name, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"]
     proxy = Process(args, env, "stderr")
     event = proxy.wait_for(lambda line: (e := json_line(line)) and e.get("message") == "Ready." and e)
+    os.unlink(f.name)
     return proxy, f"http://{event['listen']}/v1"
 
 
