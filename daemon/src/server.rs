@@ -9,6 +9,7 @@
 //! `limits.shutdown_grace` to finish (a second signal cuts it short), then open streams end with
 //! an error event and the daemon exits.
 
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,8 +18,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::routing::{get, post};
-use std::convert::Infallible;
-
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::{Method, Request};

@@ -419,19 +419,10 @@ impl ChunkMapper {
 /// is no chunk at all.
 fn chunk_with_serde(data: &[u8]) -> Option<ChunkFacts<'_>> {
     match serde_json::from_slice::<ChunkView<'_, WireUsage<'_>>>(data) {
-        Ok(mut chunk) => {
-            let usage = chunk.usage.take();
-            let reported = usage.is_some();
-            let usage = usage.and_then(WireUsage::read);
-            Some(ChunkFacts::of(chunk, usage, reported))
-        }
-        Err(_) => {
-            let mut chunk = serde_json::from_slice::<ChunkView<'_, &RawValue>>(data).ok()?;
-            let usage = chunk.usage.take();
-            let reported = usage.is_some();
-            let usage = usage.and_then(Usage::from_openai_json);
-            Some(ChunkFacts::of(chunk, usage, reported))
-        }
+        Ok(chunk) => Some(ChunkFacts::of(chunk, WireUsage::read)),
+        Err(_) => serde_json::from_slice::<ChunkView<'_, &RawValue>>(data)
+            .ok()
+            .map(|chunk| ChunkFacts::of(chunk, Usage::from_openai_json)),
     }
 }
 
@@ -467,8 +458,10 @@ impl<'a> From<quick::Chunk<'a>> for ChunkFacts<'a> {
 }
 
 impl<'a> ChunkFacts<'a> {
-    /// The facts of a chunk serde parsed, its usage read already.
-    fn of<U>(chunk: ChunkView<'a, U>, usage: Option<Usage>, reported: bool) -> Self {
+    /// The facts of a chunk serde parsed, its usage read by `read_usage`.
+    fn of<U>(mut chunk: ChunkView<'a, U>, read_usage: impl FnOnce(U) -> Option<Usage>) -> Self {
+        let usage = chunk.usage.take();
+        let reported = usage.is_some();
         let choices = || chunk.choices.iter().flatten();
         ChunkFacts {
             finished: choices().any(|c| c.finish_reason.is_some()),
@@ -477,7 +470,7 @@ impl<'a> ChunkFacts<'a> {
             model: chunk.model,
             error: chunk.error,
             reported,
-            usage,
+            usage: usage.and_then(read_usage),
         }
     }
 }
@@ -666,6 +659,11 @@ mod tests {
     /// An OpenRouter answer as the fake sends it, for the quick reading's tests.
     const ANSWER: &str = r#"{"id":"gen-1","provider":"P","model":"fake/fast","object":"chat.completion","created":1700000000,"choices":[{"index":0,"logprobs":null,"finish_reason":"stop","native_finish_reason":"stop","message":{"role":"assistant","content":"The \"quick\" fox\n\u00e9.","refusal":null,"reasoning":null}}],"usage":{"prompt_tokens":16,"completion_tokens":10,"total_tokens":26,"cost":3.6e-05,"is_byok":false,"prompt_tokens_details":{"cached_tokens":0,"cache_write_tokens":0,"audio_tokens":0,"video_tokens":0},"cost_details":{"upstream_inference_cost":3.6e-05,"upstream_inference_prompt_cost":1.6e-05},"completion_tokens_details":{"reasoning_tokens":0,"image_tokens":0,"audio_tokens":0}}}"#;
 
+    /// The fields given, joined as an object's members.
+    fn members(fields: impl IntoIterator<Item = Option<String>>) -> String {
+        fields.into_iter().flatten().collect::<Vec<_>>().join(",")
+    }
+
     /// The quick reading's verdict on `body` is serde's, or it leaves `body` to serde.
     fn quick_agrees(body: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
         if let Some(quick) = quick::read(body) {
@@ -715,47 +713,38 @@ mod tests {
             space in pick(&["", " ", "\n\t "]),
         ) {
             let field = |k: &str, v: &str| (v != "absent").then(|| format!("\"{k}\":{space}{v}"));
-            let choice: Vec<String> = [
+            let choice = members([
                 field("finish_reason", finish),
                 field("message", message),
                 field("error", choice_error),
                 field("index", "0"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let choice = format!("{{{}}}", choice.join(","));
+            ]);
+            let choice = format!("{{{choice}}}");
             let choices = match choices {
                 "one" => format!("[{choice}]"),
                 "two" => format!("[{choice},{space}{choice}]"),
                 "none" => "absent".to_owned(),
                 other => other.to_owned(),
             };
-            let usage: Vec<String> = [
+            let usage = members([
                 field("prompt_tokens", count),
                 field("completion_tokens", "2"),
                 field("total_tokens", "18"),
                 field("cost", cost),
                 field("prompt_tokens_details", details),
                 field("completion_tokens_details", details),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
+            ]);
             let usage = match usage_itself {
-                "object" => format!("{{{}}}", usage.join(",")),
+                "object" => format!("{{{usage}}}"),
                 other => other.to_owned(),
             };
-            let fields: Vec<String> = [
+            let fields = members([
                 field("model", model),
                 field("choices", &choices),
                 field("usage", &usage),
                 field("error", error),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let body = format!("{space}{{{}{extra}}}{space}", fields.join(","));
+            ]);
+            let body = format!("{space}{{{fields}{extra}}}{space}");
             quick_agrees(body.as_bytes())?;
         }
     }
@@ -851,38 +840,29 @@ mod tests {
             extra in pick(&["", r#","role":"assistant""#, r#","content":"again""#]),
         ) {
             let field = |k: &str, v: &str| (v != "absent").then(|| format!("\"{k}\":{v}"));
-            let delta_fields: Vec<String> = [
+            let delta_fields = members([
                 field("content", content),
                 field("reasoning", reasoning),
                 field("tool_calls", tool_calls),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
+            ]);
             let delta = match delta {
-                "object" => format!("{{{}{extra}}}", delta_fields.join(",")),
+                "object" => format!("{{{delta_fields}{extra}}}"),
                 other => other.to_owned(),
             };
-            let choice: Vec<String> = [field("delta", &delta), field("finish_reason", finish)]
-                .into_iter()
-                .flatten()
-                .collect();
-            let choice = format!("{{\"index\":0,{}}}", choice.join(","));
+            let choice = members([field("delta", &delta), field("finish_reason", finish)]);
+            let choice = format!("{{\"index\":0,{choice}}}");
             let choices = match choices {
                 "one" => format!("[{choice}]"),
                 "two" => format!("[{choice},{choice}]"),
                 other => other.to_owned(),
             };
-            let fields: Vec<String> = [
+            let fields = members([
                 field("model", model),
                 field("choices", &choices),
                 field("usage", usage),
                 field("error", error),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let data = format!("{{{}}}", fields.join(","));
+            ]);
+            let data = format!("{{{fields}}}");
             quick_chunk_agrees(data.as_bytes())?;
         }
     }

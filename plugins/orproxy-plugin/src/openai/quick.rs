@@ -18,23 +18,15 @@ const MAX_DEPTH: usize = 100;
 
 /// What [`super::map_response`] reports for an ordinary answer; `None` leaves it to serde.
 pub(super) fn read(body: &[u8]) -> Option<MappedResponse> {
-    let mut scan = Scan { bytes: body, at: 0 };
     let mut model = Slot::default();
     let mut usage = Slot::default();
     let mut answer_bytes = Slot::default();
-    scan.object(|scan, key| {
-        match key {
-            b"model" => model.fill(scan.text_or_null()?.map(str::to_owned)),
-            b"usage" => usage.fill(scan.usage()?),
-            b"choices" => answer_bytes.fill(scan.choices()?),
-            // An error in a 200, or an answer cut short: serde reads those.
-            b"error" => None,
-            _ => scan.skip(1),
-        }
+    top_level(body, |scan, key| match key {
+        b"model" => model.fill(scan.text_or_null()?.map(str::to_owned)),
+        b"usage" => usage.fill(scan.usage()?),
+        b"choices" => answer_bytes.fill(scan.choices()?),
+        _ => scan.skip(1),
     })?;
-    if scan.peek().is_some() {
-        return None;
-    }
     Some(MappedResponse {
         usage: usage.0.flatten().and_then(WireUsage::read),
         model: model.0.flatten(),
@@ -58,21 +50,15 @@ pub(super) struct Chunk<'a> {
 
 /// A stream chunk's data as OpenAI-compatible upstreams send it; `None` leaves it to serde.
 pub(super) fn read_chunk(data: &[u8]) -> Option<Chunk<'_>> {
-    let mut scan = Scan { bytes: data, at: 0 };
     let mut model = Slot::default();
     let mut usage = Slot::default();
     let mut choices = Slot::default();
-    scan.object(|scan, key| match key {
+    top_level(data, |scan, key| match key {
         b"model" => model.fill(scan.text_or_null()?),
         b"usage" => usage.fill(scan.usage()?),
         b"choices" => choices.fill(scan.chunk_choices()?),
-        // An error chunk: serde reads it.
-        b"error" => None,
         _ => scan.skip(1),
     })?;
-    if scan.peek().is_some() {
-        return None;
-    }
     let (finished, content, any_choice) = choices.0.unwrap_or_default();
     Some(Chunk {
         model: model.0.flatten(),
@@ -81,6 +67,26 @@ pub(super) fn read_chunk(data: &[u8]) -> Option<Chunk<'_>> {
         content,
         any_choice,
     })
+}
+
+/// `bytes` as one object and nothing after it, each key handed to `field`. An `error` key gives
+/// up: an error in a 200, an answer cut short or an error chunk is read by serde.
+fn top_level<'a>(
+    bytes: &'a [u8],
+    mut field: impl FnMut(&mut Scan<'a>, &[u8]) -> Option<()>,
+) -> Option<()> {
+    let mut scan = Scan { bytes, at: 0 };
+    scan.object(|scan, key| match key {
+        b"error" => None,
+        _ => field(scan, key),
+    })?;
+    scan.peek().is_none().then_some(())
+}
+
+/// Marks `bit` seen; `None` when it was already: serde refuses a struct's field given twice,
+/// and a usage key given twice is left to it.
+fn once(seen: &mut u8, bit: u8) -> Option<()> {
+    (*seen & bit == 0).then(|| *seen |= bit)
 }
 
 /// A field read at most once: serde refuses a struct's field given twice.
@@ -257,12 +263,20 @@ impl<'a> Scan<'a> {
         }
     }
 
+    /// Whether the next value is `null`, consumed if it is.
+    fn null(&mut self) -> Option<bool> {
+        match self.peek()? {
+            b'n' => self.literal(b"null").map(|()| true),
+            _ => Some(false),
+        }
+    }
+
     /// A string without escapes, or `null`.
     fn text_or_null(&mut self) -> Option<Option<&'a str>> {
-        match self.peek()? {
-            b'n' => self.literal(b"null").map(|()| None),
-            _ => self.plain_text().map(Some),
+        if self.null()? {
+            return Some(None);
         }
+        self.plain_text().map(Some)
     }
 
     fn literal(&mut self, word: &[u8]) -> Option<()> {
@@ -323,8 +337,8 @@ impl<'a> Scan<'a> {
     /// A token count: a plain non-negative integer, or `null`. Other forms (`1e2`, `"16"`, a
     /// negative) are read leniently by serde.
     fn count(&mut self) -> Option<Option<u64>> {
-        if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| None);
+        if self.null()? {
+            return Some(None);
         }
         self.number()?
             .iter()
@@ -337,8 +351,8 @@ impl<'a> Scan<'a> {
 
     /// The `usage` object, or `null`.
     fn usage(&mut self) -> Option<Option<WireUsage<'a>>> {
-        if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| None);
+        if self.null()? {
+            return Some(None);
         }
         let mut wire = WireUsage::default();
         let mut seen = 0u8;
@@ -353,10 +367,10 @@ impl<'a> Scan<'a> {
                     2
                 }
                 b"cost" => {
-                    wire.cost = match scan.peek()? {
-                        b'n' => scan.literal(b"null").map(|()| None)?,
+                    wire.cost = match scan.null()? {
+                        true => None,
                         // The grammar's text is ASCII.
-                        _ => Some(std::str::from_utf8(scan.number()?).ok()?),
+                        false => Some(std::str::from_utf8(scan.number()?).ok()?),
                     };
                     4
                 }
@@ -372,9 +386,7 @@ impl<'a> Scan<'a> {
                 }
                 _ => return scan.skip(3),
             };
-            // The keys are read in order, each once, as serde reads them: a key given twice
-            // is left to it.
-            (seen & bit == 0).then(|| seen |= bit)
+            once(&mut seen, bit)
         })?;
         Some(Some(wire))
     }
@@ -387,7 +399,7 @@ impl<'a> Scan<'a> {
             self.skip(3)?;
             return Some(counts);
         }
-        let mut seen = [false; 3];
+        let mut seen = 0u8;
         self.object(|scan, key| {
             let slot = match key {
                 b"cached_tokens" => 0,
@@ -395,9 +407,7 @@ impl<'a> Scan<'a> {
                 b"reasoning_tokens" => 2,
                 _ => return scan.skip(4),
             };
-            if std::mem::replace(&mut seen[slot], true) {
-                return None;
-            }
+            once(&mut seen, 1 << slot)?;
             counts[slot] = scan.count()?;
             Some(())
         })?;
@@ -408,8 +418,8 @@ impl<'a> Scan<'a> {
     /// whether there is any.
     fn chunk_choices(&mut self) -> Option<(bool, bool, bool)> {
         let mut seen = (false, false, false);
-        if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| seen);
+        if self.null()? {
+            return Some(seen);
         }
         self.array(|scan| {
             seen.2 = true;
@@ -430,8 +440,8 @@ impl<'a> Scan<'a> {
 
     /// Whether a `delta` (or `null`) carries text, reasoning, a refusal or a tool call.
     fn delta(&mut self) -> Option<bool> {
-        if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| false);
+        if self.null()? {
+            return Some(false);
         }
         let mut content = false;
         let mut seen = 0u8;
@@ -446,23 +456,23 @@ impl<'a> Scan<'a> {
                 _ => return scan.skip(4),
             };
             content |= has;
-            (seen & bit == 0).then(|| seen |= bit)
+            once(&mut seen, bit)
         })?;
         Some(content)
     }
 
     /// `true` for `null`; any other value is passed over.
     fn null_or_skip(&mut self, depth: usize) -> Option<bool> {
-        match self.peek()? {
-            b'n' => self.literal(b"null").map(|()| true),
-            _ => self.skip(depth).map(|()| false),
+        match self.null()? {
+            true => Some(true),
+            false => self.skip(depth).map(|()| false),
         }
     }
 
     /// The `choices` array, or `null`: the bytes of JSON of the messages.
     fn choices(&mut self) -> Option<usize> {
-        if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| 0);
+        if self.null()? {
+            return Some(0);
         }
         let mut bytes = 0;
         self.array(|scan| {
