@@ -42,6 +42,10 @@ pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 /// rows beyond it are logged whole instead of growing the process until it is killed
 /// (about 1.1 KB a row: some 110 MB).
 pub const MAX_QUEUED: u64 = 100_000;
+/// Rows inserted between two offers of the core to the request threads (about 100 µs of
+/// work). A batch is milliseconds of one core: run in one go, it held up the requests of the
+/// worker it displaced for a whole scheduler slice, which showed in their p99 under load.
+const YIELD_EVERY: usize = 32;
 /// Rows per transaction at least when retrying refused rows in smaller transactions.
 const MIN_PIECE: usize = 256;
 /// How long rows SQLite refused wait before the next try while running.
@@ -569,7 +573,10 @@ fn write_batch(conn: &mut Connection, batch: &[Arc<Row>]) -> rusqlite::Result<()
     {
         let mut stmt = tx.prepare_cached(INSERT)?;
         let mut json = Vec::new();
-        for row in batch {
+        for (i, row) in batch.iter().enumerate() {
+            if i % YIELD_EVERY == YIELD_EVERY - 1 {
+                std::thread::yield_now();
+            }
             row.insert(&mut stmt, &mut json)?;
         }
     }

@@ -26,7 +26,7 @@ use orproxy_testkit::FAKE_API_KEY;
 use serde_json::Value;
 
 const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--concurrency C] \
-[--rate R] [--no-ledger] [--baseline PATH] [--no-nginx] [--markdown PATH]
+[--rate R] [--no-ledger | --ledger-only] [--baseline PATH] [--no-nginx] [--markdown PATH]
 
   --requests N      requests per path at concurrency 1, per mode (default 2000)
   --duration SECS   measured seconds per path under load, per mode (default 10)
@@ -36,6 +36,8 @@ const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--co
                     R/2 and R/4 (default 20000)
   --no-ledger       run orproxy without its usage database (database.enabled: false);
                     the comparisons of the daemon with and without it are then skipped
+  --ledger-only     measure only those comparisons (the daemon with and without its
+                    usage database, saturated and at fixed rates)
   --baseline PATH   another orproxy binary (an earlier build, say), measured at
                     concurrency 1 beside this one's, in the same blocks
   --no-nginx        skip the reference path through nginx, measured at concurrency 1
@@ -101,6 +103,7 @@ struct Args {
     rate: usize,
     baseline: Option<PathBuf>,
     nginx: bool,
+    ledger_only: bool,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -113,6 +116,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         rate: 20_000,
         baseline: None,
         nginx: true,
+        ledger_only: false,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -137,9 +141,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--no-ledger" => parsed.ledger = false,
             "--baseline" => parsed.baseline = Some(PathBuf::from(value("--baseline")?)),
             "--no-nginx" => parsed.nginx = false,
+            "--ledger-only" => parsed.ledger_only = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if parsed.ledger_only && !parsed.ledger {
+        return Err("--ledger-only and --no-ledger exclude each other".into());
     }
     Ok(parsed)
 }
@@ -1168,14 +1176,59 @@ struct Results {
     streamed: Vec<Sequential>,
     load_whole: [Load; 2],
     load_stream: [Load; 2],
-    /// The measured daemon against one without a database, under load: non-stream, stream.
-    ledger: Option<[[Load; 2]; 2]>,
-    /// The same at fixed rates ([`paced_runs`]): the kind of call, its rate, off and on.
-    ledger_paced: Option<Vec<(&'static str, usize, [Load; 2])>>,
+    /// The measured daemon against one without a database.
+    ledger: Option<Ledger>,
     idle: Memory,
     after_sequential: Memory,
     after_load: Memory,
     info_idle: Memory,
+}
+
+/// The daemon without its database (first) and with it, taking turns.
+struct Ledger {
+    /// Under load: non-stream, stream.
+    saturated: [[Load; 2]; 2],
+    /// At fixed rates ([`paced_runs`]): the kind of call, its rate, off and on.
+    paced: Vec<(&'static str, usize, [Load; 2])>,
+}
+
+impl Ledger {
+    /// The sections "The ledger under load" and "The ledger at fixed rates".
+    fn report(&self, args: &Args) -> String {
+        let c = args.concurrency;
+        let secs = args.duration.as_secs_f64();
+        let labels = ["orproxy, ledger off", "orproxy, ledger on"];
+        let ratio = "ratio on / off";
+        let [whole, stream] = &self.saturated;
+        let paced: String = self
+            .paced
+            .iter()
+            .map(|(kind, rate, loads)| {
+                let calls: usize = loads.iter().map(|l| l.completed).sum();
+                let late: usize = loads.iter().map(|l| l.late).sum();
+                format!(
+                    "{kind}, {rate} calls/s ({late} of {calls} calls sent more than {} ms \
+                     late):\n\n{}\n",
+                    LATE.as_millis(),
+                    load_table(loads, labels, ratio),
+                )
+            })
+            .collect();
+        format!(
+            "### The ledger under load, on and off\n\n\
+             The measured daemon (a row per request) and a third one with \
+             `database.enabled: false`, same logging, {c} connections, {secs:.0} s each \
+             (two halves, in the order off, on, on, off).\n\n\
+             Non-stream:\n\n{}\nStream:\n\n{}\n\
+             ### The ledger at fixed rates, on and off\n\n\
+             The same two daemons at fixed rates instead of as fast as they answer, the \
+             calls spread evenly over {c} connections (an open loop: a slow answer delays \
+             no other connection's calls), {secs:.0} s each (off, on, on, off). Latency \
+             from sending to the last byte.\n\n{paced}",
+            load_table(whole, labels, ratio),
+            load_table(stream, labels, ratio),
+        )
+    }
 }
 
 /// A latency column of the concurrency-1 tables: its header, the samples it is computed
@@ -1395,8 +1448,7 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize, about: &str) 
          {load_whole}\n\
          ### Concurrency {c}, stream\n\n\
          {load_stream}\n\
-         {ledger_section}\
-         {paced_section}\
+         {ledger_sections}\
          ### Memory\n\n\
          {memory}\n\
          ### Targets, this run\n\n\
@@ -1413,42 +1465,7 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize, about: &str) 
         warm = LOAD_WARMUP.as_secs_f64(),
         load_whole = load_table(&r.load_whole, load_labels, "ratio orproxy / direct"),
         load_stream = load_table(&r.load_stream, load_labels, "ratio orproxy / direct"),
-        ledger_section = r.ledger.as_ref().map_or(String::new(), |[whole, stream]| {
-            let labels = ["orproxy, ledger off", "orproxy, ledger on"];
-            let ratio = "ratio on / off";
-            format!(
-                "### The ledger under load, on and off\n\n\
-                 The measured daemon (a row per request) and a third one with \
-                 `database.enabled: false`, same logging, {c} connections, {secs:.0} s each \
-                 (two halves, in the order off, on, on, off).\n\n\
-                 Non-stream:\n\n{}\nStream:\n\n{}\n",
-                load_table(whole, labels, ratio),
-                load_table(stream, labels, ratio),
-            )
-        }),
-        paced_section = r.ledger_paced.as_ref().map_or(String::new(), |runs| {
-            let labels = ["orproxy, ledger off", "orproxy, ledger on"];
-            let tables: String = runs
-                .iter()
-                .map(|(kind, rate, loads)| {
-                    let calls: usize = loads.iter().map(|l| l.completed).sum();
-                    let late: usize = loads.iter().map(|l| l.late).sum();
-                    format!(
-                        "{kind}, {rate} calls/s ({late} of {calls} calls sent more than {} ms \
-                         late):\n\n{}\n",
-                        LATE.as_millis(),
-                        load_table(loads, labels, "ratio on / off"),
-                    )
-                })
-                .collect();
-            format!(
-                "### The ledger at fixed rates, on and off\n\n\
-                 The same two daemons at fixed rates instead of as fast as they answer, the \
-                 calls spread evenly over {c} connections (an open loop: a slow answer delays \
-                 no other connection's calls), {secs:.0} s each (off, on, on, off). Latency \
-                 from sending to the last byte.\n\n{tables}"
-            )
-        }),
+        ledger_sections = r.ledger.as_ref().map_or(String::new(), |l| l.report(args)),
         memory = memory_table(r),
         targets = targets_table(r),
     )
@@ -1465,6 +1482,31 @@ struct Setup {
     unrecorded: Option<Target>,
     /// Measured at concurrency 1 only, after the others: `--baseline`, nginx.
     references: Vec<Target>,
+}
+
+/// The daemon without its database and with it (`pair`), saturated and at fixed rates.
+async fn measure_ledger(args: &Args, client: &HttpClient, pair: [&Target; 2]) -> Result<Ledger> {
+    let whole_body = Bytes::from_static(WHOLE_BODY.as_bytes());
+    let stream_body = Bytes::from_static(STREAM_BODY.as_bytes());
+    eprintln!(
+        "orproxy-bench: concurrency {}, ledger on and off",
+        args.concurrency
+    );
+    let saturated = [
+        compare_under_load(client, pair, &whole_body, false, args).await?,
+        compare_under_load(client, pair, &stream_body, true, args).await?,
+    ];
+    let mut paced = Vec::new();
+    for (stream, rate) in paced_runs(args.rate) {
+        let (kind, body) = match stream {
+            false => ("non-stream", &whole_body),
+            true => ("stream", &stream_body),
+        };
+        eprintln!("orproxy-bench: {kind} at {rate} calls/s, ledger on and off");
+        let loads = compare_paced(client, pair, body, stream, rate as f64, args).await?;
+        paced.push((kind, rate, loads));
+    }
+    Ok(Ledger { saturated, paced })
 }
 
 async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) -> Result<Results> {
@@ -1493,27 +1535,9 @@ async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) ->
     let load_whole = compare_under_load(&client, pair, &whole_body, false, args).await?;
     eprintln!("orproxy-bench: concurrency {c}, stream");
     let load_stream = compare_under_load(&client, pair, &stream_body, true, args).await?;
-    let (ledger, ledger_paced) = match &setup.unrecorded {
-        Some(off) => {
-            eprintln!("orproxy-bench: concurrency {c}, ledger on and off");
-            let pair = [off, &setup.quiet];
-            let saturated = [
-                compare_under_load(&client, pair, &whole_body, false, args).await?,
-                compare_under_load(&client, pair, &stream_body, true, args).await?,
-            ];
-            let mut paced = Vec::new();
-            for (stream, rate) in paced_runs(args.rate) {
-                let (kind, body) = match stream {
-                    false => ("non-stream", &whole_body),
-                    true => ("stream", &stream_body),
-                };
-                eprintln!("orproxy-bench: {kind} at {rate} calls/s, ledger on and off");
-                let loads = compare_paced(&client, pair, body, stream, rate as f64, args).await?;
-                paced.push((kind, rate, loads));
-            }
-            (Some(saturated), Some(paced))
-        }
-        None => (None, None),
+    let ledger = match &setup.unrecorded {
+        Some(off) => Some(measure_ledger(args, &client, [off, &setup.quiet]).await?),
+        None => None,
     };
     Ok(Results {
         whole,
@@ -1521,7 +1545,6 @@ async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) ->
         load_whole,
         load_stream,
         ledger,
-        ledger_paced,
         idle,
         after_sequential,
         after_load: memory(proxy_pid)?,
@@ -1625,6 +1648,19 @@ fn run(args: &Args) -> Result<String> {
     pids.extend(unrecorded.as_ref().map(|(_, (off, _))| off.pid()));
     pids.extend(baseline.as_ref().map(|(daemon, _)| daemon.pid()));
     pids.extend(nginx.as_ref().map(|(nginx, ..)| nginx.pid()));
+    if args.ledger_only {
+        let off = (setup.unrecorded.as_ref()).context("no daemon without a database")?;
+        let pair = [off, &setup.quiet];
+        let (ledger, noise) = Noise::watch(&pids, || {
+            runtime.block_on(measure_ledger(args, &http_client(), pair))
+        })?;
+        return Ok(format!(
+            "## The ledger, on and off\n\nMachine: {}. {}\n\n{}",
+            machine(),
+            noise.describe(),
+            ledger.report(args)
+        ));
+    }
     let (results, noise) = Noise::watch(&pids, || {
         runtime.block_on(measure(args, &setup, idle, info_idle))
     })?;
