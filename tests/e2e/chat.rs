@@ -1,9 +1,9 @@
 //! Non-streamed chat completions, models, flags.
 
-use orproxy_testkit::{FAKE_API_KEY, FakeOpenRouter};
+use orproxy_testkit::{FAKE_API_KEY, FakeOpenRouter, FakeOptions};
 use serde_json::{Value, json};
 
-use crate::harness::{Daemon, Options, chat, client, daemon_for};
+use crate::harness::{Daemon, Options, chat, client, daemon_for, openrouter_config};
 
 #[tokio::test]
 async fn with_no_config_and_no_key_the_mock_answers() {
@@ -124,6 +124,57 @@ async fn upstream_connections_are_reused() {
         response.bytes().await.unwrap();
     }
     assert_eq!(fake.connections(), 1);
+}
+
+/// Over TLS the daemon takes HTTP/2 when the upstream offers it (ALPN): one connection carries
+/// requests sent together; an upstream that offers only HTTP/1.1 gets kept-alive HTTP/1.1.
+#[tokio::test]
+async fn https_upstreams_get_http2_when_they_offer_it() {
+    for (offered, version) in [
+        (&[&b"h2"[..], b"http/1.1"][..], http::Version::HTTP_2),
+        (&[&b"http/1.1"[..]][..], http::Version::HTTP_11),
+    ] {
+        let fake = FakeOpenRouter::start_with(FakeOptions {
+            tls: Some(orproxy_testkit::tls::server_config(offered)),
+            ..FakeOptions::default()
+        })
+        .await
+        .unwrap();
+        assert!(fake.base_url().starts_with("https://127.0.0.1:"));
+        let daemon = Daemon::start(
+            Options::config(openrouter_config(&fake.base_url(), ""))
+                .env("FAKE_OR_KEY", FAKE_API_KEY)
+                .env("SSL_CERT_FILE", orproxy_testkit::tls::CA_FILE),
+        );
+        let http = client();
+        let call = |stream: bool| {
+            let request = http.post(daemon.url("/v1/chat/completions")).json(&chat(
+                "openai/gpt-4o",
+                "hi",
+                stream,
+            ));
+            async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                response.text().await.unwrap()
+            }
+        };
+        assert!(call(false).await.contains("\"choices\""));
+        // Together, once the connection is open: HTTP/2 sends them on it side by side,
+        // HTTP/1.1 needs a connection each.
+        let (_, streamed, _) = tokio::join!(call(false), call(true), call(false));
+        assert!(streamed.ends_with("data: [DONE]\n\n"), "{streamed}");
+        for _ in 0..3 {
+            call(true).await;
+        }
+        let requests = fake.requests();
+        assert_eq!(requests.len(), 7);
+        assert!(requests.iter().all(|r| r.version == version), "{version:?}");
+        match version {
+            http::Version::HTTP_2 => assert_eq!(fake.connections(), 1),
+            _ => assert!((1..=3).contains(&fake.connections())),
+        }
+    }
 }
 
 #[tokio::test]

@@ -140,6 +140,7 @@ impl FakeAnthropic {
         let serving = Arc::clone(&shared);
         tokio::spawn(accept_loop(
             listener,
+            None,
             rx,
             || {},
             move |req| handle(Arc::clone(&serving), req),

@@ -78,6 +78,7 @@ mod wire;
 mod tests;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -100,6 +101,8 @@ pub struct FakeOptions {
     pub record: bool,
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Serve HTTPS with these settings (see [`crate::tls`]) instead of plain HTTP and h2c.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for FakeOptions {
@@ -109,6 +112,7 @@ impl Default for FakeOptions {
             keepalives: 2,
             record: true,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            tls: None,
         }
     }
 }
@@ -118,6 +122,8 @@ impl Default for FakeOptions {
 pub struct RecordedRequest {
     /// HTTP method, e.g. `POST`.
     pub method: String,
+    /// HTTP version the request came in (`HTTP/2.0` over TLS when the client chose h2).
+    pub version: http::Version,
     /// Path including the query string.
     pub path: String,
     /// Header names are lowercase; repeated headers appear once per value.
@@ -156,6 +162,7 @@ impl RecordedRequest {
             .collect();
         RecordedRequest {
             method: parts.method.as_str().to_owned(),
+            version: parts.version,
             path,
             headers,
             body: body.clone(),
@@ -207,7 +214,7 @@ impl FakeOpenRouter {
         self.server.addr()
     }
 
-    /// `http://127.0.0.1:PORT/api/v1`.
+    /// `http://127.0.0.1:PORT/api/v1` (`https://` with [`FakeOptions::tls`]).
     pub fn base_url(&self) -> String {
         self.server.base_url()
     }

@@ -5,6 +5,7 @@ pub mod fake_anthropic;
 pub mod fake_openai;
 pub mod fake_openrouter;
 mod serve;
+pub mod tls;
 
 pub use fake_anthropic::{FAKE_ANTHROPIC_KEY, FAKE_ANTHROPIC_MODEL, FakeAnthropic};
 pub use fake_openai::FakeOpenAi;

@@ -1,6 +1,8 @@
-//! The accept loop every fake upstream runs: HTTP/1.1 and h2c on loopback until shut down.
+//! The accept loop every fake upstream runs: HTTP/1.1 and h2c on loopback (or HTTPS with
+//! HTTP/2 offered through ALPN) until shut down.
 
 use std::error::Error;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -14,9 +16,10 @@ use tokio::sync::watch;
 type BoxError = Box<dyn Error + Send + Sync>;
 
 /// Serves every connection of `listener` with `handle` until `shutdown` changes (or its sender
-/// is dropped); `accepted` runs once per connection.
+/// is dropped), over TLS with `tls`; `accepted` runs once per connection.
 pub(crate) async fn accept_loop<H, Fut, B, E>(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<()>,
     accepted: impl Fn(),
     handle: H,
@@ -45,11 +48,26 @@ pub(crate) async fn accept_loop<H, Fut, B, E>(
         accepted();
         let handle = handle.clone();
         let mut shutdown = shutdown.clone();
+        let tls = tls.clone().map(tokio_rustls::TlsAcceptor::from);
         tokio::spawn(async move {
             let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handle));
+            let serve = async {
+                match tls {
+                    None => {
+                        let io = TokioIo::new(stream);
+                        let _ = builder.serve_connection(io, service_fn(handle)).await;
+                    }
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let io = TokioIo::new(stream);
+                        let _ = builder.serve_connection(io, service_fn(handle)).await;
+                    }
+                }
+            };
             tokio::select! {
-                _ = conn => {}
+                _ = serve => {}
                 _ = shutdown.changed() => {}
             }
         });

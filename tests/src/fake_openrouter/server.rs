@@ -151,6 +151,7 @@ impl Server {
         let (counted, serving) = (Arc::clone(&shared), Arc::clone(&shared));
         tokio::spawn(accept_loop(
             listener,
+            shared.opts.tls.clone(),
             rx,
             move || {
                 counted.connections.fetch_add(1, Ordering::SeqCst);
@@ -169,7 +170,12 @@ impl Server {
     }
 
     pub(crate) fn base_url(&self) -> String {
-        format!("http://{}{}", self.addr, self.shared.dialect.base_path())
+        let scheme = match self.shared.opts.tls {
+            Some(_) => "https",
+            None => "http",
+        };
+        let path = self.shared.dialect.base_path();
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
