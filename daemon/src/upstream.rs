@@ -1,23 +1,23 @@
 //! Upstream connection pools, and answers read the same way whether they come from the
 //! network or from a local plugin.
 
+mod pool;
+
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST, RETRY_AFTER};
-use http::uri::Scheme;
-use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use orproxy_plugin::{LocalBody, Prepared};
 use tokio::time::{Instant, sleep, timeout_at};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::{ConfigBuilderExt, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pool::{Lease, Pool, SendError};
 
 use crate::error::{TimeoutKind, UpstreamAnswer};
 
@@ -40,12 +40,12 @@ pub enum AttemptError {
 /// is driven by a task of the runtime that opened it, so sharing one pool between workers
 /// would bounce every request across cores.
 ///
-/// hyper-util's client is used directly rather than through reqwest: reqwest parsed each URL
+/// hyper's connections are used directly rather than through reqwest: reqwest parsed each URL
 /// several times per request (5 % of the daemon's CPU in a profile) for features a relay does
 /// not want (redirects, retries, proxies).
 #[derive(Clone)]
 pub struct UpstreamClient {
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pool: Arc<Pool>,
 }
 
 /// The TLS settings every pool starts from, built once: building them reads and parses the
@@ -94,12 +94,9 @@ impl UpstreamClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(tcp);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
-        Ok(UpstreamClient { http })
+        Ok(UpstreamClient {
+            pool: Arc::new(Pool::new(https)),
+        })
     }
 
     /// Sends a prepared request and waits for the answer's head until `first_byte`.
@@ -129,49 +126,30 @@ impl UpstreamClient {
         };
         let mut outbound = http::Request::new(Full::new(request.body));
         *outbound.method_mut() = request.method;
-        let mut headers = request.headers;
-        if let Some(host) = plain_http_host(&request.url) {
-            headers.entry(HOST).or_insert(host);
-        }
         *outbound.uri_mut() = request.url;
-        *outbound.headers_mut() = headers;
-        let response = match timeout_at(first_byte, self.http.request(outbound)).await {
+        *outbound.headers_mut() = request.headers;
+        let (response, lease) = match timeout_at(first_byte, self.pool.send(outbound)).await {
             Err(_) => return Err(AttemptError::Timeout(TimeoutKind::FirstByte)),
-            Ok(Err(e)) => return Err(classify_client_error(&e)),
-            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(classify_send_error(e)),
+            Ok(Ok(sent)) => sent,
         };
         let (head, body) = response.into_parts();
         Ok(UpstreamResponse {
             status: head.status,
             headers: head.headers,
-            body: Body::Http(body),
+            body: Body::Http(body, lease),
         })
     }
 }
 
-/// The `Host` of a plain-HTTP request (always HTTP/1.1: HTTP/2 is only offered over TLS).
-/// hyper-util's client would add the same, through `format!` and a scan for a default port,
-/// 1,400 instructions a request; this is the authority's host and port as the URL writes them.
-fn plain_http_host(url: &Uri) -> Option<HeaderValue> {
-    if url.scheme() != Some(&Scheme::HTTP) {
-        return None;
-    }
-    let authority = url.authority()?;
-    // Without any `user:password@` in front.
-    let host = authority
-        .as_str()
-        .rsplit_once('@')
-        .map_or(authority.as_str(), |(_, host)| host);
-    HeaderValue::from_str(host).ok()
-}
-
-fn classify_client_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
-    let reason = error_chain(e);
-    if !e.is_connect() {
-        return AttemptError::Broken(reason);
-    }
-    let timed_out = std::iter::successors(std::error::Error::source(e), |cause| cause.source())
-        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+fn classify_send_error(e: SendError) -> AttemptError {
+    let cause = match e {
+        SendError::Broken(e) => return AttemptError::Broken(error_chain(&e)),
+        SendError::Connect(cause) => cause,
+    };
+    let reason = error_chain(&*cause);
+    let timed_out = std::iter::successors(Some(&*cause as &dyn std::error::Error), |c| c.source())
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
         .any(|io| io.kind() == std::io::ErrorKind::TimedOut);
     if timed_out || reason.contains("timed out") || reason.contains("timeout") {
         AttemptError::Timeout(TimeoutKind::Connect)
@@ -205,7 +183,8 @@ pub struct UpstreamResponse {
 }
 
 enum Body {
-    Http(Incoming),
+    /// With the HTTP/1.1 connection it came on, given back to the pool at the body's end.
+    Http(Incoming, Option<Lease>),
     Full(Option<Bytes>),
     Events {
         events: VecDeque<Bytes>,
@@ -225,9 +204,14 @@ impl UpstreamResponse {
     /// The next body chunk; `None` at the end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, AttemptError> {
         match &mut self.body {
-            Body::Http(body) => loop {
+            Body::Http(body, lease) => loop {
                 match body.frame().await {
-                    None => return Ok(None),
+                    None => {
+                        if let Some(lease) = lease.take() {
+                            lease.give_back();
+                        }
+                        return Ok(None);
+                    }
                     Some(Err(e)) => return Err(AttemptError::Broken(error_chain(&e))),
                     // Trailers carry nothing a relay needs.
                     Some(Ok(frame)) => {
@@ -307,23 +291,5 @@ impl UpstreamResponse {
             headers,
             body,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_plain_http_request_names_its_host_and_port_without_credentials() {
-        let host = |url: &str| plain_http_host(&url.parse().unwrap());
-        assert_eq!(
-            host("http://127.0.0.1:8080/v1/x").unwrap(),
-            "127.0.0.1:8080"
-        );
-        assert_eq!(host("http://example.com/v1").unwrap(), "example.com");
-        assert_eq!(host("http://user:pw@[::1]:9/v1").unwrap(), "[::1]:9");
-        // hyper-util's client sets it over TLS, where the connection may be HTTP/2.
-        assert_eq!(host("https://openrouter.ai/api/v1"), None);
     }
 }
