@@ -187,7 +187,10 @@ impl Pool {
             let (conn, reused) = match self.find(https, &authority).await {
                 Found::Conn(conn) => (conn, true),
                 Found::Connect(claim) => {
-                    let conn = self.connect(request.uri(), https, &authority).await?;
+                    // Boxed: the TLS and HTTP/2 handshakes would make every request's future
+                    // (moved whole into hyper's connection task) kilobytes larger.
+                    let connecting = Box::pin(self.connect(request.uri(), https, &authority));
+                    let conn = connecting.await?;
                     drop(claim);
                     (conn, false)
                 }
