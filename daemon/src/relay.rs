@@ -526,6 +526,13 @@ impl Relay {
                             if let Some(end) =
                                 self.on_event(mapper.map(event), &backend.name, &mut stream)
                             {
+                                // The connection is kept once its body's end is read: mostly
+                                // already here with `[DONE]`, else after the connection task's
+                                // next turn, else soon after.
+                                if !response.finish_now() {
+                                    run_others_once().await;
+                                    response.finish_later();
+                                }
                                 return self.ended(end, label).await;
                             }
                         }

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use orproxy_plugin::{LocalBody, Prepared};
@@ -173,6 +174,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// How long a complete answer's connection waits for its body's end to be kept.
+const FINISH_WITHIN: Duration = Duration::from_secs(1);
+
 /// An answer's head and its body, read chunk by chunk.
 pub struct UpstreamResponse {
     /// Status.
@@ -231,6 +235,32 @@ impl UpstreamResponse {
                 }
                 Ok(events.pop_front())
             }
+        }
+    }
+
+    /// True when the body has ended, its end read now if already received (which gives a
+    /// kept-alive connection back to the pool); false when more is, or may be, coming.
+    pub fn finish_now(&mut self) -> bool {
+        match self.body {
+            Body::Http(..) => matches!(self.chunk().now_or_never(), Some(Ok(None))),
+            // No connection behind it.
+            Body::Full(_) | Body::Events { .. } => true,
+        }
+    }
+
+    /// For an answer that is complete though its body's end has not been read yet: a task
+    /// waits a moment for that end to keep the connection, which is closed otherwise.
+    pub fn finish_later(mut self) {
+        if self.finish_now() {
+            return;
+        }
+        if let Body::Http(mut body, Some(lease)) = self.body {
+            tokio::spawn(async move {
+                let end = tokio::time::timeout(FINISH_WITHIN, body.frame()).await;
+                if let Ok(None) = end {
+                    lease.give_back();
+                }
+            });
         }
     }
 

@@ -113,10 +113,11 @@ async fn upstream_connections_are_reused() {
     let fake = FakeOpenRouter::start().await.unwrap();
     let daemon = daemon_for(&fake.base_url(), "");
     let http = client();
-    for _ in 0..5 {
+    // Streams too: the relay ends at `[DONE]`, before it has read the body's end.
+    for stream in [false, true, false, true, true, false] {
         let response = http
             .post(daemon.url("/v1/chat/completions"))
-            .json(&chat("openai/gpt-4o", "hi", false))
+            .json(&chat("openai/gpt-4o", "hi", stream))
             .send()
             .await
             .unwrap();
