@@ -129,7 +129,10 @@ impl UpstreamClient {
         *outbound.method_mut() = request.method;
         *outbound.uri_mut() = request.url;
         *outbound.headers_mut() = request.headers;
-        let (response, lease) = match timeout_at(first_byte, self.pool.send(outbound)).await {
+        // Boxed: its HTTP/1.1 and HTTP/2 paths make a future of kilobytes, which would be
+        // copied whole each time the request's task is spawned or moved.
+        let sending = Box::pin(self.pool.send(outbound));
+        let (response, lease) = match timeout_at(first_byte, sending).await {
             Err(_) => return Err(AttemptError::Timeout(TimeoutKind::FirstByte)),
             Ok(Err(e)) => return Err(classify_send_error(e)),
             Ok(Ok(sent)) => sent,
