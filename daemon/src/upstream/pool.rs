@@ -199,7 +199,8 @@ impl Pool {
                 Conn::H2(mut sender) => {
                     let result = match sender.ready().await {
                         Ok(()) => sender.try_send_request(request).await,
-                        Err(e) if reused => return Err(SendError::Broken(e)),
+                        // Closed since it was found: the request never left.
+                        Err(_) if reused => continue,
                         Err(e) => return Err(SendError::Connect(e.into())),
                     };
                     match result {
