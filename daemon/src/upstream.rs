@@ -242,7 +242,8 @@ impl UpstreamResponse {
     }
 
     /// True when the body has ended, its end read now if already received (which gives a
-    /// kept-alive connection back to the pool); false when more is, or may be, coming.
+    /// kept-alive connection back to the pool); false when more is, or may be, coming. For
+    /// answers already complete: a chunk read instead is dropped.
     pub fn finish_now(&mut self) -> bool {
         match self.body {
             Body::Http(..) => matches!(self.chunk().now_or_never(), Some(Ok(None))),
