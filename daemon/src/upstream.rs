@@ -152,14 +152,20 @@ fn classify_send_error(e: SendError) -> AttemptError {
         SendError::Connect(cause) => cause,
     };
     let reason = error_chain(&*cause);
-    let timed_out = std::iter::successors(Some(&*cause as &dyn std::error::Error), |c| c.source())
-        .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| io.kind() == std::io::ErrorKind::TimedOut);
-    if timed_out || reason.contains("timed out") || reason.contains("timeout") {
+    if timed_out(&*cause, &reason) {
         AttemptError::Timeout(TimeoutKind::Connect)
     } else {
         AttemptError::Connect(reason)
     }
+}
+
+/// Whether a connection failed for want of time (`reason` is its text).
+fn timed_out(cause: &(dyn std::error::Error + 'static), reason: &str) -> bool {
+    std::iter::successors(Some(cause), |c| c.source())
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        || reason.contains("timed out")
+        || reason.contains("timeout")
 }
 
 /// The error and its causes on one line ("error sending request: connection reset by peer").

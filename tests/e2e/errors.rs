@@ -279,6 +279,54 @@ async fn a_connect_timeout_is_its_own_error() {
     drop(listener);
 }
 
+/// Requests that arrive while another opens the connection they would share wait for it; when
+/// it cannot be opened they fail with its error at once, not after a connect timeout each.
+#[tokio::test]
+async fn requests_waiting_on_a_connection_that_cannot_open_fail_with_it() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..3 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(stream);
+        }
+    }
+    // Waiting for a first connect timeout and then spending another would pass the first-byte
+    // limit: a request that did so would fail with `first_byte_timeout`.
+    let daemon = daemon_for(
+        &format!("http://{addr}/api/v1"),
+        "limits:\n  connect_timeout: 300ms\n  first_byte_timeout: 500ms\n",
+    );
+    let http = client();
+    let call = || {
+        let request =
+            http.post(daemon.url("/v1/chat/completions"))
+                .json(&chat("openai/gpt-4o", "x", false));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(status, 504, "{body}");
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    let codes = tokio::join!(call(), call(), call(), call(), call(), call());
+    for code in [codes.0, codes.1, codes.2, codes.3, codes.4, codes.5] {
+        assert_eq!(code, "connect_timeout");
+    }
+    drop(listener);
+}
+
 /// Reads from `socket` until the daemon closes it; how long that took since `started`.
 fn closed_after(
     mut socket: std::net::TcpStream,

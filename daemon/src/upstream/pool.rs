@@ -6,7 +6,9 @@
 //! talks to a handful of origins, each from its own thread: a short list scanned under an
 //! uncontended lock is all the bookkeeping needed.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +22,6 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
-use tokio::sync::futures::OwnedNotified;
 use tower::ServiceExt;
 
 /// How long an unused connection is kept.
@@ -29,11 +30,13 @@ const IDLE_FOR: Duration = Duration::from_secs(90);
 type Body = Full<Bytes>;
 
 /// Why a request could not be sent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// No connection: refused, DNS, TLS, or the handshake failed.
+    #[error("{}", super::error_chain(&**.0))]
     Connect(Box<dyn std::error::Error + Send + Sync>),
     /// The connection broke while sending or before the answer's head.
+    #[error("{}", super::error_chain(.0))]
     Broken(hyper::Error),
 }
 
@@ -55,7 +58,22 @@ struct Origin {
     h2: Option<http2::SendRequest<Body>>,
     /// A connection being opened while the protocol is unknown or HTTP/2: requests that
     /// arrive meanwhile wait for it rather than open one each.
-    connecting: Option<Arc<Notify>>,
+    connecting: Option<Arc<Opening>>,
+    /// The last connection opened for others to share failed: until one succeeds, each
+    /// request opens its own, so that an unreachable upstream fails them all within one
+    /// connect timeout instead of one after the other.
+    failing: bool,
+}
+
+/// A connection being opened for the requests waiting on it.
+#[derive(Default)]
+struct Opening {
+    done: Notify,
+    /// Set before `done` is notified: a waiter that registers late sees it.
+    finished: AtomicBool,
+    /// Why it could not be opened: the waiting requests fail with it too, rather than each
+    /// spend another connect timeout on the same upstream.
+    failed: OnceLock<(io::ErrorKind, String)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -74,6 +92,7 @@ impl Origin {
             idle: Vec::new(),
             h2: None,
             connecting: None,
+            failing: false,
         }
     }
 }
@@ -137,7 +156,7 @@ enum Look {
     /// An idle HTTP/1.1 connection, to be checked.
     Idle(http1::SendRequest<Body>),
     /// Another request is opening the connection this one may share.
-    Wait(OwnedNotified),
+    Wait(Arc<Opening>),
 }
 
 /// The right to open the connection others wait for: dropped (connected, failed or
@@ -146,15 +165,18 @@ struct Claim {
     pool: Arc<Pool>,
     https: bool,
     authority: Authority,
+    opening: Arc<Opening>,
+    connected: bool,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut origins = self.pool.lock();
         let origin = origin(&mut origins, self.https, &self.authority);
-        if let Some(waiting) = origin.connecting.take() {
-            waiting.notify_waiters();
-        }
+        origin.failing = !self.connected;
+        origin.connecting = None;
+        self.opening.finished.store(true, Ordering::Release);
+        self.opening.done.notify_waiters();
     }
 }
 
@@ -184,15 +206,31 @@ impl Pool {
         // the request comes back and goes out on the next connection, as the upstream never
         // saw it. A new connection that fails is an answer.
         loop {
-            let (conn, reused) = match self.find(https, &authority).await {
+            let (conn, reused) = match self.find(https, &authority).await? {
                 Found::Conn(conn) => (conn, true),
-                Found::Connect(claim) => {
+                Found::Connect(mut claim) => {
                     // Boxed: the TLS and HTTP/2 handshakes would make every request's future
                     // (moved whole into hyper's connection task) kilobytes larger.
                     let connecting = Box::pin(self.connect(request.uri(), https, &authority));
-                    let conn = connecting.await?;
-                    drop(claim);
-                    (conn, false)
+                    match (connecting.await, &mut claim) {
+                        (Ok(conn), Some(claim)) => {
+                            claim.connected = true;
+                            (conn, false)
+                        }
+                        (Ok(conn), None) => (conn, false),
+                        (Err(e), Some(claim)) => {
+                            let why = e.to_string();
+                            let kind = match &e {
+                                SendError::Connect(cause) if super::timed_out(&**cause, &why) => {
+                                    io::ErrorKind::TimedOut
+                                }
+                                _ => io::ErrorKind::Other,
+                            };
+                            let _ = claim.opening.failed.set((kind, why));
+                            return Err(e);
+                        }
+                        (Err(e), None) => return Err(e),
+                    }
                 }
             };
             match conn {
@@ -241,20 +279,32 @@ impl Pool {
         }
     }
 
-    /// A pooled connection to the origin that can take a request now, or leave to open one.
-    async fn find(self: &Arc<Self>, https: bool, authority: &Authority) -> Found {
+    /// A pooled connection to the origin that can take a request now, or leave to open one;
+    /// the error of the connection it waited for, if that failed.
+    async fn find(
+        self: &Arc<Self>,
+        https: bool,
+        authority: &Authority,
+    ) -> Result<Found, SendError> {
         loop {
             let mut sender = match self.look(https, authority) {
-                Look::Found(found) => return found,
+                Look::Found(found) => return Ok(found),
                 Look::Idle(sender) => sender,
-                Look::Wait(notified) => {
-                    notified.await;
+                Look::Wait(opening) => {
+                    let done = opening.done.notified();
+                    if !opening.finished.load(Ordering::Acquire) {
+                        done.await;
+                    }
+                    if let Some((kind, why)) = opening.failed.get() {
+                        let error = io::Error::new(*kind, why.clone());
+                        return Err(SendError::Connect(Box::new(error)));
+                    }
                     continue;
                 }
             };
             // Given back when its last answer ended: ready at once unless it has closed since.
             if sender.ready().await.is_ok() {
-                return Found::Conn(Conn::H1(sender));
+                return Ok(Found::Conn(Conn::H1(sender)));
             }
         }
     }
@@ -275,19 +325,20 @@ impl Pool {
             Some(_) => origin.idle.clear(),
             None => {}
         }
-        if origin.protocol == Protocol::Http1 {
+        if origin.protocol == Protocol::Http1 || origin.failing {
             return Look::Found(Found::Connect(None));
         }
         match &origin.connecting {
-            // Registered before the lock is released, so the wake-up of a claim dropped
-            // meanwhile is not missed.
-            Some(waiting) => Look::Wait(Arc::clone(waiting).notified_owned()),
+            Some(opening) => Look::Wait(Arc::clone(opening)),
             None => {
-                origin.connecting = Some(Arc::new(Notify::new()));
+                let opening = Arc::new(Opening::default());
+                origin.connecting = Some(Arc::clone(&opening));
                 Look::Found(Found::Connect(Some(Claim {
                     pool: Arc::clone(self),
                     https,
                     authority: authority.clone(),
+                    opening,
+                    connected: false,
                 })))
             }
         }
@@ -316,6 +367,7 @@ impl Pool {
             let mut origins = self.lock();
             let origin = origin(&mut origins, https, authority);
             origin.protocol = Protocol::Http2;
+            origin.failing = false;
             origin.h2 = Some(sender.clone());
             Ok(Conn::H2(sender))
         } else {
@@ -324,7 +376,10 @@ impl Pool {
                 .await
                 .map_err(|e| SendError::Connect(e.into()))?;
             tokio::spawn(connection);
-            origin(&mut self.lock(), https, authority).protocol = Protocol::Http1;
+            let mut origins = self.lock();
+            let origin = origin(&mut origins, https, authority);
+            origin.protocol = Protocol::Http1;
+            origin.failing = false;
             Ok(Conn::H1(sender))
         }
     }
