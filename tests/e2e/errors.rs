@@ -238,9 +238,13 @@ async fn each_timeout_names_its_limit() {
     assert_eq!(response.status(), 504);
 }
 
-#[tokio::test]
-async fn a_connect_timeout_is_its_own_error() {
-    // A listener whose accept queue is full: further SYNs are dropped and connect() hangs.
+/// A listener whose accept queue is full, with the connections that fill it: further SYNs
+/// are dropped and a connect hangs until its timeout.
+async fn unreachable() -> (
+    tokio::net::TcpListener,
+    std::net::SocketAddr,
+    Vec<tokio::net::TcpStream>,
+) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = socket.listen(0).unwrap();
@@ -256,6 +260,12 @@ async fn a_connect_timeout_is_its_own_error() {
             fillers.push(stream);
         }
     }
+    (listener, addr, fillers)
+}
+
+#[tokio::test]
+async fn a_connect_timeout_is_its_own_error() {
+    let (listener, addr, _fillers) = unreachable().await;
     let daemon = daemon_for(
         &format!("http://{addr}/api/v1"),
         "limits:\n  connect_timeout: 200ms\n",
@@ -283,21 +293,7 @@ async fn a_connect_timeout_is_its_own_error() {
 /// it cannot be opened they fail with its error at once, not after a connect timeout each.
 #[tokio::test]
 async fn requests_waiting_on_a_connection_that_cannot_open_fail_with_it() {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..3 {
-        if let Ok(Ok(stream)) = tokio::time::timeout(
-            std::time::Duration::from_millis(200),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            fillers.push(stream);
-        }
-    }
+    let (listener, addr, _fillers) = unreachable().await;
     // Waiting for a first connect timeout and then spending another would pass the first-byte
     // limit: a request that did so would fail with `first_byte_timeout`.
     let daemon = daemon_for(

@@ -357,31 +357,33 @@ impl Pool {
             .oneshot(url.clone())
             .await
             .map_err(SendError::Connect)?;
-        if io.connected().is_negotiated_h2() {
+        let conn = if io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
                 .await
                 .map_err(|e| SendError::Connect(e.into()))?;
             tokio::spawn(connection);
-            let mut origins = self.lock();
-            let origin = origin(&mut origins, https, authority);
-            origin.protocol = Protocol::Http2;
-            origin.failing = false;
-            origin.h2 = Some(sender.clone());
-            Ok(Conn::H2(sender))
+            Conn::H2(sender)
         } else {
             let (sender, connection) = http1::Builder::new()
                 .handshake(io)
                 .await
                 .map_err(|e| SendError::Connect(e.into()))?;
             tokio::spawn(connection);
-            let mut origins = self.lock();
-            let origin = origin(&mut origins, https, authority);
-            origin.protocol = Protocol::Http1;
-            origin.failing = false;
-            Ok(Conn::H1(sender))
+            Conn::H1(sender)
+        };
+        let mut origins = self.lock();
+        let origin = origin(&mut origins, https, authority);
+        origin.failing = false;
+        match &conn {
+            Conn::H2(sender) => {
+                origin.protocol = Protocol::Http2;
+                origin.h2 = Some(sender.clone());
+            }
+            Conn::H1(_) => origin.protocol = Protocol::Http1,
         }
+        Ok(conn)
     }
 }
 
