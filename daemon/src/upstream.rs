@@ -225,7 +225,11 @@ impl UpstreamResponse {
                         }
                         return Ok(None);
                     }
-                    Some(Err(e)) => return Err(AttemptError::Broken(error_chain(&e))),
+                    Some(Err(e)) => {
+                        // Its connection is not given back, whatever a later read says.
+                        lease.take();
+                        return Err(AttemptError::Broken(error_chain(&e)));
+                    }
                     // Trailers carry nothing a relay needs.
                     Some(Ok(frame)) => {
                         if let Ok(data) = frame.into_data() {

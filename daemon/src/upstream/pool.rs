@@ -26,6 +26,10 @@ use tower::ServiceExt;
 
 /// How long an unused connection is kept.
 const IDLE_FOR: Duration = Duration::from_secs(90);
+/// How often an HTTP/2 connection is pinged, and how long an answer may take before the
+/// connection is closed.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Body = Full<Bytes>;
 
@@ -166,14 +170,16 @@ struct Claim {
     https: bool,
     authority: Authority,
     opening: Arc<Opening>,
-    connected: bool,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut origins = self.pool.lock();
         let origin = origin(&mut origins, self.https, &self.authority);
-        origin.failing = !self.connected;
+        // A failure, not a cancelled request, makes the next requests connect on their own.
+        if self.opening.failed.get().is_some() {
+            origin.failing = true;
+        }
         origin.connecting = None;
         self.opening.finished.store(true, Ordering::Release);
         self.opening.done.notify_waiters();
@@ -208,16 +214,12 @@ impl Pool {
         loop {
             let (conn, reused) = match self.find(https, &authority).await? {
                 Found::Conn(conn) => (conn, true),
-                Found::Connect(mut claim) => {
+                Found::Connect(claim) => {
                     // Boxed: the TLS and HTTP/2 handshakes would make every request's future
                     // (moved whole into hyper's connection task) kilobytes larger.
                     let connecting = Box::pin(self.connect(request.uri(), https, &authority));
-                    match (connecting.await, &mut claim) {
-                        (Ok(conn), Some(claim)) => {
-                            claim.connected = true;
-                            (conn, false)
-                        }
-                        (Ok(conn), None) => (conn, false),
+                    match (connecting.await, &claim) {
+                        (Ok(conn), _) => (conn, false),
                         (Err(e), Some(claim)) => {
                             let why = e.to_string();
                             let kind = match &e {
@@ -338,7 +340,6 @@ impl Pool {
                     https,
                     authority: authority.clone(),
                     opening,
-                    connected: false,
                 })))
             }
         }
@@ -358,8 +359,13 @@ impl Pool {
             .await
             .map_err(SendError::Connect)?;
         let conn = if io.connected().is_negotiated_h2() {
+            // Pings find a connection that died silently (a NAT that forgot it), which would
+            // otherwise hold every request to the origin until TCP gives up.
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_EVERY)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
                 .handshake(io)
                 .await
                 .map_err(|e| SendError::Connect(e.into()))?;
