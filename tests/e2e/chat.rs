@@ -182,11 +182,71 @@ async fn https_upstreams_get_http2_when_they_offer_it() {
     }
 }
 
+/// Reads from `stream` into `seen` until a request's head is complete: where its body starts,
+/// and its `content-length`.
+async fn read_head(
+    stream: &mut tokio::net::TcpStream,
+    seen: &mut Vec<u8>,
+) -> Option<(usize, usize)> {
+    let head_end = loop {
+        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        read_more(stream, seen).await?;
+    };
+    let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Some((head_end, length))
+}
+
+/// Reads from `stream` until `seen` holds `end` bytes.
+async fn read_body(
+    stream: &mut tokio::net::TcpStream,
+    seen: &mut Vec<u8>,
+    end: usize,
+) -> Option<()> {
+    while seen.len() < end {
+        read_more(stream, seen).await?;
+    }
+    Some(())
+}
+
+async fn read_more(stream: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -> Option<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0; 65536];
+    match stream.read(&mut buf).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            seen.extend_from_slice(&buf[..n]);
+            Some(())
+        }
+    }
+}
+
+/// A kept-alive chat completion answering `content`, as an upstream writes it.
+fn raw_answer(content: &str) -> String {
+    let body = json!({
+        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// An upstream that closes each connection after one answer, though it said keep-alive: the
 /// closed connection is not used again, and every request gets an answer.
 #[tokio::test]
 async fn a_connection_the_upstream_closed_is_not_used_again() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -197,34 +257,16 @@ async fn a_connection_the_upstream_closed_is_not_used_again() {
             tokio::spawn(async move {
                 // The head and the body of one request, then one answer, then closed.
                 let mut seen = Vec::new();
-                let mut buf = [0; 4096];
-                let complete = |seen: &[u8]| {
-                    let text = String::from_utf8_lossy(seen);
-                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-                        return false;
-                    };
-                    let length = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse::<usize>().unwrap())
-                        })
-                        .unwrap_or(0);
-                    body.len() >= length
+                let Some((head_end, length)) = read_head(&mut stream, &mut seen).await else {
+                    return;
                 };
-                while !complete(&seen) {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if read_body(&mut stream, &mut seen, head_end + length)
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
-                let body = r#"{"id":"x","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"once"}}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.write_all(raw_answer("once").as_bytes()).await;
                 let _ = stream.shutdown().await;
             });
         }
@@ -244,6 +286,64 @@ async fn a_connection_the_upstream_closed_is_not_used_again() {
         assert!(response.text().await.unwrap().contains("once"));
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+}
+
+/// An upstream that answers a large request at once without reading its body, and then reads
+/// nothing more on that connection: the connection, still sending, is not waited on by the
+/// next request, which goes out on a new one.
+#[tokio::test]
+async fn a_connection_still_sending_is_not_waited_on() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let held_tx = held_tx.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let Some((head_end, length)) = read_head(&mut stream, &mut seen).await else {
+                    return;
+                };
+                let large = length > 1 << 20;
+                if !large
+                    && read_body(&mut stream, &mut seen, head_end + length)
+                        .await
+                        .is_none()
+                {
+                    return;
+                }
+                let _ = stream.write_all(raw_answer("early").as_bytes()).await;
+                if large {
+                    // Kept open and never read again, until the test ends.
+                    let _ = held_tx.send(stream);
+                }
+            });
+        }
+    });
+    let daemon = Daemon::start(Options::config(format!(
+        "backends:\n  early:\n    type: openai\n    base_url: http://127.0.0.1:{port}/v1\ndefault_backend: early\nlimits:\n  first_byte_timeout: 5s\n"
+    )));
+    let http = client();
+    let large = http
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("m", &"x".repeat(24 << 20), false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 200);
+    assert!(large.text().await.unwrap().contains("early"));
+    let held = held_rx.recv().await.unwrap();
+    let response = http
+        .post(daemon.url("/v1/chat/completions"))
+        .json(&chat("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    drop(held);
 }
 
 #[tokio::test]

@@ -26,6 +26,9 @@ use tower::ServiceExt;
 
 /// How long an unused connection is kept.
 const IDLE_FOR: Duration = Duration::from_secs(90);
+/// How long a kept-alive connection that is not ready yet may take to become so before
+/// another is used.
+const BUSY_FOR: Duration = Duration::from_millis(100);
 /// How often an HTTP/2 connection is pinged, and how long an answer may take before the
 /// connection is closed.
 const H2_PING_EVERY: Duration = Duration::from_secs(30);
@@ -304,8 +307,13 @@ impl Pool {
                     continue;
                 }
             };
-            // Given back when its last answer ended: ready at once unless it has closed since.
-            if sender.ready().await.is_ok() {
+            // Given back when its last answer ended: ready at once, or after its connection
+            // task's next turn, unless it has closed since. One still busy (sending the body
+            // of a request the upstream answered without reading it) is let go, not waited on.
+            if sender.is_ready() {
+                return Ok(Found::Conn(Conn::H1(sender)));
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(BUSY_FOR, sender.ready()).await {
                 return Ok(Found::Conn(Conn::H1(sender)));
             }
         }
