@@ -53,10 +53,29 @@ pub struct Pool {
     origins: Mutex<Vec<Origin>>,
 }
 
-/// An upstream's scheme and authority, and its connections not in use.
-struct Origin {
+/// Which upstream a connection reaches: scheme and authority.
+#[derive(Clone, PartialEq, Eq)]
+struct Key {
     https: bool,
     authority: Authority,
+}
+
+impl Key {
+    /// The key of an absolute http(s) URL.
+    fn of(url: &Uri) -> Option<Key> {
+        let https = match url.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTPS => true,
+            Some(scheme) if *scheme == Scheme::HTTP => false,
+            _ => return None,
+        };
+        let authority = url.authority()?.clone();
+        Some(Key { https, authority })
+    }
+}
+
+/// An upstream and its connections not in use.
+struct Origin {
+    key: Key,
     /// What its last new connection negotiated.
     protocol: Protocol,
     /// Most recently returned last: taken from the end, expired from the front.
@@ -91,10 +110,9 @@ enum Protocol {
 }
 
 impl Origin {
-    fn new(https: bool, authority: Authority) -> Origin {
+    fn new(key: Key) -> Origin {
         Origin {
-            https,
-            authority,
+            key,
             protocol: Protocol::Unknown,
             idle: Vec::new(),
             h2: None,
@@ -105,12 +123,10 @@ impl Origin {
 }
 
 /// The origin's entry, added if new.
-fn origin<'a>(origins: &'a mut Vec<Origin>, https: bool, authority: &Authority) -> &'a mut Origin {
-    let found = origins
-        .iter()
-        .position(|o| o.https == https && o.authority == *authority);
+fn origin<'a>(origins: &'a mut Vec<Origin>, key: &Key) -> &'a mut Origin {
+    let found = origins.iter().position(|o| o.key == *key);
     let i = found.unwrap_or_else(|| {
-        origins.push(Origin::new(https, authority.clone()));
+        origins.push(Origin::new(key.clone()));
         origins.len() - 1
     });
     &mut origins[i]
@@ -120,8 +136,7 @@ fn origin<'a>(origins: &'a mut Vec<Origin>, https: bool, authority: &Authority) 
 /// the answer's body has ended, dropped (and closed) otherwise.
 pub struct Lease {
     pool: Arc<Pool>,
-    https: bool,
-    authority: Authority,
+    key: Key,
     sender: http1::SendRequest<Body>,
 }
 
@@ -132,7 +147,7 @@ impl Lease {
             return;
         }
         let mut origins = self.pool.lock();
-        let origin = origin(&mut origins, self.https, &self.authority);
+        let origin = origin(&mut origins, &self.key);
         let now = Instant::now();
         let expired = origin
             .idle
@@ -170,15 +185,14 @@ enum Look {
 /// cancelled with its request), it wakes them.
 struct Claim {
     pool: Arc<Pool>,
-    https: bool,
-    authority: Authority,
+    key: Key,
     opening: Arc<Opening>,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut origins = self.pool.lock();
-        let origin = origin(&mut origins, self.https, &self.authority);
+        let origin = origin(&mut origins, &self.key);
         // A failure, not a cancelled request, makes the next requests connect on their own.
         if self.opening.failed.get().is_some() {
             origin.failing = true;
@@ -208,19 +222,19 @@ impl Pool {
         self: &Arc<Self>,
         mut request: Request<Body>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
-        let (https, authority) = origin_of(request.uri()).ok_or_else(|| {
+        let key = Key::of(request.uri()).ok_or_else(|| {
             SendError::Connect(format!("not an absolute http(s) URL: {}", request.uri()).into())
         })?;
         // A kept-alive connection the upstream has just closed fails before the request leaves:
         // the request comes back and goes out on the next connection, as the upstream never
         // saw it. A new connection that fails is an answer.
         loop {
-            let (conn, reused) = match self.find(https, &authority).await? {
+            let (conn, reused) = match self.find(&key).await? {
                 Found::Conn(conn) => (conn, true),
                 Found::Connect(claim) => {
                     // Boxed: the TLS and HTTP/2 handshakes would make every request's future
                     // (moved whole into hyper's connection task) kilobytes larger.
-                    let connecting = Box::pin(self.connect(request.uri(), https, &authority));
+                    let connecting = Box::pin(self.connect(request.uri(), &key));
                     match (connecting.await, &claim) {
                         (Ok(conn), _) => (conn, false),
                         (Err(e), Some(claim)) => {
@@ -258,15 +272,14 @@ impl Pool {
                     if request.uri().scheme().is_some() {
                         origin_form(&mut request);
                     }
-                    if let Some(host) = host_header(&authority) {
+                    if let Some(host) = host_header(&key.authority) {
                         request.headers_mut().entry(HOST).or_insert(host);
                     }
                     match sender.try_send_request(request).await {
                         Ok(response) => {
                             let lease = Lease {
                                 pool: Arc::clone(self),
-                                https,
-                                authority,
+                                key,
                                 sender,
                             };
                             return Ok((response, Some(lease)));
@@ -274,7 +287,7 @@ impl Pool {
                         Err(mut e) => match e.take_message() {
                             Some(unsent) if reused => {
                                 request = unsent;
-                                absolute_form(&mut request, https, &authority);
+                                absolute_form(&mut request, &key);
                             }
                             _ => return Err(SendError::Broken(e.into_error())),
                         },
@@ -286,13 +299,9 @@ impl Pool {
 
     /// A pooled connection to the origin that can take a request now, or leave to open one;
     /// the error of the connection it waited for, if that failed.
-    async fn find(
-        self: &Arc<Self>,
-        https: bool,
-        authority: &Authority,
-    ) -> Result<Found, SendError> {
+    async fn find(self: &Arc<Self>, key: &Key) -> Result<Found, SendError> {
         loop {
-            let mut sender = match self.look(https, authority) {
+            let mut sender = match self.look(key) {
                 Look::Found(found) => return Ok(found),
                 Look::Idle(sender) => sender,
                 Look::Wait(opening) => {
@@ -320,9 +329,9 @@ impl Pool {
     }
 
     /// One look at the origin's connections, under the lock.
-    fn look(self: &Arc<Self>, https: bool, authority: &Authority) -> Look {
+    fn look(self: &Arc<Self>, key: &Key) -> Look {
         let mut origins = self.lock();
-        let origin = origin(&mut origins, https, authority);
+        let origin = origin(&mut origins, key);
         if let Some(h2) = &origin.h2 {
             if !h2.is_closed() {
                 return Look::Found(Found::Conn(Conn::H2(h2.clone())));
@@ -345,8 +354,7 @@ impl Pool {
                 origin.connecting = Some(Arc::clone(&opening));
                 Look::Found(Found::Connect(Some(Claim {
                     pool: Arc::clone(self),
-                    https,
-                    authority: authority.clone(),
+                    key: key.clone(),
                     opening,
                 })))
             }
@@ -354,12 +362,7 @@ impl Pool {
     }
 
     /// Opens a connection (TCP, TLS with ALPN) and starts its task on this worker.
-    async fn connect(
-        &self,
-        url: &Uri,
-        https: bool,
-        authority: &Authority,
-    ) -> Result<Conn, SendError> {
+    async fn connect(&self, url: &Uri, key: &Key) -> Result<Conn, SendError> {
         let io = self
             .connector
             .clone()
@@ -388,7 +391,7 @@ impl Pool {
             Conn::H1(sender)
         };
         let mut origins = self.lock();
-        let origin = origin(&mut origins, https, authority);
+        let origin = origin(&mut origins, key);
         origin.failing = false;
         match &conn {
             Conn::H2(sender) => {
@@ -399,16 +402,6 @@ impl Pool {
         }
         Ok(conn)
     }
-}
-
-/// `(https, authority)` of an absolute http(s) URL.
-fn origin_of(url: &Uri) -> Option<(bool, Authority)> {
-    let https = match url.scheme() {
-        Some(scheme) if *scheme == Scheme::HTTPS => true,
-        Some(scheme) if *scheme == Scheme::HTTP => false,
-        _ => return None,
-    };
-    Some((https, url.authority()?.clone()))
 }
 
 /// HTTP/1.1 names the path only; the host travels in `Host`.
@@ -432,11 +425,15 @@ fn host_header(authority: &Authority) -> Option<HeaderValue> {
 
 /// Undoes [`origin_form`] (and its `Host`) for a request that goes out again on a new
 /// connection, which may turn out to be HTTP/2.
-fn absolute_form(request: &mut Request<Body>, https: bool, authority: &Authority) {
+fn absolute_form(request: &mut Request<Body>, key: &Key) {
     request.headers_mut().remove(HOST);
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(if https { Scheme::HTTPS } else { Scheme::HTTP });
-    parts.authority = Some(authority.clone());
+    parts.scheme = Some(if key.https {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    });
+    parts.authority = Some(key.authority.clone());
     parts.path_and_query = request.uri().path_and_query().cloned();
     if let Ok(uri) = Uri::from_parts(parts) {
         *request.uri_mut() = uri;
@@ -447,13 +444,13 @@ fn absolute_form(request: &mut Request<Body>, https: bool, authority: &Authority
 mod tests {
     use super::*;
 
-    fn authority(url: &str) -> Authority {
-        origin_of(&url.parse().unwrap()).unwrap().1
+    fn key(url: &str) -> Key {
+        Key::of(&url.parse().unwrap()).unwrap()
     }
 
     #[test]
     fn the_host_header_is_the_authority_without_credentials() {
-        let host = |url: &str| host_header(&authority(url)).unwrap();
+        let host = |url: &str| host_header(&key(url).authority).unwrap();
         assert_eq!(host("http://127.0.0.1:8080/v1/x"), "127.0.0.1:8080");
         assert_eq!(host("https://example.com/v1"), "example.com");
         assert_eq!(host("http://user:pw@[::1]:9/v1"), "[::1]:9");
@@ -461,7 +458,7 @@ mod tests {
 
     #[test]
     fn only_absolute_http_and_https_urls_have_an_origin() {
-        let origin = |url: &str| origin_of(&url.parse().unwrap()).map(|(https, _)| https);
+        let origin = |url: &str| Key::of(&url.parse().unwrap()).map(|key| key.https);
         assert_eq!(origin("https://openrouter.ai/api/v1"), Some(true));
         assert_eq!(origin("http://127.0.0.1:1/v1"), Some(false));
         assert_eq!(origin("/v1/chat/completions"), None);
@@ -478,7 +475,7 @@ mod tests {
             .headers_mut()
             .insert(HOST, HeaderValue::from_static("example.com:8443"));
         assert_eq!(request.uri(), "/api/v1/chat?x=1");
-        absolute_form(&mut request, true, &authority(url));
+        absolute_form(&mut request, &key(url));
         assert_eq!(request.uri(), url);
         assert!(request.headers().get(HOST).is_none());
     }
