@@ -1,6 +1,8 @@
 //! Log setup: `RUST_LOG` levels, text on a terminal, JSON lines otherwise; no timestamps of
 //! our own under journald.
 
+mod json;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
@@ -25,11 +27,7 @@ pub fn init(format: Option<LogFormat>) {
     // journald stamps every line itself: a second timestamp is noise there.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let _ = match (format, journald) {
-        (LogFormat::Json, _) => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        (LogFormat::Json, _) => builder.event_format(json::JsonLines).try_init(),
         (LogFormat::Text, true) => builder.with_ansi(false).without_time().try_init(),
         (LogFormat::Text, false) => builder.with_ansi(stderr_is_tty).try_init(),
     };

@@ -490,29 +490,34 @@ fn memory(pid: u32) -> Result<Memory> {
     })
 }
 
-/// CPU time a process (`None`: this one) has used so far, summed over its live threads.
+/// CPU time a process (`None`: this one) has used so far, summed over its live threads, and
+/// the part of it spent by the daemon's usage writer (its thread `orproxy-ledger`).
 /// `schedstat` counts nanoseconds, where `stat` counts 10 ms ticks: too coarse for one block
 /// of sequential calls.
-fn cpu_time(pid: Option<u32>) -> Result<Duration> {
+fn cpu_time(pid: Option<u32>) -> Result<(Duration, Duration)> {
     let dir = pid.map_or("/proc/self/task".to_owned(), |p| format!("/proc/{p}/task"));
-    let mut total = 0u64;
+    let (mut total, mut writer) = (0u64, 0u64);
     for task in std::fs::read_dir(&dir).context(format_args!("cannot list {dir}"))? {
-        let path = task
-            .context(format_args!("cannot list {dir}"))?
-            .path()
-            .join("schedstat");
+        let task = task.context(format_args!("cannot list {dir}"))?.path();
+        let path = task.join("schedstat");
         // A thread may end between the listing and the read; its time is then lost, which
         // only threads of the blocking pool do, rarely.
         let Ok(stat) = std::fs::read_to_string(&path) else {
             continue;
         };
-        total += stat
+        let ns = stat
             .split_whitespace()
             .next()
             .and_then(|ns| ns.parse::<u64>().ok())
             .context(format_args!("unexpected format of {}", path.display()))?;
+        total += ns;
+        if std::fs::read_to_string(task.join("comm"))
+            .is_ok_and(|c| c.trim_end() == "orproxy-ledger")
+        {
+            writer += ns;
+        }
     }
-    Ok(Duration::from_nanos(total))
+    Ok((Duration::from_nanos(total), Duration::from_nanos(writer)))
 }
 
 /// CPU time used by each process over one measurement.
@@ -521,18 +526,22 @@ struct CpuUse {
     bench: Duration,
     fake: Duration,
     proxy: Duration,
+    /// The part of `proxy` spent by its usage writer.
+    writer: Duration,
 }
 
 impl CpuUse {
     /// CPU time used so far by this process, the fake, and the daemon `proxy` if any.
     fn now(fake: u32, proxy: Option<u32>) -> Result<CpuUse> {
+        let (proxy, writer) = proxy
+            .map(|p| cpu_time(Some(p)))
+            .transpose()?
+            .unwrap_or_default();
         Ok(CpuUse {
-            bench: cpu_time(None)?,
-            fake: cpu_time(Some(fake))?,
-            proxy: proxy
-                .map(|p| cpu_time(Some(p)))
-                .transpose()?
-                .unwrap_or_default(),
+            bench: cpu_time(None)?.0,
+            fake: cpu_time(Some(fake))?.0,
+            proxy,
+            writer,
         })
     }
 }
@@ -544,6 +553,7 @@ impl std::ops::Sub for CpuUse {
             bench: self.bench.saturating_sub(earlier.bench),
             fake: self.fake.saturating_sub(earlier.fake),
             proxy: self.proxy.saturating_sub(earlier.proxy),
+            writer: self.writer.saturating_sub(earlier.writer),
         }
     }
 }
@@ -553,6 +563,7 @@ impl std::ops::AddAssign for CpuUse {
         self.bench += other.bench;
         self.fake += other.fake;
         self.proxy += other.proxy;
+        self.writer += other.writer;
     }
 }
 
@@ -1008,43 +1019,49 @@ fn paced_runs(rate: usize) -> [(bool, usize); 4] {
     ]
 }
 
+/// The order in which `n` targets take turns, half the duration each: forwards, then
+/// backwards (A, B, B, A; A, B, C, C, B, A), so that a steady drift in machine speed during
+/// the run weighs on every target alike.
+fn palindrome(n: usize) -> impl Iterator<Item = usize> {
+    (0..n).chain((0..n).rev())
+}
+
 /// [`compare_under_load`] at a fixed rate instead of as fast as answers come.
-async fn compare_paced(
+async fn compare_paced<const N: usize>(
     client: &HttpClient,
-    targets: [&Target; 2],
+    targets: [&Target; N],
     body: &Bytes,
     stream: bool,
     rate: f64,
     args: &Args,
-) -> Result<[Load; 2]> {
+) -> Result<[Load; N]> {
     let half = args.duration / 2;
     let c = args.concurrency;
     for target in targets {
         pace(client, target, body, stream, c, rate, LOAD_WARMUP).await?;
     }
-    let mut loads = [Load::default(), Load::default()];
-    for i in [0, 1, 1, 0] {
+    let mut loads = std::array::from_fn(|_| Load::default());
+    for i in palindrome(N) {
         let load = pace(client, targets[i], body, stream, c, rate, half).await?;
         loads[i].merge(load);
     }
     Ok(loads)
 }
 
-/// Direct and through orproxy under load, in the order direct, proxy, proxy, direct (half the
-/// duration each), so that a drift in machine speed during the run weighs on both alike.
-async fn compare_under_load(
+/// The targets under load, taking turns in [`palindrome`] order (half the duration each).
+async fn compare_under_load<const N: usize>(
     client: &HttpClient,
-    targets: [&Target; 2],
+    targets: [&Target; N],
     body: &Bytes,
     stream: bool,
     args: &Args,
-) -> Result<[Load; 2]> {
+) -> Result<[Load; N]> {
     let half = args.duration / 2;
     for target in targets {
         saturate(client, target, body, stream, args.concurrency, LOAD_WARMUP).await?;
     }
-    let mut loads = [Load::default(), Load::default()];
-    for i in [0, 1, 1, 0] {
+    let mut loads = std::array::from_fn(|_| Load::default());
+    for i in palindrome(N) {
         let load = saturate(client, targets[i], body, stream, args.concurrency, half).await?;
         loads[i].merge(load);
     }
@@ -1170,6 +1187,9 @@ impl Table {
     }
 }
 
+/// The ratio row of the tables of direct and proxied calls under load.
+const PROXY_RATIO: &[(&str, usize, usize)] = &[("ratio orproxy / direct", 1, 0)];
+
 /// Everything one run measured.
 struct Results {
     whole: Vec<Sequential>,
@@ -1184,21 +1204,32 @@ struct Results {
     info_idle: Memory,
 }
 
-/// The daemon without its database (first) and with it, taking turns.
+/// The daemon without its database (first), with it, and a second one without it (the
+/// control: what two identical daemons differ by), taking turns.
 struct Ledger {
     /// Under load: non-stream, stream.
-    saturated: [[Load; 2]; 2],
-    /// At fixed rates ([`paced_runs`]): the kind of call, its rate, off and on.
-    paced: Vec<(&'static str, usize, [Load; 2])>,
+    saturated: [[Load; 3]; 2],
+    /// At fixed rates ([`paced_runs`]): the kind of call, its rate, the three loads.
+    paced: Vec<(&'static str, usize, [Load; 3])>,
 }
+
+/// The rows of the ledger tables, in the order of [`Ledger`]'s loads.
+const LEDGER_LABELS: [&str; 3] = [
+    "orproxy, ledger off",
+    "orproxy, ledger on",
+    "control: ledger off, second daemon",
+];
+
+/// The ledger's cost, and the control's: what the same comparison shows with no difference.
+const LEDGER_RATIOS: &[(&str, usize, usize)] =
+    &[("ratio on / off", 1, 0), ("control: ratio off / off", 2, 0)];
 
 impl Ledger {
     /// The sections "The ledger under load" and "The ledger at fixed rates".
     fn report(&self, args: &Args) -> String {
         let c = args.concurrency;
         let secs = args.duration.as_secs_f64();
-        let labels = ["orproxy, ledger off", "orproxy, ledger on"];
-        let ratio = "ratio on / off";
+        let table = |loads: &[Load]| load_table(loads, &LEDGER_LABELS, LEDGER_RATIOS);
         let [whole, stream] = &self.saturated;
         let paced: String = self
             .paced
@@ -1210,23 +1241,26 @@ impl Ledger {
                     "{kind}, {rate} calls/s ({late} of {calls} calls sent more than {} ms \
                      late):\n\n{}\n",
                     LATE.as_millis(),
-                    load_table(loads, labels, ratio),
+                    table(loads),
                 )
             })
             .collect();
         format!(
             "### The ledger under load, on and off\n\n\
-             The measured daemon (a row per request) and a third one with \
+             The measured daemon (a row per request) and two more with \
              `database.enabled: false`, same logging, {c} connections, {secs:.0} s each \
-             (two halves, in the order off, on, on, off).\n\n\
+             (two halves, in the order off, on, control, control, on, off). The control \
+             row compares the two daemons without a database: how far apart two identical \
+             daemons come out of the same comparison, against which the ledger's ratio is \
+             read.\n\n\
              Non-stream:\n\n{}\nStream:\n\n{}\n\
              ### The ledger at fixed rates, on and off\n\n\
-             The same two daemons at fixed rates instead of as fast as they answer, the \
+             The same three daemons at fixed rates instead of as fast as they answer, the \
              calls spread evenly over {c} connections (an open loop: a slow answer delays \
-             no other connection's calls), {secs:.0} s each (off, on, on, off). Latency \
+             no other connection's calls), {secs:.0} s each (same order). Latency \
              from sending to the last byte.\n\n{paced}",
-            load_table(whole, labels, ratio),
-            load_table(stream, labels, ratio),
+            table(whole),
+            table(stream),
         )
     }
 }
@@ -1294,7 +1328,8 @@ fn sequential_table(samples: &[Sequential], metrics: &[Metric]) -> String {
     t.render()
 }
 
-fn load_table(loads: &[Load; 2], labels: [&str; 2], ratio_label: &str) -> String {
+/// One row per load, then one per ratio `(label, numerator, denominator)` of two of them.
+fn load_table(loads: &[Load], labels: &[&str], ratios: &[(&str, usize, usize)]) -> String {
     let mut t = Table::new(&[
         "path",
         "req/s",
@@ -1303,10 +1338,11 @@ fn load_table(loads: &[Load; 2], labels: [&str; 2], ratio_label: &str) -> String
         "calls",
         "connections",
         "orproxy CPU µs/call",
+        "of which writer",
         "fake CPU µs/call",
         "bench CPU µs/call",
     ]);
-    for (load, label) in loads.iter().zip(labels) {
+    for (load, &label) in loads.iter().zip(labels) {
         let d = Dist::of(&load.latencies);
         t.row(vec![
             label.to_owned(),
@@ -1316,17 +1352,21 @@ fn load_table(loads: &[Load; 2], labels: [&str; 2], ratio_label: &str) -> String
             load.completed.to_string(),
             load.connections.len().to_string(),
             per_call(load.cpu.proxy, load.completed),
+            per_call(load.cpu.writer, load.completed),
             per_call(load.cpu.fake, load.completed),
             per_call(load.cpu.bench, load.completed),
         ]);
     }
-    let (a, b) = (Dist::of(&loads[0].latencies), Dist::of(&loads[1].latencies));
-    t.row(vec![
-        ratio_label.to_owned(),
-        format!("{:.2}×", loads[1].per_second() / loads[0].per_second()),
-        ratio(b.p50, a.p50),
-        ratio(b.p99, a.p99),
-    ]);
+    for &(label, top, bottom) in ratios {
+        let (a, b) = (&loads[bottom], &loads[top]);
+        let (da, db) = (Dist::of(&a.latencies), Dist::of(&b.latencies));
+        t.row(vec![
+            label.to_owned(),
+            format!("{:.2}×", b.per_second() / a.per_second()),
+            ratio(db.p50, da.p50),
+            ratio(db.p99, da.p99),
+        ]);
+    }
     t.render()
 }
 
@@ -1463,8 +1503,8 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize, about: &str) 
         whole = sequential_table(&r.whole, WHOLE_METRICS),
         streamed = sequential_table(&r.streamed, STREAM_METRICS),
         warm = LOAD_WARMUP.as_secs_f64(),
-        load_whole = load_table(&r.load_whole, load_labels, "ratio orproxy / direct"),
-        load_stream = load_table(&r.load_stream, load_labels, "ratio orproxy / direct"),
+        load_whole = load_table(&r.load_whole, &load_labels, PROXY_RATIO),
+        load_stream = load_table(&r.load_stream, &load_labels, PROXY_RATIO),
         ledger_sections = r.ledger.as_ref().map_or(String::new(), |l| l.report(args)),
         memory = memory_table(r),
         targets = targets_table(r),
@@ -1478,14 +1518,16 @@ struct Setup {
     direct: Target,
     quiet: Target,
     chatty: Target,
-    /// The same daemon as `quiet` without its database, when `quiet` has one.
-    unrecorded: Option<Target>,
+    /// The same daemon as `quiet` without its database, twice (the second is the control),
+    /// when `quiet` has one.
+    unrecorded: Option<[Target; 2]>,
     /// Measured at concurrency 1 only, after the others: `--baseline`, nginx.
     references: Vec<Target>,
 }
 
-/// The daemon without its database and with it (`pair`), saturated and at fixed rates.
-async fn measure_ledger(args: &Args, client: &HttpClient, pair: [&Target; 2]) -> Result<Ledger> {
+/// The daemon without its database, with it, and the control (`daemons`), saturated and at
+/// fixed rates.
+async fn measure_ledger(args: &Args, client: &HttpClient, daemons: [&Target; 3]) -> Result<Ledger> {
     let whole_body = Bytes::from_static(WHOLE_BODY.as_bytes());
     let stream_body = Bytes::from_static(STREAM_BODY.as_bytes());
     eprintln!(
@@ -1493,8 +1535,8 @@ async fn measure_ledger(args: &Args, client: &HttpClient, pair: [&Target; 2]) ->
         args.concurrency
     );
     let saturated = [
-        compare_under_load(client, pair, &whole_body, false, args).await?,
-        compare_under_load(client, pair, &stream_body, true, args).await?,
+        compare_under_load(client, daemons, &whole_body, false, args).await?,
+        compare_under_load(client, daemons, &stream_body, true, args).await?,
     ];
     let mut paced = Vec::new();
     for (stream, rate) in paced_runs(args.rate) {
@@ -1503,7 +1545,7 @@ async fn measure_ledger(args: &Args, client: &HttpClient, pair: [&Target; 2]) ->
             true => ("stream", &stream_body),
         };
         eprintln!("orproxy-bench: {kind} at {rate} calls/s, ledger on and off");
-        let loads = compare_paced(client, pair, body, stream, rate as f64, args).await?;
+        let loads = compare_paced(client, daemons, body, stream, rate as f64, args).await?;
         paced.push((kind, rate, loads));
     }
     Ok(Ledger { saturated, paced })
@@ -1536,7 +1578,9 @@ async fn measure(args: &Args, setup: &Setup, idle: Memory, info_idle: Memory) ->
     eprintln!("orproxy-bench: concurrency {c}, stream");
     let load_stream = compare_under_load(&client, pair, &stream_body, true, args).await?;
     let ledger = match &setup.unrecorded {
-        Some(off) => Some(measure_ledger(args, &client, [off, &setup.quiet]).await?),
+        Some([off, control]) => {
+            Some(measure_ledger(args, &client, [off, &setup.quiet, control]).await?)
+        }
         None => None,
     };
     Ok(Results {
@@ -1576,13 +1620,16 @@ fn run(args: &Args) -> Result<String> {
     )?;
     let unrecorded = if args.ledger {
         let config = ConfigFile::write(&base_url, false)?;
-        let started = start_orproxy(
-            &orproxy,
-            &config.0,
-            Some(QUIET_LOG),
-            &state.0.join("off"),
-            false,
-        )?;
+        let off = |name: &str| {
+            start_orproxy(
+                &orproxy,
+                &config.0,
+                Some(QUIET_LOG),
+                &state.0.join(name),
+                false,
+            )
+        };
+        let started = [off("off")?, off("control")?];
         Some((config, started))
     } else {
         None
@@ -1631,9 +1678,10 @@ fn run(args: &Args) -> Result<String> {
         quiet: Target::proxy("orproxy (RUST_LOG=warn)", quiet_addr, &fake, &quiet)?,
         chatty: Target::proxy("orproxy (info logging)", chatty_addr, &fake, &chatty)?,
         unrecorded: match &unrecorded {
-            Some((_, (off, addr))) => {
-                Some(Target::proxy("orproxy, ledger off", *addr, &fake, off)?)
-            }
+            Some((_, [(off, off_addr), (control, control_addr)])) => Some([
+                Target::proxy(LEDGER_LABELS[0], *off_addr, &fake, off)?,
+                Target::proxy(LEDGER_LABELS[2], *control_addr, &fake, control)?,
+            ]),
             None => None,
         },
         references,
@@ -1645,14 +1693,16 @@ fn run(args: &Args) -> Result<String> {
         .build()
         .context("cannot start the tokio runtime")?;
     let mut pids = vec![std::process::id(), fake.pid(), quiet.pid(), chatty.pid()];
-    pids.extend(unrecorded.as_ref().map(|(_, (off, _))| off.pid()));
+    if let Some((_, daemons)) = &unrecorded {
+        pids.extend(daemons.iter().map(|(daemon, _)| daemon.pid()));
+    }
     pids.extend(baseline.as_ref().map(|(daemon, _)| daemon.pid()));
     pids.extend(nginx.as_ref().map(|(nginx, ..)| nginx.pid()));
     if args.ledger_only {
-        let off = (setup.unrecorded.as_ref()).context("no daemon without a database")?;
-        let pair = [off, &setup.quiet];
+        let [off, control] = (setup.unrecorded.as_ref()).context("no daemon without a database")?;
+        let daemons = [off, &setup.quiet, control];
         let (ledger, noise) = Noise::watch(&pids, || {
-            runtime.block_on(measure_ledger(args, &http_client(), pair))
+            runtime.block_on(measure_ledger(args, &http_client(), daemons))
         })?;
         return Ok(format!(
             "## The ledger, on and off\n\nMachine: {}. {}\n\n{}",
