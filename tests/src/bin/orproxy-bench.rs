@@ -50,6 +50,8 @@ const WARMUP_REQUESTS: usize = 200;
 /// (another process, a frequency change) lands on every path alike.
 const BLOCK: usize = 200;
 const LOAD_WARMUP: Duration = Duration::from_secs(1);
+/// Unmeasured calls at the start of each turn under load ([`palindrome`]).
+const TURN_WARMUP: Duration = Duration::from_millis(500);
 /// How long a child may take to become ready before the run is abandoned.
 const PATIENCE: Duration = Duration::from_secs(30);
 /// `Ready.` is an info line of `orproxy::daemon`, and readiness is read from it, with the usage
@@ -1021,7 +1023,8 @@ fn paced_runs(rate: usize) -> [(bool, usize); 4] {
 
 /// The order in which `n` targets take turns, half the duration each: forwards, then
 /// backwards (A, B, B, A; A, B, C, C, B, A), so that a steady drift in machine speed during
-/// the run weighs on every target alike.
+/// the run weighs on every target alike. Each turn starts with [`TURN_WARMUP`] unmeasured:
+/// a daemon that has just sat idle starts slower than one that serves a second turn in a row.
 fn palindrome(n: usize) -> impl Iterator<Item = usize> {
     (0..n).chain((0..n).rev())
 }
@@ -1042,6 +1045,7 @@ async fn compare_paced<const N: usize>(
     }
     let mut loads = std::array::from_fn(|_| Load::default());
     for i in palindrome(N) {
+        pace(client, targets[i], body, stream, c, rate, TURN_WARMUP).await?;
         let load = pace(client, targets[i], body, stream, c, rate, half).await?;
         loads[i].merge(load);
     }
@@ -1062,7 +1066,9 @@ async fn compare_under_load<const N: usize>(
     }
     let mut loads = std::array::from_fn(|_| Load::default());
     for i in palindrome(N) {
-        let load = saturate(client, targets[i], body, stream, args.concurrency, half).await?;
+        let c = args.concurrency;
+        saturate(client, targets[i], body, stream, c, TURN_WARMUP).await?;
+        let load = saturate(client, targets[i], body, stream, c, half).await?;
         loads[i].merge(load);
     }
     Ok(loads)
