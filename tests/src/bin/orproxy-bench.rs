@@ -37,7 +37,8 @@ const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--co
   --no-ledger       run orproxy without its usage database (database.enabled: false);
                     the comparisons of the daemon with and without it are then skipped
   --ledger-only     measure only those comparisons (the daemon with and without its
-                    usage database, saturated and at fixed rates)
+                    usage database, and a second one without it as the control,
+                    saturated and at fixed rates)
   --baseline PATH   another orproxy binary (an earlier build, say), measured at
                     concurrency 1 beside this one's, in the same blocks
   --no-nginx        skip the reference path through nginx, measured at concurrency 1
