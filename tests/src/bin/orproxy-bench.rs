@@ -51,7 +51,8 @@ const WARMUP_REQUESTS: usize = 200;
 /// (another process, a frequency change) lands on every path alike.
 const BLOCK: usize = 200;
 const LOAD_WARMUP: Duration = Duration::from_secs(1);
-/// Unmeasured calls at the start of each turn under load ([`palindrome`]).
+/// Unmeasured calls at the start of each turn under load ([`palindrome`]): a daemon that has
+/// just sat idle starts slower than one that serves a second turn in a row.
 const TURN_WARMUP: Duration = Duration::from_millis(500);
 /// How long a child may take to become ready before the run is abandoned.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -1024,8 +1025,7 @@ fn paced_runs(rate: usize) -> [(bool, usize); 4] {
 
 /// The order in which `n` targets take turns, half the duration each: forwards, then
 /// backwards (A, B, B, A; A, B, C, C, B, A), so that a steady drift in machine speed during
-/// the run weighs on every target alike. Each turn starts with [`TURN_WARMUP`] unmeasured:
-/// a daemon that has just sat idle starts slower than one that serves a second turn in a row.
+/// the run weighs on every target alike.
 fn palindrome(n: usize) -> impl Iterator<Item = usize> {
     (0..n).chain((0..n).rev())
 }
@@ -1053,7 +1053,8 @@ async fn compare_paced<const N: usize>(
     Ok(loads)
 }
 
-/// The targets under load, taking turns in [`palindrome`] order (half the duration each).
+/// The targets under load, taking turns in [`palindrome`] order (half the duration each, after
+/// [`TURN_WARMUP`]).
 async fn compare_under_load<const N: usize>(
     client: &HttpClient,
     targets: [&Target; N],
@@ -1062,12 +1063,12 @@ async fn compare_under_load<const N: usize>(
     args: &Args,
 ) -> Result<[Load; N]> {
     let half = args.duration / 2;
+    let c = args.concurrency;
     for target in targets {
-        saturate(client, target, body, stream, args.concurrency, LOAD_WARMUP).await?;
+        saturate(client, target, body, stream, c, LOAD_WARMUP).await?;
     }
     let mut loads = std::array::from_fn(|_| Load::default());
     for i in palindrome(N) {
-        let c = args.concurrency;
         saturate(client, targets[i], body, stream, c, TURN_WARMUP).await?;
         let load = saturate(client, targets[i], body, stream, c, half).await?;
         loads[i].merge(load);
