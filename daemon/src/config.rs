@@ -572,9 +572,12 @@ pub struct LimitsConfig {
     /// How long a client may stay silent: before its request's head is complete, between two
     /// parts of its request body, not reading its answer, and idle between two requests.
     pub client_timeout: Option<Dur>,
+    /// How long a worker that has just seen traffic keeps polling for its next event before it
+    /// sleeps, while its events come that close together (0: never; at most 1ms).
+    pub idle_poll: Option<Dur>,
 }
 
-/// A duration: `250ms`, `10s`, `1.5s`, `2m`, `1h`, or a number of seconds.
+/// A duration: `250us`, `250ms`, `10s`, `1.5s`, `2m`, `1h`, or a number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
@@ -618,16 +621,16 @@ impl JsonSchema for Dur {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
-            "description": "A duration: 250ms, 10s, 1.5s, 2m, 1h, 90d, or a number of seconds (at most 36500d).",
+            "description": "A duration: 250us, 250ms, 10s, 1.5s, 2m, 1h, 90d, or a number of seconds (at most 36500d).",
             "oneOf": [
                 {"type": "number", "minimum": 0, "maximum": MAX_DURATION_SECS},
-                {"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(ms|s|m|h|d)?\\s*$"}
+                {"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*(us|ms|s|m|h|d)?\\s*$"}
             ]
         })
     }
 }
 
-/// Parses `250ms`, `10s`, `1.5s`, `2m`, `1h`, `90d` (or a bare number of seconds).
+/// Parses `250us`, `250ms`, `10s`, `1.5s`, `2m`, `1h`, `90d` (or a bare number of seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -638,6 +641,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration `{text}` (examples: 250ms, 10s, 2m, 1h, 90d)"))?;
     let secs = match unit.trim() {
+        "us" => value / 1_000_000.0,
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
@@ -645,7 +649,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "invalid duration unit `{other}` in `{text}` (use ms, s, m, h or d)"
+                "invalid duration unit `{other}` in `{text}` (use us, ms, s, m, h or d)"
             ));
         }
     };

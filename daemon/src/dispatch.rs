@@ -493,14 +493,17 @@ pub async fn json(
         record.attempt_open = true;
         record.upstream_wait(true);
         let answer = match app.client().send(attempt.prepared, first_byte).await {
-            Ok(mut response) => response
-                .collect(
-                    limits.max_response_bytes,
-                    limits.idle_timeout,
-                    exchange.deadline,
-                )
-                .await
-                .map(|body| (response, body)),
+            Ok(mut response) => {
+                crate::idle_poll::event(limits.idle_poll);
+                response
+                    .collect(
+                        limits.max_response_bytes,
+                        limits.idle_timeout,
+                        exchange.deadline,
+                    )
+                    .await
+                    .map(|body| (response, body))
+            }
             Err(e) => Err(e),
         };
         record.upstream_wait(false);

@@ -38,6 +38,7 @@ pub mod error;
 pub mod explain;
 pub mod front;
 pub mod health;
+pub mod idle_poll;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;

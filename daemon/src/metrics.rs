@@ -37,6 +37,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 pub fn render() -> String {
     let mut text = install().map(PrometheusHandle::render).unwrap_or_default();
     render_costs(&mut text);
+    render_idle_poll(&mut text);
     text
 }
 
@@ -88,6 +89,26 @@ fn render_costs(text: &mut String) {
             format_usd(i64::try_from(nanos).unwrap_or(i64::MAX)),
         );
     }
+}
+
+/// `orproxy_idle_poll_seconds_total`: the time workers spent polling for their next event
+/// instead of sleeping (the registry's counters hold integers only).
+fn render_idle_poll(text: &mut String) {
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    write_type_line(
+        text,
+        "orproxy_idle_poll_seconds_total",
+        None,
+        None,
+        "counter",
+    );
+    let _ = writeln!(
+        text,
+        "orproxy_idle_poll_seconds_total {}",
+        crate::idle_poll::polled().as_secs_f64()
+    );
 }
 
 /// Handles of the metrics every request touches. The recorder's registry is a map from a

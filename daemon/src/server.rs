@@ -271,6 +271,7 @@ fn start_workers(
                             // rather than inside it.
                             app.client();
                             tokio::spawn(timer_heartbeat());
+                            tokio::spawn(crate::idle_poll::run());
                             let router = api_router(Arc::clone(&app));
                             serve_connections(listener, router, Routes::Api, app, drain).await
                         })

@@ -38,6 +38,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8001";
 pub const DEFAULT_PRICE_REFRESH: Duration = Duration::from_secs(24 * 3600);
 /// The shortest `database.retention`: rows of the current day are what reports read most.
 const MIN_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// The longest `limits.idle_poll` accepted.
+const MAX_IDLE_POLL: Duration = Duration::from_millis(1);
 
 /// Settings given on the command line; each wins over its config key.
 #[derive(Debug, Default, Clone)]
@@ -397,6 +399,8 @@ pub struct Limits {
     /// A client's silence: before its request's head is complete, within its body, between
     /// its requests.
     pub client_timeout: Duration,
+    /// How long a worker polls for its next event before it sleeps ([`crate::idle_poll`]).
+    pub idle_poll: Duration,
 }
 
 impl Default for Limits {
@@ -411,6 +415,7 @@ impl Default for Limits {
             commit_after: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             client_timeout: Duration::from_secs(30),
+            idle_poll: Duration::from_micros(250),
         }
     }
 }
@@ -1056,6 +1061,12 @@ impl RoutingTable {
             for (key, _) in zero.iter().filter(|(_, is_zero)| *is_zero) {
                 errors.push(l.error(format!("limits.{key}: must be more than 0")));
             }
+            // Polling pays for the wake-ups it saves only when the next event is that close.
+            if limits.idle_poll > MAX_IDLE_POLL {
+                errors.push(l.error(format!(
+                    "limits.idle_poll: at most {MAX_IDLE_POLL:?} (0 turns it off)"
+                )));
+            }
         }
         let pricing = crate::pricing::build_rules(config.pricing.as_ref(), &mut errors);
         let budgets = crate::budget::build_rules(config.budgets.as_ref(), &mut errors);
@@ -1369,6 +1380,7 @@ fn build_limits(limits: Option<&Sourced<crate::config::LimitsConfig>>) -> Limits
         commit_after: dur(l.commit_after, d.commit_after),
         shutdown_grace: dur(l.shutdown_grace, d.shutdown_grace),
         client_timeout: dur(l.client_timeout, d.client_timeout),
+        idle_poll: dur(l.idle_poll, d.idle_poll),
     }
 }
 

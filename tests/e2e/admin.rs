@@ -278,3 +278,37 @@ async fn event_counters_are_exported_at_zero_from_the_start() {
         assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
     }
 }
+
+/// Requests in quick succession make the worker poll for the next one instead of sleeping
+/// (`limits.idle_poll`), and `/metrics` says for how long; `0` turns it off.
+#[tokio::test]
+async fn close_requests_are_polled_for_unless_idle_poll_is_zero() {
+    async fn polled(idle_poll: &str) -> f64 {
+        let daemon = Daemon::start(Options::config(format!(
+            "limits:\n  idle_poll: {idle_poll}\ndatabase:\n  enabled: false\n"
+        )));
+        let http = client();
+        for _ in 0..400 {
+            let response = http
+                .post(daemon.url("/v1/chat/completions"))
+                .json(&chat("mock", "x", false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap();
+        }
+        let text = daemon.metrics().await;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("orproxy_idle_poll_seconds_total "))
+            .unwrap_or_else(|| panic!("{text}"));
+        line["orproxy_idle_poll_seconds_total ".len()..]
+            .parse()
+            .unwrap()
+    }
+    // The longest window: a debug build's requests come that close (about every 0.5 ms here)
+    // often enough even on a loaded machine.
+    assert!(polled("1ms").await > 0.0);
+    assert_eq!(polled("0").await, 0.0);
+}

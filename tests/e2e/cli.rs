@@ -249,6 +249,32 @@ fn a_zero_limit_is_refused_at_its_place() {
     }
 }
 
+/// Polling longer than the wake-ups it saves is refused; 0 turns it off.
+#[test]
+fn idle_poll_is_bounded() {
+    let config = temp_file("limits:\n  idle_poll: 5ms\n", ".yaml");
+    let output = check(&config);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:2:3: limits.idle_poll: at most 1ms (0 turns it off)",
+            config.display()
+        )),
+        "{stderr}"
+    );
+    for ok in ["0", "1ms", "250us"] {
+        let config = temp_file(&format!("limits:\n  idle_poll: {ok}\n"), ".yaml");
+        let output = check(&config);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{ok}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
 /// `orproxy check` on `yaml`, with `vars` set: its exit code and stderr.
 fn check_with(yaml: &str, vars: &[(&str, &std::ffi::OsStr)]) -> (Option<i32>, String) {
     let mut cmd = command();

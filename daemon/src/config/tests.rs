@@ -186,6 +186,7 @@ fn broken_yaml_is_located() {
 
 #[test]
 fn durations_accept_units_and_numbers() {
+    assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
     assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));

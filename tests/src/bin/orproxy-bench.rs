@@ -62,6 +62,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 const QUIET_LOG: &str = "warn,orproxy::daemon=info,orproxy::ledger=info";
 /// The concurrency-1 rows of `--baseline` and of nginx.
 const BASELINE_LABEL: &str = "baseline orproxy (RUST_LOG=warn)";
+const SLEEPER_LABEL: &str = "orproxy, idle polling off (RUST_LOG=warn)";
 const NGINX_LABEL: &str = "nginx reverse proxy (reference)";
 const SSE_DONE: &[u8] = b"data: [DONE]";
 
@@ -439,18 +440,27 @@ impl Drop for ScratchDir {
 struct ConfigFile(PathBuf);
 
 impl ConfigFile {
-    fn write(base_url: &str, ledger: bool) -> Result<ConfigFile> {
+    /// With `polling` false, the workers never poll for their next event
+    /// (`limits.idle_poll: 0`).
+    fn write(base_url: &str, ledger: bool, polling: bool) -> Result<ConfigFile> {
         let name = format!(
-            "orproxy-bench-{}-{}.yaml",
+            "orproxy-bench-{}-{}{}.yaml",
             std::process::id(),
-            if ledger { "ledger" } else { "no-ledger" }
+            if ledger { "ledger" } else { "no-ledger" },
+            if polling { "" } else { "-no-polling" }
         );
         let path = std::env::temp_dir().join(name);
         // A JSON string is a valid YAML scalar, so the URL needs no YAML quoting rules.
         let yaml = format!(
             "backends:\n  openrouter:\n    type: openrouter\n    base_url: {}\n    \
-             api_key_env: FAKE_OR_KEY\ndefault_backend: openrouter\ndatabase:\n  enabled: {ledger}\n",
-            Value::from(base_url)
+             api_key_env: FAKE_OR_KEY\ndefault_backend: openrouter\ndatabase:\n  enabled: {ledger}\n\
+             {}",
+            Value::from(base_url),
+            if polling {
+                ""
+            } else {
+                "limits:\n  idle_poll: 0\n"
+            }
         );
         std::fs::write(&path, yaml).context(format_args!("cannot write {}", path.display()))?;
         Ok(ConfigFile(path))
@@ -1609,7 +1619,7 @@ fn run(args: &Args) -> Result<String> {
         eprintln!("orproxy-bench: warning: this is a debug build; measure with --release");
     }
     let (fake, base_url) = start_fake(&sibling("fake-upstream")?)?;
-    let config = ConfigFile::write(&base_url, args.ledger)?;
+    let config = ConfigFile::write(&base_url, args.ledger, true)?;
     let orproxy = sibling("orproxy")?;
     let state = ScratchDir::new()?;
     let (quiet, quiet_addr) = start_orproxy(
@@ -1627,7 +1637,7 @@ fn run(args: &Args) -> Result<String> {
         args.ledger,
     )?;
     let unrecorded = if args.ledger {
-        let config = ConfigFile::write(&base_url, false)?;
+        let config = ConfigFile::write(&base_url, false, true)?;
         let off = |name: &str| {
             start_orproxy(
                 &orproxy,
@@ -1642,6 +1652,15 @@ fn run(args: &Args) -> Result<String> {
     } else {
         None
     };
+    // The measured daemon with idle polling off, at concurrency 1 (among the references).
+    let sleeper_config = ConfigFile::write(&base_url, args.ledger, false)?;
+    let sleeper = start_orproxy(
+        &orproxy,
+        &sleeper_config.0,
+        Some(QUIET_LOG),
+        &state.0.join("sleeper"),
+        args.ledger,
+    )?;
     let baseline = match &args.baseline {
         Some(bin) => Some(start_orproxy(
             bin,
@@ -1662,11 +1681,14 @@ fn run(args: &Args) -> Result<String> {
     }
     let idle = memory(quiet.pid())?;
     let info_idle = memory(chatty.pid())?;
-    let mut references = Vec::new();
+    let mut references = vec![Target::proxy(SLEEPER_LABEL, sleeper.1, &fake, &sleeper.0)?];
+    let mut about = vec![format!(
+        "`{SLEEPER_LABEL}` is the measured daemon with `limits.idle_poll: 0`: its workers \
+         sleep in `epoll_wait` as soon as they run out of work."
+    )];
     if let Some((daemon, addr)) = &baseline {
         references.push(Target::proxy(BASELINE_LABEL, *addr, &fake, daemon)?);
     }
-    let mut about = Vec::new();
     if let (Some(bin), Some(_)) = (&args.baseline, &baseline) {
         about.push(format!(
             "`{BASELINE_LABEL}` is `{}`, started the same way as the measured daemon.",
@@ -1704,6 +1726,7 @@ fn run(args: &Args) -> Result<String> {
     if let Some((_, daemons)) = &unrecorded {
         pids.extend(daemons.iter().map(|(daemon, _)| daemon.pid()));
     }
+    pids.push(sleeper.0.pid());
     pids.extend(baseline.as_ref().map(|(daemon, _)| daemon.pid()));
     pids.extend(nginx.as_ref().map(|(nginx, ..)| nginx.pid()));
     if args.ledger_only {
