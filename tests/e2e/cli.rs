@@ -252,26 +252,15 @@ fn a_zero_limit_is_refused_at_its_place() {
 /// Polling longer than the wake-ups it saves is refused; 0 turns it off.
 #[test]
 fn idle_poll_is_bounded() {
-    let config = temp_file("limits:\n  idle_poll: 5ms\n", ".yaml");
-    let output = check(&config);
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, stderr) = check_with("limits:\n  idle_poll: 5ms\n", &[]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!(
-            "{}:2:3: limits.idle_poll: at most 1ms (0 turns it off)",
-            config.display()
-        )),
+        stderr.contains(".yaml:2:3: limits.idle_poll: at most 1ms (0 turns it off)"),
         "{stderr}"
     );
     for ok in ["0", "1ms", "250us"] {
-        let config = temp_file(&format!("limits:\n  idle_poll: {ok}\n"), ".yaml");
-        let output = check(&config);
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{ok}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let (code, stderr) = check_with(&format!("limits:\n  idle_poll: {ok}\n"), &[]);
+        assert_eq!(code, Some(0), "{ok}: {stderr}");
     }
 }
 
