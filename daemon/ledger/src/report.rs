@@ -384,8 +384,10 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         crate::migrate(&mut conn).unwrap();
         let mut stmt = conn.prepare(crate::row::INSERT).unwrap();
+        let mut previous = None;
         for row in rows {
-            row.insert(&mut stmt, &mut Vec::new()).unwrap();
+            row.insert(&mut stmt, &mut Vec::new(), previous).unwrap();
+            previous = Some(row);
         }
         drop(stmt);
         conn

@@ -573,11 +573,13 @@ fn write_batch(conn: &mut Connection, batch: &[Arc<Row>]) -> rusqlite::Result<()
     {
         let mut stmt = tx.prepare_cached(INSERT)?;
         let mut json = Vec::new();
+        let mut previous = None;
         for (i, row) in batch.iter().enumerate() {
             if i % YIELD_EVERY == YIELD_EVERY - 1 {
                 std::thread::yield_now();
             }
-            row.insert(&mut stmt, &mut json)?;
+            row.insert(&mut stmt, &mut json, previous)?;
+            previous = Some(&**row);
         }
     }
     crate::spend::add_spend(&tx, batch)?;
