@@ -261,6 +261,7 @@ mod tests {
     /// of them repeats some values from one row to the next and changes others.
     fn varied(pick: &[u8; 12]) -> Row {
         let mut row = Row::example(&format!("req-{}", pick[0]), i64::from(pick[1] % 3), 7);
+        let bit = |byte: u8, k: u8| byte >> k & 1 == 1;
         let text = |n: u8, name: &str| match n % 3 {
             0 => None,
             1 => Some(name.to_owned()),
@@ -280,23 +281,23 @@ mod tests {
         row.status = [200, 502, 499][usize::from(pick[6] % 3)];
         row.outcome = ["ok", "upstream_error"][usize::from(pick[6] % 2)];
         row.stream = pick[6] % 4 < 2;
-        row.prompt_tokens = (pick[7] % 3 != 0).then_some(u64::from(pick[7] % 3));
-        row.completion_tokens = (pick[7] / 3 % 2 != 0).then_some(5);
-        row.cached_tokens = (pick[7] / 6 % 2 != 0).then_some(u64::MAX);
-        row.reasoning_tokens = (pick[7] / 12 % 2 != 0).then_some(1);
+        row.prompt_tokens = bit(pick[7], 0).then_some(u64::from(pick[7] % 3));
+        row.completion_tokens = bit(pick[7], 1).then_some(5);
+        row.cached_tokens = bit(pick[7], 2).then_some(u64::MAX);
+        row.reasoning_tokens = bit(pick[7], 3).then_some(1);
         row.cost_nanos = i64::from(pick[8] % 2);
         row.cost_source = [CostSource::Upstream, CostSource::Estimate, CostSource::None]
             [usize::from(pick[8] % 3)];
         row.latency_us = i64::from(pick[9] % 2);
-        row.ttfb_us = (pick[9] % 3 != 0).then_some(3);
-        row.upstream_us = (pick[9] / 3 % 2 != 0).then_some(4);
-        if pick[10] % 2 == 0 {
+        row.ttfb_us = bit(pick[9], 1).then_some(3);
+        row.upstream_us = bit(pick[9], 2).then_some(4);
+        if bit(pick[10], 0) {
             row.attempts.push(Attempt {
                 route: "b:m".into(),
                 result: "timeout".into(),
             });
         }
-        if pick[10] % 3 != 0 {
+        if bit(pick[10], 1) {
             row.tags
                 .insert("team".into(), serde_json::json!(pick[10] % 3));
         }
