@@ -297,6 +297,8 @@ async fn routes(State(app): State<Arc<App>>) -> Response {
             "total_timeout_ms": l.total_timeout.as_millis() as u64,
             "commit_after_ms": l.commit_after.as_millis() as u64,
             "shutdown_grace_ms": l.shutdown_grace.as_millis() as u64,
+            "client_timeout_ms": l.client_timeout.as_millis() as u64,
+            "idle_poll_us": l.idle_poll.as_micros() as u64,
         },
     }))
     .into_response()
