@@ -573,7 +573,8 @@ pub struct LimitsConfig {
     /// parts of its request body, not reading its answer, and idle between two requests.
     pub client_timeout: Option<Dur>,
     /// How long a worker that has just seen traffic keeps polling for its next event before it
-    /// sleeps, while its events come that close together (0: never; at most 1ms).
+    /// sleeps, while its events come that close together (0: never; at most 1ms; default 250us,
+    /// 0 under a CPU quota).
     pub idle_poll: Option<Dur>,
 }
 

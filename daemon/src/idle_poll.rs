@@ -9,14 +9,78 @@
 //!
 //! It pays only when the next event comes within the window, so each worker scores the gaps
 //! between its events and polls only while most were shorter: behind upstreams that take
-//! seconds, or with sparse traffic, workers sleep as before.
+//! seconds, or with sparse traffic, workers sleep as before. Under a CPU quota (a cgroup's
+//! `cpu.max` or `cpu.cfs_quota_us`) polling would spend the quota the work needs and get the
+//! daemon throttled, so there the default is off.
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+
+/// `limits.idle_poll` when the config leaves it out and no CPU quota applies.
+const DEFAULT_WINDOW: Duration = Duration::from_micros(250);
+
+/// `limits.idle_poll` when the config leaves it out: [`DEFAULT_WINDOW`], or off when the
+/// daemon's cgroup (or one above it) sets a CPU quota. Looked up once.
+pub fn default_window() -> Duration {
+    static WINDOW: OnceLock<Duration> = OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        match cpu_quota(Path::new("/sys/fs/cgroup"), &cgroups) {
+            Some(file) => {
+                tracing::info!(
+                    message = "A CPU quota applies: idle polling is off unless limits.idle_poll sets it.",
+                    quota = %file.display(),
+                );
+                Duration::ZERO
+            }
+            None => DEFAULT_WINDOW,
+        }
+    })
+}
+
+/// The first quota file that limits the process whose `/proc/self/cgroup` is `cgroups`, with
+/// the cgroup file systems mounted under `root`: cgroup v2's `cpu.max` (`max PERIOD` when
+/// unlimited), else v1's `cpu.cfs_quota_us` (`-1`), from the process's own group up.
+fn cpu_quota(root: &Path, cgroups: &str) -> Option<PathBuf> {
+    cgroups.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let (mounts, file, unlimited): (Vec<PathBuf>, _, &str) = if controllers.is_empty() {
+            (
+                vec![root.to_owned(), root.join("unified")],
+                "cpu.max",
+                "max",
+            )
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            let v1 = [controllers, "cpu,cpuacct", "cpu"].map(|dir| root.join(dir));
+            (v1.into(), "cpu.cfs_quota_us", "-1")
+        } else {
+            return None;
+        };
+        mounts.iter().find_map(|mount| {
+            let mut dir = mount.join(path.trim_start_matches('/'));
+            loop {
+                let quota = dir.join(file);
+                if let Ok(text) = std::fs::read_to_string(&quota)
+                    && text
+                        .split_whitespace()
+                        .next()
+                        .is_some_and(|q| q != unlimited)
+                {
+                    return Some(quota);
+                }
+                if dir == *mount || !dir.pop() {
+                    return None;
+                }
+            }
+        })
+    })
+}
 
 /// The score's ceiling: how many short gaps in a row it remembers.
 const SCORE_MAX: u8 = 8;
@@ -117,6 +181,37 @@ mod tests {
 
     fn at(start: Instant, us: u64) -> Instant {
         start + Duration::from_micros(us)
+    }
+
+    #[test]
+    fn cpu_quotas_are_found_from_the_own_group_up() {
+        let root = std::env::temp_dir().join(format!("orproxy-cgroups-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let write = |path: &str, text: &str| {
+            let path = root.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        // cgroup v2: unlimited in the own group, a quota on the slice above it.
+        write("system.slice/orproxy.service/cpu.max", "max 100000\n");
+        assert_eq!(cpu_quota(&root, "0::/system.slice/orproxy.service\n"), None);
+        write("system.slice/cpu.max", "50000 100000\n");
+        assert_eq!(
+            cpu_quota(&root, "0::/system.slice/orproxy.service\n"),
+            Some(root.join("system.slice/cpu.max"))
+        );
+        // cgroup v1, beside other controllers: -1 is no quota.
+        let v1 = "4:memory:/box\n2:cpu,cpuacct:/box\n0::/\n";
+        write("cpu,cpuacct/box/cpu.cfs_quota_us", "-1\n");
+        assert_eq!(cpu_quota(&root, v1), None);
+        write("cpu,cpuacct/box/cpu.cfs_quota_us", "200000\n");
+        assert_eq!(
+            cpu_quota(&root, v1),
+            Some(root.join("cpu,cpuacct/box/cpu.cfs_quota_us"))
+        );
+        // Nothing mounted, nothing readable: no quota.
+        assert_eq!(cpu_quota(&root.join("absent"), v1), None);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -415,7 +415,7 @@ impl Default for Limits {
             commit_after: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             client_timeout: Duration::from_secs(30),
-            idle_poll: Duration::from_micros(250),
+            idle_poll: crate::idle_poll::default_window(),
         }
     }
 }
