@@ -298,14 +298,7 @@ async fn close_requests_are_polled_for_unless_idle_poll_is_zero() {
             assert_eq!(response.status(), 200);
             response.bytes().await.unwrap();
         }
-        let routes: Value = http
-            .get(daemon.admin_url("/admin/routes"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let routes = daemon.admin_json("/admin/routes").await;
         assert_eq!(routes["limits"]["idle_poll_us"], shown_us, "{routes}");
         let text = daemon.metrics().await;
         let line = text

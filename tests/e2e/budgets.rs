@@ -66,14 +66,7 @@ async fn post_to(http: reqwest::Client, url: String, body: String) -> reqwest::R
 
 /// `GET /admin/budgets`: the entry named `name`.
 async fn budget(daemon: &Daemon, name: &str) -> Value {
-    let all: Value = client()
-        .get(daemon.admin_url("/admin/budgets"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = daemon.admin_json("/admin/budgets").await;
     all["budgets"]
         .as_array()
         .unwrap()

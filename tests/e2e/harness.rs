@@ -268,10 +268,15 @@ impl Daemon {
             .unwrap()
     }
 
+    /// `GET` of an admin route that answers JSON (the admin token sent when there is one).
+    pub async fn admin_json(&self, path: &str) -> Value {
+        let response = self.admin_call(reqwest::Method::GET, path).await;
+        response.json().await.unwrap()
+    }
+
     /// `GET /admin/status`.
     pub async fn status(&self) -> Value {
-        let response = self.admin_call(reqwest::Method::GET, "/admin/status").await;
-        response.json().await.unwrap()
+        self.admin_json("/admin/status").await
     }
 
     /// `POST /admin/reload`: the reload's outcome.

@@ -767,14 +767,7 @@ async fn an_exceeded_budget_is_a_billing_error() {
 async fn spent_at_least(daemon: &Daemon, name: &str, nanos: i64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let all: Value = client()
-            .get(daemon.admin_url("/admin/budgets"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let all = daemon.admin_json("/admin/budgets").await;
         let budget = all["budgets"]
             .as_array()
             .and_then(|list| list.iter().find(|b| b["name"] == name))

@@ -322,14 +322,7 @@ async fn a_rate_limited_target_cools_down_and_a_flaky_one_is_used_again() {
         1,
         "skipped while cooling: {asked:?}"
     );
-    let status: Value = client()
-        .get(daemon.admin_url("/admin/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = daemon.status().await;
     let cooling = &status["cooldowns"][0];
     assert_eq!(cooling["target"], "openrouter:fake/status-429-retry-30");
     assert!(cooling["cooling_secs"].as_f64().unwrap() > 20.0, "{status}");
