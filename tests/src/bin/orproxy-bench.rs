@@ -60,7 +60,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// database's check of `orproxy::ledger`; those targets log only at startup and shutdown at
 /// `info`, so this is `warn` for everything a request does.
 const QUIET_LOG: &str = "warn,orproxy::daemon=info,orproxy::ledger=info";
-/// The concurrency-1 rows of `--baseline` and of nginx.
+/// The concurrency-1 rows of `--baseline`, of the measured daemon with idle polling off, and
+/// of nginx.
 const BASELINE_LABEL: &str = "baseline orproxy (RUST_LOG=warn)";
 const SLEEPER_LABEL: &str = "orproxy, idle polling off (RUST_LOG=warn)";
 const NGINX_LABEL: &str = "nginx reverse proxy (reference)";
