@@ -494,7 +494,7 @@ pub async fn json(
         record.upstream_wait(true);
         let answer = match app.client().send(attempt.prepared, first_byte).await {
             Ok(mut response) => {
-                crate::idle_poll::event(limits.idle_poll);
+                crate::idle_poll::event(Instant::now(), limits.idle_poll);
                 response
                     .collect(
                         limits.max_response_bytes,

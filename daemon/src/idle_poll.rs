@@ -17,9 +17,10 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// `limits.idle_poll` when the config leaves it out and no CPU quota applies.
 const DEFAULT_WINDOW: Duration = Duration::from_micros(250);
@@ -146,10 +147,10 @@ fn with_gaps<T>(f: impl FnOnce(&mut Gaps) -> T) -> T {
     })
 }
 
-/// Notes an event on this worker (a request arrived, an upstream answered), `window` being the
-/// table's `limits.idle_poll`; wakes [`run`] when polling should start.
-pub fn event(window: Duration) {
-    if with_gaps(|gaps| gaps.event(Instant::now(), window)) {
+/// Notes an event on this worker at `now` (a request arrived, an upstream answered), `window`
+/// being the table's `limits.idle_poll`; wakes [`run`] when polling should start.
+pub fn event(now: Instant, window: Duration) {
+    if with_gaps(|gaps| gaps.event(now, window)) {
         START.with(|start| start.notify_one());
     }
 }

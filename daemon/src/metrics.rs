@@ -70,14 +70,19 @@ fn cost_counter(backend: &str, model: &str) -> Arc<AtomicU64> {
     nanos
 }
 
+/// Ends the text's last line, if it has one unended, before more lines are appended.
+fn start_line(text: &mut String) {
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+}
+
 fn render_costs(text: &mut String) {
     let costs = COSTS.lock().unwrap_or_else(|p| p.into_inner());
     if costs.is_empty() {
         return;
     }
-    if !text.is_empty() && !text.ends_with('\n') {
-        text.push('\n');
-    }
+    start_line(text);
     write_type_line(text, "orproxy_cost_usd_total", None, None, "counter");
     for series in costs.iter() {
         let nanos = series.nanos.load(Ordering::Relaxed);
@@ -94,9 +99,7 @@ fn render_costs(text: &mut String) {
 /// `orproxy_idle_poll_seconds_total`: the time workers spent polling for their next event
 /// instead of sleeping (the registry's counters hold integers only).
 fn render_idle_poll(text: &mut String) {
-    if !text.is_empty() && !text.ends_with('\n') {
-        text.push('\n');
-    }
+    start_line(text);
     write_type_line(
         text,
         "orproxy_idle_poll_seconds_total",

@@ -89,7 +89,7 @@ async fn handle(
 ) -> Response {
     let started = Instant::now();
     let table = app.table.load_full();
-    crate::idle_poll::event(table.limits.idle_poll);
+    crate::idle_poll::event(started, table.limits.idle_poll);
     let mut record = Record::new(
         app.ids.next(),
         started,

@@ -447,7 +447,7 @@ impl Relay {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => return self.no_answer(&backend.name, error),
         };
-        crate::idle_poll::event(limits.idle_poll);
+        crate::idle_poll::event(Instant::now(), limits.idle_poll);
         if !response.status.is_success() || !response.is_event_stream() {
             return self
                 .plain_answer(backend, target, label, response, native, tick)
