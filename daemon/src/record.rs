@@ -427,7 +427,7 @@ impl Record {
                 .collect(),
         });
         if let Some(writer) = &self.accounts.writer {
-            writer.send(Arc::clone(&row));
+            writer.send(&*row);
         }
         self.settled = Some(row);
     }

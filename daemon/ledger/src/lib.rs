@@ -5,6 +5,7 @@
 //! their own connections ([`open_reader`]); WAL lets them run while the writer writes.
 
 mod migrate;
+mod packed;
 mod prices;
 mod report;
 mod row;

@@ -383,13 +383,9 @@ mod tests {
     fn db(rows: &[Row]) -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();
         crate::migrate(&mut conn).unwrap();
-        let mut stmt = conn.prepare(crate::row::INSERT).unwrap();
-        let mut previous = None;
-        for row in rows {
-            row.insert(&mut stmt, &mut Vec::new(), previous).unwrap();
-            previous = Some(row);
-        }
-        drop(stmt);
+        let packed: Vec<_> = rows.iter().map(crate::packed::Packed::new).collect();
+        let views: Vec<_> = packed.iter().map(|p| p.view().unwrap()).collect();
+        crate::row::insert_rows(&conn, &views, |_| ()).unwrap();
         conn
     }
 

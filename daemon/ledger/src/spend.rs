@@ -1,12 +1,11 @@
 //! Spend totals for budgets: kept per UTC day by the writer (`spend_days`), read back at start.
 
-use std::borrow::Borrow;
-
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Transaction};
 
-use crate::row::Row;
+use crate::packed::View;
+use crate::row::text;
 
 /// Milliseconds in a day: `spend_days.day` is `ts_ms / DAY_MS`.
 pub const DAY_MS: i64 = 86_400_000;
@@ -66,28 +65,31 @@ pub fn spend_between(
     Ok(groups)
 }
 
+/// Day, key, backend and model of `spend_days`.
+type Group<'a> = (i64, &'a [u8], &'a [u8], &'a [u8]);
+
 /// Adds the spend of `rows` to `spend_days` inside the transaction that inserts them, so the
 /// totals always equal the rows' sums. One statement per day and group of the batch.
-pub(crate) fn add_spend<R: Borrow<Row>>(tx: &Transaction<'_>, rows: &[R]) -> rusqlite::Result<()> {
+pub(crate) fn add_spend(tx: &Transaction<'_>, rows: &[View<'_>]) -> rusqlite::Result<()> {
     // foldhash, not SipHash: the keys are the daemon's own rows, and hashing them was half of
     // this function's cost per row.
-    let mut groups: HashMap<(i64, &str, &str, &str), i64> = HashMap::new();
-    for row in rows.iter().map(R::borrow).filter(|r| r.cost_nanos != 0) {
+    let mut groups: HashMap<Group<'_>, i64> = HashMap::new();
+    for row in rows.iter().filter(|r| r.cost_nanos != 0) {
         let day = row.ts_ms / DAY_MS;
-        let key = row.key.as_deref().unwrap_or_default();
+        let key = row.key.unwrap_or_default();
         // What failed attempts' upstreams billed counts for the targets that billed it, the
         // rest for the target that served, as the budgets in memory count them.
         let mut own = row.cost_nanos;
-        for (backend, model, cost) in &row.billed_failures {
+        for (backend, model, cost) in row.billed_failures() {
             let sum = groups.entry((day, key, backend, model)).or_default();
-            *sum = sum.saturating_add(*cost);
-            own = own.saturating_sub(*cost);
+            *sum = sum.saturating_add(cost);
+            own = own.saturating_sub(cost);
         }
         let served = (
             day,
             key,
-            row.backend.as_deref().unwrap_or_default(),
-            row.model.as_deref().unwrap_or_default(),
+            row.backend.unwrap_or_default(),
+            row.model.unwrap_or_default(),
         );
         let sum = groups.entry(served).or_default();
         *sum = sum.saturating_add(own);
@@ -106,9 +108,9 @@ pub(crate) fn add_spend<R: Borrow<Row>>(tx: &Transaction<'_>, rows: &[R]) -> rus
     for ((day, key, backend, model), cost) in groups {
         stmt.execute(rusqlite::params![
             day,
-            key,
-            backend,
-            model,
+            text(key),
+            text(backend),
+            text(model),
             cost,
             i64::MAX,
             i64::MIN
@@ -121,11 +123,20 @@ pub(crate) fn add_spend<R: Borrow<Row>>(tx: &Transaction<'_>, rows: &[R]) -> rus
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::packed::Packed;
+    use crate::row::Row;
 
     fn ledger() -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();
         crate::migrate(&mut conn).unwrap();
         conn
+    }
+
+    /// [`add_spend`] of `rows`, packed as the writer has them.
+    fn add(tx: &Transaction<'_>, rows: &[Row]) {
+        let packed: Vec<_> = rows.iter().map(Packed::new).collect();
+        let views: Vec<_> = packed.iter().map(|p| p.view().unwrap()).collect();
+        add_spend(tx, &views).unwrap();
     }
 
     fn row(id: &str, ts_ms: i64, key: Option<&str>, cost_nanos: i64) -> Row {
@@ -149,7 +160,7 @@ mod tests {
         ];
         for batch in &batches {
             let tx = conn.transaction().unwrap();
-            add_spend(&tx, batch).unwrap();
+            add(&tx, batch);
             tx.commit().unwrap();
         }
         let spent = |from, to| {
@@ -174,12 +185,12 @@ mod tests {
         let mut conn = ledger();
         for cost in [5, i64::MAX, i64::MAX] {
             let tx = conn.transaction().unwrap();
-            add_spend(&tx, &[row("r", 10, None, cost), row("s", 20, None, cost)]).unwrap();
+            add(&tx, &[row("r", 10, None, cost), row("s", 20, None, cost)]);
             tx.commit().unwrap();
         }
         // Another day of the same group: the sum over both days saturates too.
         let tx = conn.transaction().unwrap();
-        add_spend(&tx, &[row("t", DAY_MS, None, 7)]).unwrap();
+        add(&tx, &[row("t", DAY_MS, None, 7)]);
         tx.commit().unwrap();
         let stored: (String, i64) = conn
             .query_row(

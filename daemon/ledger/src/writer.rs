@@ -18,6 +18,7 @@
 //! unlinked file. It then says so, counts it as a write error and opens the database at the
 //! path again.
 
+use std::borrow::Borrow;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
-use crate::row::{INSERT, Row};
+use crate::packed::{Packed, View};
+use crate::row::{Row, insert_rows};
 
 /// Rows per transaction at most (a transaction holds the WAL lock; keep it short); a larger
 /// batch is committed in several.
@@ -40,7 +42,7 @@ pub const COMMIT_EVERY: Duration = Duration::from_millis(50);
 /// Rows waiting for the database at most. The writer is ten times faster than the daemon can
 /// serve, so only a database that cannot be written (disk full, locked, damaged) fills this;
 /// rows beyond it are logged whole instead of growing the process until it is killed
-/// (about 1.1 KB a row: some 110 MB).
+/// (a few hundred bytes a row, packed: some 40 MB).
 pub const MAX_QUEUED: u64 = 100_000;
 /// Rows inserted between two offers of the core to the request threads (about 100 µs of
 /// work). A batch is milliseconds of one core: run in one go, it held up the requests of the
@@ -68,7 +70,7 @@ const RETRY: [Duration; 3] = [
 ];
 
 enum Message {
-    Row(Arc<Row>),
+    Row(Packed),
     /// Answered with whether every row sent before it is committed.
     Flush(SyncSender<bool>),
     /// Delete the rows that arrived before `before_ms`, named `cutoff` in the log.
@@ -170,23 +172,22 @@ impl Writer {
         })
     }
 
-    /// Queues a row; never blocks. After [`Writer::stop`], or with [`MAX_QUEUED`] rows already
-    /// waiting, the row is logged instead. A shared row may still be read by its sender (the
-    /// daemon logs its request from it once the answer is out).
-    pub fn send(&self, row: impl Into<Arc<Row>>) {
-        let row = row.into();
+    /// Queues a copy of `row`, packed into one block ([`Packed`]); never blocks. After
+    /// [`Writer::stop`], or with [`MAX_QUEUED`] rows already waiting, the row is logged instead.
+    pub fn send(&self, row: impl Borrow<Row>) {
+        let packed = Packed::new(row.borrow());
         if self.stats.queued.load(Ordering::Relaxed) >= self.max_queued {
             lost(
                 &self.stats,
-                &row,
+                &packed,
                 "too many rows are waiting for the usage database (it cannot be written)",
             );
             return;
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::SendError(Message::Row(row))) = self.tx.send(Message::Row(row)) {
+        if let Err(mpsc::SendError(Message::Row(packed))) = self.tx.send(Message::Row(packed)) {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            lost(&self.stats, &row, "the usage writer has stopped");
+            lost(&self.stats, &packed, "the usage writer has stopped");
         }
     }
 
@@ -273,7 +274,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
-        let mut batch: Vec<Arc<Row>> = Vec::new();
+        let mut batch: Vec<Packed> = Vec::new();
         let mut waiting: Vec<SyncSender<bool>> = Vec::new();
         let mut behind = false;
         // Time the last round spent deleting old rows, which the next batch gathers less.
@@ -362,7 +363,7 @@ impl Worker {
     fn take(
         &mut self,
         message: Message,
-        batch: &mut Vec<Arc<Row>>,
+        batch: &mut Vec<Packed>,
         waiting: &mut Vec<SyncSender<bool>>,
     ) -> bool {
         match message {
@@ -429,7 +430,7 @@ impl Worker {
     /// (a few seconds later), and each failed round commits in transactions an eighth as
     /// large, so that a little freed disk space lets rows through. At stop, a refusing database
     /// gets a few quick tries, then the rows are logged whole, so that nothing is lost silently.
-    fn commit(&mut self, batch: &mut Vec<Arc<Row>>, stopping: bool) {
+    fn commit(&mut self, batch: &mut Vec<Packed>, stopping: bool) {
         let mut pauses = if stopping { &RETRY[..] } else { &[][..] }.iter();
         loop {
             let error = match self.write_pieces(batch, self.piece) {
@@ -453,9 +454,9 @@ impl Worker {
                 Some(pause) => std::thread::sleep(*pause),
                 None if !stopping => return,
                 None => {
-                    for row in batch.drain(..) {
+                    for packed in batch.drain(..) {
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                        lost(&self.stats, &row, &error);
+                        lost(&self.stats, &packed, &error);
                     }
                     return;
                 }
@@ -465,7 +466,7 @@ impl Worker {
 
     /// Commits `batch` in transactions of `piece` rows (at most [`MAX_BATCH`]) and removes
     /// what was committed from it.
-    fn write_pieces(&mut self, batch: &mut Vec<Arc<Row>>, piece: usize) -> Result<(), String> {
+    fn write_pieces(&mut self, batch: &mut Vec<Packed>, piece: usize) -> Result<(), String> {
         let mut done = 0;
         let written = loop {
             let n = piece.min(MAX_BATCH).min(batch.len() - done);
@@ -568,21 +569,27 @@ fn shm_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Arc<Row>]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut stmt = tx.prepare_cached(INSERT)?;
-        let mut json = Vec::new();
-        let mut previous = None;
-        for (i, row) in batch.iter().enumerate() {
-            if i % YIELD_EVERY == YIELD_EVERY - 1 {
-                std::thread::yield_now();
+fn write_batch(conn: &mut Connection, batch: &[Packed]) -> rusqlite::Result<()> {
+    let views: Vec<View<'_>> = batch
+        .iter()
+        .filter_map(|packed| {
+            let view = packed.view();
+            if view.is_none() {
+                // Every block comes from `Packed::new`, which `view` reads back whole.
+                tracing::error!(message = "Usage row unreadable; not stored.");
             }
-            row.insert(&mut stmt, &mut json, previous)?;
-            previous = Some(&**row);
+            view
+        })
+        .collect();
+    let tx = conn.transaction()?;
+    let mut offered = 0;
+    insert_rows(&tx, &views, |inserted| {
+        if inserted - offered >= YIELD_EVERY {
+            offered = inserted;
+            std::thread::yield_now();
         }
-    }
-    crate::spend::add_spend(&tx, batch)?;
+    })?;
+    crate::spend::add_spend(&tx, &views)?;
     tx.commit()
 }
 
@@ -603,23 +610,30 @@ fn delete_before(conn: &mut Connection, before_ms: i64) -> rusqlite::Result<u64>
 }
 
 /// A row that cannot be stored goes to the log whole, so it can still be recovered.
-fn lost(stats: &WriterStats, row: &Row, why: &str) {
+fn lost(stats: &WriterStats, packed: &Packed, why: &str) {
     stats.dropped.fetch_add(1, Ordering::Relaxed);
-    let attempts = serde_json::to_string(&row.attempts).unwrap_or_default();
-    let tags = serde_json::to_string(&row.tags).unwrap_or_default();
+    let Some(row) = packed.view() else {
+        tracing::error!(message = "Usage row not stored (and unreadable).", why);
+        return;
+    };
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    let opt = |bytes: Option<&[u8]>| bytes.map(text);
+    let mut attempts = Vec::new();
+    row.attempts_json(&mut attempts);
+    let tags = if row.tags.is_empty() { b"{}" } else { row.tags };
     tracing::error!(
         message = "Usage row not stored.",
         why,
-        request_id = %row.request_id,
+        request_id = text(row.request_id),
         ts_ms = row.ts_ms,
-        key = row.key.as_deref(),
+        key = opt(row.key),
         client_ip = row.client_ip.map(tracing::field::display),
-        backend = row.backend.as_deref(),
-        model = row.model.as_deref(),
-        model_requested = row.model_requested.as_deref(),
-        model_served = row.model_served.as_deref(),
+        backend = opt(row.backend),
+        model = opt(row.model),
+        model_requested = opt(row.model_requested),
+        model_served = opt(row.model_served),
         status = row.status,
-        outcome = row.outcome,
+        outcome = text(row.outcome),
         stream = row.stream,
         prompt_tokens = row.prompt_tokens,
         completion_tokens = row.completion_tokens,
@@ -630,10 +644,10 @@ fn lost(stats: &WriterStats, row: &Row, why: &str) {
         latency_us = row.latency_us,
         ttfb_us = row.ttfb_us,
         upstream_us = row.upstream_us,
-        attempts,
-        tags,
-        rules = row.rules.as_deref(),
-        error = row.error.as_deref(),
+        attempts = text(&attempts),
+        tags = text(tags),
+        rules = opt(row.rules),
+        error = opt(row.error),
     );
 }
 
