@@ -53,9 +53,9 @@ pub(crate) struct View<'a> {
 
 const NONE: u32 = u32::MAX;
 
-struct Writer(Vec<u8>);
+struct Packer(Vec<u8>);
 
-impl Writer {
+impl Packer {
     fn i64(&mut self, n: i64) {
         self.0.extend_from_slice(&n.to_le_bytes());
     }
@@ -85,9 +85,9 @@ impl Writer {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+struct Unpacker<'a>(&'a [u8]);
 
-impl<'a> Reader<'a> {
+impl<'a> Unpacker<'a> {
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         let (head, rest) = self.0.split_at_checked(n)?;
         self.0 = rest;
@@ -151,7 +151,7 @@ impl Packed {
             .map(|a| a.route.len() + a.result.len() + 8)
             .sum();
         let size = 192 + attempts + texts.iter().flatten().map(|t| t.len()).sum::<usize>();
-        let mut w = Writer(Vec::with_capacity(size));
+        let mut w = Packer(Vec::with_capacity(size));
         w.i64(row.ts_ms);
         w.bytes(row.request_id.as_bytes());
         w.opt_str(&row.key);
@@ -183,7 +183,7 @@ impl Packed {
         w.i64(row.latency_us);
         w.opt_i64(row.ttfb_us);
         w.opt_i64(row.upstream_us);
-        let mut part = Writer(Vec::with_capacity(attempts));
+        let mut part = Packer(Vec::with_capacity(attempts));
         for attempt in &row.attempts {
             part.bytes(attempt.route.as_bytes());
             part.bytes(attempt.result.as_bytes());
@@ -209,7 +209,7 @@ impl Packed {
 
     /// The row's columns; `None` only if the block was not made by [`Packed::new`].
     pub(crate) fn view(&self) -> Option<View<'_>> {
-        let mut r = Reader(&self.0);
+        let mut r = Unpacker(&self.0);
         Some(View {
             ts_ms: r.i64()?,
             request_id: r.bytes()?,
@@ -254,7 +254,7 @@ struct AttemptJson<'a> {
 impl<'a> View<'a> {
     /// Each attempt's route and result, in order.
     pub(crate) fn attempts(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + use<'a> {
-        let mut r = Reader(self.attempts);
+        let mut r = Unpacker(self.attempts);
         std::iter::from_fn(move || Some((r.bytes()?, r.bytes()?)))
     }
 
@@ -282,7 +282,7 @@ impl<'a> View<'a> {
     pub(crate) fn billed_failures(
         &self,
     ) -> impl Iterator<Item = (&'a [u8], &'a [u8], i64)> + use<'a> {
-        let mut r = Reader(self.billed);
+        let mut r = Unpacker(self.billed);
         std::iter::from_fn(move || Some((r.bytes()?, r.bytes()?, r.i64()?)))
     }
 }
