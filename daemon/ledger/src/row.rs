@@ -119,9 +119,8 @@ fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT OR ROLLBACK INTO requests (ts_ms, request_id, key, client_ip, backend, model, \
          model_requested, model_served, status, outcome, stream, prompt_tokens, \
-         completion_tokens, cached_tokens, \
-         reasoning_tokens, cost_nanos, cost_source, latency_us, ttfb_us, upstream_us, attempts, \
-         tags, rules, error) VALUES ",
+         completion_tokens, cached_tokens, reasoning_tokens, cost_nanos, cost_source, \
+         latency_us, ttfb_us, upstream_us, attempts, tags, rules, error) VALUES ",
     );
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
