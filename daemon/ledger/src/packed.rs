@@ -67,7 +67,10 @@ impl Packer {
 
     fn bytes(&mut self, bytes: &[u8]) {
         // A text past 4 GiB cannot reach a row: the daemon's bodies are capped far below.
-        let len = u32::try_from(bytes.len()).unwrap_or(NONE - 1);
+        let len = u32::try_from(bytes.len())
+            .ok()
+            .filter(|&len| len != NONE)
+            .unwrap_or(NONE - 1);
         let bytes = bytes.get(..len as usize).unwrap_or(bytes);
         self.0.extend_from_slice(&len.to_le_bytes());
         self.0.extend_from_slice(bytes);

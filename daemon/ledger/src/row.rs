@@ -332,10 +332,11 @@ mod tests {
     fn varied(pick: &[u8; 12]) -> Row {
         let mut row = Row::example(&format!("req-{}", pick[0]), i64::from(pick[1] % 3), 7);
         let bit = |byte: u8, k: u8| byte >> k & 1 == 1;
-        let text = |n: u8, name: &str| match n % 3 {
+        let text = |n: u8, name: &str| match n % 4 {
             0 => None,
             1 => Some(name.to_owned()),
-            _ => Some(format!("{name}-2")),
+            2 => Some(format!("{name}-2")),
+            _ => Some(String::new()),
         };
         row.key = text(pick[2], "team");
         row.client_ip = match pick[3] % 4 {

@@ -181,6 +181,28 @@ mod tests {
     }
 
     #[test]
+    fn failed_attempts_billed_count_for_the_target_that_billed_them() {
+        let mut conn = ledger();
+        let mut served = row("r1", 10, Some("a"), 30);
+        served.backend = Some("b1".into());
+        served.model = Some("m1".into());
+        served.billed_failures = vec![("b2".into(), "m2".into(), 12)];
+        let tx = conn.transaction().unwrap();
+        add(&tx, &[served]);
+        tx.commit().unwrap();
+        let groups: Vec<_> = spend_between(&conn, 0, 1)
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.backend, g.model, g.cost_nanos))
+            .collect();
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            groups,
+            [(some("b1"), some("m1"), 18), (some("b2"), some("m2"), 12)]
+        );
+    }
+
+    #[test]
     fn absurd_costs_saturate_instead_of_wrapping_or_turning_into_floats() {
         let mut conn = ledger();
         for cost in [5, i64::MAX, i64::MAX] {

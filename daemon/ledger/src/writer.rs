@@ -468,6 +468,7 @@ impl Worker {
     /// what was committed from it.
     fn write_pieces(&mut self, batch: &mut Vec<Packed>, piece: usize) -> Result<(), String> {
         let mut done = 0;
+        let stats = Arc::clone(&self.stats);
         let written = loop {
             let n = piece.min(MAX_BATCH).min(batch.len() - done);
             if n == 0 {
@@ -476,7 +477,7 @@ impl Worker {
             let rows = &batch[done..done + n];
             if let Err(error) = self
                 .connection()
-                .and_then(|conn| write_batch(conn, rows).map_err(|e| e.to_string()))
+                .and_then(|conn| write_batch(conn, rows, &stats).map_err(|e| e.to_string()))
             {
                 break Err(error);
             }
@@ -569,14 +570,18 @@ fn shm_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_batch(conn: &mut Connection, batch: &[Packed]) -> rusqlite::Result<()> {
+fn write_batch(
+    conn: &mut Connection,
+    batch: &[Packed],
+    stats: &WriterStats,
+) -> rusqlite::Result<()> {
     let views: Vec<View<'_>> = batch
         .iter()
         .filter_map(|packed| {
             let view = packed.view();
             if view.is_none() {
                 // Every block comes from `Packed::new`, which `view` reads back whole.
-                tracing::error!(message = "Usage row unreadable; not stored.");
+                lost(stats, packed, "unreadable");
             }
             view
         })
@@ -624,7 +629,7 @@ fn lost(stats: &WriterStats, packed: &Packed, why: &str) {
     tracing::error!(
         message = "Usage row not stored.",
         why,
-        request_id = text(row.request_id),
+        request_id = %String::from_utf8_lossy(row.request_id),
         ts_ms = row.ts_ms,
         key = opt(row.key),
         client_ip = row.client_ip.map(tracing::field::display),
