@@ -449,6 +449,41 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn a_batch_failing_halfway_leaves_nothing_and_the_next_one_is_stored_whole() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::migrate(&mut conn).unwrap();
+        // Stands for any failure inside a many-row statement: a second row with the same id.
+        conn.execute_batch("CREATE UNIQUE INDEX unique_id ON requests (request_id)")
+            .unwrap();
+        let rows = |prefix: &str, n: usize| -> Vec<Row> {
+            (0..n)
+                .map(|i| Row::example(&format!("{prefix}-{i}"), i as i64, 1))
+                .collect()
+        };
+        let insert = |conn: &mut Connection, rows: &[Row]| {
+            let packed: Vec<Packed> = rows.iter().map(Packed::new).collect();
+            let views: Vec<View<'_>> = packed.iter().map(|p| p.view().unwrap()).collect();
+            let tx = conn.transaction().unwrap();
+            insert_rows(&tx, &views, |_| ())?;
+            tx.commit()
+        };
+        let mut failing = rows("a", 40);
+        failing[21].request_id = failing[20].request_id.clone();
+        assert!(insert(&mut conn, &failing).is_err());
+        let next = rows("b", 37);
+        insert(&mut conn, &next).unwrap();
+        let stored: Vec<String> = conn
+            .prepare("SELECT request_id FROM requests ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected: Vec<String> = next.iter().map(|r| r.request_id.clone()).collect();
+        assert_eq!(stored, expected);
+    }
+
     proptest! {
         /// Rows packed, bound only where they differ from the row before them in the same
         /// place of the statement, many per execution, are stored as they were.
