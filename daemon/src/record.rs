@@ -175,7 +175,7 @@ pub struct Record {
     /// Counted in `orproxy_inflight_requests` until settled.
     inflight: Option<metrics::Inflight>,
     /// The request's row as settled, until [`Record::publish`] logs it.
-    settled: Option<Arc<Row>>,
+    settled: Option<Row>,
     /// Published: the log line is out.
     published: bool,
 }
@@ -394,7 +394,7 @@ impl Record {
             Some(s) => (s.key, Some(s.backend), Some(s.model)),
             None => (self.key.take(), None, None),
         };
-        let row = Arc::new(Row {
+        let row = Row {
             ts_ms: self.ts_ms,
             request_id: std::mem::take(&mut self.id),
             key,
@@ -425,9 +425,9 @@ impl Record {
                 .into_iter()
                 .map(|(s, nanos)| (s.backend, s.model, nanos))
                 .collect(),
-        });
+        };
         if let Some(writer) = &self.accounts.writer {
-            writer.send(&*row);
+            writer.send(&row);
         }
         self.settled = Some(row);
     }

@@ -53,6 +53,15 @@ pub(crate) struct View<'a> {
 
 const NONE: u32 = u32::MAX;
 
+/// The length written for `len` bytes: `NONE` stands for an absent text, so a text of 4 GiB or
+/// more is cut short (none can reach a row: the daemon's bodies are capped far below).
+fn packed_len(len: usize) -> u32 {
+    u32::try_from(len)
+        .ok()
+        .filter(|&len| len != NONE)
+        .unwrap_or(NONE - 1)
+}
+
 struct Packer(Vec<u8>);
 
 impl Packer {
@@ -66,11 +75,7 @@ impl Packer {
     }
 
     fn bytes(&mut self, bytes: &[u8]) {
-        // A text past 4 GiB cannot reach a row: the daemon's bodies are capped far below.
-        let len = u32::try_from(bytes.len())
-            .ok()
-            .filter(|&len| len != NONE)
-            .unwrap_or(NONE - 1);
+        let len = packed_len(bytes.len());
         let bytes = bytes.get(..len as usize).unwrap_or(bytes);
         self.0.extend_from_slice(&len.to_le_bytes());
         self.0.extend_from_slice(bytes);
@@ -81,6 +86,16 @@ impl Packer {
             Some(bytes) => self.bytes(bytes),
             None => self.0.extend_from_slice(&NONE.to_le_bytes()),
         }
+    }
+
+    /// A length-prefixed part written in place by `write` (no buffer of its own).
+    fn part(&mut self, write: impl FnOnce(&mut Packer)) {
+        let at = self.0.len();
+        self.0.extend_from_slice(&0u32.to_le_bytes());
+        write(self);
+        let len = packed_len(self.0.len() - at - 4);
+        self.0.truncate(at + 4 + len as usize);
+        self.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
 
     fn opt_str(&mut self, text: &Option<String>) {
@@ -186,27 +201,27 @@ impl Packed {
         w.i64(row.latency_us);
         w.opt_i64(row.ttfb_us);
         w.opt_i64(row.upstream_us);
-        let mut part = Packer(Vec::with_capacity(attempts));
-        for attempt in &row.attempts {
-            part.bytes(attempt.route.as_bytes());
-            part.bytes(attempt.result.as_bytes());
-        }
-        w.bytes(&part.0);
-        if row.tags.is_empty() {
-            w.bytes(b"");
-        } else {
-            let tags = serde_json::to_vec(&row.tags).unwrap_or_default();
-            w.bytes(&tags);
-        }
+        w.part(|w| {
+            for attempt in &row.attempts {
+                w.bytes(attempt.route.as_bytes());
+                w.bytes(attempt.result.as_bytes());
+            }
+        });
+        w.part(|w| {
+            let start = w.0.len();
+            if !row.tags.is_empty() && serde_json::to_writer(&mut w.0, &row.tags).is_err() {
+                w.0.truncate(start);
+            }
+        });
         w.opt_str(&row.rules);
         w.opt_str(&row.error);
-        part.0.clear();
-        for (backend, model, nanos) in &row.billed_failures {
-            part.bytes(backend.as_bytes());
-            part.bytes(model.as_bytes());
-            part.i64(*nanos);
-        }
-        w.bytes(&part.0);
+        w.part(|w| {
+            for (backend, model, nanos) in &row.billed_failures {
+                w.bytes(backend.as_bytes());
+                w.bytes(model.as_bytes());
+                w.i64(*nanos);
+            }
+        });
         Packed(w.0)
     }
 
