@@ -512,6 +512,61 @@ async fn a_claude_code_stream_is_translated_with_thinking_and_a_tool_call() {
     assert!(body.get("thinking").is_none() && body.get("metadata").is_none());
 }
 
+/// A Claude model through OpenRouter signs its thinking, and refuses a tool result whose turn
+/// lost that thinking or changed it: the signature must survive both translations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claude_tool_loop_through_openrouter_sends_its_signed_thinking_back() {
+    let fake = FakeOpenRouter::start().await.unwrap();
+    let daemon = daemon_for_openrouter(&fake, "");
+    let first = claude_code_request("anthropic/claude-sonnet-4");
+    let response = post_messages(&daemon, &first).await;
+    assert_eq!(response.status(), 200);
+    let events = sse(response).await;
+    let checked = valid(&events);
+    let kinds: Vec<&str> = checked.blocks.iter().map(|b| b.kind.as_str()).collect();
+    assert_eq!(kinds, ["thinking", "tool_use"], "{events:#?}");
+    let (thinking, tool) = (&checked.blocks[0], &checked.blocks[1]);
+    assert!(thinking.signature.starts_with("fakesig"), "{events:#?}");
+
+    let next_turn = |signature: &str, stream: bool| {
+        let mut body = first.clone();
+        body["stream"] = stream.into();
+        let messages = body["messages"].as_array_mut().unwrap();
+        messages.push(json!({"role": "assistant", "content": [
+            {"type": "thinking", "thinking": thinking.thinking, "signature": signature},
+            {"type": "tool_use", "id": tool.start["id"], "name": tool.start["name"],
+             "input": serde_json::from_str::<Value>(&tool.partial_json).unwrap()},
+        ]}));
+        messages.push(json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": tool.start["id"], "content": "config.yaml"},
+        ]}));
+        body
+    };
+    let response = post_messages(&daemon, &next_turn(&thinking.signature, false)).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer["content"][1]["text"], "tool said: config.yaml",
+        "{answer:#}"
+    );
+    let sent = chat_requests(&fake);
+    assert_eq!(
+        sent[1].json()["messages"][2]["reasoning_details"][0]["signature"],
+        thinking.signature.as_str()
+    );
+
+    // A changed signature reaches the upstream as sent, which refuses it; so does a turn whose
+    // thinking was dropped (an unsigned block is not sent), as the daemon did before.
+    for (signature, refusal) in [
+        ("fakesig-forged", "Invalid `signature`"),
+        ("", "must start with a thinking block"),
+    ] {
+        let response = post_messages(&daemon, &next_turn(signature, true)).await;
+        let message = pipeline_error(response, 400, "invalid_request_error").await;
+        assert!(message.contains(refusal), "{message}");
+    }
+}
+
 // === 3. Parallel tool calls whose argument pieces interleave ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,6 +130,39 @@ def test_claude_code_style_request(client):
     assert "tool_use" in kinds
 
 
+def test_thinking_tool_loop_keeps_the_signature(client):
+    """Claude through OpenRouter signs its thinking and refuses a tool result without it: the
+    SDK's own accumulation of the stream must give back a block the upstream accepts."""
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    question = {"role": "user", "content": "Oslo"}
+    with client.messages.stream(
+        model="anthropic/claude-sonnet-4.5",
+        max_tokens=2048,
+        thinking=thinking,
+        tools=[WEATHER],
+        messages=[question],
+    ) as stream:
+        first = stream.get_final_message()
+    assert [block.type for block in first.content] == ["thinking", "tool_use"]
+    assert first.content[0].signature.startswith("fakesig")
+    call = first.content[1]
+    second = client.messages.create(
+        model="anthropic/claude-sonnet-4.5",
+        max_tokens=2048,
+        thinking=thinking,
+        tools=[WEATHER],
+        messages=[
+            question,
+            {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "snow"}],
+            },
+        ],
+    )
+    assert second.content[-1].text == "tool said: snow"
+
+
 def test_count_tokens(client):
     counted = client.messages.count_tokens(
         model="anthropic/claude-sonnet-4.5",

@@ -48,7 +48,12 @@
 //!   `message.reasoning` plus one `reasoning.text` entry in `reasoning_details`, or, streamed,
 //!   2 chunks with `delta.reasoning` / `delta.reasoning_details` before the answer. With
 //!   `exclude: true` the reasoning is billed but not sent (`{"exclude": true}` alone asks for
-//!   none). Catalog models without reasoning (`openai/gpt-4o`, `openai/gpt-4o-mini`,
+//!   none). `anthropic/...` models sign it, as Claude behind OpenRouter does: the detail's
+//!   `format` is `anthropic-claude-v1` and carries a `signature` (streamed, in a detail of its
+//!   own after the text); a request to such a model is refused with Anthropic's 400 when an
+//!   assistant message's `reasoning.text` detail comes back with another signature, or when,
+//!   with reasoning on, it answers tool calls whose assistant message has no
+//!   `reasoning_details`. Catalog models without reasoning (`openai/gpt-4o`, `openai/gpt-4o-mini`,
 //!   `anthropic/claude-3-5-sonnet`, the `:free` Llama) ignore it, as OpenRouter ignores
 //!   unsupported parameters; the OpenAI dialect never returns reasoning.
 //!

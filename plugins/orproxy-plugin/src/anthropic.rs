@@ -28,6 +28,10 @@ pub use request::{count_tokens_estimate, request_to_openai};
 pub use response::response_from_openai;
 pub use stream::StreamTranslator;
 
+/// OpenRouter's `format` of `reasoning_details` entries written by Anthropic models: their
+/// thinking, signed, or redacted (encrypted).
+pub const ANTHROPIC_REASONING_FORMAT: &str = "anthropic-claude-v1";
+
 /// Why an Anthropic request (or an upstream answer) cannot be translated.
 #[derive(Debug, thiserror::Error)]
 pub enum TranslateError {

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::body::{DisconnectGuard, FakeBody, Msg};
 use super::errors::{self, ErrorSpec, Quote};
-use super::reasoning::{REASONING_PIECES, Reasoning, Thought};
+use super::reasoning::{REASONING_PIECES, Reasoning, Thought, check_thinking, signs_thinking};
 use super::routes::{self, check_auth, error_response};
 use super::scenario::Scenario;
 use super::server::{Dialect, GenerationRecord, Shared};
@@ -99,10 +99,15 @@ impl ChatRequest {
             .or_else(|| obj.get("max_tokens").and_then(Value::as_u64));
         let (mut last_user_text, mut prompt_chars, mut messages) = (String::new(), 0u64, 0u64);
         let mut tool_result = None;
+        let reasoning = Reasoning::parse(obj);
         if let Some(list) = obj.get("messages") {
             let list = list
                 .as_array()
                 .ok_or_else(|| bad_request("Invalid request parameters"))?;
+            if signs_thinking(&model) {
+                check_thinking(list, reasoning != Reasoning::Off)
+                    .map_err(|message| bad_request(&message))?;
+            }
             for msg in list {
                 let text = msg.get("content").map(content_text).unwrap_or_default();
                 prompt_chars += text.chars().count() as u64;
@@ -136,7 +141,7 @@ impl ChatRequest {
             messages,
             tool_result,
             tools: ToolRequest::parse(obj),
-            reasoning: Reasoning::parse(obj),
+            reasoning,
             json_schema: super::schema::requested(obj),
         })
     }
@@ -770,11 +775,16 @@ fn delta_events<'a>(ctx: &'a GenCtx, answer: &'a Answer) -> impl Iterator<Item =
         .unwrap_or_default()
         .into_iter()
         .map(move |piece| ctx.reasoning(piece));
+    // A Claude model's block ends with its signature, in a detail of its own.
+    let signed = answer
+        .shown_reasoning()
+        .filter(|_| signs_thinking(&ctx.model))
+        .map(|text| ctx.reasoning_signature(text));
     let content = answer.pieces.iter().map(move |piece| ctx.content(piece));
     let calls = tools::stream_order(&answer.tool_calls)
         .into_iter()
         .map(move |fragment| ctx.tool_call(fragment));
-    reasoning.chain(content).chain(calls)
+    reasoning.chain(signed).chain(content).chain(calls)
 }
 
 async fn run_stream(job: StreamJob, em: Emitter) -> Option<()> {

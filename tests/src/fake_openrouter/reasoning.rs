@@ -89,6 +89,61 @@ impl Thought {
     }
 }
 
+/// Claude models sign their thinking (`reasoning_details` of format `anthropic-claude-v1`) and
+/// check the signature when the thinking comes back, as Anthropic does.
+pub(crate) fn signs_thinking(model: &str) -> bool {
+    model.starts_with("anthropic/")
+}
+
+/// The fake's signature of a thinking text: FNV-1a, enough to tell a text sent back unchanged.
+pub(crate) fn signature(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("fakesig{hash:016x}")
+}
+
+/// Anthropic's checks of the thinking a request sends back (OpenRouter hands it over as
+/// `reasoning_details`): a signed block must carry its own signature, and with thinking on, a
+/// turn that answers tool calls must keep the thinking that came with those calls.
+pub(crate) fn check_thinking(messages: &[Value], thinking_on: bool) -> Result<(), String> {
+    for (i, message) in messages.iter().enumerate() {
+        let details = message.get("reasoning_details").and_then(Value::as_array);
+        for detail in details.into_iter().flatten() {
+            let (Some("reasoning.text"), Some(text)) = (
+                detail.get("type").and_then(Value::as_str),
+                detail.get("text").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            if detail.get("signature").and_then(Value::as_str) != Some(&signature(text)) {
+                return Err(format!(
+                    "messages.{i}.content.0: Invalid `signature` in `thinking` block"
+                ));
+            }
+        }
+    }
+    let answers_tools = messages.last().and_then(|m| m.get("role")) == Some(&"tool".into());
+    let calls = messages.iter().rposition(|m| {
+        m.get("tool_calls")
+            .is_some_and(|c| c.as_array().is_some_and(|c| !c.is_empty()))
+    });
+    if let (true, true, Some(i)) = (thinking_on, answers_tools, calls) {
+        let thought = messages[i]
+            .get("reasoning_details")
+            .and_then(Value::as_array)
+            .is_some_and(|details| !details.is_empty());
+        if !thought {
+            return Err(format!(
+                "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but \
+                 found `tool_use`. When `thinking` is enabled, a final `assistant` message must \
+                 start with a thinking block"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -139,6 +194,33 @@ mod tests {
             parse(json!({"reasoning": {"enabled": false}, "reasoning_effort": "high"})),
             Reasoning::Off
         );
+    }
+
+    #[test]
+    fn thinking_sent_back_must_be_signed_and_kept_between_tool_calls() {
+        let sig = signature("Hm.");
+        let detail = |sig: &str| {
+            json!([{"type": "reasoning.text", "text": "Hm.", "signature": sig,
+                    "format": "anthropic-claude-v1", "index": 0}])
+        };
+        let turn = |details: Value| {
+            vec![
+                json!({"role": "user", "content": "q"}),
+                json!({"role": "assistant", "content": "", "reasoning_details": details,
+                       "tool_calls": [{"id": "c", "type": "function",
+                                       "function": {"name": "f", "arguments": "{}"}}]}),
+                json!({"role": "tool", "tool_call_id": "c", "content": "r"}),
+            ]
+        };
+        assert_eq!(check_thinking(&turn(detail(&sig)), true), Ok(()));
+        let forged = check_thinking(&turn(detail("other")), true).unwrap_err();
+        assert!(forged.contains("Invalid `signature`"), "{forged}");
+        let dropped = check_thinking(&turn(json!([])), true).unwrap_err();
+        assert!(
+            dropped.contains("must start with a thinking block"),
+            "{dropped}"
+        );
+        assert_eq!(check_thinking(&turn(json!([])), false), Ok(()));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::reasoning::{signature, signs_thinking};
 use super::server::Dialect;
 use super::tools::{ToolCall, ToolDelta};
 
@@ -476,25 +477,16 @@ struct Message<'a> {
 }
 
 /// One `reasoning_details` entry, shaped like captures of non-Anthropic providers
-/// (`format: "unknown"`).
+/// (`format: "unknown"`), or of Claude models (`anthropic-claude-v1`, with a signature).
 #[derive(Serialize)]
 struct ReasoningDetail<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature: Option<String>,
     format: &'static str,
     index: u32,
-}
-
-impl ReasoningDetail<'_> {
-    fn text(text: &str) -> [ReasoningDetail<'_>; 1] {
-        [ReasoningDetail {
-            kind: "reasoning.text",
-            text,
-            format: "unknown",
-            index: 0,
-        }]
-    }
 }
 
 /// A whole tool call (`message.tool_calls[i]`) or one streamed fragment of it.
@@ -736,10 +728,41 @@ impl GenCtx {
             content: Some(Some("")),
             role: Some("assistant"),
             reasoning: Some(piece),
-            reasoning_details: Some(ReasoningDetail::text(piece)),
+            reasoning_details: Some(self.reasoning_detail(piece, None)),
             ..Delta::default()
         };
         self.event(&[self.choice(delta, None)], None, None)
+    }
+
+    /// The signature that ends a Claude model's streamed thinking block, for its whole `text`:
+    /// a `reasoning.text` detail with no text of its own.
+    pub(crate) fn reasoning_signature(&self, text: &str) -> Bytes {
+        let delta = Delta {
+            content: Some(Some("")),
+            role: Some("assistant"),
+            reasoning_details: Some(self.reasoning_detail("", Some(signature(text)))),
+            ..Delta::default()
+        };
+        self.event(&[self.choice(delta, None)], None, None)
+    }
+
+    fn reasoning_detail<'a>(
+        &self,
+        text: &'a str,
+        signature: Option<String>,
+    ) -> [ReasoningDetail<'a>; 1] {
+        let claude = signs_thinking(&self.model);
+        [ReasoningDetail {
+            kind: "reasoning.text",
+            text,
+            signature: signature.filter(|_| claude),
+            format: if claude {
+                "anthropic-claude-v1"
+            } else {
+                "unknown"
+            },
+            index: 0,
+        }]
     }
 
     /// One tool-call fragment. OpenRouter sends `content: null` (not `""`) next to
@@ -857,7 +880,10 @@ impl GenCtx {
             content: (or || calls.is_empty()).then_some(reply.content),
             refusal: None,
             reasoning: or.then_some(reply.reasoning),
-            reasoning_details: reply.reasoning.filter(|_| or).map(ReasoningDetail::text),
+            reasoning_details: reply
+                .reasoning
+                .filter(|_| or)
+                .map(|text| self.reasoning_detail(text, Some(signature(text)))),
             tool_calls,
         }
     }

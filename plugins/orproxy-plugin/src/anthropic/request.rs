@@ -3,7 +3,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::TranslateError;
+use super::{ANTHROPIC_REASONING_FORMAT, TranslateError};
 use crate::body::JsonObject;
 
 /// An Anthropic Messages request body → the equivalent OpenAI chat-completions body.
@@ -87,6 +87,10 @@ struct OutMessage {
     tool_calls: Vec<ToolCall>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_call_id: Option<String>,
+    /// An assistant turn's signed thinking, in OpenRouter's form, for the Anthropic model that
+    /// wrote it to read back (it requires it between tool calls).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasoning_details: Vec<Value>,
 }
 
 #[derive(Serialize)]
@@ -167,6 +171,7 @@ impl OutMessage {
             content,
             tool_calls: Vec::new(),
             tool_call_id: None,
+            reasoning_details: Vec::new(),
         }
     }
 }
@@ -299,6 +304,7 @@ fn assistant_message(
 ) -> Result<(), TranslateError> {
     let mut parts = Vec::new();
     let mut calls = Vec::new();
+    let mut reasoning = Vec::new();
     for (j, block) in blocks.iter().enumerate() {
         let path = format!("{path}.content[{j}]");
         let block = as_object(block, &path)?;
@@ -313,8 +319,9 @@ fn assistant_message(
                         .map_or_else(|| "{}".to_owned(), Value::to_string),
                 },
             }),
-            // Thinking is signed for Anthropic's servers only: another backend cannot replay it.
-            "thinking" | "redacted_thinking" => {}
+            "thinking" | "redacted_thinking" => {
+                reasoning.extend(reasoning_detail(block, reasoning.len(), &path)?);
+            }
             other => return Err(misplaced(other, "assistant", path)),
         }
     }
@@ -323,8 +330,42 @@ fn assistant_message(
     }
     let mut message = OutMessage::new("assistant", (!parts.is_empty()).then(|| collapse(parts)));
     message.tool_calls = calls;
+    message.reasoning_details = reasoning;
     out.push(message);
     Ok(())
+}
+
+/// A signed `thinking` or a `redacted_thinking` block → an entry of OpenRouter's
+/// `reasoning_details`, which OpenRouter hands back to Anthropic as the block it was; `None` for
+/// thinking without a signature (from another provider), which Anthropic would refuse.
+fn reasoning_detail(
+    block: &Map<String, Value>,
+    index: usize,
+    path: &str,
+) -> Result<Option<Value>, TranslateError> {
+    if block.get("type").and_then(Value::as_str) == Some("redacted_thinking") {
+        return Ok(Some(serde_json::json!({
+            "type": "reasoning.encrypted",
+            "data": str_field(block, "data", path)?,
+            "format": ANTHROPIC_REASONING_FORMAT,
+            "index": index,
+        })));
+    }
+    let text = str_field(block, "thinking", path)?;
+    let signature = match present(block, "signature") {
+        None => "",
+        Some(Value::String(signature)) => signature,
+        Some(_) => return Err(invalid(format!("{path}.signature"), "must be a string")),
+    };
+    Ok((!signature.is_empty()).then(|| {
+        serde_json::json!({
+            "type": "reasoning.text",
+            "text": text,
+            "signature": signature,
+            "format": ANTHROPIC_REASONING_FORMAT,
+            "index": index,
+        })
+    }))
 }
 
 /// A `tool_result` block → a `tool` message. Its images and documents cannot ride in a tool

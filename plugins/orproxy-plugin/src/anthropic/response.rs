@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::{AnswerContext, Finish, TranslateError, usage_to_anthropic};
+use super::{
+    ANTHROPIC_REASONING_FORMAT, AnswerContext, Finish, TranslateError, usage_to_anthropic,
+};
 use crate::usage::Usage;
 
 /// An OpenAI chat-completion (non-stream) body → an Anthropic Messages response body, naming
@@ -66,16 +68,22 @@ pub fn response_from_openai(body: &[u8], context: &AnswerContext) -> Result<Byte
 /// The message's reasoning, text (or refusal) and tool calls, in Anthropic's order; true when
 /// the text is OpenAI's `refusal`.
 fn blocks(message: Message, message_id: &str) -> (Vec<Block>, bool) {
-    let mut content = Vec::new();
-    if let Some(thinking) = message
-        .reasoning
-        .or(message.reasoning_content)
-        .filter(|text| !text.is_empty())
+    let mut content = thinking_blocks(message.reasoning_details.unwrap_or_default());
+    if !content
+        .iter()
+        .any(|block| matches!(block, Block::Thinking { .. }))
+        && let Some(thinking) = message
+            .reasoning
+            .or(message.reasoning_content)
+            .filter(|text| !text.is_empty())
     {
-        content.push(Block::Thinking {
-            thinking,
-            signature: String::new(),
-        });
+        content.insert(
+            0,
+            Block::Thinking {
+                thinking,
+                signature: String::new(),
+            },
+        );
     }
     let text = message.content.as_ref().map(text_of).unwrap_or_default();
     let refusal = message.refusal.filter(|text| !text.is_empty());
@@ -100,6 +108,51 @@ fn blocks(message: Message, message_id: &str) -> (Vec<Block>, bool) {
         });
     }
     (content, refused)
+}
+
+/// OpenRouter's `reasoning_details` → thinking blocks: texts with their signatures (pieces of
+/// one block, sharing an `index`, joined), summaries, and Anthropic's redacted thinking. Other
+/// providers' encrypted reasoning has no Messages form and is left out.
+fn thinking_blocks(details: Vec<ReasoningDetail>) -> Vec<Block> {
+    let mut blocks: Vec<Block> = Vec::new();
+    let mut last_index = None;
+    for detail in details {
+        let same_block = detail.index.is_some() && detail.index == last_index;
+        last_index = detail.index;
+        match detail.kind.as_str() {
+            "reasoning.text" | "reasoning.summary" => {
+                let text = detail.text.or(detail.summary).unwrap_or_default();
+                let signature = detail.signature.unwrap_or_default();
+                if let (
+                    true,
+                    Some(Block::Thinking {
+                        thinking,
+                        signature: signed,
+                    }),
+                ) = (same_block, blocks.last_mut())
+                {
+                    thinking.push_str(&text);
+                    if !signature.is_empty() {
+                        *signed = signature;
+                    }
+                } else if !text.is_empty() || !signature.is_empty() {
+                    blocks.push(Block::Thinking {
+                        thinking: text,
+                        signature,
+                    });
+                }
+            }
+            "reasoning.encrypted"
+                if detail.format.as_deref() == Some(ANTHROPIC_REASONING_FORMAT) =>
+            {
+                if let Some(data) = detail.data.filter(|data| !data.is_empty()) {
+                    blocks.push(Block::RedactedThinking { data });
+                }
+            }
+            _ => {}
+        }
+    }
+    blocks
 }
 
 /// `msg_` + the upstream id, unless it already is a Messages id.
@@ -175,10 +228,32 @@ struct Message {
     /// DeepSeek's and vLLM's name for it.
     #[serde(default)]
     reasoning_content: Option<String>,
+    /// OpenRouter's structured reasoning: signed thinking and redacted thinking.
+    #[serde(default)]
+    reasoning_details: Option<Vec<ReasoningDetail>>,
     #[serde(default)]
     refusal: Option<String>,
     #[serde(default)]
     tool_calls: Option<Vec<WireToolCall>>,
+}
+
+/// One entry of `reasoning_details` (`OPENROUTER.md` §4).
+#[derive(Deserialize)]
+struct ReasoningDetail {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    summary: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
+    #[serde(default)]
+    signature: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    index: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -216,6 +291,9 @@ enum Block {
     Thinking {
         thinking: String,
         signature: String,
+    },
+    RedactedThinking {
+        data: String,
     },
     Text {
         text: String,

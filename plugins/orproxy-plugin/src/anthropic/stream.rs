@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::{AnswerContext, Finish, error_event, push_event, usage_to_anthropic};
+use super::{
+    ANTHROPIC_REASONING_FORMAT, AnswerContext, Finish, error_event, push_event, usage_to_anthropic,
+};
 use crate::failure::Failure;
 use crate::usage::Usage;
 
@@ -57,14 +59,19 @@ struct Segment {
     kind: Kind,
     /// The Anthropic block index, once `content_block_start` was emitted.
     index: Option<u32>,
-    /// Text or argument pieces received and not yet emitted.
+    /// Text or argument pieces received and not yet emitted (a redacted block's data).
     pending: String,
+    /// A thinking block's signature, received and not yet emitted.
+    signature: String,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
     Text,
-    Thinking,
+    /// Thinking; pieces with another OpenRouter `reasoning_details` index are another block.
+    Thinking(Option<u64>),
+    /// Anthropic's redacted thinking, whole in its `content_block_start`.
+    Redacted,
     Tool(ToolCall),
 }
 
@@ -178,8 +185,19 @@ impl StreamTranslator {
 
     fn take_choice(&mut self, choice: ChunkChoice<'_>) {
         if let Some(delta) = choice.delta {
-            let reasoning = delta.reasoning.or(delta.reasoning_content);
-            self.add_text(Kind::Thinking, reasoning.as_deref().unwrap_or_default());
+            let details = delta.reasoning_details.unwrap_or_default();
+            // OpenRouter sends the text twice, plain and in `reasoning_details`: the latter
+            // tells the blocks apart and carries their signatures.
+            if !details.iter().any(ReasoningDelta::has_text) {
+                let reasoning = delta.reasoning.or(delta.reasoning_content);
+                self.add_text(
+                    Kind::Thinking(None),
+                    reasoning.as_deref().unwrap_or_default(),
+                );
+            }
+            for detail in details {
+                self.add_reasoning(detail);
+            }
             self.add_text(Kind::Text, delta.content.as_deref().unwrap_or_default());
             for call in delta.tool_calls.unwrap_or_default() {
                 self.add_tool(call);
@@ -202,11 +220,43 @@ impl StreamTranslator {
         }
         match self.segments.back_mut() {
             Some(last) if last.kind == kind => last.pending.push_str(piece),
-            _ => self.segments.push_back(Segment {
-                kind,
-                index: None,
-                pending: piece.to_owned(),
-            }),
+            _ => self
+                .segments
+                .push_back(Segment::new(kind, piece.to_owned())),
+        }
+    }
+
+    /// One `reasoning_details` entry: thinking text, its signature (which Anthropic sends last
+    /// in the block), or redacted thinking. Other providers' encrypted reasoning has no Messages
+    /// form and is left out.
+    fn add_reasoning(&mut self, detail: ReasoningDelta<'_>) {
+        if detail.kind == "reasoning.encrypted" {
+            if detail.format.as_deref() == Some(ANTHROPIC_REASONING_FORMAT)
+                && let Some(data) = detail.data.filter(|data| !data.is_empty())
+            {
+                self.segments
+                    .push_back(Segment::new(Kind::Redacted, data.into_owned()));
+            }
+            return;
+        }
+        if !detail.has_text() {
+            return;
+        }
+        let kind = Kind::Thinking(detail.index);
+        let text = detail.text.or(detail.summary);
+        self.add_text(kind, text.as_deref().unwrap_or_default());
+        let Some(signature) = detail.signature.filter(|s| !s.is_empty()) else {
+            return;
+        };
+        match self.segments.back_mut() {
+            Some(last) if last.kind == Kind::Thinking(detail.index) => {
+                last.signature = signature.into_owned();
+            }
+            _ => {
+                let mut segment = Segment::new(Kind::Thinking(detail.index), String::new());
+                segment.signature = signature.into_owned();
+                self.segments.push_back(segment);
+            }
         }
     }
 
@@ -266,16 +316,15 @@ impl StreamTranslator {
             self.message_id.trim_start_matches("msg_"),
             self.tools_seen
         );
-        self.segments.push_back(Segment {
-            kind: Kind::Tool(ToolCall {
+        self.segments.push_back(Segment::new(
+            Kind::Tool(ToolCall {
                 key,
                 id,
                 id_given: false,
                 name: None,
             }),
-            index: None,
-            pending: String::new(),
-        });
+            String::new(),
+        ));
         self.segments.len() - 1
     }
 
@@ -333,16 +382,30 @@ impl StreamTranslator {
 // === impl Segment ===
 
 impl Segment {
+    fn new(kind: Kind, pending: String) -> Segment {
+        Segment {
+            kind,
+            index: None,
+            pending,
+            signature: String::new(),
+        }
+    }
+
     fn open(&mut self, next_index: &mut u32, out: &mut BytesMut) {
         let index = *next_index;
         *next_index += 1;
         self.index = Some(index);
+        let data = match self.kind {
+            Kind::Redacted => std::mem::take(&mut self.pending),
+            _ => String::new(),
+        };
         let content_block = match &self.kind {
             Kind::Text => BlockStart::Text { text: "" },
-            Kind::Thinking => BlockStart::Thinking {
+            Kind::Thinking(_) => BlockStart::Thinking {
                 thinking: "",
                 signature: "",
             },
+            Kind::Redacted => BlockStart::RedactedThinking { data: &data },
             Kind::Tool(call) => BlockStart::ToolUse {
                 id: &call.id,
                 // Only a stream that ended before the name came gets here without one.
@@ -363,22 +426,31 @@ impl Segment {
         let Some(index) = self.index else {
             return;
         };
-        if self.pending.is_empty() {
-            return;
-        }
         let delta = match self.kind {
-            Kind::Text => Delta::TextDelta {
+            _ if self.pending.is_empty() => None,
+            Kind::Text => Some(Delta::TextDelta {
                 text: &self.pending,
-            },
-            Kind::Thinking => Delta::ThinkingDelta {
+            }),
+            Kind::Thinking(_) => Some(Delta::ThinkingDelta {
                 thinking: &self.pending,
-            },
-            Kind::Tool(_) => Delta::InputJsonDelta {
+            }),
+            Kind::Tool(_) => Some(Delta::InputJsonDelta {
                 partial_json: &self.pending,
-            },
+            }),
+            // Its data went out whole in the block's start.
+            Kind::Redacted => None,
         };
-        emit(out, &Event::ContentBlockDelta { index, delta });
-        self.pending.clear();
+        if let Some(delta) = delta {
+            emit(out, &Event::ContentBlockDelta { index, delta });
+            self.pending.clear();
+        }
+        if !self.signature.is_empty() {
+            let delta = Delta::SignatureDelta {
+                signature: &self.signature,
+            };
+            emit(out, &Event::ContentBlockDelta { index, delta });
+            self.signature.clear();
+        }
     }
 
     fn stop(self, out: &mut BytesMut) {
@@ -437,6 +509,9 @@ enum BlockStart<'a> {
         thinking: &'a str,
         signature: &'a str,
     },
+    RedactedThinking {
+        data: &'a str,
+    },
     ToolUse {
         id: &'a str,
         name: &'a str,
@@ -450,6 +525,7 @@ enum BlockStart<'a> {
 enum Delta<'a> {
     TextDelta { text: &'a str },
     ThinkingDelta { thinking: &'a str },
+    SignatureDelta { signature: &'a str },
     InputJsonDelta { partial_json: &'a str },
 }
 
@@ -515,8 +591,37 @@ struct ChunkDelta<'a> {
     /// DeepSeek's and vLLM's name for it.
     #[serde(default, borrow)]
     reasoning_content: Option<Cow<'a, str>>,
+    /// OpenRouter's structured reasoning: thinking by block, signatures, redacted thinking.
+    #[serde(default, borrow)]
+    reasoning_details: Option<Vec<ReasoningDelta<'a>>>,
     #[serde(default, borrow)]
     tool_calls: Option<Vec<ToolDelta<'a>>>,
+}
+
+/// One entry of `delta.reasoning_details` (`OPENROUTER.md` §5).
+#[derive(Deserialize)]
+struct ReasoningDelta<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    summary: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    data: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    signature: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    format: Option<Cow<'a, str>>,
+    #[serde(default)]
+    index: Option<u64>,
+}
+
+impl ReasoningDelta<'_> {
+    /// Thinking text (or a summary of it), as opposed to encrypted reasoning.
+    fn has_text(&self) -> bool {
+        matches!(&*self.kind, "reasoning.text" | "reasoning.summary")
+    }
 }
 
 #[derive(Deserialize)]

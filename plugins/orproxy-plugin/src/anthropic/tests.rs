@@ -87,6 +87,9 @@ const AGENT_REQUEST_OPENAI: &str = r#"{
     {"role": "assistant", "content": "A cat. Let me check the weather.", "tool_calls": [
       {"id": "toolu_01A", "type": "function",
        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"unit\":\"c\"}"}}
+    ], "reasoning_details": [
+      {"type": "reasoning.text", "text": "The user wants two things.", "signature": "EqQBCgIYAhIM",
+       "format": "anthropic-claude-v1", "index": 0}
     ]},
     {"role": "tool", "tool_call_id": "toolu_01A", "content": [
       {"type": "text", "text": "18°C"},
@@ -99,6 +102,8 @@ const AGENT_REQUEST_OPENAI: &str = r#"{
     {"role": "assistant", "content": null, "tool_calls": [
       {"id": "toolu_01B", "type": "function",
        "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}}
+    ], "reasoning_details": [
+      {"type": "reasoning.encrypted", "data": "abc", "format": "anthropic-claude-v1", "index": 0}
     ]},
     {"role": "tool", "tool_call_id": "toolu_01B", "content": "22°C"}
   ],
@@ -386,6 +391,51 @@ fn tool_response_translates_to_the_recorded_anthropic_body() {
         .expect("translates");
     assert_eq!(parse(&out), parse(TOOL_RESPONSE_ANTHROPIC.as_bytes()));
     assert!(out.starts_with(br#"{"id":"msg_gen-1747-abc","type":"message","role":"assistant""#));
+}
+
+#[test]
+fn reasoning_details_become_signed_and_redacted_thinking_and_unsigned_thinking_is_not_sent_back() {
+    let message = json!({
+        "role": "assistant", "content": "Sunny.", "reasoning": "Need weather.",
+        "reasoning_details": [
+            {"type": "reasoning.text", "text": "Need ", "format": "anthropic-claude-v1", "index": 0},
+            {"type": "reasoning.text", "text": "weather.", "signature": "sig-0",
+             "format": "anthropic-claude-v1", "index": 0},
+            {"type": "reasoning.encrypted", "data": "secret", "format": "anthropic-claude-v1", "index": 1},
+            {"type": "reasoning.encrypted", "data": "gAAA", "format": "openai-responses-v1", "index": 2}
+        ]
+    });
+    let out = answer(json!({"index": 0, "message": message, "finish_reason": "stop"}));
+    assert_eq!(
+        out["content"],
+        json!([
+            {"type": "thinking", "thinking": "Need weather.", "signature": "sig-0"},
+            {"type": "redacted_thinking", "data": "secret"},
+            {"type": "text", "text": "Sunny."}
+        ])
+    );
+
+    // The next turn carries the answer back; thinking without a signature (another provider's,
+    // or one orproxy could not sign) stays out, as Anthropic would refuse it.
+    let mut history = out["content"].as_array().cloned().unwrap_or_default();
+    history.insert(
+        0,
+        json!({"type": "thinking", "thinking": "Earlier.", "signature": ""}),
+    );
+    let request = json!({"model": "m", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": history},
+        {"role": "user", "content": "Thanks."}
+    ]});
+    let body = request_to_openai(request.to_string().as_bytes()).expect("translates");
+    assert_eq!(
+        parse(&body.to_bytes())["messages"][1],
+        json!({"role": "assistant", "content": "Sunny.", "reasoning_details": [
+            {"type": "reasoning.text", "text": "Need weather.", "signature": "sig-0",
+             "format": "anthropic-claude-v1", "index": 0},
+            {"type": "reasoning.encrypted", "data": "secret", "format": "anthropic-claude-v1", "index": 1}
+        ]})
+    );
 }
 
 fn answer(choice: Value) -> Value {

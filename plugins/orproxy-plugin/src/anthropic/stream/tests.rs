@@ -188,6 +188,72 @@ fn reasoning_then_text_are_two_blocks_and_stop_sequences_are_reported() {
     check(&out).expect("valid");
 }
 
+/// A Claude model through OpenRouter: its thinking comes twice, as `reasoning` and in
+/// `reasoning_details` by block, the block's signature last, redacted thinking as data.
+fn claude_reasoning(text: &str, signature: &str, index: u64) -> Value {
+    let detail = json!({"type": "reasoning.text", "text": text, "signature": signature,
+                        "format": "anthropic-claude-v1", "index": index});
+    delta(
+        json!({"content": "", "reasoning": (!text.is_empty()).then_some(text),
+                 "reasoning_details": [detail]}),
+    )
+}
+
+#[test]
+fn signed_and_redacted_thinking_from_openrouter_become_their_anthropic_blocks() {
+    let (mut translator, mut out) = run(&[
+        claude_reasoning("", "", 0),
+        claude_reasoning("Let me ", "", 0),
+        claude_reasoning("check.", "", 0),
+        claude_reasoning("", "sig-0", 0),
+        delta(
+            json!({"content": "", "reasoning_details": [{"type": "reasoning.encrypted",
+            "data": "secret", "format": "anthropic-claude-v1", "index": 1}]}),
+        ),
+        claude_reasoning("More.", "sig-2", 2),
+        // Another provider's encrypted reasoning cannot be a Messages block.
+        delta(
+            json!({"reasoning_details": [{"type": "reasoning.encrypted", "data": "gAAA",
+            "format": "openai-responses-v1", "index": 3}]}),
+        ),
+        delta(json!({"content": "Done."})),
+    ]);
+    translator.finish(&mut out);
+    let got: Vec<Value> = events(&out)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("content_block_"))
+        .map(|(_, data)| data)
+        .collect();
+    let expected = [
+        json!({"type": "content_block_start", "index": 0,
+               "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "thinking_delta", "thinking": "Let me "}}),
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "thinking_delta", "thinking": "check."}}),
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "signature_delta", "signature": "sig-0"}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "content_block_start", "index": 1,
+               "content_block": {"type": "redacted_thinking", "data": "secret"}}),
+        json!({"type": "content_block_stop", "index": 1}),
+        json!({"type": "content_block_start", "index": 2,
+               "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        json!({"type": "content_block_delta", "index": 2,
+               "delta": {"type": "thinking_delta", "thinking": "More."}}),
+        json!({"type": "content_block_delta", "index": 2,
+               "delta": {"type": "signature_delta", "signature": "sig-2"}}),
+        json!({"type": "content_block_stop", "index": 2}),
+        json!({"type": "content_block_start", "index": 3,
+               "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 3,
+               "delta": {"type": "text_delta", "text": "Done."}}),
+        json!({"type": "content_block_stop", "index": 3}),
+    ];
+    assert_eq!(got, expected);
+    check(&out).expect("valid");
+}
+
 #[test]
 fn cache_writes_are_reported_as_cache_creation_at_start_and_end() {
     let usage: Value = serde_json::from_str(super::super::tests::CACHE_USAGE).expect("JSON");
@@ -386,6 +452,7 @@ fn check(bytes: &[u8]) -> Result<Summary, String> {
                 let kind = block["type"].as_str().unwrap_or_default().to_owned();
                 match kind.as_str() {
                     "text" | "thinking" => {}
+                    "redacted_thinking" if block["data"].is_string() => {}
                     "tool_use"
                         if block["id"].is_string()
                             && block["name"].is_string()
