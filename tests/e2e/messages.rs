@@ -1249,9 +1249,10 @@ async fn a_passed_through_tool_call_stream_is_relayed_unchanged() {
     assert_eq!(response.status(), 200);
     let proxied = sse(response).await;
     let checked = valid(&proxied);
-    assert_eq!(checked.blocks.len(), 1);
-    assert_eq!(checked.blocks[0].kind, "tool_use");
-    let input: Value = serde_json::from_str(&checked.blocks[0].partial_json).unwrap();
+    let kinds: Vec<&str> = checked.blocks.iter().map(|b| b.kind.as_str()).collect();
+    assert_eq!(kinds, ["thinking", "tool_use"]);
+    assert!(checked.blocks[0].signature.starts_with("fakesig"));
+    let input: Value = serde_json::from_str(&checked.blocks[1].partial_json).unwrap();
     assert_eq!(input, json!({"q": CC_USER_TEXT}));
     assert_eq!(checked.stop_reason.as_deref(), Some("tool_use"));
     let sent = anthropic_requests(&ant, "/v1/messages");

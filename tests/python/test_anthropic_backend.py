@@ -45,6 +45,41 @@ def test_openai_sdk_streamed_completion(client):
     assert usage is not None and usage.completion_tokens > 0
 
 
+def test_openai_sdk_thinking_tool_loop_keeps_the_signature(client):
+    """Anthropic refuses a tool result whose turn lost its signed thinking: the thinking comes
+    back as `reasoning_details` (OpenRouter's form) and the client returns the message as is."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
+    question = {"role": "user", "content": "Bergen"}
+    first = client.chat.completions.create(
+        model="claude-test",
+        messages=[question],
+        tools=[weather],
+        reasoning_effort="low",
+    )
+    message = first.choices[0].message
+    details = message.model_extra["reasoning_details"]
+    assert details[0]["type"] == "reasoning.text"
+    assert details[0]["signature"].startswith("fakesig")
+    call = message.tool_calls[0]
+    second = client.chat.completions.create(
+        model="claude-test",
+        messages=[
+            question,
+            message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "rain"},
+        ],
+        tools=[weather],
+        reasoning_effort="low",
+    )
+    assert second.choices[0].message.content == "tool result: rain"
+
+
 def test_openai_sdk_upstream_errors_keep_their_meaning(client):
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(

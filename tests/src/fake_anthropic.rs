@@ -16,6 +16,11 @@
 //! text`; else, when the request offers `tools`, a `tool_use` of the first tool with input
 //! `{"q": <last user text>}` (`stop_reason: tool_use`); else `"echo: " + <last user text>`.
 //! `max_tokens` cuts a text answer to that many words (`stop_reason: max_tokens`).
+//! With `thinking` (`enabled` or `adaptive`) the answer starts with a thinking block,
+//! `"Thinking about: " + <last user text>`, signed (streamed: `thinking_delta`, then
+//! `signature_delta`). As Anthropic does, a request is refused (400) when a thinking block in an
+//! assistant message comes back with another signature, or when, with thinking on, it answers
+//! tool calls whose assistant message does not start with thinking.
 //!
 //! Tokens: the prompt is `ceil(chars of all system, text and tool-result text / 4)`, reported as
 //! `input_tokens`; when any part of the request carries `cache_control`, half of it (rounded
@@ -43,8 +48,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::RecordedRequest;
 use crate::serve::accept_loop;
+use crate::{RecordedRequest, thinking_signature};
 
 /// The `x-api-key` a [`FakeAnthropic::start`] fake accepts.
 pub const FAKE_ANTHROPIC_KEY: &str = "sk-ant-api03-fake-000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000-AAAAAAAA";
@@ -92,6 +97,8 @@ struct Conversation {
     tool_result: Option<String>,
     first_tool: Option<String>,
     cache_control: bool,
+    /// `thinking` is on: the answer starts with a signed thinking block.
+    thinking: bool,
 }
 
 /// The answer's single content block.
@@ -376,8 +383,12 @@ fn messages(shared: &Shared, body: &[u8]) -> Result<Reply, ApiError> {
         return Err(ApiError::for_status(529));
     }
     let conversation = Conversation::read(&request);
+    check_thinking(&request["messages"], conversation.thinking)?;
     let max_tokens = request["max_tokens"].as_u64().unwrap_or(u64::MAX);
     let (answer, stop_reason) = conversation.answer(max_tokens, shared);
+    let thought = conversation
+        .thinking
+        .then(|| format!("Thinking about: {}", conversation.last_user_text));
     let prompt = conversation.prompt_tokens();
     // Half the prompt is "written to the cache" when the client marks a cache breakpoint.
     let cache_creation = if conversation.cache_control {
@@ -388,34 +399,69 @@ fn messages(shared: &Shared, body: &[u8]) -> Result<Reply, ApiError> {
     let tokens = Tokens {
         input: prompt - cache_creation,
         cache_creation,
-        output: answer.words(),
+        output: answer.words() + thought.as_deref().map_or(0, words),
     };
     let id = shared.next_id("msg");
+    let thinking_block = |text: &str, signature: &str| json!({"type": "thinking", "thinking": text, "signature": signature});
     if !stream {
+        let mut content: Vec<Value> = thought
+            .iter()
+            .map(|text| thinking_block(text, &thinking_signature(text)))
+            .collect();
+        content.push(answer.block());
         return Ok(Reply::Json(json!({
             "id": id, "type": "message", "role": "assistant", "model": model,
-            "content": [answer.block()],
+            "content": content,
             "stop_reason": stop_reason, "stop_sequence": null,
             "usage": tokens.usage(tokens.output),
         })));
     }
-    let mut events = vec![
+    let mut events = vec![event(
+        "message_start",
+        &json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null, "usage": tokens.usage(1),
+        }}),
+    )];
+    let delta = |index: usize, delta: Value| {
         event(
-            "message_start",
-            &json!({"type": "message_start", "message": {
-                "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
-                "stop_reason": null, "stop_sequence": null, "usage": tokens.usage(1),
-            }}),
-        ),
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        )
+    };
+    let stop = |index: usize| {
+        event(
+            "content_block_stop",
+            &json!({"type": "content_block_stop", "index": index}),
+        )
+    };
+    let start = |index: usize, block: Value| {
         event(
             "content_block_start",
-            &json!({
-                "type": "content_block_start", "index": 0, "content_block": answer.empty_block(),
-            }),
-        ),
-        event("ping", &json!({"type": "ping"})),
-    ];
-    let deltas = answer.deltas();
+            &json!({"type": "content_block_start", "index": index, "content_block": block}),
+        )
+    };
+    if let Some(text) = &thought {
+        events.push(start(0, thinking_block("", "")));
+        events.push(delta(
+            0,
+            json!({"type": "thinking_delta", "thinking": text}),
+        ));
+        events.push(delta(
+            0,
+            json!({"type": "signature_delta", "signature": thinking_signature(text)}),
+        ));
+        events.push(stop(0));
+    }
+    let index = usize::from(thought.is_some());
+    events.push(start(index, answer.empty_block()));
+    // Anthropic pings right after the first block's start.
+    events.insert(2, event("ping", &json!({"type": "ping"})));
+    let deltas: Vec<Bytes> = answer
+        .deltas()
+        .into_iter()
+        .map(|piece| delta(index, piece))
+        .collect();
     if scenario == Scenario::OverloadedMidstream {
         events.extend(deltas.into_iter().take(1));
         events.push(event(
@@ -427,10 +473,7 @@ fn messages(shared: &Shared, body: &[u8]) -> Result<Reply, ApiError> {
         return Ok(Reply::Events(events));
     }
     events.extend(deltas);
-    events.push(event(
-        "content_block_stop",
-        &json!({"type": "content_block_stop", "index": 0}),
-    ));
+    events.push(stop(index));
     events.push(event(
         "message_delta",
         &json!({
@@ -441,6 +484,44 @@ fn messages(shared: &Shared, body: &[u8]) -> Result<Reply, ApiError> {
     ));
     events.push(event("message_stop", &json!({"type": "message_stop"})));
     Ok(Reply::Events(events))
+}
+
+/// Anthropic's checks of the thinking a request sends back: a thinking block must carry its
+/// own signature, and with thinking on, a turn answering tool calls must keep the thinking the
+/// assistant message started with.
+fn check_thinking(messages: &Value, thinking_on: bool) -> Result<(), ApiError> {
+    let messages = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+    let refuse = |message: String| ApiError::new(400, "invalid_request_error", message);
+    for (i, message) in messages.iter().enumerate() {
+        let blocks = message["content"].as_array().into_iter().flatten();
+        for (j, block) in blocks.enumerate() {
+            if block["type"] == "thinking"
+                && block["signature"].as_str()
+                    != Some(&thinking_signature(
+                        block["thinking"].as_str().unwrap_or_default(),
+                    ))
+            {
+                return Err(refuse(format!(
+                    "messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                )));
+            }
+        }
+    }
+    let answers_tools = messages
+        .last()
+        .is_some_and(|last| tool_results(&last["content"]).next().is_some());
+    if let (true, true, [.., assistant, _]) = (thinking_on, answers_tools, messages) {
+        let first = assistant["content"][0]["type"].as_str().unwrap_or("text");
+        if first != "thinking" && first != "redacted_thinking" {
+            let i = messages.len() - 2;
+            return Err(refuse(format!(
+                "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but \
+                 found `{first}`. When `thinking` is enabled, a final `assistant` message must \
+                 start with a thinking block"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `event: NAME\ndata: JSON\n\n`.
@@ -476,6 +557,10 @@ impl Conversation {
         let mut conversation = Conversation {
             cache_control: has_cache_control(request),
             first_tool: request["tools"][0]["name"].as_str().map(str::to_owned),
+            thinking: matches!(
+                request["thinking"]["type"].as_str(),
+                Some("enabled" | "adaptive")
+            ),
             ..Conversation::default()
         };
         conversation.chars += text_of(&request["system"]).chars().count();
@@ -550,6 +635,10 @@ fn tool_results(content: &Value) -> impl Iterator<Item = &Value> {
         .filter(|b| b["type"] == "tool_result")
 }
 
+fn words(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
 fn has_cache_control(value: &Value) -> bool {
     match value {
         Value::Object(map) => {
@@ -584,34 +673,27 @@ impl Answer {
 
     /// One `text_delta` per word, or `input_json_delta` pieces (the first one empty, as
     /// Anthropic sends it) of at most eight characters.
-    fn deltas(&self) -> Vec<Bytes> {
-        let delta = |delta: Value| {
-            event(
-                "content_block_delta",
-                &json!({"type": "content_block_delta", "index": 0, "delta": delta}),
-            )
-        };
+    fn deltas(&self) -> Vec<Value> {
         match self {
             Answer::Text(text) => text
                 .split_inclusive(' ')
-                .map(|word| delta(json!({"type": "text_delta", "text": word})))
+                .map(|word| json!({"type": "text_delta", "text": word}))
                 .collect(),
             Answer::Tool { input, .. } => {
                 let json_text = input.to_string();
                 let chars: Vec<char> = json_text.chars().collect();
                 std::iter::once(String::new())
                     .chain(chars.chunks(8).map(|c| c.iter().collect()))
-                    .map(|piece| delta(json!({"type": "input_json_delta", "partial_json": piece})))
+                    .map(|piece| json!({"type": "input_json_delta", "partial_json": piece}))
                     .collect()
             }
         }
     }
 
     fn words(&self) -> u64 {
-        let count = |text: &str| text.split_whitespace().count() as u64;
         match self {
-            Answer::Text(text) => count(text),
-            Answer::Tool { input, .. } => count(&input.to_string()),
+            Answer::Text(text) => words(text),
+            Answer::Tool { input, .. } => words(&input.to_string()),
         }
     }
 }
@@ -908,6 +990,71 @@ mod tests {
         .json();
         assert_eq!(body["stop_reason"], "end_turn");
         assert_eq!(body["content"][0]["text"], "tool result: The Book");
+    }
+
+    #[tokio::test]
+    async fn thinking_is_signed_and_checked_when_it_comes_back() {
+        let fake = FakeAnthropic::start().await.unwrap();
+        let tools = json!([{"name": "search", "input_schema": {"type": "object"}}]);
+        let ask = |extra: Value| {
+            let mut body = json!({
+                "model": "m", "max_tokens": 2000, "tools": tools,
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "messages": [{"role": "user", "content": "rust books"}],
+            });
+            if let Value::Array(more) = extra {
+                body["messages"].as_array_mut().unwrap().extend(more);
+            }
+            body
+        };
+        let first = post(&fake, ask(Value::Null)).await.json();
+        let (thinking, call) = (&first["content"][0], &first["content"][1]);
+        assert_eq!(thinking["thinking"], "Thinking about: rust books");
+        assert_eq!(
+            thinking["signature"].as_str(),
+            Some(thinking_signature("Thinking about: rust books").as_str())
+        );
+        let result = json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": call["id"], "content": "The Book"}]});
+        let back = post(
+            &fake,
+            ask(json!([
+            {"role": "assistant", "content": [thinking, call]}, result])),
+        )
+        .await;
+        assert_eq!(back.status, 200);
+        assert_eq!(back.json()["content"][1]["text"], "tool result: The Book");
+
+        let mut forged = thinking.clone();
+        forged["signature"] = "fakesig0".into();
+        for (content, refusal) in [
+            (json!([forged, call]), "Invalid `signature`"),
+            (json!([call]), "must start with a thinking block"),
+        ] {
+            let refused = post(
+                &fake,
+                ask(json!([
+                {"role": "assistant", "content": content}, result])),
+            )
+            .await;
+            assert_eq!(refused.status, 400);
+            let message = refused.json()["error"]["message"].to_string();
+            assert!(message.contains(refusal), "{message}");
+        }
+
+        // Streamed: the thinking block first, its signature last, the answer's block after it.
+        let mut streamed = ask(Value::Null);
+        streamed["stream"] = true.into();
+        let events = post(&fake, streamed).await.events();
+        let deltas: Vec<&Value> = events
+            .iter()
+            .filter(|(name, _)| name == "content_block_delta")
+            .map(|(_, data)| &data["delta"])
+            .collect();
+        assert_eq!(deltas[0]["thinking"], "Thinking about: rust books");
+        assert_eq!(deltas[1]["type"], "signature_delta");
+        assert_eq!(events[1].0, "content_block_start");
+        assert_eq!(events[2].0, "ping");
     }
 
     #[tokio::test]

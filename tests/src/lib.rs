@@ -12,3 +12,12 @@ pub use fake_openai::FakeOpenAi;
 pub use fake_openrouter::{
     BillingEntry, FAKE_API_KEY, FakeOpenRouter, FakeOptions, RecordedRequest,
 };
+
+/// The fakes' signature of a model's thinking text (FNV-1a): enough to tell a text sent back
+/// unchanged, as Anthropic checks the thinking blocks a tool loop sends back.
+pub(crate) fn thinking_signature(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("fakesig{hash:016x}")
+}

@@ -11,11 +11,13 @@
 //! `metadata`, ...) are dropped, because Anthropic refuses unknown fields; the ones whose loss
 //! would change the answer's meaning (`n > 1`, `logprobs`, a JSON `response_format`) are refused.
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::ACCEPT;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use orproxy_plugin::anthropic::ANTHROPIC_REASONING_FORMAT;
 use orproxy_plugin::openai::{self, endpoint, header_value};
 use orproxy_plugin::sse::data_event;
 use orproxy_plugin::{
@@ -333,6 +335,9 @@ struct ChatMessage {
     tool_calls: Option<Vec<ChatToolCall>>,
     #[serde(default)]
     tool_call_id: Option<String>,
+    /// A Claude model's thinking as OpenRouter carries it (and as this backend answers it).
+    #[serde(default)]
+    reasoning_details: Option<Vec<Value>>,
 }
 
 #[derive(Deserialize)]
@@ -484,7 +489,9 @@ fn media_source(url: &str, what: &str) -> Result<Value, PrepareError> {
 
 /// An assistant turn: its text, then one `tool_use` block per tool call.
 fn assistant_blocks(message: &ChatMessage) -> Result<Vec<Value>, PrepareError> {
-    let mut blocks = content_blocks(&message.content)?;
+    // Anthropic wants the turn's thinking first, as it wrote it.
+    let mut blocks = thinking_blocks(message.reasoning_details.as_deref().unwrap_or_default());
+    blocks.extend(content_blocks(&message.content)?);
     for call in message.tool_calls.iter().flatten() {
         let input = match &call.function.arguments {
             Value::String(text) if text.trim().is_empty() => json!({}),
@@ -508,6 +515,51 @@ fn assistant_blocks(message: &ChatMessage) -> Result<Vec<Value>, PrepareError> {
         }));
     }
     Ok(blocks)
+}
+
+/// `reasoning_details` of a Claude model (format `anthropic-claude-v1`) → the signed `thinking`
+/// and `redacted_thinking` blocks Anthropic requires back in a tool loop with thinking on. Pieces
+/// of one block (one `index`, as a client may keep a stream's deltas) are joined; thinking
+/// without a signature, which Anthropic would refuse, and other providers' details are left out.
+fn thinking_blocks(details: &[Value]) -> Vec<Value> {
+    let mut blocks: Vec<(Option<u64>, Value)> = Vec::new();
+    for detail in details {
+        if detail["format"] != ANTHROPIC_REASONING_FORMAT {
+            continue;
+        }
+        let index = detail["index"].as_u64();
+        match detail["type"].as_str() {
+            Some("reasoning.text") => {
+                let text = detail["text"].as_str().unwrap_or_default();
+                let signature = detail["signature"].as_str().unwrap_or_default();
+                match blocks.last_mut() {
+                    Some((last, block)) if index.is_some() && *last == index => {
+                        if let Some(Value::String(thinking)) = block.get_mut("thinking") {
+                            thinking.push_str(text);
+                        }
+                        if !signature.is_empty() {
+                            block["signature"] = signature.into();
+                        }
+                    }
+                    _ => blocks.push((
+                        index,
+                        json!({"type": "thinking", "thinking": text, "signature": signature}),
+                    )),
+                }
+            }
+            Some("reasoning.encrypted") => {
+                if let Some(data) = detail["data"].as_str() {
+                    blocks.push((index, json!({"type": "redacted_thinking", "data": data})));
+                }
+            }
+            _ => {}
+        }
+    }
+    blocks
+        .into_iter()
+        .map(|(_, block)| block)
+        .filter(|block| block["type"] != "thinking" || block["signature"] != "")
+        .collect()
 }
 
 /// A `role: tool` message as a `tool_result` block.
@@ -740,9 +792,9 @@ impl WireMessage {
             .iter()
             .map(|block| match block {
                 WireBlock::Text { text } => text.len(),
-                WireBlock::Thinking { thinking } => thinking.len(),
+                WireBlock::Thinking { thinking, .. } => thinking.len(),
                 WireBlock::ToolUse { name, input, .. } => name.len() + input.to_string().len(),
-                WireBlock::Other => 0,
+                WireBlock::RedactedThinking { .. } | WireBlock::Other => 0,
             })
             .sum()
     }
@@ -758,6 +810,12 @@ enum WireBlock {
     Thinking {
         #[serde(default)]
         thinking: String,
+        #[serde(default)]
+        signature: String,
+    },
+    RedactedThinking {
+        #[serde(default)]
+        data: String,
     },
     ToolUse {
         id: String,
@@ -765,7 +823,7 @@ enum WireBlock {
         #[serde(default)]
         input: Value,
     },
-    /// `redacted_thinking`, server tools and future blocks: nothing OpenAI can show.
+    /// Server tools and future blocks: nothing OpenAI can show.
     #[serde(other)]
     Other,
 }
@@ -873,6 +931,9 @@ struct CompletionMessage {
     content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reasoning: Option<String>,
+    /// The thinking blocks with their signatures, as OpenRouter carries a Claude model's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasoning_details: Vec<ReasoningDetail<'static>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<ToolCallOut>,
 }
@@ -947,12 +1008,20 @@ fn to_completion(body: &[u8], created: u64) -> MappedResponse {
     let answer_bytes = message.answer_bytes();
     let mut text = String::new();
     let mut reasoning: Option<String> = None;
+    let mut reasoning_details = Vec::new();
     let mut tool_calls = Vec::new();
-    for block in message.content {
+    for (index, block) in message.content.into_iter().enumerate() {
         match block {
             WireBlock::Text { text: t } => text.push_str(&t),
-            WireBlock::Thinking { thinking } => {
-                reasoning.get_or_insert_default().push_str(&thinking)
+            WireBlock::Thinking {
+                thinking,
+                signature,
+            } => {
+                reasoning.get_or_insert_default().push_str(&thinking);
+                reasoning_details.push(ReasoningDetail::text(thinking, signature, index));
+            }
+            WireBlock::RedactedThinking { data } => {
+                reasoning_details.push(ReasoningDetail::redacted(data, index));
             }
             WireBlock::ToolUse { id, name, input } => tool_calls.push(ToolCallOut {
                 id,
@@ -979,6 +1048,7 @@ fn to_completion(body: &[u8], created: u64) -> MappedResponse {
                 // OpenAI's convention: no text next to tool calls is `null`, not "".
                 content: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
                 reasoning,
+                reasoning_details,
                 tool_calls,
             },
             finish_reason: message.stop_reason.as_deref().map(finish_reason),
@@ -1110,7 +1180,10 @@ enum WireDelta {
         #[serde(default)]
         partial_json: String,
     },
-    /// `signature_delta` (thinking signatures, which OpenAI chunks cannot carry) and the rest.
+    SignatureDelta {
+        #[serde(default)]
+        signature: String,
+    },
     #[serde(other)]
     Other,
 }
@@ -1153,7 +1226,54 @@ struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     reasoning: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_details: Option<[ReasoningDetail<'a>; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tool_calls: Option<[ToolCallDelta<'a>; 1]>,
+}
+
+/// One entry of OpenRouter's `reasoning_details`, the form a Claude model's thinking takes in
+/// the OpenAI format: signed text, or redacted thinking's encrypted data. `index` is the block's.
+#[derive(Serialize)]
+struct ReasoningDetail<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Cow<'a, str>>,
+    format: &'static str,
+    index: usize,
+}
+
+impl<'a> ReasoningDetail<'a> {
+    fn text(
+        text: impl Into<Cow<'a, str>>,
+        signature: impl Into<Cow<'a, str>>,
+        index: usize,
+    ) -> Self {
+        let signature = signature.into();
+        ReasoningDetail {
+            kind: "reasoning.text",
+            text: Some(text.into()),
+            signature: (!signature.is_empty()).then_some(signature),
+            data: None,
+            format: ANTHROPIC_REASONING_FORMAT,
+            index,
+        }
+    }
+
+    fn redacted(data: impl Into<Cow<'a, str>>, index: usize) -> Self {
+        ReasoningDetail {
+            kind: "reasoning.encrypted",
+            text: None,
+            signature: None,
+            data: Some(data.into()),
+            format: ANTHROPIC_REASONING_FORMAT,
+            index,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -1242,10 +1362,20 @@ impl ChunkTranslator {
         self.chunk(delta, None)
     }
 
-    /// A chunk carrying reasoning text.
-    fn reasoning_chunk(&self, thinking: &str) -> Bytes {
+    /// A chunk carrying reasoning text, plain and as a detail of its block.
+    fn reasoning_chunk(&self, index: usize, thinking: &str) -> Bytes {
         let delta = Delta {
             reasoning: Some(thinking),
+            reasoning_details: Some([ReasoningDetail::text(thinking, "", index)]),
+            ..Delta::default()
+        };
+        self.chunk(delta, None)
+    }
+
+    /// A chunk carrying only a detail: a thinking block's signature, or redacted thinking.
+    fn detail_chunk(&self, detail: ReasoningDetail<'_>) -> Bytes {
+        let delta = Delta {
+            reasoning_details: Some([detail]),
             ..Delta::default()
         };
         self.chunk(delta, None)
@@ -1255,8 +1385,11 @@ impl ChunkTranslator {
     fn block_start(&mut self, index: usize, block: &WireBlock) -> Option<Bytes> {
         match block {
             WireBlock::Text { text } if !text.is_empty() => Some(self.text_chunk(text)),
-            WireBlock::Thinking { thinking } if !thinking.is_empty() => {
-                Some(self.reasoning_chunk(thinking))
+            WireBlock::Thinking { thinking, .. } if !thinking.is_empty() => {
+                Some(self.reasoning_chunk(index, thinking))
+            }
+            WireBlock::RedactedThinking { data } => {
+                Some(self.detail_chunk(ReasoningDetail::redacted(data.as_str(), index)))
             }
             WireBlock::ToolUse { id, name, .. } => {
                 self.tool_blocks.push(index);
@@ -1279,7 +1412,10 @@ impl ChunkTranslator {
         match delta {
             WireDelta::TextDelta { text } if !text.is_empty() => Some(self.text_chunk(text)),
             WireDelta::ThinkingDelta { thinking } if !thinking.is_empty() => {
-                Some(self.reasoning_chunk(thinking))
+                Some(self.reasoning_chunk(index, thinking))
+            }
+            WireDelta::SignatureDelta { signature } if !signature.is_empty() => {
+                Some(self.detail_chunk(ReasoningDetail::text("", signature.as_str(), index)))
             }
             WireDelta::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
                 let tool = self.tool_blocks.iter().position(|b| *b == index)?;
@@ -1300,7 +1436,7 @@ impl ChunkTranslator {
     fn translate(&mut self, event: StreamEvent) -> MappedEvent {
         let content = |out: Option<Bytes>| match out {
             Some(bytes) => (EventKind::Content, Output::One(bytes)),
-            // Nothing for the client (an empty block opening, a signature): not content.
+            // Nothing for the client (an empty block opening): not content.
             None => (EventKind::Preamble, Output::Nothing),
         };
         let mut usage = None;
@@ -1417,7 +1553,7 @@ impl MessagesEvents {
             }
             StreamEvent::ContentBlockStart { content_block, .. } => match content_block {
                 WireBlock::Text { text } if text.is_empty() => self.structural(),
-                WireBlock::Thinking { thinking } if thinking.is_empty() => self.structural(),
+                WireBlock::Thinking { thinking, .. } if thinking.is_empty() => self.structural(),
                 _ => self.content(),
             },
             StreamEvent::ContentBlockDelta { .. } => self.content(),
@@ -1965,6 +2101,8 @@ mod tests {
                         "role": "assistant",
                         "content": "I'll look that up.",
                         "reasoning": "Need the weather tool.",
+                        "reasoning_details": [{"type": "reasoning.text", "text": "Need the weather tool.",
+                            "signature": "EqQBCgIYAh", "format": "anthropic-claude-v1", "index": 0}],
                         "tool_calls": [{"id": "toolu_01A09q90qw90lq917835lq9", "type": "function", "function": {
                             "name": "get_weather", "arguments": "{\"location\":\"San Francisco, CA\",\"unit\":\"celsius\"}",
                         }}],
@@ -1975,6 +2113,57 @@ mod tests {
                           "prompt_tokens_details": {"cached_tokens": 500, "cache_write_tokens": 1000}},
             })
         );
+    }
+
+    #[test]
+    fn thinking_goes_out_and_comes_back_as_reasoning_details() {
+        let message = r#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[
+            {"type":"thinking","thinking":"Hm.","signature":"sig-0"},
+            {"type":"redacted_thinking","data":"secret"},
+            {"type":"tool_use","id":"t1","name":"f","input":{}}],"stop_reason":"tool_use"}"#;
+        let mapped = to_completion(message.as_bytes(), 1);
+        let body: Value = serde_json::from_slice(&mapped.body.unwrap()).unwrap();
+        let details = &body["choices"][0]["message"]["reasoning_details"];
+        assert_eq!(
+            details,
+            &json!([
+                {"type": "reasoning.text", "text": "Hm.", "signature": "sig-0",
+                 "format": "anthropic-claude-v1", "index": 0},
+                {"type": "reasoning.encrypted", "data": "secret",
+                 "format": "anthropic-claude-v1", "index": 1}
+            ])
+        );
+
+        // The client sends the turn back as it got it, or as a stream's pieces; another
+        // provider's details and unsigned thinking stay out.
+        let mut pieces = details.as_array().unwrap().clone();
+        pieces.insert(
+            0,
+            json!({"type": "reasoning.text", "text": "H",
+            "format": "anthropic-claude-v1", "index": 0}),
+        );
+        pieces[1]["text"] = "m.".into();
+        pieces.push(json!({"type": "reasoning.text", "text": "unsigned",
+            "format": "anthropic-claude-v1", "index": 2}));
+        pieces.push(json!({"type": "reasoning.encrypted", "data": "gAAA",
+            "format": "openai-responses-v1", "index": 3}));
+        for details in [details.clone(), Value::Array(pieces)] {
+            let request = json!({"model": "m", "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": null, "reasoning_details": details,
+                 "tool_calls": [{"id": "t1", "type": "function",
+                                 "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "t1", "content": "r"}
+            ]});
+            assert_eq!(
+                translate(request)["messages"][1]["content"],
+                json!([
+                    {"type": "thinking", "thinking": "Hm.", "signature": "sig-0"},
+                    {"type": "redacted_thinking", "data": "secret"},
+                    {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+                ])
+            );
+        }
     }
 
     #[test]
@@ -2146,7 +2335,7 @@ mod tests {
         assert_eq!(
             kinds,
             vec![
-                Preamble, Preamble, KeepAlive, Content, Preamble, Preamble, Preamble, Content,
+                Preamble, Preamble, KeepAlive, Content, Content, Preamble, Preamble, Content,
                 Content, Preamble, Content, Preamble, Content, Content, Preamble, Content, Done
             ]
         );
@@ -2157,7 +2346,15 @@ mod tests {
                 chunk(json!({"role": "assistant", "content": ""}), Value::Null),
                 json!(": ping"),
                 chunk(
-                    json!({"reasoning": "The user wants the weather."}),
+                    json!({"reasoning": "The user wants the weather.", "reasoning_details": [
+                        {"type": "reasoning.text", "text": "The user wants the weather.",
+                         "format": "anthropic-claude-v1", "index": 0}]}),
+                    Value::Null
+                ),
+                chunk(
+                    json!({"reasoning_details": [{"type": "reasoning.text", "text": "",
+                        "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds",
+                        "format": "anthropic-claude-v1", "index": 0}]}),
                     Value::Null
                 ),
                 chunk(json!({"content": "Let me check"}), Value::Null),

@@ -2,6 +2,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::thinking_signature;
+
 /// Deltas a shown reasoning text is streamed in, before the answer.
 pub(crate) const REASONING_PIECES: usize = 2;
 
@@ -95,14 +97,6 @@ pub(crate) fn signs_thinking(model: &str) -> bool {
     model.starts_with("anthropic/")
 }
 
-/// The fake's signature of a thinking text: FNV-1a, enough to tell a text sent back unchanged.
-pub(crate) fn signature(text: &str) -> String {
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("fakesig{hash:016x}")
-}
-
 /// Anthropic's checks of the thinking a request sends back (OpenRouter hands it over as
 /// `reasoning_details`): a signed block must carry its own signature, and with thinking on, a
 /// turn that answers tool calls must keep the thinking that came with those calls.
@@ -116,7 +110,7 @@ pub(crate) fn check_thinking(messages: &[Value], thinking_on: bool) -> Result<()
             ) else {
                 continue;
             };
-            if detail.get("signature").and_then(Value::as_str) != Some(&signature(text)) {
+            if detail.get("signature").and_then(Value::as_str) != Some(&thinking_signature(text)) {
                 return Err(format!(
                     "messages.{i}.content.0: Invalid `signature` in `thinking` block"
                 ));
@@ -198,7 +192,7 @@ mod tests {
 
     #[test]
     fn thinking_sent_back_must_be_signed_and_kept_between_tool_calls() {
-        let sig = signature("Hm.");
+        let sig = thinking_signature("Hm.");
         let detail = |sig: &str| {
             json!([{"type": "reasoning.text", "text": "Hm.", "signature": sig,
                     "format": "anthropic-claude-v1", "index": 0}])

@@ -9,9 +9,10 @@ use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::reasoning::{signature, signs_thinking};
+use super::reasoning::signs_thinking;
 use super::server::Dialect;
 use super::tools::{ToolCall, ToolDelta};
+use crate::thinking_signature;
 
 /// The SSE comment OpenRouter sends while it waits for a provider.
 pub(crate) const KEEPALIVE: &[u8] = b": OPENROUTER PROCESSING\n\n";
@@ -740,7 +741,7 @@ impl GenCtx {
         let delta = Delta {
             content: Some(Some("")),
             role: Some("assistant"),
-            reasoning_details: Some(self.reasoning_detail("", Some(signature(text)))),
+            reasoning_details: Some(self.reasoning_detail("", Some(thinking_signature(text)))),
             ..Delta::default()
         };
         self.event(&[self.choice(delta, None)], None, None)
@@ -883,7 +884,7 @@ impl GenCtx {
             reasoning_details: reply
                 .reasoning
                 .filter(|_| or)
-                .map(|text| self.reasoning_detail(text, Some(signature(text)))),
+                .map(|text| self.reasoning_detail(text, Some(thinking_signature(text)))),
             tool_calls,
         }
     }
