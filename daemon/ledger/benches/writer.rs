@@ -3,7 +3,8 @@
 //! Opens a fresh database in a temporary directory as the daemon does ([`orproxy_ledger::open`]:
 //! WAL, `synchronous = NORMAL`, migrations) and starts the [`Writer`] on it. Two phases:
 //!
-//! 1. Burst: 8 threads send 200,000 rows ([`Row::example`], distinct request ids) as fast as
+//! 1. Burst: 8 threads send 200,000 rows ([`Row::example`], distinct request ids, stamped with
+//!    the time they are sent) as fast as
 //!    they can, holding back only while half of [`MAX_QUEUED`] rows wait (the writer logs rows
 //!    past that limit instead of queueing them), so the rate measured is the writer's: rows
 //!    committed per second from the first send until [`Writer::flush`] returns (every row
@@ -80,12 +81,13 @@ fn cost(n: usize) -> i64 {
     3_530_250 + (n % 1000) as i64
 }
 
+/// A row stamped with the time it is sent, as the daemon stamps a request's arrival: the
+/// `ts_ms` index then grows at its end, as it does in production.
 fn row(n: usize, tag: &str) -> Row {
-    Row::example(
-        &format!("req-{tag}-{n}"),
-        1_763_946_123_000 + n as i64,
-        cost(n),
-    )
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as i64);
+    Row::example(&format!("req-{tag}-{n}"), now_ms, cost(n))
 }
 
 /// `written` and `queued` every [`SAMPLE`] from `start`, until `done`.
