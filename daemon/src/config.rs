@@ -158,6 +158,8 @@ pub struct PricingConfig {
     pub output_usd_per_mtok: Usd,
     /// USD per million cached input tokens (default: the input price).
     pub cached_input_usd_per_mtok: Option<Usd>,
+    /// USD per million input tokens written to the prompt cache (default: the input price).
+    pub cache_write_usd_per_mtok: Option<Usd>,
     /// USD per request.
     pub request_usd: Option<Usd>,
     /// The model's largest answer, used for budget reservations when a request sets no

@@ -49,6 +49,7 @@ pub fn build_rules(
                         prompt_per_mtok: p.input_usd_per_mtok.0,
                         completion_per_mtok: p.output_usd_per_mtok.0,
                         cached_prompt_per_mtok: p.cached_input_usd_per_mtok.map(|u| u.0),
+                        cache_write_prompt_per_mtok: p.cache_write_usd_per_mtok.map(|u| u.0),
                         request: p.request_usd.map_or(0, |u| u.0),
                     },
                     max_output_tokens: p.max_output_tokens,
@@ -175,15 +176,22 @@ fn per_mtok(parts: &[(u64, Nanos)]) -> Nanos {
     Nanos::try_from(nanos).unwrap_or(Nanos::MAX)
 }
 
-/// What `usage` costs at `price`.
+/// What `usage` costs at `price`: input read from or written to the prompt cache at its own
+/// price where the price names one.
 pub fn cost(price: &Price, usage: &Usage) -> Nanos {
     let cached = usage.cached_tokens.unwrap_or(0).min(usage.prompt_tokens);
-    let cached_price = price
-        .cached_prompt_per_mtok
-        .unwrap_or(price.prompt_per_mtok);
+    let written = usage
+        .cache_write_tokens
+        .unwrap_or(0)
+        .min(usage.prompt_tokens - cached);
+    let at = |special: Option<Nanos>| special.unwrap_or(price.prompt_per_mtok);
     per_mtok(&[
-        (usage.prompt_tokens - cached, price.prompt_per_mtok),
-        (cached, cached_price),
+        (
+            usage.prompt_tokens - cached - written,
+            price.prompt_per_mtok,
+        ),
+        (cached, at(price.cached_prompt_per_mtok)),
+        (written, at(price.cache_write_prompt_per_mtok)),
         (usage.completion_tokens, price.completion_per_mtok),
     ])
     .saturating_add(price.request)
@@ -226,6 +234,7 @@ mod tests {
             prompt_per_mtok: prompt,
             completion_per_mtok: completion,
             cached_prompt_per_mtok: None,
+            cache_write_prompt_per_mtok: None,
             request: 0,
         }
     }
@@ -262,6 +271,34 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(cost(&p, &u), 200 * 3_000 + 800 * 300 + 10 * 15_000 + 5);
+    }
+
+    #[test]
+    fn cache_writes_are_priced_at_the_write_price_or_as_input() {
+        // Claude Sonnet: $3 in, $0.30 cache read, $3.75 cache write, $15 out. Anthropic's
+        // prompt counts the reads and the writes.
+        let mut p = price(3_000_000_000, 15_000_000_000);
+        p.cached_prompt_per_mtok = Some(300_000_000);
+        let u = Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 10,
+            cached_tokens: Some(500),
+            cache_write_tokens: Some(400),
+            ..Usage::default()
+        };
+        let without = cost(&p, &u);
+        assert_eq!(without, 500 * 3_000 + 500 * 300 + 10 * 15_000);
+        p.cache_write_prompt_per_mtok = Some(3_750_000_000);
+        assert_eq!(
+            cost(&p, &u),
+            100 * 3_000 + 500 * 300 + 400 * 3_750 + 10 * 15_000
+        );
+        // Counts that do not add up (writes beyond what the prompt leaves) are capped.
+        let odd = Usage {
+            cache_write_tokens: Some(5_000),
+            ..u
+        };
+        assert_eq!(cost(&p, &odd), 500 * 300 + 500 * 3_750 + 10 * 15_000);
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_spend_days.sql",
         include_str!("../../../schemas/migrations/0003_spend_days.sql"),
     ),
+    (
+        "0004_cache_write_prices.sql",
+        include_str!("../../../schemas/migrations/0004_cache_write_prices.sql"),
+    ),
 ];
 
 /// The schema version this build writes.
@@ -123,6 +127,25 @@ mod tests {
             .unwrap();
         assert_eq!(cost, 42);
         assert!(columns(&conn, "prices").contains(&"fetched_ms".to_owned()));
+        assert!(columns(&conn, "prices").contains(&"cache_write_per_mtok".to_owned()));
+    }
+
+    #[test]
+    fn stored_prices_get_no_cache_write_price() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for (_, sql) in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute(
+            "INSERT INTO prices (backend, model, prompt_per_mtok, completion_per_mtok, fetched_ms)
+             VALUES ('openrouter', 'm', 1, 2, 3)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let prices = crate::load_prices(&conn).unwrap();
+        assert_eq!((prices.len(), prices[0].cache_write_per_mtok), (1, None));
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub struct StoredPrice {
     pub completion_per_mtok: i64,
     /// Per million cached input tokens, when different.
     pub cached_prompt_per_mtok: Option<i64>,
+    /// Per million input tokens written to the prompt cache, when different.
+    pub cache_write_per_mtok: Option<i64>,
     /// Per request.
     pub request_nanos: i64,
     /// The model's largest answer, when published.
@@ -34,8 +36,9 @@ pub fn store_prices(
     {
         let mut stmt = tx.prepare_cached(
             "INSERT OR REPLACE INTO prices (backend, model, prompt_per_mtok, completion_per_mtok,
-             cached_prompt_per_mtok, request_nanos, max_output_tokens, fetched_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+             cached_prompt_per_mtok, request_nanos, max_output_tokens, fetched_ms,
+             cache_write_per_mtok)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
         for p in prices {
             stmt.execute(params![
@@ -47,6 +50,7 @@ pub fn store_prices(
                 p.request_nanos,
                 p.max_output_tokens,
                 p.fetched_ms,
+                p.cache_write_per_mtok,
             ])?;
         }
     }
@@ -57,7 +61,7 @@ pub fn store_prices(
 pub fn load_prices(conn: &Connection) -> rusqlite::Result<Vec<StoredPrice>> {
     let mut stmt = conn.prepare(
         "SELECT backend, model, prompt_per_mtok, completion_per_mtok, cached_prompt_per_mtok,
-         request_nanos, max_output_tokens, fetched_ms FROM prices",
+         request_nanos, max_output_tokens, fetched_ms, cache_write_per_mtok FROM prices",
     )?;
     stmt.query_map([], |r| {
         Ok(StoredPrice {
@@ -69,6 +73,7 @@ pub fn load_prices(conn: &Connection) -> rusqlite::Result<Vec<StoredPrice>> {
             request_nanos: r.get(5)?,
             max_output_tokens: r.get(6)?,
             fetched_ms: r.get(7)?,
+            cache_write_per_mtok: r.get(8)?,
         })
     })?
     .collect()
@@ -89,6 +94,7 @@ mod tests {
             prompt_per_mtok: 2_500_000_000,
             completion_per_mtok: 10_000_000_000,
             cached_prompt_per_mtok: Some(37_500_000),
+            cache_write_per_mtok: Some(3_125_000_000),
             request_nanos: 0,
             max_output_tokens: Some(16_384),
             fetched_ms: 1,

@@ -285,6 +285,9 @@ pub struct Price {
     pub completion_per_mtok: Nanos,
     /// Per million cached input tokens, when different from input.
     pub cached_prompt_per_mtok: Option<Nanos>,
+    /// Per million input tokens written to the prompt cache, when different from input
+    /// (Anthropic's models charge 1.25× input for a write).
+    pub cache_write_prompt_per_mtok: Option<Nanos>,
     /// Per request.
     pub request: Nanos,
 }
@@ -292,13 +295,14 @@ pub struct Price {
 impl Price {
     /// The price if it can be charged: a negative amount is no price (OpenRouter lists `"-1"`
     /// for routers whose price depends on the model they pick) and would lower a budget's spend.
-    /// A negative cached-input price alone falls back to the input price.
+    /// A negative cached-input or cache-write price alone falls back to the input price.
     pub fn chargeable(self) -> Option<Price> {
         if self.prompt_per_mtok < 0 || self.completion_per_mtok < 0 || self.request < 0 {
             return None;
         }
         Some(Price {
             cached_prompt_per_mtok: self.cached_prompt_per_mtok.filter(|n| *n >= 0),
+            cache_write_prompt_per_mtok: self.cache_write_prompt_per_mtok.filter(|n| *n >= 0),
             ..self
         })
     }
