@@ -53,7 +53,8 @@
 //!   own after the text); a request to such a model is refused with Anthropic's 400 when an
 //!   assistant message's `reasoning.text` detail comes back with another signature, or when,
 //!   with reasoning on, it answers tool calls whose assistant message has no
-//!   `reasoning_details`. Catalog models without reasoning (`openai/gpt-4o`, `openai/gpt-4o-mini`,
+//!   `reasoning_details` of that format (tool messages followed by a user message count: to
+//!   Anthropic they are one turn). Catalog models without reasoning (`openai/gpt-4o`, `openai/gpt-4o-mini`,
 //!   `anthropic/claude-3-5-sonnet`, the `:free` Llama) ignore it, as OpenRouter ignores
 //!   unsupported parameters; the OpenAI dialect never returns reasoning.
 //!

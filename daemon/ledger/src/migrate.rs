@@ -131,7 +131,7 @@ mod tests {
     }
 
     #[test]
-    fn stored_prices_get_no_cache_write_price() {
+    fn stored_prices_are_kept_and_fetched_again_for_their_cache_write_price() {
         let mut conn = Connection::open_in_memory().unwrap();
         for (_, sql) in &MIGRATIONS[..3] {
             conn.execute_batch(sql).unwrap();
@@ -145,7 +145,12 @@ mod tests {
         .unwrap();
         migrate(&mut conn).unwrap();
         let prices = crate::load_prices(&conn).unwrap();
-        assert_eq!((prices.len(), prices[0].cache_write_per_mtok), (1, None));
+        let kept = &prices[0];
+        assert_eq!(
+            (prices.len(), kept.cache_write_per_mtok, kept.fetched_ms),
+            (1, None, 0),
+            "kept, and due for a fetch that brings the new price"
+        );
     }
 
     #[test]

@@ -235,10 +235,10 @@ pub fn to_messages_body(call: &Call<'_>) -> Result<JsonObject, PrepareError> {
     refuse_unrepresentable(body)?;
     let messages: Vec<ChatMessage> =
         field(body, "messages")?.ok_or_else(|| unsupported("`messages` is required"))?;
-    let (system, messages) = convert_messages(&messages)?;
+    let thinking = thinking(body)?;
+    let (system, messages) = convert_messages(&messages, !matches!(thinking, Thinking::Off))?;
     let tools = convert_tools(body)?;
     let tool_choice = convert_tool_choice(body, tools.is_some())?;
-    let thinking = thinking(body)?;
     let max_tokens = max_tokens(body, thinking.budget())?;
 
     let mut out = JsonObject::default();
@@ -355,7 +355,13 @@ struct ChatFunctionCall {
 
 /// Splits the chat into the top-level `system` and Anthropic messages. Consecutive messages of
 /// one role are merged, so that tool results land in one user turn right after the tool calls.
-fn convert_messages(messages: &[ChatMessage]) -> Result<(Option<Value>, Vec<Value>), PrepareError> {
+/// With `thinking` on, the assistant turns of the tool loop the chat continues get their signed
+/// thinking back (see [`tool_loop_start`]).
+fn convert_messages(
+    messages: &[ChatMessage],
+    thinking: bool,
+) -> Result<(Option<Value>, Vec<Value>), PrepareError> {
+    let tool_loop = tool_loop_start(messages);
     let mut system: Vec<Value> = Vec::new();
     let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
     for (at, message) in messages.iter().enumerate() {
@@ -372,7 +378,10 @@ fn convert_messages(messages: &[ChatMessage]) -> Result<(Option<Value>, Vec<Valu
                 continue;
             }
             "user" => ("user", content_blocks(&message.content)?),
-            "assistant" => ("assistant", assistant_blocks(message)?),
+            "assistant" => {
+                let keep_thinking = thinking && at >= tool_loop;
+                ("assistant", assistant_blocks(message, keep_thinking)?)
+            }
             "tool" => ("user", vec![tool_result(at, message)?]),
             other => {
                 return Err(unsupported(format!(
@@ -399,6 +408,24 @@ fn convert_messages(messages: &[ChatMessage]) -> Result<(Option<Value>, Vec<Valu
         .map(|(role, blocks)| json!({ "role": role, "content": collapse(blocks) }))
         .collect();
     Ok((system, turns))
+}
+
+/// Where the tool loop the chat continues begins: after the last user message that answers no
+/// tool call (one after `tool` messages joins their turn). Anthropic requires the signed
+/// thinking of that loop's assistant turns, and refuses it when thinking is off; thinking from
+/// before it, perhaps signed by another server, stays out.
+fn tool_loop_start(messages: &[ChatMessage]) -> usize {
+    let mut start = 0;
+    let mut answered = false;
+    for (at, message) in messages.iter().enumerate() {
+        match message.role.as_str() {
+            "assistant" => answered = false,
+            "tool" => answered = true,
+            "user" if !answered => start = at + 1,
+            _ => {}
+        }
+    }
+    start
 }
 
 /// A text block with nothing else (no `cache_control`): it can be written as a plain string.
@@ -488,9 +515,17 @@ fn media_source(url: &str, what: &str) -> Result<Value, PrepareError> {
 }
 
 /// An assistant turn: its text, then one `tool_use` block per tool call.
-fn assistant_blocks(message: &ChatMessage) -> Result<Vec<Value>, PrepareError> {
+fn assistant_blocks(
+    message: &ChatMessage,
+    keep_thinking: bool,
+) -> Result<Vec<Value>, PrepareError> {
     // Anthropic wants the turn's thinking first, as it wrote it.
-    let mut blocks = thinking_blocks(message.reasoning_details.as_deref().unwrap_or_default());
+    let details = message.reasoning_details.as_deref().unwrap_or_default();
+    let mut blocks = if keep_thinking {
+        thinking_blocks(details)
+    } else {
+        Vec::new()
+    };
     blocks.extend(content_blocks(&message.content)?);
     for call in message.tool_calls.iter().flatten() {
         let input = match &call.function.arguments {
@@ -2147,23 +2182,39 @@ mod tests {
             "format": "anthropic-claude-v1", "index": 2}));
         pieces.push(json!({"type": "reasoning.encrypted", "data": "gAAA",
             "format": "openai-responses-v1", "index": 3}));
+        let request = |details: &Value, effort: &str, then: &[Value]| {
+            let mut messages = vec![
+                json!({"role": "user", "content": "q"}),
+                json!({"role": "assistant", "content": null, "reasoning_details": details,
+                       "tool_calls": [{"id": "t1", "type": "function",
+                                       "function": {"name": "f", "arguments": "{}"}}]}),
+                json!({"role": "tool", "tool_call_id": "t1", "content": "r"}),
+            ];
+            messages.extend_from_slice(then);
+            let request = json!({"model": "m", "messages": messages, "reasoning_effort": effort});
+            translate(request)["messages"][1]["content"].clone()
+        };
         for details in [details.clone(), Value::Array(pieces)] {
-            let request = json!({"model": "m", "messages": [
-                {"role": "user", "content": "q"},
-                {"role": "assistant", "content": null, "reasoning_details": details,
-                 "tool_calls": [{"id": "t1", "type": "function",
-                                 "function": {"name": "f", "arguments": "{}"}}]},
-                {"role": "tool", "tool_call_id": "t1", "content": "r"}
-            ]});
-            assert_eq!(
-                translate(request)["messages"][1]["content"],
-                json!([
-                    {"type": "thinking", "thinking": "Hm.", "signature": "sig-0"},
-                    {"type": "redacted_thinking", "data": "secret"},
-                    {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
-                ])
-            );
+            // A user message after the tool results joins their turn: still the same loop.
+            for then in [vec![], vec![json!({"role": "user", "content": "and?"})]] {
+                assert_eq!(
+                    request(&details, "low", &then),
+                    json!([
+                        {"type": "thinking", "thinking": "Hm.", "signature": "sig-0"},
+                        {"type": "redacted_thinking", "data": "secret"},
+                        {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+                    ])
+                );
+            }
         }
+        // Thinking off, or a loop that ended before the user's next turn: no thinking back.
+        let bare = json!([{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]);
+        assert_eq!(request(details, "none", &[]), bare);
+        let over = [
+            json!({"role": "assistant", "content": "Done."}),
+            json!({"role": "user", "content": "Thanks."}),
+        ];
+        assert_eq!(request(details, "low", &over), bare);
     }
 
     #[test]

@@ -34,7 +34,7 @@ impl Backend for OpenAi {
     }
 
     fn prepare(&self, call: &Call<'_>) -> Result<Prepared, PrepareError> {
-        let stripped = without_openrouter_fields(call.body);
+        let stripped = without_cache_control(call.body);
         let body = stripped.as_ref().unwrap_or(call.body);
         // OpenAI-compatible servers report a stream's usage only when asked: always ask, so
         // that every stream is priced (the chunk is stripped if the client did not ask).
@@ -65,20 +65,15 @@ impl Backend for OpenAi {
     }
 }
 
-/// Fields of OpenRouter's that a request translated from Anthropic's format carries in its
-/// messages: `cache_control` on text parts (OpenRouter hands it to the providers that cache) and
-/// an assistant turn's signed thinking (`reasoning_details`). An OpenAI-compatible server knows
-/// neither, and strict ones refuse the whole request over them.
-const OPENROUTER_MESSAGE_FIELDS: [&str; 2] = ["cache_control", "reasoning_details"];
-
-/// The body without [`OPENROUTER_MESSAGE_FIELDS`] in its messages, when it has any.
-fn without_openrouter_fields(body: &JsonObject) -> Option<JsonObject> {
+/// The body without `cache_control` marks in its messages, when it has any. A request that came
+/// in Anthropic's format keeps them on text parts for OpenRouter, which hands them to the
+/// providers that cache; an OpenAI-compatible server knows no such field, and strict ones
+/// refuse the whole request over it.
+fn without_cache_control(body: &JsonObject) -> Option<JsonObject> {
     fn strip(value: &mut Value) {
         match value {
             Value::Object(fields) => {
-                for name in OPENROUTER_MESSAGE_FIELDS {
-                    fields.remove(name);
-                }
+                fields.remove("cache_control");
                 fields.values_mut().for_each(strip);
             }
             Value::Array(items) => items.iter_mut().for_each(strip),
@@ -86,15 +81,10 @@ fn without_openrouter_fields(body: &JsonObject) -> Option<JsonObject> {
         }
     }
     let raw = body.get("messages")?;
-    let text = raw.get();
-    // Most requests have neither: a look at the raw text spares them a parse.
-    if !["\"cache_control\"", "\"reasoning_details\""]
-        .iter()
-        .any(|quoted| text.contains(quoted))
-    {
+    if !raw.get().contains("\"cache_control\"") {
         return None;
     }
-    let mut messages: Value = serde_json::from_str(text).ok()?;
+    let mut messages: Value = serde_json::from_str(raw.get()).ok()?;
     strip(&mut messages);
     let mut body = body.clone();
     body.set("messages", &messages);
@@ -134,9 +124,9 @@ mod tests {
     }
 
     #[test]
-    fn cache_marks_and_signed_thinking_stay_with_openrouter() {
+    fn cache_control_marks_stay_with_openrouter() {
         let body = JsonObject::parse(
-            br#"{"model":"m","messages":[{"role":"system","content":[{"type":"text","text":"be brief","cache_control":{"type":"ephemeral"}}]},{"role":"user","content":"say \"cache_control\""},{"role":"assistant","content":"ok","reasoning_details":[{"type":"reasoning.text","text":"Hm.","signature":"s","format":"anthropic-claude-v1","index":0}]}]}"#,
+            br#"{"model":"m","messages":[{"role":"system","content":[{"type":"text","text":"be brief","cache_control":{"type":"ephemeral"}}]},{"role":"user","content":"say \"cache_control\""}]}"#,
         )
         .unwrap();
         let call = Call {
@@ -156,8 +146,7 @@ mod tests {
             sent["messages"],
             serde_json::json!([
                 {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
-                {"role": "user", "content": "say \"cache_control\""},
-                {"role": "assistant", "content": "ok"}
+                {"role": "user", "content": "say \"cache_control\""}
             ])
         );
     }

@@ -101,9 +101,10 @@ pub(crate) fn signs_thinking(model: &str) -> bool {
 /// `reasoning_details`): a signed block must carry its own signature, and with thinking on, a
 /// turn that answers tool calls must keep the thinking that came with those calls.
 pub(crate) fn check_thinking(messages: &[Value], thinking_on: bool) -> Result<(), String> {
+    let claude = |detail: &&Value| detail.get("format") == Some(&"anthropic-claude-v1".into());
     for (i, message) in messages.iter().enumerate() {
         let details = message.get("reasoning_details").and_then(Value::as_array);
-        for detail in details.into_iter().flatten() {
+        for detail in details.into_iter().flatten().filter(claude) {
             let (Some("reasoning.text"), Some(text)) = (
                 detail.get("type").and_then(Value::as_str),
                 detail.get("text").and_then(Value::as_str),
@@ -117,23 +118,29 @@ pub(crate) fn check_thinking(messages: &[Value], thinking_on: bool) -> Result<()
             }
         }
     }
-    let answers_tools = messages.last().and_then(|m| m.get("role")) == Some(&"tool".into());
-    let calls = messages.iter().rposition(|m| {
-        m.get("tool_calls")
-            .is_some_and(|c| c.as_array().is_some_and(|c| !c.is_empty()))
-    });
-    if let (true, true, Some(i)) = (thinking_on, answers_tools, calls) {
-        let thought = messages[i]
-            .get("reasoning_details")
-            .and_then(Value::as_array)
-            .is_some_and(|details| !details.is_empty());
-        if !thought {
-            return Err(format!(
-                "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but \
-                 found `tool_use`. When `thinking` is enabled, a final `assistant` message must \
-                 start with a thinking block"
-            ));
-        }
+    // The tool loop in progress: the last assistant message called tools and their results
+    // came after it (a user message may follow them: Anthropic sees one turn).
+    let is = |m: &Value, role: &str| m.get("role").and_then(Value::as_str) == Some(role);
+    let Some(i) = messages.iter().rposition(|m| is(m, "assistant")) else {
+        return Ok(());
+    };
+    let called = messages[i]
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .is_some_and(|calls| !calls.is_empty());
+    let answered = messages[i + 1..].iter().any(|m| is(m, "tool"));
+    let claude_thought = messages[i]
+        .get("reasoning_details")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|detail| claude(&detail));
+    if thinking_on && called && answered && !claude_thought {
+        return Err(format!(
+            "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found \
+             `tool_use`. When `thinking` is enabled, a final `assistant` message must start \
+             with a thinking block"
+        ));
     }
     Ok(())
 }
@@ -215,6 +222,13 @@ mod tests {
             "{dropped}"
         );
         assert_eq!(check_thinking(&turn(json!([])), false), Ok(()));
+        // Text sent with the tool results (a user message after them) is the same turn.
+        let mut with_text = turn(json!([]));
+        with_text.push(json!({"role": "user", "content": "and?"}));
+        assert!(check_thinking(&with_text, true).is_err());
+        // Another provider's details are not Claude's thinking.
+        let foreign = json!([{"type": "reasoning.text", "text": "Hm.", "format": "unknown"}]);
+        assert!(check_thinking(&turn(foreign), true).is_err());
     }
 
     #[test]

@@ -200,10 +200,33 @@ fn messages(request: &Map<String, Value>) -> Result<Vec<OutMessage>, TranslateEr
     if let Some(system) = present(request, "system") {
         out.extend(system_message(system)?);
     }
+    let tool_loop = tool_loop_start(request, list);
     for (i, message) in list.iter().enumerate() {
-        translate_message(message, &format!("messages[{i}]"), &mut out)?;
+        let keep_thinking = tool_loop.is_some_and(|start| i >= start);
+        translate_message(message, &format!("messages[{i}]"), keep_thinking, &mut out)?;
     }
     Ok(out)
+}
+
+/// Where the tool loop the request continues begins, when thinking is on: the messages after
+/// the last user turn that answers no tool call. Anthropic requires the signed thinking of that
+/// loop's assistant turns back, and only of those; earlier thinking, perhaps signed by another
+/// provider, stays out, as does all of it when thinking is off (Anthropic refuses it then).
+fn tool_loop_start(request: &Map<String, Value>, messages: &[Value]) -> Option<usize> {
+    let kind = request.get("thinking").and_then(|t| t.get("type"));
+    if !matches!(kind.and_then(Value::as_str), Some("enabled" | "adaptive")) {
+        return None;
+    }
+    let answers_tools = |message: &Value| {
+        message["content"]
+            .as_array()
+            .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_result"))
+    };
+    let start = messages
+        .iter()
+        .rposition(|m| m["role"] == "user" && !answers_tools(m))
+        .map_or(0, |i| i + 1);
+    Some(start)
 }
 
 /// `system` → a first `system` message; `None` when it is empty.
@@ -237,6 +260,7 @@ fn system_message(system: &Value) -> Result<Option<OutMessage>, TranslateError> 
 fn translate_message(
     message: &Value,
     path: &str,
+    keep_thinking: bool,
     out: &mut Vec<OutMessage>,
 ) -> Result<(), TranslateError> {
     let message = as_object(message, path)?;
@@ -259,7 +283,7 @@ fn translate_message(
             Ok(())
         }
         Some(Value::Array(blocks)) if role == "user" => user_message(blocks, path, out),
-        Some(Value::Array(blocks)) => assistant_message(blocks, path, out),
+        Some(Value::Array(blocks)) => assistant_message(blocks, path, keep_thinking, out),
         Some(_) => Err(invalid(
             format!("{path}.content"),
             "must be a string or an array of content blocks",
@@ -300,6 +324,7 @@ fn user_message(
 fn assistant_message(
     blocks: &[Value],
     path: &str,
+    keep_thinking: bool,
     out: &mut Vec<OutMessage>,
 ) -> Result<(), TranslateError> {
     let mut parts = Vec::new();
@@ -319,9 +344,10 @@ fn assistant_message(
                         .map_or_else(|| "{}".to_owned(), Value::to_string),
                 },
             }),
-            "thinking" | "redacted_thinking" => {
-                reasoning.extend(reasoning_detail(block, reasoning.len(), &path)?);
+            "thinking" | "redacted_thinking" if keep_thinking => {
+                reasoning.extend(reasoning_detail(block, reasoning.len()));
             }
+            "thinking" | "redacted_thinking" => {}
             other => return Err(misplaced(other, "assistant", path)),
         }
     }
@@ -337,34 +363,25 @@ fn assistant_message(
 
 /// A signed `thinking` or a `redacted_thinking` block → an entry of OpenRouter's
 /// `reasoning_details`, which OpenRouter hands back to Anthropic as the block it was; `None` for
-/// thinking without a signature (from another provider), which Anthropic would refuse.
-fn reasoning_detail(
-    block: &Map<String, Value>,
-    index: usize,
-    path: &str,
-) -> Result<Option<Value>, TranslateError> {
-    if block.get("type").and_then(Value::as_str) == Some("redacted_thinking") {
-        return Ok(Some(serde_json::json!({
+/// thinking without a signature (from another provider) or a block missing its text or data,
+/// which Anthropic would refuse.
+fn reasoning_detail(block: &Map<String, Value>, index: usize) -> Option<Value> {
+    let text = |key: &str| block.get(key).and_then(Value::as_str);
+    if text("type") == Some("redacted_thinking") {
+        return Some(serde_json::json!({
             "type": "reasoning.encrypted",
-            "data": str_field(block, "data", path)?,
+            "data": text("data")?,
             "format": ANTHROPIC_REASONING_FORMAT,
             "index": index,
-        })));
+        }));
     }
-    let text = str_field(block, "thinking", path)?;
-    let signature = match present(block, "signature") {
-        None => "",
-        Some(Value::String(signature)) => signature,
-        Some(_) => return Err(invalid(format!("{path}.signature"), "must be a string")),
-    };
-    Ok((!signature.is_empty()).then(|| {
-        serde_json::json!({
-            "type": "reasoning.text",
-            "text": text,
-            "signature": signature,
-            "format": ANTHROPIC_REASONING_FORMAT,
-            "index": index,
-        })
+    let signature = text("signature").filter(|s| !s.is_empty())?;
+    Some(serde_json::json!({
+        "type": "reasoning.text",
+        "text": text("thinking")?,
+        "signature": signature,
+        "format": ANTHROPIC_REASONING_FORMAT,
+        "index": index,
     }))
 }
 

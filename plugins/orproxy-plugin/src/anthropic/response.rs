@@ -115,38 +115,38 @@ fn blocks(message: Message, message_id: &str) -> (Vec<Block>, bool) {
 /// providers' encrypted reasoning has no Messages form and is left out.
 fn thinking_blocks(details: Vec<ReasoningDetail>) -> Vec<Block> {
     let mut blocks: Vec<Block> = Vec::new();
-    let mut last_index = None;
+    // The index of the last block when it is thinking that later pieces may continue.
+    let mut open = None;
     for detail in details {
-        let same_block = detail.index.is_some() && detail.index == last_index;
-        last_index = detail.index;
         match detail.kind.as_str() {
             "reasoning.text" | "reasoning.summary" => {
                 let text = detail.text.or(detail.summary).unwrap_or_default();
                 let signature = detail.signature.unwrap_or_default();
-                if let (
-                    true,
+                let continued = detail.index.is_some() && detail.index == open;
+                match blocks.last_mut() {
                     Some(Block::Thinking {
                         thinking,
                         signature: signed,
-                    }),
-                ) = (same_block, blocks.last_mut())
-                {
-                    thinking.push_str(&text);
-                    if !signature.is_empty() {
-                        *signed = signature;
+                    }) if continued => {
+                        thinking.push_str(&text);
+                        if !signature.is_empty() {
+                            *signed = signature;
+                        }
                     }
-                } else if !text.is_empty() || !signature.is_empty() {
-                    blocks.push(Block::Thinking {
+                    _ if text.is_empty() && signature.is_empty() => continue,
+                    _ => blocks.push(Block::Thinking {
                         thinking: text,
                         signature,
-                    });
+                    }),
                 }
+                open = detail.index;
             }
             "reasoning.encrypted"
                 if detail.format.as_deref() == Some(ANTHROPIC_REASONING_FORMAT) =>
             {
                 if let Some(data) = detail.data.filter(|data| !data.is_empty()) {
                     blocks.push(Block::RedactedThinking { data });
+                    open = None;
                 }
             }
             _ => {}

@@ -190,10 +190,7 @@ impl StreamTranslator {
             // tells the blocks apart and carries their signatures.
             if !details.iter().any(ReasoningDelta::has_text) {
                 let reasoning = delta.reasoning.or(delta.reasoning_content);
-                self.add_text(
-                    Kind::Thinking(None),
-                    reasoning.as_deref().unwrap_or_default(),
-                );
+                self.add_thinking(None, reasoning.as_deref().unwrap_or_default());
             }
             for detail in details {
                 self.add_reasoning(detail);
@@ -230,34 +227,51 @@ impl StreamTranslator {
     /// in the block), or redacted thinking. Other providers' encrypted reasoning has no Messages
     /// form and is left out.
     fn add_reasoning(&mut self, detail: ReasoningDelta<'_>) {
-        if detail.kind == "reasoning.encrypted" {
-            if detail.format.as_deref() == Some(ANTHROPIC_REASONING_FORMAT)
-                && let Some(data) = detail.data.filter(|data| !data.is_empty())
+        match &*detail.kind {
+            "reasoning.text" | "reasoning.summary" => {
+                let text = detail.text.as_deref().or(detail.summary.as_deref());
+                self.add_thinking(detail.index, text.unwrap_or_default());
+                if let Some(signature) = detail.signature.filter(|s| !s.is_empty()) {
+                    self.thinking_segment(detail.index).signature = signature.into_owned();
+                }
+            }
+            "reasoning.encrypted"
+                if detail.format.as_deref() == Some(ANTHROPIC_REASONING_FORMAT) =>
             {
-                self.segments
-                    .push_back(Segment::new(Kind::Redacted, data.into_owned()));
+                if let Some(data) = detail.data.filter(|data| !data.is_empty()) {
+                    self.segments
+                        .push_back(Segment::new(Kind::Redacted, data.into_owned()));
+                }
             }
-            return;
+            _ => {}
         }
-        if !detail.has_text() {
-            return;
+    }
+
+    fn add_thinking(&mut self, key: Option<u64>, piece: &str) {
+        if !piece.is_empty() {
+            self.thinking_segment(key).pending.push_str(piece);
         }
-        let kind = Kind::Thinking(detail.index);
-        let text = detail.text.or(detail.summary);
-        self.add_text(kind, text.as_deref().unwrap_or_default());
-        let Some(signature) = detail.signature.filter(|s| !s.is_empty()) else {
-            return;
-        };
-        match self.segments.back_mut() {
-            Some(last) if last.kind == Kind::Thinking(detail.index) => {
-                last.signature = signature.into_owned();
-            }
-            _ => {
-                let mut segment = Segment::new(Kind::Thinking(detail.index), String::new());
-                segment.signature = signature.into_owned();
-                self.segments.push_back(segment);
-            }
+    }
+
+    /// The thinking segment a piece with OpenRouter's detail `key` belongs to: the last segment
+    /// if it is thinking and neither key names another block (plain `reasoning` text has none),
+    /// else a new one.
+    fn thinking_segment(&mut self, key: Option<u64>) -> &mut Segment {
+        let continues = matches!(
+            self.segments.back(),
+            Some(Segment { kind: Kind::Thinking(last), .. })
+                if last.is_none() || key.is_none() || *last == key
+        );
+        if !continues {
+            self.segments
+                .push_back(Segment::new(Kind::Thinking(key), String::new()));
         }
+        let last = self.segments.len() - 1;
+        let segment = &mut self.segments[last];
+        if let (Kind::Thinking(last @ None), Some(_)) = (&mut segment.kind, key) {
+            *last = key;
+        }
+        segment
     }
 
     fn add_tool(&mut self, delta: ToolDelta<'_>) {
@@ -618,9 +632,12 @@ struct ReasoningDelta<'a> {
 }
 
 impl ReasoningDelta<'_> {
-    /// Thinking text (or a summary of it), as opposed to encrypted reasoning.
+    /// Carries thinking text (or a summary of it), not only a signature or encrypted data.
     fn has_text(&self) -> bool {
         matches!(&*self.kind, "reasoning.text" | "reasoning.summary")
+            && [&self.text, &self.summary]
+                .into_iter()
+                .any(|text| text.as_deref().is_some_and(|t| !t.is_empty()))
     }
 }
 

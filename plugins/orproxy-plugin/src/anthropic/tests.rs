@@ -394,7 +394,7 @@ fn tool_response_translates_to_the_recorded_anthropic_body() {
 }
 
 #[test]
-fn reasoning_details_become_signed_and_redacted_thinking_and_unsigned_thinking_is_not_sent_back() {
+fn reasoning_details_become_thinking_and_go_back_only_within_a_tool_loop_with_thinking_on() {
     let message = json!({
         "role": "assistant", "content": "Sunny.", "reasoning": "Need weather.",
         "reasoning_details": [
@@ -415,26 +415,65 @@ fn reasoning_details_become_signed_and_redacted_thinking_and_unsigned_thinking_i
         ])
     );
 
-    // The next turn carries the answer back; thinking without a signature (another provider's,
-    // or one orproxy could not sign) stays out, as Anthropic would refuse it.
+    // The next turn answers a tool call with thinking on: the turn's signed thinking goes back;
+    // thinking without a signature (another provider's) stays out, Anthropic would refuse it.
     let mut history = out["content"].as_array().cloned().unwrap_or_default();
     history.insert(
         0,
         json!({"type": "thinking", "thinking": "Earlier.", "signature": ""}),
     );
-    let request = json!({"model": "m", "max_tokens": 10, "messages": [
-        {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": history},
-        {"role": "user", "content": "Thanks."}
-    ]});
-    let body = request_to_openai(request.to_string().as_bytes()).expect("translates");
+    history.push(json!({"type": "tool_use", "id": "t1", "name": "f", "input": {}}));
+    let request = |thinking: &str, then: Vec<Value>| {
+        let mut messages = vec![
+            json!({"role": "user", "content": "Weather?"}),
+            json!({"role": "assistant", "content": history}),
+            json!({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "sun"}]}),
+        ];
+        messages.extend(then);
+        let request = json!({"model": "m", "max_tokens": 2000, "messages": messages,
+                             "thinking": {"type": thinking, "budget_tokens": 1024}});
+        let body = request_to_openai(request.to_string().as_bytes()).expect("translates");
+        parse(&body.to_bytes())["messages"][1].clone()
+    };
     assert_eq!(
-        parse(&body.to_bytes())["messages"][1],
-        json!({"role": "assistant", "content": "Sunny.", "reasoning_details": [
+        request("enabled", vec![])["reasoning_details"],
+        json!([
             {"type": "reasoning.text", "text": "Need weather.", "signature": "sig-0",
              "format": "anthropic-claude-v1", "index": 0},
             {"type": "reasoning.encrypted", "data": "secret", "format": "anthropic-claude-v1", "index": 1}
-        ]})
+        ])
+    );
+    // Thinking off, or a tool loop already over (a user turn after it): no thinking goes back.
+    let over = vec![
+        json!({"role": "assistant", "content": "Done."}),
+        json!({"role": "user", "content": "Thanks."}),
+    ];
+    assert!(
+        request("disabled", vec![])
+            .get("reasoning_details")
+            .is_none()
+    );
+    assert!(request("enabled", over).get("reasoning_details").is_none());
+}
+
+#[test]
+fn pieces_join_only_the_thinking_block_they_continue() {
+    let detail = |text: &str, signature: &str, index: u64| {
+        json!({"type": "reasoning.text", "text": text, "signature": signature,
+               "format": "anthropic-claude-v1", "index": index})
+    };
+    let message = json!({"role": "assistant", "content": "ok", "reasoning_details": [
+        detail("A", "s0", 0), detail("", "", 1), detail("B", "s1", 1), detail("C", "", 1)
+    ]});
+    let out = answer(json!({"index": 0, "message": message, "finish_reason": "stop"}));
+    assert_eq!(
+        out["content"],
+        json!([
+            {"type": "thinking", "thinking": "A", "signature": "s0"},
+            {"type": "thinking", "thinking": "BC", "signature": "s1"},
+            {"type": "text", "text": "ok"}
+        ])
     );
 }
 

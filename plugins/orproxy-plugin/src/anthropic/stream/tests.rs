@@ -255,6 +255,49 @@ fn signed_and_redacted_thinking_from_openrouter_become_their_anthropic_blocks() 
 }
 
 #[test]
+fn plain_and_detailed_pieces_of_one_thinking_block_stay_one_block() {
+    let thinking = |chunks: &[Value]| {
+        let (mut translator, mut out) = run(chunks);
+        translator.finish(&mut out);
+        check(&out).expect("valid");
+        events(&out)
+            .into_iter()
+            .filter_map(|(_, data)| match data["delta"]["type"].as_str() {
+                Some("thinking_delta") => Some(format!("t:{}", data["delta"]["thinking"])),
+                Some("signature_delta") => Some(format!("s:{}", data["delta"]["signature"])),
+                _ => (data["type"] == "content_block_start").then(|| "start".to_owned()),
+            })
+            .collect::<Vec<_>>()
+    };
+    let detail = |fields: Value| {
+        let mut detail = json!({"type": "reasoning.text", "format": "anthropic-claude-v1"});
+        detail
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        detail
+    };
+    // Text in `reasoning` next to a detail that carries only the signature.
+    let signed_beside_text = [delta(json!({"reasoning": "check.",
+        "reasoning_details": [detail(json!({"signature": "sig", "index": 0}))]}))];
+    assert_eq!(
+        thinking(&signed_beside_text),
+        ["start", "t:\"check.\"", "s:\"sig\""]
+    );
+    // Plain text first, then indexed details, then a signature without an index.
+    let mixed = [
+        delta(json!({"reasoning": "Let me "})),
+        delta(json!({"reasoning": "check.",
+            "reasoning_details": [detail(json!({"text": "check.", "index": 0}))]})),
+        delta(json!({"reasoning_details": [detail(json!({"text": "", "signature": "sig"}))]})),
+    ];
+    assert_eq!(
+        thinking(&mixed),
+        ["start", "t:\"Let me \"", "t:\"check.\"", "s:\"sig\""]
+    );
+}
+
+#[test]
 fn cache_writes_are_reported_as_cache_creation_at_start_and_end() {
     let usage: Value = serde_json::from_str(super::super::tests::CACHE_USAGE).expect("JSON");
     let expected = super::super::tests::cache_usage_anthropic();
