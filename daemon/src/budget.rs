@@ -959,6 +959,7 @@ mod tests {
                 completion_per_mtok: 2_000_000_000,
                 cached_prompt_per_mtok: None,
                 cache_write_prompt_per_mtok: None,
+                cache_write_1h_prompt_per_mtok: None,
                 request: 0,
             },
             max_output_tokens: None,

@@ -160,6 +160,9 @@ pub struct PricingConfig {
     pub cached_input_usd_per_mtok: Option<Usd>,
     /// USD per million input tokens written to the prompt cache (default: the input price).
     pub cache_write_usd_per_mtok: Option<Usd>,
+    /// USD per million input tokens written to the prompt cache for an hour (default: the
+    /// cache-write price).
+    pub cache_write_1h_usd_per_mtok: Option<Usd>,
     /// USD per request.
     pub request_usd: Option<Usd>,
     /// The model's largest answer, used for budget reservations when a request sets no

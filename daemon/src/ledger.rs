@@ -118,6 +118,7 @@ impl Accounts {
                     completion_per_mtok: p.completion_per_mtok,
                     cached_prompt_per_mtok: p.cached_prompt_per_mtok,
                     cache_write_per_mtok: p.cache_write_prompt_per_mtok,
+                    cache_write_1h_per_mtok: p.cache_write_1h_prompt_per_mtok,
                     request_nanos: p.request,
                     max_output_tokens: m.max_output_tokens.and_then(|n| i64::try_from(n).ok()),
                     fetched_ms,
@@ -227,6 +228,7 @@ fn listed(p: &StoredPrice) -> Option<Listed> {
         completion_per_mtok: p.completion_per_mtok,
         cached_prompt_per_mtok: p.cached_prompt_per_mtok,
         cache_write_prompt_per_mtok: p.cache_write_per_mtok,
+        cache_write_1h_prompt_per_mtok: p.cache_write_1h_per_mtok,
         request: p.request_nanos,
     }
     .chargeable()?;
@@ -285,6 +287,7 @@ mod tests {
                 completion_per_mtok: per_mtok,
                 cached_prompt_per_mtok: None,
                 cache_write_per_mtok: None,
+                cache_write_1h_per_mtok: None,
                 request_nanos: 0,
                 max_output_tokens: None,
                 fetched_ms: 1,

@@ -50,6 +50,7 @@ pub fn build_rules(
                         completion_per_mtok: p.output_usd_per_mtok.0,
                         cached_prompt_per_mtok: p.cached_input_usd_per_mtok.map(|u| u.0),
                         cache_write_prompt_per_mtok: p.cache_write_usd_per_mtok.map(|u| u.0),
+                        cache_write_1h_prompt_per_mtok: p.cache_write_1h_usd_per_mtok.map(|u| u.0),
                         request: p.request_usd.map_or(0, |u| u.0),
                     },
                     max_output_tokens: p.max_output_tokens,
@@ -184,14 +185,19 @@ pub fn cost(price: &Price, usage: &Usage) -> Nanos {
         .cache_write_tokens
         .unwrap_or(0)
         .min(usage.prompt_tokens - cached);
+    let written_1h = usage.cache_write_1h_tokens.unwrap_or(0).min(written);
     let at = |special: Option<Nanos>| special.unwrap_or(price.prompt_per_mtok);
+    let write_1h = price
+        .cache_write_1h_prompt_per_mtok
+        .or(price.cache_write_prompt_per_mtok);
     per_mtok(&[
         (
             usage.prompt_tokens - cached - written,
             price.prompt_per_mtok,
         ),
         (cached, at(price.cached_prompt_per_mtok)),
-        (written, at(price.cache_write_prompt_per_mtok)),
+        (written - written_1h, at(price.cache_write_prompt_per_mtok)),
+        (written_1h, at(write_1h)),
         (usage.completion_tokens, price.completion_per_mtok),
     ])
     .saturating_add(price.request)
@@ -235,6 +241,7 @@ mod tests {
             completion_per_mtok: completion,
             cached_prompt_per_mtok: None,
             cache_write_prompt_per_mtok: None,
+            cache_write_1h_prompt_per_mtok: None,
             request: 0,
         }
     }
@@ -299,6 +306,17 @@ mod tests {
             ..u
         };
         assert_eq!(cost(&p, &odd), 500 * 300 + 500 * 3_750 + 10 * 15_000);
+        // Of the 400 written, 100 for an hour: at the hour's price, else at the write price.
+        let hour = Usage {
+            cache_write_1h_tokens: Some(100),
+            ..u
+        };
+        assert_eq!(cost(&p, &hour), cost(&p, &u));
+        p.cache_write_1h_prompt_per_mtok = Some(6_000_000_000);
+        assert_eq!(
+            cost(&p, &hour),
+            100 * 3_000 + 500 * 300 + 300 * 3_750 + 100 * 6_000 + 10 * 15_000
+        );
     }
 
     #[test]

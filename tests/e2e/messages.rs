@@ -937,28 +937,34 @@ async fn prompt_cache_writes_are_priced_at_the_cache_write_price() {
     let daemon = daemon_for_anthropic(
         &fake,
         "pricing:\n  - { match: \"^claude:\", input_usd_per_mtok: 3, output_usd_per_mtok: 15, \
-         cache_write_usd_per_mtok: 3.75 }\n",
+         cache_write_usd_per_mtok: 3.75, cache_write_1h_usd_per_mtok: 6 }\n",
     );
-    let mut body = message(FAKE_ANTHROPIC_MODEL, "a prompt worth caching", false);
-    body["system"] = json!([{"type": "text", "text": "A long and stable system prompt.",
-                             "cache_control": {"type": "ephemeral"}}]);
-    let response = post_messages(&daemon, &body).await;
-    assert_eq!(response.status(), 200);
-    let id = request_id(&response);
-    let answer: Value = response.json().await.unwrap();
-    let written = answer["usage"]["cache_creation_input_tokens"]
-        .as_i64()
-        .unwrap();
-    assert!(written > 0, "{answer:#}");
-    let rows = flushed_rows(&daemon, &default_db(&daemon)).await;
-    let row = row_of(&rows, &id);
-    let (prompt, output) = (row.prompt_tokens.unwrap(), row.completion_tokens.unwrap());
-    assert_eq!(row.cost_source, "pricing", "{row:?}");
-    assert_eq!(
-        row.cost_nanos,
-        (prompt - written) * 3_000 + written * 3_750 + output * 15_000,
-        "{row:?}"
-    );
+    // Kept five minutes (1.25× input here), then an hour (2×).
+    for (cache_control, write_price) in [
+        (json!({"type": "ephemeral"}), 3_750),
+        (json!({"type": "ephemeral", "ttl": "1h"}), 6_000),
+    ] {
+        let mut body = message(FAKE_ANTHROPIC_MODEL, "a prompt worth caching", false);
+        body["system"] = json!([{"type": "text", "text": "A long and stable system prompt.",
+                                 "cache_control": cache_control}]);
+        let response = post_messages(&daemon, &body).await;
+        assert_eq!(response.status(), 200);
+        let id = request_id(&response);
+        let answer: Value = response.json().await.unwrap();
+        let written = answer["usage"]["cache_creation_input_tokens"]
+            .as_i64()
+            .unwrap();
+        assert!(written > 0, "{answer:#}");
+        let rows = flushed_rows(&daemon, &default_db(&daemon)).await;
+        let row = row_of(&rows, &id);
+        let (prompt, output) = (row.prompt_tokens.unwrap(), row.completion_tokens.unwrap());
+        assert_eq!(row.cost_source, "pricing", "{row:?}");
+        assert_eq!(
+            row.cost_nanos,
+            (prompt - written) * 3_000 + written * write_price + output * 15_000,
+            "{row:?}"
+        );
+    }
 }
 
 // === 6. OpenAI client, Anthropic backend ===

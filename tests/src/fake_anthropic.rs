@@ -25,7 +25,9 @@
 //! Tokens: the prompt is `ceil(chars of all system, text and tool-result text / 4)`, reported as
 //! `input_tokens`; when any part of the request carries `cache_control`, half of it (rounded
 //! down) is reported as `cache_creation_input_tokens` instead, so the three input fields always
-//! add up to the same prompt. `cache_read_input_tokens` is 0. `output_tokens` is the number of
+//! add up to the same prompt, and `cache_creation` splits them by time to live (all
+//! `ephemeral_1h_input_tokens` when a breakpoint asks for `"ttl": "1h"`, else all five-minute).
+//! `cache_read_input_tokens` is 0. `output_tokens` is the number of
 //! whitespace-separated words of the answer text (of the input JSON text for a tool call).
 
 use std::collections::VecDeque;
@@ -97,6 +99,8 @@ struct Conversation {
     tool_result: Option<String>,
     first_tool: Option<String>,
     cache_control: bool,
+    /// A cache breakpoint asks to keep the prefix an hour (`"ttl": "1h"`).
+    cache_for_an_hour: bool,
     /// `thinking` is on: the answer starts with a signed thinking block.
     thinking: bool,
 }
@@ -116,6 +120,8 @@ enum Answer {
 struct Tokens {
     input: u64,
     cache_creation: u64,
+    /// The cache writes are kept an hour, not five minutes.
+    for_an_hour: bool,
     output: u64,
 }
 
@@ -399,6 +405,7 @@ fn messages(shared: &Shared, body: &[u8]) -> Result<Reply, ApiError> {
     let tokens = Tokens {
         input: prompt - cache_creation,
         cache_creation,
+        for_an_hour: conversation.cache_for_an_hour,
         output: answer.words() + thought.as_deref().map_or(0, words),
     };
     let id = shared.next_id("msg");
@@ -556,6 +563,7 @@ impl Conversation {
     fn read(request: &Value) -> Conversation {
         let mut conversation = Conversation {
             cache_control: has_cache_control(request),
+            cache_for_an_hour: request.to_string().contains(r#""ttl":"1h""#),
             first_tool: request["tools"][0]["name"].as_str().map(str::to_owned),
             thinking: matches!(
                 request["thinking"]["type"].as_str(),
@@ -705,6 +713,10 @@ impl Tokens {
         json!({
             "input_tokens": self.input,
             "cache_creation_input_tokens": self.cache_creation,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": if self.for_an_hour { 0 } else { self.cache_creation },
+                "ephemeral_1h_input_tokens": if self.for_an_hour { self.cache_creation } else { 0 },
+            },
             "cache_read_input_tokens": 0,
             "output_tokens": output,
             "service_tier": "standard",
@@ -1253,6 +1265,29 @@ mod tests {
         assert_eq!(body["usage"]["cache_creation_input_tokens"], 3);
         assert_eq!(body["usage"]["input_tokens"], 3);
         assert_eq!(body["usage"]["cache_read_input_tokens"], 0);
+        assert_eq!(
+            body["usage"]["cache_creation"]["ephemeral_5m_input_tokens"],
+            3
+        );
+        let body = post(
+            &fake,
+            json!({
+                "model": "m", "max_tokens": 10,
+                "system": [{"type": "text", "text": "a long shared preamble",
+                            "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+                "messages": [{"role": "user", "content": "hi"}],
+            }),
+        )
+        .await
+        .json();
+        assert_eq!(
+            body["usage"]["cache_creation"]["ephemeral_1h_input_tokens"],
+            3
+        );
+        assert_eq!(
+            body["usage"]["cache_creation"]["ephemeral_5m_input_tokens"],
+            0
+        );
     }
 
     #[tokio::test]

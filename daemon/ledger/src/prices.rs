@@ -17,6 +17,8 @@ pub struct StoredPrice {
     pub cached_prompt_per_mtok: Option<i64>,
     /// Per million input tokens written to the prompt cache, when different.
     pub cache_write_per_mtok: Option<i64>,
+    /// Per million input tokens written to the prompt cache for an hour, when different.
+    pub cache_write_1h_per_mtok: Option<i64>,
     /// Per request.
     pub request_nanos: i64,
     /// The model's largest answer, when published.
@@ -37,8 +39,8 @@ pub fn store_prices(
         let mut stmt = tx.prepare_cached(
             "INSERT OR REPLACE INTO prices (backend, model, prompt_per_mtok, completion_per_mtok,
              cached_prompt_per_mtok, request_nanos, max_output_tokens, fetched_ms,
-             cache_write_per_mtok)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             cache_write_per_mtok, cache_write_1h_per_mtok)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         for p in prices {
             stmt.execute(params![
@@ -51,6 +53,7 @@ pub fn store_prices(
                 p.max_output_tokens,
                 p.fetched_ms,
                 p.cache_write_per_mtok,
+                p.cache_write_1h_per_mtok,
             ])?;
         }
     }
@@ -61,7 +64,8 @@ pub fn store_prices(
 pub fn load_prices(conn: &Connection) -> rusqlite::Result<Vec<StoredPrice>> {
     let mut stmt = conn.prepare(
         "SELECT backend, model, prompt_per_mtok, completion_per_mtok, cached_prompt_per_mtok,
-         request_nanos, max_output_tokens, fetched_ms, cache_write_per_mtok FROM prices",
+         request_nanos, max_output_tokens, fetched_ms, cache_write_per_mtok, cache_write_1h_per_mtok
+         FROM prices",
     )?;
     stmt.query_map([], |r| {
         Ok(StoredPrice {
@@ -74,6 +78,7 @@ pub fn load_prices(conn: &Connection) -> rusqlite::Result<Vec<StoredPrice>> {
             max_output_tokens: r.get(6)?,
             fetched_ms: r.get(7)?,
             cache_write_per_mtok: r.get(8)?,
+            cache_write_1h_per_mtok: r.get(9)?,
         })
     })?
     .collect()
@@ -95,6 +100,7 @@ mod tests {
             completion_per_mtok: 10_000_000_000,
             cached_prompt_per_mtok: Some(37_500_000),
             cache_write_per_mtok: Some(3_125_000_000),
+            cache_write_1h_per_mtok: Some(5_000_000_000),
             request_nanos: 0,
             max_output_tokens: Some(16_384),
             fetched_ms: 1,

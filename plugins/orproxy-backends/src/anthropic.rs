@@ -874,6 +874,17 @@ struct WireUsage {
     cache_creation_input_tokens: Option<u64>,
     #[serde(default)]
     cache_read_input_tokens: Option<u64>,
+    /// The cache writes by how long they are kept.
+    #[serde(default)]
+    cache_creation: Option<CacheCreation>,
+}
+
+/// `usage.cache_creation`: of the tokens written to the prompt cache, those kept an hour
+/// (priced apart from the five-minute ones).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct CacheCreation {
+    #[serde(default)]
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -913,6 +924,7 @@ impl WireUsage {
         self.cache_read_input_tokens = later
             .cache_read_input_tokens
             .or(self.cache_read_input_tokens);
+        self.cache_creation = later.cache_creation.or(self.cache_creation);
     }
 
     /// Anthropic's `input_tokens` excludes cached and cache-written tokens: the prompt is all three.
@@ -924,6 +936,9 @@ impl WireUsage {
             completion_tokens: self.output_tokens.unwrap_or(0),
             cached_tokens: self.cache_read_input_tokens,
             cache_write_tokens: self.cache_creation_input_tokens,
+            cache_write_1h_tokens: self
+                .cache_creation
+                .and_then(|by_ttl| by_ttl.ephemeral_1h_input_tokens),
             reasoning_tokens: None,
             cost_nanos: None,
         }
@@ -2120,6 +2135,7 @@ mod tests {
                 completion_tokens: 503,
                 cached_tokens: Some(500),
                 cache_write_tokens: Some(1000),
+                cache_write_1h_tokens: None,
                 reasoning_tokens: None,
                 cost_nanos: None,
             })
@@ -2147,6 +2163,20 @@ mod tests {
                 "usage": {"prompt_tokens": 3595, "completion_tokens": 503, "total_tokens": 4098,
                           "prompt_tokens_details": {"cached_tokens": 500, "cache_write_tokens": 1000}},
             })
+        );
+    }
+
+    #[test]
+    fn hour_long_cache_writes_are_counted_apart() {
+        let message = r#"{"id":"msg_1","type":"message","role":"assistant","model":"m",
+            "content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn",
+            "usage":{"input_tokens":10,"cache_creation_input_tokens":300,"cache_read_input_tokens":0,
+                     "cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},
+                     "output_tokens":1}}"#;
+        let usage = to_completion(message.as_bytes(), 1).usage.unwrap();
+        assert_eq!(
+            (usage.cache_write_tokens, usage.cache_write_1h_tokens),
+            (Some(300), Some(200))
         );
     }
 
@@ -2432,6 +2462,7 @@ mod tests {
             completion_tokens: completion,
             cached_tokens: Some(100),
             cache_write_tokens: Some(0),
+            cache_write_1h_tokens: None,
             reasoning_tokens: None,
             cost_nanos: None,
         };

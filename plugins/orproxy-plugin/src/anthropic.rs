@@ -90,6 +90,10 @@ pub fn usage_from_anthropic(usage: &Value) -> Option<Usage> {
     }
     let cache_read = count("cache_read_input_tokens");
     let cache_write = count("cache_creation_input_tokens");
+    let cache_write_1h = object
+        .get("cache_creation")
+        .and_then(|by_ttl| by_ttl.get("ephemeral_1h_input_tokens"))
+        .and_then(Value::as_u64);
     // Anthropic's input_tokens excludes both cache kinds; Usage counts every input token.
     let prompt_tokens = input
         .unwrap_or(0)
@@ -100,6 +104,7 @@ pub fn usage_from_anthropic(usage: &Value) -> Option<Usage> {
         completion_tokens: output.unwrap_or(0),
         cached_tokens: cache_read,
         cache_write_tokens: cache_write,
+        cache_write_1h_tokens: cache_write_1h,
         reasoning_tokens: None,
         cost_nanos: None,
     })

@@ -288,6 +288,9 @@ pub struct Price {
     /// Per million input tokens written to the prompt cache, when different from input
     /// (Anthropic's models charge 1.25× input for a write).
     pub cache_write_prompt_per_mtok: Option<Nanos>,
+    /// Per million input tokens written to be kept an hour, when different from the write
+    /// price (Anthropic: 2× input).
+    pub cache_write_1h_prompt_per_mtok: Option<Nanos>,
     /// Per request.
     pub request: Nanos,
 }
@@ -303,6 +306,7 @@ impl Price {
         Some(Price {
             cached_prompt_per_mtok: self.cached_prompt_per_mtok.filter(|n| *n >= 0),
             cache_write_prompt_per_mtok: self.cache_write_prompt_per_mtok.filter(|n| *n >= 0),
+            cache_write_1h_prompt_per_mtok: self.cache_write_1h_prompt_per_mtok.filter(|n| *n >= 0),
             ..self
         })
     }

@@ -565,6 +565,8 @@ struct WirePricing<'a> {
     input_cache_read: Option<&'a RawValue>,
     #[serde(default, borrow)]
     input_cache_write: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    input_cache_write_1h: Option<&'a RawValue>,
 }
 
 /// Reads an OpenAI (or OpenRouter, with `pricing` in USD per token) model list.
@@ -582,6 +584,7 @@ pub fn map_models(body: &[u8]) -> Result<Vec<ModelInfo>, MapError> {
                     completion_per_mtok: per_mtok(p.completion)?,
                     cached_prompt_per_mtok: per_mtok(p.input_cache_read),
                     cache_write_prompt_per_mtok: per_mtok(p.input_cache_write),
+                    cache_write_1h_prompt_per_mtok: per_mtok(p.input_cache_write_1h),
                     request: p.request.and_then(|r| usd_to_nanos(r.get())).unwrap_or(0),
                 }
                 .chargeable()
@@ -1070,7 +1073,7 @@ mod tests {
         assert_eq!(per_token_to_per_mtok("\"0.000000075\""), Some(75_000_000));
         // OpenRouter's "-1" (a router priced by the model it picks) is no price at all.
         let models = map_models(
-            br#"{"data":[{"id":"openrouter/auto","pricing":{"prompt":"-1","completion":"-1"}},{"id":"r","pricing":{"prompt":"0.000001","completion":"0.000002","request":"-1"}},{"id":"c","pricing":{"prompt":"0.000001","completion":"0.000002","input_cache_read":"-1","input_cache_write":"0.00000125"}}]}"#,
+            br#"{"data":[{"id":"openrouter/auto","pricing":{"prompt":"-1","completion":"-1"}},{"id":"r","pricing":{"prompt":"0.000001","completion":"0.000002","request":"-1"}},{"id":"c","pricing":{"prompt":"0.000001","completion":"0.000002","input_cache_read":"-1","input_cache_write":"0.00000125","input_cache_write_1h":"0.000002"}}]}"#,
         )
         .unwrap();
         assert_eq!(models[0].price, None);
@@ -1080,9 +1083,15 @@ mod tests {
             (
                 cached.prompt_per_mtok,
                 cached.cached_prompt_per_mtok,
-                cached.cache_write_prompt_per_mtok
+                cached.cache_write_prompt_per_mtok,
+                cached.cache_write_1h_prompt_per_mtok
             ),
-            (1_000_000_000, None, Some(1_250_000_000))
+            (
+                1_000_000_000,
+                None,
+                Some(1_250_000_000),
+                Some(2_000_000_000)
+            )
         );
         assert_eq!(per_token_to_per_mtok("7.5e-8"), Some(75_000_000));
     }

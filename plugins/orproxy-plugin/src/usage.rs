@@ -24,6 +24,9 @@ pub struct Usage {
     /// Input tokens written to the provider's prompt cache (OpenRouter's
     /// `prompt_tokens_details.cache_write_tokens`, Anthropic's cache creation), when reported.
     pub cache_write_tokens: Option<u64>,
+    /// Of those, the tokens written to be kept an hour, which cost more (Anthropic's
+    /// `cache_creation.ephemeral_1h_input_tokens`), when reported.
+    pub cache_write_1h_tokens: Option<u64>,
     /// Output tokens spent on reasoning, when reported.
     pub reasoning_tokens: Option<u64>,
     /// The cost the upstream reported (OpenRouter's `usage.cost`), exact.
@@ -246,6 +249,7 @@ impl WireUsage<'_> {
             completion_tokens: self.completion_tokens.unwrap_or(0),
             cached_tokens: self.cached_tokens,
             cache_write_tokens: self.cache_write_tokens,
+            cache_write_1h_tokens: None,
             reasoning_tokens: self.reasoning_tokens,
             cost_nanos,
         })
@@ -411,6 +415,7 @@ mod tests {
                 completion_tokens: 1763,
                 cached_tokens: Some(3),
                 cache_write_tokens: Some(4),
+                cache_write_1h_tokens: None,
                 reasoning_tokens: Some(832),
                 cost_nanos: Some(3_530_250),
             }

@@ -609,6 +609,7 @@ fn anthropic_usage_counts_cache_tokens_as_input() {
     let usage = usage_from_anthropic(&json!({
         "input_tokens": 10, "output_tokens": 5,
         "cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 40, "ephemeral_1h_input_tokens": 60},
     }))
     .expect("usage");
     assert_eq!(
@@ -618,6 +619,7 @@ fn anthropic_usage_counts_cache_tokens_as_input() {
             completion_tokens: 5,
             cached_tokens: Some(1000),
             cache_write_tokens: Some(100),
+            cache_write_1h_tokens: Some(60),
             reasoning_tokens: None,
             cost_nanos: None,
         }
