@@ -218,8 +218,18 @@ pub fn worst_case(
     let answer = max_tokens
         .or(quote.max_output_tokens)
         .unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
+    // The whole prompt may be written to the cache: it is reserved at the dearest input price.
+    let price = quote.price;
+    let write = price
+        .cache_write_prompt_per_mtok
+        .unwrap_or(price.prompt_per_mtok);
+    let write_1h = price.cache_write_1h_prompt_per_mtok.unwrap_or(write);
+    let dearest = Price {
+        prompt_per_mtok: price.prompt_per_mtok.max(write).max(write_1h),
+        ..price
+    };
     cost(
-        &quote.price,
+        &dearest,
         &Usage {
             prompt_tokens: prompt_tokens.min(MAX_RESERVED_TOKENS),
             completion_tokens: answer
@@ -387,5 +397,35 @@ mod tests {
             most,
             (MAX_RESERVED_TOKENS as i64) * 1_000 + (MAX_RESERVED_TOKENS as i64) * 2_000
         );
+    }
+
+    #[test]
+    fn the_worst_case_is_never_below_the_cost_whatever_the_cache_did() {
+        let mut q = Quote {
+            price: price(3_000_000_000, 15_000_000_000),
+            max_output_tokens: Some(10),
+            origin: PriceOrigin::Config,
+        };
+        q.price.cached_prompt_per_mtok = Some(300_000_000);
+        let spent = |written: u64, for_an_hour: u64| Usage {
+            prompt_tokens: 1000,
+            completion_tokens: 10,
+            cache_write_tokens: Some(written),
+            cache_write_1h_tokens: Some(for_an_hour),
+            ..Usage::default()
+        };
+        for (write, write_1h) in [
+            (None, None),
+            (Some(3_750_000_000), None),
+            (Some(3_750_000_000), Some(6_000_000_000)),
+        ] {
+            q.price.cache_write_prompt_per_mtok = write;
+            q.price.cache_write_1h_prompt_per_mtok = write_1h;
+            let reserved = worst_case(&q, 1000, None, 1);
+            for (written, for_an_hour) in [(0, 0), (1000, 0), (1000, 1000), (400, 100)] {
+                assert!(reserved >= cost(&q.price, &spent(written, for_an_hour)));
+            }
+        }
+        assert_eq!(worst_case(&q, 1000, None, 1), 1000 * 6_000 + 10 * 15_000);
     }
 }
