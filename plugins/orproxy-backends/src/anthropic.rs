@@ -568,7 +568,9 @@ fn thinking_blocks(details: &[Value]) -> Vec<Value> {
                 let text = detail["text"].as_str().unwrap_or_default();
                 let signature = detail["signature"].as_str().unwrap_or_default();
                 match blocks.last_mut() {
-                    Some((last, block)) if index.is_some() && *last == index => {
+                    Some((last, block))
+                        if index.is_some() && *last == index && block["type"] == "thinking" =>
+                    {
                         if let Some(Value::String(thinking)) = block.get_mut("thinking") {
                             thinking.push_str(text);
                         }

@@ -231,7 +231,12 @@ impl StreamTranslator {
             "reasoning.text" | "reasoning.summary" => {
                 let text = detail.text.as_deref().or(detail.summary.as_deref());
                 self.add_thinking(detail.index, text.unwrap_or_default());
-                if let Some(signature) = detail.signature.filter(|s| !s.is_empty()) {
+                // Only Anthropic checks these signatures against Claude thinking blocks.
+                let claude = detail
+                    .format
+                    .as_deref()
+                    .is_none_or(|format| format == ANTHROPIC_REASONING_FORMAT);
+                if let Some(signature) = detail.signature.filter(|s| claude && !s.is_empty()) {
                     self.thinking_segment(detail.index).signature = signature.into_owned();
                 }
             }

@@ -402,7 +402,8 @@ fn reasoning_details_become_thinking_and_go_back_only_within_a_tool_loop_with_th
             {"type": "reasoning.text", "text": "weather.", "signature": "sig-0",
              "format": "anthropic-claude-v1", "index": 0},
             {"type": "reasoning.encrypted", "data": "secret", "format": "anthropic-claude-v1", "index": 1},
-            {"type": "reasoning.encrypted", "data": "gAAA", "format": "openai-responses-v1", "index": 2}
+            {"type": "reasoning.encrypted", "data": "gAAA", "format": "openai-responses-v1", "index": 2},
+            {"type": "reasoning.text", "text": " Hm.", "signature": "gem", "format": "google-gemini-v1", "index": 3}
         ]
     });
     let out = answer(json!({"index": 0, "message": message, "finish_reason": "stop"}));
@@ -411,6 +412,8 @@ fn reasoning_details_become_thinking_and_go_back_only_within_a_tool_loop_with_th
         json!([
             {"type": "thinking", "thinking": "Need weather.", "signature": "sig-0"},
             {"type": "redacted_thinking", "data": "secret"},
+            // Another provider's signature means nothing to Anthropic: not kept.
+            {"type": "thinking", "thinking": " Hm.", "signature": ""},
             {"type": "text", "text": "Sunny."}
         ])
     );
