@@ -26,7 +26,8 @@ use orproxy_testkit::FAKE_API_KEY;
 use serde_json::Value;
 
 const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--concurrency C] \
-[--rate R] [--no-ledger | --ledger-only] [--baseline PATH] [--no-nginx] [--markdown PATH]
+[--rate R] [--no-ledger | --ledger-only] [--writer-cpu N] [--baseline PATH] [--no-nginx] \
+[--markdown PATH]
 
   --requests N      requests per path at concurrency 1, per mode (default 2000)
   --duration SECS   measured seconds per path under load, per mode (default 10)
@@ -39,6 +40,9 @@ const USAGE: &str = "usage: orproxy-bench [--requests N] [--duration SECS] [--co
   --ledger-only     measure only those comparisons (the daemon with and without its
                     usage database, and a second one without it as the control,
                     saturated and at fixed rates)
+  --writer-cpu N    give the daemons' usage writers CPU N to themselves and keep everything
+                    else (this bench, the fake, the daemons' other threads) off it: the
+                    ledger's cost when it has a core to spare (needs `taskset`)
   --baseline PATH   another orproxy binary (an earlier build, say), measured at
                     concurrency 1 beside this one's, in the same blocks
   --no-nginx        skip the reference path through nginx, measured at concurrency 1
@@ -110,6 +114,7 @@ struct Args {
     baseline: Option<PathBuf>,
     nginx: bool,
     ledger_only: bool,
+    writer_cpu: Option<usize>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -123,6 +128,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         baseline: None,
         nginx: true,
         ledger_only: false,
+        writer_cpu: None,
     };
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -148,12 +154,22 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--baseline" => parsed.baseline = Some(PathBuf::from(value("--baseline")?)),
             "--no-nginx" => parsed.nginx = false,
             "--ledger-only" => parsed.ledger_only = true,
+            "--writer-cpu" => {
+                let text = value("--writer-cpu")?;
+                let cpu = text
+                    .parse()
+                    .map_err(|_| format!("--writer-cpu wants a CPU number, not {text:?}"))?;
+                parsed.writer_cpu = Some(cpu);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     if parsed.ledger_only && !parsed.ledger {
         return Err("--ledger-only and --no-ledger exclude each other".into());
+    }
+    if parsed.writer_cpu.is_some() && !parsed.ledger {
+        return Err("--writer-cpu and --no-ledger exclude each other".into());
     }
     Ok(parsed)
 }
@@ -503,6 +519,105 @@ fn memory(pid: u32) -> Result<Memory> {
         rss_kib: field("VmRSS:")?,
         hwm_kib: field("VmHWM:")?,
     })
+}
+
+/// `--writer-cpu`: one CPU for the daemons' usage writers, the others for everything else.
+struct Pinning {
+    cpu: usize,
+    /// The CPUs left to everything else, as `taskset` lists them.
+    others: String,
+}
+
+/// Moves this process (so every thread and child it makes from now on) off `cpu`.
+fn keep_off_cpu(cpu: usize) -> Result<Pinning> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    let allowed = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .map(|list| cpu_list(list.trim()))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    if !allowed.contains(&cpu) || allowed.len() < 2 {
+        return Err(format!("--writer-cpu {cpu}: this process may use CPUs {allowed:?}; it needs that one and another").into());
+    }
+    let others: Vec<String> = allowed
+        .iter()
+        .filter(|c| **c != cpu)
+        .map(usize::to_string)
+        .collect();
+    let pinning = Pinning {
+        cpu,
+        others: others.join(","),
+    };
+    taskset(&[
+        "-a",
+        "-p",
+        "-c",
+        &pinning.others,
+        &std::process::id().to_string(),
+    ])?;
+    Ok(pinning)
+}
+
+/// `0-2,5` → `[0, 1, 2, 5]`.
+fn cpu_list(list: &str) -> Vec<usize> {
+    list.split(',')
+        .filter_map(|range| match range.split_once('-') {
+            Some((from, to)) => Some((from.parse().ok()?..=to.parse().ok()?).collect::<Vec<_>>()),
+            None => range.parse().ok().map(|cpu| vec![cpu]),
+        })
+        .flatten()
+        .collect()
+}
+
+fn taskset(args: &[&str]) -> Result<()> {
+    let output = Command::new("taskset")
+        .args(args)
+        .output()
+        .context("--writer-cpu needs `taskset` (util-linux)")?;
+    if !output.status.success() {
+        return Err(format!(
+            "taskset {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+impl Pinning {
+    /// Puts daemon `pid`'s usage writer (its thread `orproxy-ledger`) on the reserved CPU.
+    fn move_writer(&self, pid: u32) -> Result<()> {
+        let dir = format!("/proc/{pid}/task");
+        let mut moved = false;
+        for task in std::fs::read_dir(&dir).context(format_args!("cannot list {dir}"))? {
+            let task = task.context(format_args!("cannot list {dir}"))?.path();
+            if std::fs::read_to_string(task.join("comm"))
+                .is_ok_and(|c| c.trim_end() == "orproxy-ledger")
+            {
+                let tid = task
+                    .file_name()
+                    .map(|t| t.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                taskset(&["-p", "-c", &self.cpu.to_string(), &tid])?;
+                moved = true;
+            }
+        }
+        if moved {
+            Ok(())
+        } else {
+            Err(format!("daemon {pid} has no `orproxy-ledger` thread to move").into())
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "The daemons' usage writers (threads `orproxy-ledger`) run alone on CPU {}; \
+             everything else (the bench, the fake, the daemons' other threads) on CPUs {}.",
+            self.cpu, self.others
+        )
+    }
 }
 
 /// CPU time a process (`None`: this one) has used so far, summed over its live threads, and
@@ -1465,8 +1580,8 @@ fn targets_table(r: &Results) -> String {
     t.render()
 }
 
-fn machine() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+/// The machine as the report names it; `cores` as `nproc` counted them before `--writer-cpu`.
+fn machine(cores: usize) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -1480,7 +1595,13 @@ fn machine() -> String {
     format!("{cores} cores (nproc), CPU {cpu}, Linux {kernel}")
 }
 
-fn report(args: &Args, r: &Results, noise: &Noise, threads: usize, about: &str) -> String {
+fn report(
+    args: &Args,
+    r: &Results,
+    noise: &Noise,
+    (cores, threads): (usize, usize),
+    about: &str,
+) -> String {
     let n = args.requests;
     let c = args.concurrency;
     let secs = args.duration.as_secs_f64();
@@ -1517,7 +1638,7 @@ fn report(args: &Args, r: &Results, noise: &Noise, threads: usize, about: &str) 
         } else {
             "off (`database.enabled: false`)"
         },
-        machine = machine(),
+        machine = machine(cores),
         noise = noise.describe(),
         whole = sequential_table(&r.whole, WHOLE_METRICS),
         streamed = sequential_table(&r.streamed, STREAM_METRICS),
@@ -1619,6 +1740,9 @@ fn run(args: &Args) -> Result<String> {
     if cfg!(debug_assertions) {
         eprintln!("orproxy-bench: warning: this is a debug build; measure with --release");
     }
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    // Before any thread or child exists: they all inherit the main thread's CPUs.
+    let pinning = args.writer_cpu.map(keep_off_cpu).transpose()?;
     let (fake, base_url) = start_fake(&sibling("fake-upstream")?)?;
     let config = ConfigFile::write(&base_url, args.ledger, true)?;
     let orproxy = sibling("orproxy")?;
@@ -1696,6 +1820,14 @@ fn run(args: &Args) -> Result<String> {
             bin.display()
         ));
     }
+    if let Some(pinning) = &pinning {
+        let recorded = [quiet.pid(), chatty.pid(), sleeper.0.pid()];
+        let baseline = baseline.as_ref().map(|(daemon, _)| daemon.pid());
+        for pid in recorded.into_iter().chain(baseline) {
+            pinning.move_writer(pid)?;
+        }
+        about.push(pinning.describe());
+    }
     if let Some((nginx, addr, version)) = &nginx {
         references.push(Target::proxy(NGINX_LABEL, *addr, &fake, nginx)?);
         about.push(format!(
@@ -1736,9 +1868,10 @@ fn run(args: &Args) -> Result<String> {
         let (ledger, noise) = Noise::watch(&pids, || {
             runtime.block_on(measure_ledger(args, &http_client(), daemons))
         })?;
+        let pinned = pinning.as_ref().map(Pinning::describe).unwrap_or_default();
         return Ok(format!(
-            "## The ledger, on and off\n\nMachine: {}. {}\n\n{}",
-            machine(),
+            "## The ledger, on and off\n\nMachine: {}. {} {pinned}\n\n{}",
+            machine(cores),
             noise.describe(),
             ledger.report(args)
         ));
@@ -1753,7 +1886,13 @@ fn run(args: &Args) -> Result<String> {
             noise.describe()
         );
     }
-    Ok(report(args, &results, &noise, threads, &about.join(" ")))
+    Ok(report(
+        args,
+        &results,
+        &noise,
+        (cores, threads),
+        &about.join(" "),
+    ))
 }
 
 fn main() -> ExitCode {
@@ -1783,4 +1922,27 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_read_as_taskset_writes_them() {
+        assert_eq!(cpu_list("0-2,5"), [0, 1, 2, 5]);
+        assert_eq!(cpu_list("3"), [3]);
+        assert_eq!(cpu_list(""), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn the_writer_cpu_needs_a_ledger() {
+        let args = |list: &[&str]| parse_args(list.iter().map(|a| a.to_string()));
+        assert_eq!(
+            args(&["--writer-cpu", "1"]).map(|a| a.writer_cpu),
+            Ok(Some(1))
+        );
+        assert!(args(&["--writer-cpu", "1", "--no-ledger"]).is_err());
+        assert!(args(&["--writer-cpu", "x"]).is_err());
+    }
 }
