@@ -538,7 +538,8 @@ fn keep_off_cpu(cpu: usize) -> Result<Pinning> {
         .map(|list| cpu_list(list.trim()))
         .context("no Cpus_allowed_list in /proc/self/status")?;
     if !allowed.contains(&cpu) || allowed.len() < 2 {
-        return Err(format!("--writer-cpu {cpu}: this process may use CPUs {allowed:?}; it needs that one and another").into());
+        let why = format!("this process may use CPUs {allowed:?}; it needs that one and another");
+        return Err(format!("--writer-cpu {cpu}: {why}").into());
     }
     let others: Vec<String> = allowed
         .iter()
