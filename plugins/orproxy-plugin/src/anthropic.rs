@@ -32,6 +32,12 @@ pub use stream::StreamTranslator;
 /// thinking, signed, or redacted (encrypted).
 pub const ANTHROPIC_REASONING_FORMAT: &str = "anthropic-claude-v1";
 
+/// Whether a `reasoning_details` entry's signature is one Anthropic checks against a thinking
+/// block: Claude's format (or none named); another provider's signature means nothing to it.
+fn claude_signs(format: Option<&str>) -> bool {
+    format.is_none_or(|format| format == ANTHROPIC_REASONING_FORMAT)
+}
+
 /// Why an Anthropic request (or an upstream answer) cannot be translated.
 #[derive(Debug, thiserror::Error)]
 pub enum TranslateError {

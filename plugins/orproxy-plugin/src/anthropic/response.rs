@@ -6,7 +6,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::{
-    ANTHROPIC_REASONING_FORMAT, AnswerContext, Finish, TranslateError, usage_to_anthropic,
+    ANTHROPIC_REASONING_FORMAT, AnswerContext, Finish, TranslateError, claude_signs,
+    usage_to_anthropic,
 };
 use crate::usage::Usage;
 
@@ -121,12 +122,9 @@ fn thinking_blocks(details: Vec<ReasoningDetail>) -> Vec<Block> {
         match detail.kind.as_str() {
             "reasoning.text" | "reasoning.summary" => {
                 let text = detail.text.or(detail.summary).unwrap_or_default();
-                // Only Anthropic checks these signatures against Claude thinking blocks.
-                let claude = detail
-                    .format
-                    .as_deref()
-                    .is_none_or(|format| format == ANTHROPIC_REASONING_FORMAT);
-                let signature = detail.signature.filter(|_| claude).unwrap_or_default();
+                let signature = (detail.signature)
+                    .filter(|_| claude_signs(detail.format.as_deref()))
+                    .unwrap_or_default();
                 let continued = detail.index.is_some() && detail.index == open;
                 match blocks.last_mut() {
                     Some(Block::Thinking {

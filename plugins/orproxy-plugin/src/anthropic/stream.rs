@@ -27,7 +27,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::{
-    ANTHROPIC_REASONING_FORMAT, AnswerContext, Finish, error_event, push_event, usage_to_anthropic,
+    ANTHROPIC_REASONING_FORMAT, AnswerContext, Finish, claude_signs, error_event, push_event,
+    usage_to_anthropic,
 };
 use crate::failure::Failure;
 use crate::usage::Usage;
@@ -231,11 +232,7 @@ impl StreamTranslator {
             "reasoning.text" | "reasoning.summary" => {
                 let text = detail.text.as_deref().or(detail.summary.as_deref());
                 self.add_thinking(detail.index, text.unwrap_or_default());
-                // Only Anthropic checks these signatures against Claude thinking blocks.
-                let claude = detail
-                    .format
-                    .as_deref()
-                    .is_none_or(|format| format == ANTHROPIC_REASONING_FORMAT);
+                let claude = claude_signs(detail.format.as_deref());
                 if let Some(signature) = detail.signature.filter(|s| claude && !s.is_empty()) {
                     self.thinking_segment(detail.index).signature = signature.into_owned();
                 }
